@@ -1,0 +1,40 @@
+# Quick start on a fresh machine: `make run` (the demo) and `make test` (the whole suite).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+UV := $(shell command -v uv 2>/dev/null)
+
+.PHONY: run test lint typecheck pytest bench install install-run clean
+
+$(BIN)/python:
+	@if [ -z "$(UV)" ]; then $(PY) -m pip install -q uv==0.13.8; fi
+	uv venv -q --python $(PY) $(VENV)
+
+install-run: $(BIN)/python
+	uv pip install -q --python $(BIN)/python -e '.[testing]'
+
+install: $(BIN)/python
+	uv pip install -q --python $(BIN)/python -e '.[dev]'
+
+run: install-run
+	$(BIN)/tokenbroker dev $(ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: install
+	$(BIN)/mypy src
+
+pytest: install
+	$(BIN)/pytest --cov --cov-report=term -p no:cacheprovider $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: install
+	$(BIN)/python bench/hot_path.py
+	$(BIN)/python bench/stampede.py
+
+clean:
+	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache
