@@ -3,19 +3,19 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-UV := $(shell command -v uv 2>/dev/null)
+UV := $(PY) -m uv
 
 .PHONY: run test lint typecheck pytest bench install install-run clean
 
 $(BIN)/python:
-	@if [ -z "$(UV)" ]; then $(PY) -m pip install -q uv==0.13.8; fi
-	uv venv -q --python $(PY) $(VENV)
+	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install -q uv==0.13.8
+	$(UV) venv -q --python $(PY) $(VENV)
 
 install-run: $(BIN)/python
-	uv pip install -q --python $(BIN)/python -e '.[testing]'
+	$(UV) pip install -q --python $(BIN)/python -e '.[testing]'
 
 install: $(BIN)/python
-	uv pip install -q --python $(BIN)/python -e '.[dev]'
+	$(UV) pip install -q --python $(BIN)/python -e '.[dev]'
 
 run: install-run
 	$(BIN)/tokenbroker dev $(ARGS)

@@ -1,0 +1,70 @@
+"""tokenbroker: the one place a company keeps its upstream API credentials.
+
+The library API is re-exported here. Server parts (HTTP API, metrics, CLI)
+are separate sub-modules and are never imported by ``import tokenbroker``.
+"""
+
+from .auth import BrokerAuth
+from .broker import Broker, MemoryRefreshTokens, RefreshTokenStore
+from .cache import SlotState, Timing, TokenCache
+from .clock import Clock, ManualClock, SystemClock
+from .config import Settings, load_settings, parse_settings
+from .errors import (
+    ClientAuthenticationError,
+    ConfigError,
+    ConfigProblem,
+    InvalidTokenError,
+    ProviderError,
+    ProviderMisconfiguredError,
+    ProviderUnavailableError,
+    ReauthorizationRequiredError,
+    TokenBrokerError,
+    UnknownProviderError,
+)
+from .events import (
+    Event,
+    EventBus,
+    RefreshTokenRotated,
+    TokenAcquired,
+    TokenInvalidated,
+    TokenRequestFailed,
+)
+from .secret import Secret
+from .token import Token
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Broker",
+    "BrokerAuth",
+    "ClientAuthenticationError",
+    "Clock",
+    "ConfigError",
+    "ConfigProblem",
+    "Event",
+    "EventBus",
+    "InvalidTokenError",
+    "ManualClock",
+    "MemoryRefreshTokens",
+    "ProviderError",
+    "ProviderMisconfiguredError",
+    "ProviderUnavailableError",
+    "ReauthorizationRequiredError",
+    "RefreshTokenRotated",
+    "RefreshTokenStore",
+    "Secret",
+    "Settings",
+    "SlotState",
+    "SystemClock",
+    "Timing",
+    "Token",
+    "TokenAcquired",
+    "TokenBrokerError",
+    "TokenCache",
+    "TokenInvalidated",
+    "TokenRequestFailed",
+    "UnknownProviderError",
+    "__version__",
+    "load_settings",
+    "parse_settings",
+]

@@ -1,0 +1,366 @@
+"""The composition root: settings + grants + drivers + cache, and the public Python API.
+
+:class:`Broker` is what applications embed (DESIGN §3.2). It owns the HTTP
+clients, the token cache, the refresh-token hand-off and the event bus; outer
+layers (the HTTP service, metrics, the CLI) hold a broker and subscribe to its
+events. Nothing here imports a web framework, metrics or CLI library.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable, Hashable, Iterable
+from types import TracebackType
+from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
+
+import httpx
+
+from .auth import BrokerAuth
+from .cache import SlotState, Timing, TokenCache
+from .clock import Clock
+from .config import (
+    ClientCredentialsProvider,
+    LoginProvider,
+    Provider,
+    RefreshTokenProvider,
+    Settings,
+    load_settings,
+)
+from .drivers import RetryPolicy, send_async, send_sync, token_flow
+from .errors import UnknownProviderError
+from .events import Event, EventBus, RefreshTokenRotated
+from .grants import ClientCredentialsGrant, Grant, LoginGrant, RefreshTokenGrant, TokenResponse
+from .secret import Secret
+from .token import Token
+
+if TYPE_CHECKING:
+    from .requests_auth import RequestsBrokerAuth
+
+__all__ = ["Broker", "MemoryRefreshTokens", "RefreshTokenStore"]
+
+_T = TypeVar("_T", int, float)
+_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+\Z")
+
+
+class RefreshTokenStore(Protocol):
+    """Where the current refresh token of each refresh-token provider lives.
+
+    The in-memory default loses rotations on restart; the durable store replaces it.
+    """
+
+    def load(self, provider: str) -> Secret | None:
+        """The current refresh token, or None to use the configured seed."""
+
+    def save(self, provider: str, previous: Secret, current: Secret) -> None:
+        """Record that ``previous`` was exchanged for ``current``."""
+
+
+class MemoryRefreshTokens:
+    """A :class:`RefreshTokenStore` in process memory."""
+
+    def __init__(self) -> None:
+        self._tokens: dict[str, Secret] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MemoryRefreshTokens(providers={sorted(self._tokens)})"
+
+    def load(self, provider: str) -> Secret | None:
+        """Return the last saved refresh token of ``provider``, if any."""
+        return self._tokens.get(provider)
+
+    def save(self, provider: str, previous: Secret, current: Secret) -> None:
+        """Replace ``provider``'s refresh token with ``current``."""
+        with self._lock:
+            self._tokens[provider] = current
+
+
+class _Key(NamedTuple):
+    provider: str
+    scopes: tuple[str, ...]
+    account: str | None
+
+
+class Broker:
+    """Obtains, caches and refreshes tokens for the configured providers.
+
+    Args:
+        settings: Validated settings (see :func:`tokenbroker.config.load_settings`).
+        clock: Time source for expiry decisions (tests inject a manual clock).
+        transport: httpx transport for token requests (tests inject faults here).
+        async_transport: The same for async fetches.
+        refresh_tokens: Where rotated refresh tokens go (default: memory).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        transport: httpx.BaseTransport | None = None,
+        async_transport: httpx.AsyncBaseTransport | None = None,
+        refresh_tokens: RefreshTokenStore | None = None,
+    ) -> None:
+        self.settings = settings
+        self.events = EventBus()
+        self._refresh_tokens = refresh_tokens or MemoryRefreshTokens()
+        self._http = httpx.Client(transport=transport, follow_redirects=False, trust_env=False)
+        self._async_transport = async_transport
+        self._cache: TokenCache[_Key] = TokenCache(self, clock=clock, events=self.events)
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: object) -> Broker:
+        """Build a broker from a YAML config file.
+
+        Args:
+            path: The file; default ``$TOKENBROKER_CONFIG`` or ``tokenbroker.yaml``.
+            **kwargs: Passed to :class:`Broker`.
+
+        Returns:
+            The broker.
+
+        Raises:
+            ConfigError: Listing every problem (missing variables by name).
+        """
+        return cls(load_settings(path), **kwargs)  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:
+        return f"Broker(providers={sorted(self.settings.providers)})"
+
+    # -- public API ------------------------------------------------------------------------
+
+    def get_token(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> Token:
+        """Return a valid access token, fetching it only when needed. Thread-safe.
+
+        Args:
+            provider: The provider's configured name.
+            scope: Scopes (space-separated); default: the provider's configured scopes.
+            account: For login providers, which account; default: the first.
+
+        Returns:
+            The token (``token.access_token`` is the value to send).
+
+        Raises:
+            ProviderError: Classified failure when no valid token could be obtained.
+            UnknownProviderError: Unknown provider, account, or a scope it cannot serve.
+        """
+        return self._cache.get((provider, scope, account))
+
+    async def aget_token(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> Token:
+        """Async :meth:`get_token`; a cache hit never yields to the event loop."""
+        return await self._cache.aget((provider, scope, account))
+
+    def invalidate(
+        self,
+        provider: str,
+        access_token: str,
+        scope: str | None = None,
+        *,
+        account: str | None = None,
+    ) -> bool:
+        """Drop ``access_token`` if it is still the current token (compare-and-invalidate).
+
+        Args:
+            provider: The provider's name.
+            access_token: The token an upstream rejected.
+            scope: As for :meth:`get_token`.
+            account: As for :meth:`get_token`.
+
+        Returns:
+            True if it was current and was dropped (the next call fetches a new one).
+        """
+        return self._cache.invalidate((provider, scope, account), access_token)
+
+    def httpx_auth(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> BrokerAuth:
+        """An ``httpx.Auth`` for sync and async clients; on a 401 it invalidates and retries once.
+
+        Args:
+            provider: The provider's name.
+            scope: As for :meth:`get_token`.
+            account: As for :meth:`get_token`.
+
+        Returns:
+            The auth object.
+        """
+        self._resolve((provider, scope, account))
+        return BrokerAuth(self, provider, scope, account=account)
+
+    def requests_auth(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> RequestsBrokerAuth:
+        """A ``requests`` auth object (needs the ``requests`` package).
+
+        Args:
+            provider: The provider's name.
+            scope: As for :meth:`get_token`.
+            account: As for :meth:`get_token`.
+
+        Returns:
+            The auth object.
+        """
+        from .requests_auth import RequestsBrokerAuth  # noqa: PLC0415 - requests is optional
+
+        self._resolve((provider, scope, account))
+        return RequestsBrokerAuth(self, provider, scope, account=account)
+
+    def subscribe(self, subscriber: Callable[[Event], None]) -> Callable[[], None]:
+        """Receive every :class:`~tokenbroker.events.Event`; returns an unsubscribe function."""
+        return self.events.subscribe(subscriber)
+
+    def refresh_due(self) -> int:
+        """Start background refreshes for every token past its refresh-ahead point.
+
+        Returns:
+            How many refreshes were started.
+        """
+        return self._cache.refresh_due()
+
+    def states(self) -> list[SlotState]:
+        """What the cache knows per provider key (never a secret)."""
+        return self._cache.states()
+
+    def accounts(self, provider: str) -> list[str]:
+        """The account names of a login provider (empty for other grants).
+
+        Raises:
+            UnknownProviderError: For an unknown provider.
+        """
+        settings = self._provider(provider)
+        if isinstance(settings, LoginProvider):
+            return [c.username for c in settings.credentials]
+        return []
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self._http.close()
+
+    def __enter__(self) -> Broker:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- the cache's Fetcher ---------------------------------------------------------------
+
+    def resolve(self, raw: Hashable) -> _Key:
+        """Canonical cache key for ``(provider, scope, account)`` (the cache calls this)."""
+        return self._resolve(raw)
+
+    def describe(self, key: _Key) -> tuple[str, str]:
+        """``(provider, key in words)`` for events; no secrets."""
+        if key.account is not None:
+            return key.provider, f"account={key.account}"
+        return key.provider, f"scope={' '.join(key.scopes)}" if key.scopes else ""
+
+    def timing(self, key: _Key) -> Timing:
+        """The refresh timing of the key's provider."""
+        settings, defaults = self.settings.providers[key.provider], self.settings.defaults
+        return Timing(
+            skew=_pick(settings.skew_seconds, defaults.skew_seconds),
+            refresh_ahead=_pick(settings.refresh_ahead, defaults.refresh_ahead),
+            deadline=_pick(settings.deadline_seconds, defaults.deadline_seconds),
+        )
+
+    def fetch(self, key: _Key) -> TokenResponse:
+        """Obtain a token for ``key`` with the sync driver (the cache calls this)."""
+        grant, policy = self._grant(key)
+        response = send_sync(self._http, token_flow(grant, policy), policy.max_response_bytes)
+        self._rotated(key, grant, response)
+        return response
+
+    async def afetch(self, key: _Key) -> TokenResponse:
+        """Obtain a token for ``key`` with the async driver (the cache calls this)."""
+        grant, policy = self._grant(key)
+        async with httpx.AsyncClient(
+            transport=self._async_transport, follow_redirects=False, trust_env=False
+        ) as client:
+            response = await send_async(
+                client, token_flow(grant, policy), policy.max_response_bytes
+            )
+        self._rotated(key, grant, response)
+        return response
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _provider(self, name: str) -> Provider:
+        try:
+            return self.settings.providers[name]
+        except (KeyError, TypeError):
+            raise UnknownProviderError(f"unknown provider {name!r}") from None
+
+    def _resolve(self, raw: Hashable) -> _Key:
+        provider: str
+        scope: str | Iterable[str] | None
+        account: str | None
+        provider, scope, account = raw  # type: ignore[misc]
+        settings = self._provider(provider)
+        scopes = _scopes(scope, settings)
+        if isinstance(settings, LoginProvider):
+            names = [c.username for c in settings.credentials]
+            if account is None:
+                account = names[0]
+            elif account not in names:
+                raise UnknownProviderError(f"provider {provider!r} has no account {account!r}")
+            return _Key(provider, (), account)
+        if account is not None:
+            raise UnknownProviderError(f"provider {provider!r} has no accounts")
+        if isinstance(settings, RefreshTokenProvider) and not set(scopes) <= set(settings.scopes):
+            raise UnknownProviderError(f"provider {provider!r} cannot serve that scope")
+        return _Key(provider, scopes if scope is not None else settings.scopes, None)
+
+    def _grant(self, key: _Key) -> tuple[Grant, RetryPolicy]:
+        settings = self.settings.providers[key.provider]
+        defaults = self.settings.defaults
+        policy = RetryPolicy(
+            retries=_pick(settings.retries, defaults.retries),
+            timeout=_pick(settings.timeout_seconds, defaults.timeout_seconds),
+            deadline=_pick(settings.deadline_seconds, defaults.deadline_seconds),
+            backoff=_pick(settings.backoff_seconds, defaults.backoff_seconds),
+            max_response_bytes=defaults.max_response_bytes,
+        )
+        grant: Grant
+        if isinstance(settings, ClientCredentialsProvider):
+            grant = ClientCredentialsGrant(key.provider, settings, key.scopes)
+        elif isinstance(settings, RefreshTokenProvider):
+            current = self._refresh_tokens.load(key.provider) or settings.refresh_token
+            grant = RefreshTokenGrant(key.provider, settings, current)
+        else:
+            credential = next(c for c in settings.credentials if c.username == key.account)
+            grant = LoginGrant(key.provider, settings, credential)
+        return grant, policy
+
+    def _rotated(self, key: _Key, grant: Grant, response: TokenResponse) -> None:
+        if not isinstance(grant, RefreshTokenGrant) or response.refresh_token is None:
+            return
+        if response.refresh_token == grant.refresh_token:
+            return
+        self._refresh_tokens.save(key.provider, grant.refresh_token, response.refresh_token)
+        provider, words = self.describe(key)
+        self.events.emit(RefreshTokenRotated(provider, words))
+
+
+def _pick(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
+
+
+def _scopes(scope: str | Iterable[str] | None, settings: Provider) -> tuple[str, ...]:
+    if scope is None:
+        return ()
+    items = scope.split() if isinstance(scope, str) else list(scope)
+    for item in items:
+        if not isinstance(item, str) or not _SCOPE.match(item):
+            raise UnknownProviderError("scope must be RFC 6749 scope-tokens separated by spaces")
+    return tuple(sorted(set(items)))

@@ -1,0 +1,476 @@
+"""The token cache: lock-free hits, single-flight fetches, refresh-ahead (STYLE 5).
+
+For every key the cache holds at most one access token and at most one
+in-flight fetch (a *flight*). The rules:
+
+* A hit is a dict lookup and one clock compare — no lock, no event loop.
+* Past ``refresh_ahead`` of a token's lifetime, the first caller starts one
+  background refresh and everyone keeps getting the current token.
+* Within ``skew`` of expiry a token is never handed out; callers wait for the
+  one flight (threads block on it, asyncio tasks await it) and all get the
+  winner's token or the winner's error.
+* A failed fetch is remembered with backoff: until it may be retried, callers
+  with no valid token get that error without another request to the provider
+  (a reauthorization error is remembered until :meth:`TokenCache.reset`).
+* :meth:`TokenCache.invalidate` drops a token only if it is still the current
+  one, so many consumers reporting the same rejected token cause one fetch.
+
+Sync and async callers share the same slots and flights: a flight is a
+:class:`concurrent.futures.Future` that a thread or a task completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import logging
+import math
+import random
+import threading
+from collections.abc import Hashable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from .clock import Clock, SystemClock
+from .errors import ProviderError, ProviderUnavailableError, ReauthorizationRequiredError
+from .events import EventBus, TokenAcquired, TokenInvalidated, TokenRequestFailed
+from .grants import TokenResponse
+from .token import Token
+
+__all__ = ["Fetcher", "SlotState", "Timing", "TokenCache"]
+
+logger = logging.getLogger("tokenbroker.cache")
+
+K = TypeVar("K", bound=Hashable)
+_MAX_BACKOFF = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """When a key's tokens are refreshed.
+
+    Attributes:
+        skew: Seconds before real expiry after which a token is not handed out.
+        refresh_ahead: Fraction of the lifetime after which a background refresh starts.
+        deadline: Upper bound, in seconds, of one fetch (waiters give up after it).
+    """
+
+    skew: float = 30.0
+    refresh_ahead: float = 0.8
+    deadline: float = 30.0
+
+
+class Fetcher(Protocol[K]):
+    """What the cache needs from its owner: key resolution and the actual fetching."""
+
+    def resolve(self, raw: Hashable) -> K:
+        """Map the caller's arguments to a canonical key (raise for unknown ones)."""
+
+    def describe(self, key: K) -> tuple[str, str]:
+        """``(provider, key in words)`` for events and status; no secrets."""
+
+    def timing(self, key: K) -> Timing:
+        """The key's refresh timing."""
+
+    def fetch(self, key: K) -> TokenResponse:
+        """Obtain a token, blocking."""
+
+    async def afetch(self, key: K) -> TokenResponse:
+        """Obtain a token without blocking the event loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    """What the cache knows about one key, for status displays.
+
+    Attributes:
+        provider: Provider name.
+        key: The key in words.
+        state: ``valid``, ``refreshing``, ``failing``, ``reauthorization_required`` or ``empty``.
+        valid_until: Wall-clock expiry of the current token, if any.
+        last_refresh: Wall-clock time of the last successful fetch, if any.
+        last_error: Class name of the last failure since then, if any.
+    """
+
+    provider: str
+    key: str
+    state: str
+    valid_until: float | None
+    last_refresh: float | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    token: Token
+    refresh_at: float
+    hard_expiry: float
+
+
+class _Slot(Generic[K]):
+    __slots__ = (
+        "aliases",
+        "entry",
+        "error",
+        "failures",
+        "flight",
+        "key",
+        "last_refresh",
+        "lock",
+        "retry_at",
+    )
+
+    def __init__(self, key: K) -> None:
+        self.key = key
+        self.lock = threading.Lock()
+        self.entry: _Entry | None = None
+        self.flight: Future[_Entry] | None = None
+        self.aliases: set[Hashable] = set()
+        self.error: BaseException | None = None
+        self.retry_at = -math.inf
+        self.failures = 0
+        self.last_refresh: float | None = None
+
+
+class TokenCache(Generic[K]):
+    """Access tokens per key with single-flight fetching and refresh-ahead.
+
+    Args:
+        fetcher: Resolves keys and fetches tokens.
+        clock: Time source; tests inject :class:`~tokenbroker.clock.ManualClock`.
+        events: Where :class:`~tokenbroker.events.Event` objects go.
+    """
+
+    def __init__(
+        self,
+        fetcher: Fetcher[K],
+        *,
+        clock: Clock | None = None,
+        events: EventBus | None = None,
+    ) -> None:
+        self._fetcher = fetcher
+        self._clock = clock or SystemClock()
+        self._now = self._clock.monotonic
+        self._events = events or EventBus()
+        self._hot: dict[Hashable, _Entry] = {}
+        self._aliases: dict[Hashable, _Slot[K]] = {}
+        self._slots: dict[K, _Slot[K]] = {}
+        self._lock = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rng = random.Random()  # noqa: S311 - jitter, not security
+
+    def __repr__(self) -> str:
+        return f"TokenCache(keys={len(self._slots)})"
+
+    def get(self, raw: Hashable) -> Token:
+        """Return a valid token for ``raw``, fetching it if needed (blocking).
+
+        Args:
+            raw: The caller's key, resolved by the fetcher.
+
+        Returns:
+            The access token.
+
+        Raises:
+            ProviderError: When no valid token could be obtained.
+            UnknownProviderError: For keys the fetcher does not know.
+        """
+        entry = self._hot.get(raw)
+        if entry is not None and self._now() < entry.refresh_at:
+            return entry.token
+        slot = self._slot(raw)
+        token, flight, leader = self._decide(slot)
+        if token is not None:
+            if leader and flight is not None:
+                threading.Thread(
+                    target=self._run_sync, args=(slot, flight, True), daemon=True
+                ).start()
+            return token
+        assert flight is not None
+        if leader:
+            self._run_sync(slot, flight, False)
+        try:
+            return flight.result(timeout=self._fetcher.timing(slot.key).deadline + 5.0).token
+        except FutureTimeout:
+            raise self._stuck(slot) from None
+
+    async def aget(self, raw: Hashable) -> Token:
+        """Like :meth:`get`, awaiting instead of blocking; a hit never yields to the loop.
+
+        Args:
+            raw: The caller's key, resolved by the fetcher.
+
+        Returns:
+            The access token.
+        """
+        entry = self._hot.get(raw)
+        if entry is not None and self._now() < entry.refresh_at:
+            return entry.token
+        slot = self._slot(raw)
+        token, flight, leader = self._decide(slot)
+        if leader and flight is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._run_async(slot, flight, token is not None)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if token is not None:
+            return token
+        assert flight is not None
+        timeout = self._fetcher.timing(slot.key).deadline + 5.0
+        try:
+            async with asyncio.timeout(timeout):
+                done = await asyncio.shield(asyncio.wrap_future(flight))
+        except TimeoutError:
+            raise self._stuck(slot) from None
+        return done.token
+
+    def invalidate(self, raw: Hashable, access_token: str) -> bool:
+        """Drop the current token, but only if it is ``access_token`` (compare-and-invalidate).
+
+        Args:
+            raw: The caller's key.
+            access_token: The token the caller found rejected.
+
+        Returns:
+            True if it was the current token and was dropped.
+        """
+        slot = self._slot(raw)
+        with slot.lock:
+            entry = slot.entry
+            if entry is None or not hmac.compare_digest(
+                entry.token.access_token.encode(), access_token.encode()
+            ):
+                return False
+            self._install(slot, None)
+        provider, key = self._fetcher.describe(slot.key)
+        logger.info("token invalidated provider=%s %s", provider, key)
+        self._events.emit(TokenInvalidated(provider, key))
+        return True
+
+    def reset(self, raw: Hashable) -> None:
+        """Forget a key's token and remembered error (e.g. after re-authorisation).
+
+        Args:
+            raw: The caller's key.
+        """
+        slot = self._slot(raw)
+        with slot.lock:
+            self._install(slot, None)
+            slot.error, slot.retry_at, slot.failures = None, -math.inf, 0
+
+    def refresh_due(self) -> int:
+        """Start a background refresh for every key past its refresh-ahead point.
+
+        Callers trigger refresh-ahead themselves; a service calls this from a
+        ticker so tokens stay warm even when nobody asks for a while.
+
+        Returns:
+            How many refreshes were started.
+        """
+        started = 0
+        for slot in list(self._slots.values()):
+            entry = slot.entry
+            if entry is None or self._now() < entry.refresh_at:
+                continue
+            with slot.lock:
+                now = self._now()
+                if slot.flight is not None or now < slot.retry_at or slot.entry is not entry:
+                    continue
+                flight = self._new_flight(slot)
+            threading.Thread(target=self._run_sync, args=(slot, flight, True), daemon=True).start()
+            started += 1
+        return started
+
+    def states(self) -> list[SlotState]:
+        """A snapshot of every key the cache has seen.
+
+        Returns:
+            One :class:`SlotState` per canonical key.
+        """
+        now = self._now()
+        out = []
+        for slot in list(self._slots.values()):
+            provider, key = self._fetcher.describe(slot.key)
+            entry, error = slot.entry, slot.error
+            if isinstance(error, ReauthorizationRequiredError):
+                state = "reauthorization_required"
+            elif slot.flight is not None:
+                state = "refreshing"
+            elif entry is not None and now < entry.hard_expiry:
+                state = "failing" if error is not None else "valid"
+            else:
+                state = "failing" if error is not None else "empty"
+            out.append(
+                SlotState(
+                    provider=provider,
+                    key=key,
+                    state=state,
+                    valid_until=entry.token.expires_at if entry else None,
+                    last_refresh=slot.last_refresh,
+                    last_error=type(error).__name__ if error is not None else None,
+                )
+            )
+        return out
+
+    async def aclose(self) -> None:
+        """Wait for background refreshes started from async callers to finish."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _slot(self, raw: Hashable) -> _Slot[K]:
+        slot = self._aliases.get(raw)
+        if slot is not None:
+            return slot
+        key = self._fetcher.resolve(raw)
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot(key)
+            with slot.lock:
+                slot.aliases.add(raw)
+                self._aliases[raw] = slot
+                if slot.entry is not None:
+                    self._hot[raw] = slot.entry
+        return slot
+
+    def _decide(self, slot: _Slot[K]) -> tuple[Token | None, Future[_Entry] | None, bool]:
+        """Under the slot lock: serve a token, join a flight, or lead a new one."""
+        with slot.lock:
+            now = self._now()
+            entry = slot.entry
+            if entry is not None and now < entry.hard_expiry:
+                if now >= entry.refresh_at and slot.flight is None and now >= slot.retry_at:
+                    return entry.token, self._new_flight(slot), True
+                return entry.token, None, False
+            if slot.flight is not None:
+                return None, slot.flight, False
+            if slot.error is not None and now < slot.retry_at:
+                raise slot.error
+            return None, self._new_flight(slot), True
+
+    @staticmethod
+    def _new_flight(slot: _Slot[K]) -> Future[_Entry]:
+        flight: Future[_Entry] = Future()
+        flight.set_running_or_notify_cancel()  # waiters can never cancel it for the others
+        slot.flight = flight
+        return flight
+
+    def _run_sync(self, slot: _Slot[K], flight: Future[_Entry], background: bool) -> None:
+        started, wall = self._now(), self._clock.time()
+        try:
+            response = self._fetcher.fetch(slot.key)
+        except BaseException as exc:
+            self._settle_error(slot, flight, exc, started, background)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._settle(slot, flight, response, started, wall, background)
+
+    async def _run_async(self, slot: _Slot[K], flight: Future[_Entry], background: bool) -> None:
+        started, wall = self._now(), self._clock.time()
+        try:
+            response = await self._fetcher.afetch(slot.key)
+        except BaseException as exc:
+            self._settle_error(slot, flight, exc, started, background)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._settle(slot, flight, response, started, wall, background)
+
+    def _settle(
+        self,
+        slot: _Slot[K],
+        flight: Future[_Entry],
+        response: TokenResponse,
+        started: float,
+        wall: float,
+        background: bool,
+    ) -> None:
+        timing = self._fetcher.timing(slot.key)
+        lifetime = response.lifetime
+        skew = min(timing.skew, lifetime / 2)
+        hard = started + lifetime - skew
+        refresh_at = started + lifetime * timing.refresh_ahead
+        if refresh_at >= hard:
+            refresh_at = started + (hard - started) * timing.refresh_ahead
+        token = dataclasses.replace(response.token, expires_at=wall + lifetime)
+        entry = _Entry(token=token, refresh_at=refresh_at, hard_expiry=hard)
+        with slot.lock:
+            self._install(slot, entry)
+            slot.flight = None
+            slot.error, slot.retry_at, slot.failures = None, -math.inf, 0
+            slot.last_refresh = wall
+        flight.set_result(entry)
+        provider, key = self._fetcher.describe(slot.key)
+        duration = self._now() - started
+        logger.info(
+            "token acquired provider=%s %s expires_in=%.0f background=%s duration_ms=%.1f",
+            provider,
+            key,
+            lifetime,
+            background,
+            duration * 1000,
+        )
+        self._events.emit(TokenAcquired(provider, key, background, duration, lifetime))
+
+    def _settle_error(
+        self,
+        slot: _Slot[K],
+        flight: Future[_Entry],
+        exc: BaseException,
+        started: float,
+        background: bool,
+    ) -> None:
+        provider, key = self._fetcher.describe(slot.key)
+        if not isinstance(exc, Exception):  # cancelled or interrupted: not the provider's fault
+            with slot.lock:
+                slot.flight = None
+            flight.set_exception(
+                ProviderUnavailableError(f"{provider}: token fetch interrupted", provider=provider)
+            )
+            return
+        now = self._now()
+        with slot.lock:
+            slot.flight = None
+            slot.failures += 1
+            slot.error = exc
+            if isinstance(exc, ReauthorizationRequiredError):
+                slot.retry_at = math.inf
+            else:
+                backoff = min(_MAX_BACKOFF, 2.0 ** (slot.failures - 1))
+                backoff *= self._rng.uniform(0.5, 1.0)
+                told = getattr(exc, "retry_after", None)
+                slot.retry_at = now + max(backoff, told or 0.0)
+        flight.set_exception(exc)
+        code = exc.code if isinstance(exc, ProviderError) else "internal_error"
+        logger.warning(
+            "token request failed provider=%s %s error=%s background=%s",
+            provider,
+            key,
+            type(exc).__name__,
+            background,
+        )
+        self._events.emit(
+            TokenRequestFailed(provider, key, background, now - started, type(exc).__name__, code)
+        )
+
+    def _install(self, slot: _Slot[K], entry: _Entry | None) -> None:
+        """Publish ``entry`` under every alias (caller holds ``slot.lock``)."""
+        slot.entry = entry
+        for alias in slot.aliases:
+            if entry is None:
+                self._hot.pop(alias, None)
+            else:
+                self._hot[alias] = entry
+
+    def _stuck(self, slot: _Slot[K]) -> ProviderUnavailableError:
+        provider, _ = self._fetcher.describe(slot.key)
+        return ProviderUnavailableError(
+            f"{provider}: gave up waiting for the token fetch", provider=provider
+        )

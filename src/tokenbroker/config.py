@@ -1,0 +1,400 @@
+"""Configuration: YAML with ``${VAR}`` interpolation and ``.env``, validated into frozen models.
+
+This is the only module that reads environment variables and files. Loading is
+loose at the edge (YAML, strings, env) and strict inside: the result is a
+frozen :class:`Settings` whose secrets are :class:`~tokenbroker.secret.Secret`.
+Every problem is collected with its dotted field path; a missing environment
+variable is named; no message ever contains a value from the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from dotenv import dotenv_values
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, ConfigProblem
+from .secret import Secret
+
+__all__ = [
+    "ClientCredentialsProvider",
+    "Credential",
+    "Defaults",
+    "LoginProvider",
+    "LoginRequest",
+    "Provider",
+    "RefreshTokenProvider",
+    "Rotation",
+    "Settings",
+    "default_config_path",
+    "load_settings",
+    "parse_settings",
+]
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Defaults(_Frozen):
+    """Timing and retry settings every provider inherits unless it overrides them."""
+
+    skew_seconds: float = Field(30.0, ge=0)
+    refresh_ahead: float = Field(0.8, gt=0, le=1)
+    timeout_seconds: float = Field(10.0, gt=0)
+    deadline_seconds: float = Field(30.0, gt=0)
+    retries: int = Field(2, ge=0, le=10)
+    backoff_seconds: float = Field(0.5, ge=0)
+    max_response_bytes: int = Field(1 << 20, ge=1024)
+
+
+class _ProviderBase(_Frozen):
+    skew_seconds: float | None = Field(None, ge=0)
+    refresh_ahead: float | None = Field(None, gt=0, le=1)
+    timeout_seconds: float | None = Field(None, gt=0)
+    deadline_seconds: float | None = Field(None, gt=0)
+    retries: int | None = Field(None, ge=0, le=10)
+    backoff_seconds: float | None = Field(None, ge=0)
+    default_expires_in: float = Field(3600.0, gt=0)
+    required: bool = False
+
+
+def _check_url(value: str, *, https_only: bool) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials in the URL")
+    if https_only and parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("must use https (plain http is allowed only for loopback hosts)")
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _OAuthProvider(_ProviderBase):
+    token_url: str
+    client_id: str = Field(min_length=1)
+    client_secret: Secret | None = None
+    client_auth: ClientAuth = "client_secret_basic"
+    private_key: Secret | None = None
+    signing_alg: Literal["RS256", "ES256", "EdDSA", "PS256"] | None = None
+    assertion_audience: str | None = None
+    scopes: tuple[str, ...] = ()
+    audience: str | None = None
+
+    @field_validator("token_url")
+    @classmethod
+    def _token_url(cls, value: str) -> str:
+        return _check_url(value, https_only=True)
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for scope in value:
+            if not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", scope):
+                raise ValueError("each scope must be a non-empty RFC 6749 scope-token")
+        return value
+
+    @model_validator(mode="after")
+    def _auth_material(self) -> _OAuthProvider:
+        method = self.client_auth
+        if method in ("client_secret_basic", "client_secret_post") and not self.client_secret:
+            raise ValueError(f"client_auth {method} needs client_secret")
+        if method == "private_key_jwt" and not self.private_key:
+            raise ValueError("client_auth private_key_jwt needs private_key (PEM)")
+        if self.private_key:
+            try:
+                load_pem_private_key(self.private_key.reveal().encode(), None)
+            except (ValueError, TypeError, UnsupportedAlgorithm):
+                raise ValueError(
+                    "private_key is not an unencrypted PEM private key (RSA, EC or Ed25519)"
+                ) from None
+        return self
+
+
+class ClientCredentialsProvider(_OAuthProvider):
+    """OAuth2 client credentials (RFC 6749 §4.4)."""
+
+    grant: Literal["client_credentials"]
+
+
+class Rotation(_Frozen):
+    """How the provider rotates refresh tokens.
+
+    Attributes:
+        single_use: Each refresh token works once (a new one comes with each reply).
+        reuse_grace_seconds: How long the provider still accepts a used one (Tesla: 86400).
+    """
+
+    single_use: bool = True
+    reuse_grace_seconds: float = Field(0.0, ge=0)
+
+
+class RefreshTokenProvider(_OAuthProvider):
+    """A refresh-token credential (RFC 6749 §6), possibly single-use and rotating."""
+
+    grant: Literal["refresh_token"]
+    client_auth: ClientAuth = "none"
+    refresh_token: Secret
+    rotation: Rotation = Rotation()
+    reauthorization_errors: tuple[str, ...] = ("invalid_grant", "login_required")
+
+
+class Credential(_Frozen):
+    """One username/password account of a login provider."""
+
+    username: str = Field(min_length=1)
+    password: Secret
+
+
+class LoginRequest(_Frozen):
+    """The login request body template; ``{username}`` and ``{password}`` are replaced."""
+
+    json_body: dict[str, Any] | None = Field(None, alias="json")
+    form: dict[str, str] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> LoginRequest:
+        if (self.json_body is None) == (self.form is None):
+            raise ValueError("give exactly one of json or form")
+        return self
+
+
+class LoginProvider(_ProviderBase):
+    """Username/password login returning a bearer token (e.g. DolphinDB ``/api/login``)."""
+
+    grant: Literal["login"]
+    login_url: str
+    request: LoginRequest = LoginRequest(json={"username": "{username}", "password": "{password}"})
+    token_path: str = "token"
+    expires_in_path: str | None = None
+    token_type: str = "Bearer"
+    ttl_seconds: float = Field(3600.0, gt=0)
+    credentials: tuple[Credential, ...] = ()
+
+    @field_validator("login_url")
+    @classmethod
+    def _login_url(cls, value: str) -> str:
+        return _check_url(value, https_only=False)
+
+    @model_validator(mode="after")
+    def _has_accounts(self) -> LoginProvider:
+        if not self.credentials:
+            raise ValueError("needs at least one account in credentials or credentials_file")
+        names = [c.username for c in self.credentials]
+        if len(set(names)) != len(names):
+            raise ValueError("an account is listed twice")
+        return self
+
+
+Provider = Annotated[
+    ClientCredentialsProvider | RefreshTokenProvider | LoginProvider,
+    Field(discriminator="grant"),
+]
+
+
+class Settings(_Frozen):
+    """The whole validated configuration (DESIGN §3.1)."""
+
+    store: str = "memory"
+    redis: str | None = None
+    encryption_keys: tuple[Secret, ...] = ()
+    defaults: Defaults = Defaults()
+    providers: dict[str, Provider] = Field(default_factory=dict)
+    consumers: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    server: dict[str, Any] = Field(default_factory=dict)
+    proxy: dict[str, Any] = Field(default_factory=dict)
+    telemetry: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("providers")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError("provider names are 1-64 of a-z, 0-9, '_' and '-'")
+        return value
+
+
+def default_config_path() -> Path:
+    """The config file to use when none is given: ``$TOKENBROKER_CONFIG`` or ``tokenbroker.yaml``.
+
+    Returns:
+        The path (not checked for existence).
+    """
+    return Path(os.environ.get("TOKENBROKER_CONFIG") or "tokenbroker.yaml")
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, interpolate and validate a config file.
+
+    ``${VAR}`` and ``${VAR:-default}`` are taken from the process environment,
+    then from a ``.env`` file beside the config file (the environment wins).
+
+    Args:
+        path: The YAML file; default :func:`default_config_path`.
+
+    Returns:
+        The frozen settings.
+
+    Raises:
+        ConfigError: Listing every problem, each with its field path.
+    """
+    file = Path(path) if path is not None else default_config_path()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([ConfigProblem("", f"cannot read {file}: {exc.strerror}")]) from exc
+    env: dict[str, str] = {}
+    dotenv = file.parent / ".env"
+    if dotenv.is_file():
+        env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+    env.update(os.environ)
+    return parse_settings(text, env, base_dir=file.parent)
+
+
+def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()) -> Settings:
+    """Validate config text against an explicit environment (no process state is read).
+
+    Args:
+        text: The YAML document.
+        env: Variables for ``${VAR}`` interpolation.
+        base_dir: Where relative ``credentials_file`` paths are resolved.
+
+    Returns:
+        The frozen settings.
+
+    Raises:
+        ConfigError: Listing every problem, each with its field path.
+    """
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError([ConfigProblem("", f"not valid YAML{where}")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([ConfigProblem("", "the document must be a mapping")])
+    problems: list[ConfigProblem] = []
+    data = _interpolate(raw, env, (), problems)
+    _read_credential_files(data, base_dir, problems)
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        blocked = {p.path for p in problems}
+        for error in exc.errors(include_input=False, include_url=False):
+            path = _path(error["loc"])
+            if not any(path == b or path.startswith(b + ".") for b in blocked):
+                problems.append(ConfigProblem(path, _message(error)))
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _interpolate(
+    node: Any, env: Mapping[str, str], path: tuple[str, ...], problems: list[ConfigProblem]
+) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate(v, env, (*path, str(k)), problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate(v, env, (*path, str(i)), problems) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        value = env.get(name)
+        if value is None or (value == "" and default is not None):
+            if default is not None:
+                return default
+            problems.append(
+                ConfigProblem(
+                    ".".join(path), f"environment variable {name} is not set", env_var=name
+                )
+            )
+            return ""
+        return value
+
+    return _ENV_REF.sub(substitute, node)
+
+
+def _read_credential_files(data: dict[str, Any], base: Path, problems: list[ConfigProblem]) -> None:
+    providers = data.get("providers")
+    if not isinstance(providers, dict):
+        return
+    for name, provider in providers.items():
+        if not isinstance(provider, dict) or "credentials_file" not in provider:
+            continue
+        where = f"providers.{name}.credentials_file"
+        file = Path(str(provider.pop("credentials_file")))
+        file = file if file.is_absolute() else base / file
+        try:
+            lines = file.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            problems.append(ConfigProblem(where, f"cannot read {file}: {exc.strerror}"))
+            continue
+        accounts = list(provider.get("credentials") or [])
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            username, sep, password = line.strip().partition(":")
+            if not sep or not username or not password:
+                problems.append(ConfigProblem(where, f"line {number} is not username:password"))
+                continue
+            accounts.append({"username": username, "password": password})
+        provider["credentials"] = accounts
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    # Drop pydantic's discriminator tags ("client_credentials") and model names from the path.
+    parts = [str(p) for p in loc]
+    if (
+        len(parts) >= 3
+        and parts[0] == "providers"
+        and parts[2]
+        in (
+            "client_credentials",
+            "refresh_token",
+            "login",
+        )
+    ):
+        del parts[2]
+    return ".".join(p for p in parts if not p.startswith("function-"))
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a known field"
+    if kind == "union_tag_invalid":
+        return "grant must be one of client_credentials, refresh_token, login"
+    if kind == "union_tag_not_found":
+        return "grant is required (client_credentials, refresh_token or login)"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")

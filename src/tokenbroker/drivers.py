@@ -1,0 +1,228 @@
+"""Sending a grant's request: one retry policy, two tiny drivers (STYLE 4).
+
+:func:`token_flow` is the whole policy as a generator — it yields either an
+:class:`httpx.Request` to send or a :class:`Sleep`, and is sent back a
+:class:`~tokenbroker.grants.Reply` or the transport exception. It retries what
+is retryable (5xx, 429, network errors, timeouts, malformed replies) with
+exponential backoff and full jitter, honours ``Retry-After``, and never runs
+past one overall deadline. :func:`send_sync` and :func:`send_async` only do the
+I/O; neither contains policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import httpx
+
+from .errors import ProviderError, ProviderUnavailableError
+from .grants import Grant, Reply, TokenResponse
+
+__all__ = ["RetryPolicy", "Sleep", "send_async", "send_sync", "token_flow"]
+
+_MAX_BACKOFF = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard to try.
+
+    Attributes:
+        retries: Extra attempts after the first, for retryable failures.
+        timeout: Seconds for one attempt.
+        deadline: Seconds for the whole exchange, sleeps included.
+        backoff: Base of the exponential backoff (full jitter), in seconds.
+        max_response_bytes: Replies larger than this (after decompression) are refused.
+    """
+
+    retries: int = 2
+    timeout: float = 10.0
+    deadline: float = 30.0
+    backoff: float = 0.5
+    max_response_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """An instruction to the driver: wait this many seconds, then send ``None`` back."""
+
+    seconds: float
+
+
+Outcome = Reply | Exception | None
+Flow = Generator[httpx.Request | Sleep, Outcome, TokenResponse]
+
+
+def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = None) -> Flow:
+    """The retry policy for one token exchange.
+
+    Args:
+        grant: Builds each attempt's request and parses the reply.
+        policy: Retries, timeouts, deadline, backoff.
+        rng: Source of jitter (injected by tests).
+
+    Returns:
+        A generator; its return value is the :class:`TokenResponse`.
+
+    Raises:
+        ProviderError: The last classified failure, once retries or the deadline run out.
+    """
+    jitter = rng or random.Random()  # noqa: S311 - jitter, not security
+    started = time.monotonic()
+    give_up_at = started + policy.deadline
+    attempt = 0
+    while True:
+        attempt += 1
+        request = grant.build_request()
+        request.extensions["tokenbroker.provider"] = grant.provider
+        remaining = give_up_at - time.monotonic()
+        request.extensions["timeout"] = httpx.Timeout(
+            max(0.001, min(policy.timeout, remaining))
+        ).as_dict()
+        request.extensions["tokenbroker.attempt_deadline"] = time.monotonic() + min(
+            policy.timeout, remaining
+        )
+        issued_at = time.time()
+        outcome = yield request
+        try:
+            if isinstance(outcome, Exception):
+                raise _translate(outcome, grant.provider)
+            if outcome is None:
+                raise ProviderUnavailableError(
+                    f"{grant.provider}: no reply", provider=grant.provider
+                )
+            return grant.parse_response(outcome, issued_at)
+        except ProviderError as error:
+            if not error.retryable or attempt > policy.retries:
+                raise
+            cap = min(_MAX_BACKOFF, policy.backoff * 2 ** (attempt - 1))
+            delay = jitter.uniform(0, cap)
+            told = getattr(error, "retry_after", None)
+            if told is not None:
+                delay = max(delay, told)
+            if time.monotonic() + delay >= give_up_at:
+                raise
+        yield Sleep(delay)
+
+
+def _translate(exc: Exception, provider: str) -> ProviderError:
+    if isinstance(exc, ProviderError):
+        return exc
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return ProviderUnavailableError(
+            f"{provider}: could not connect to the provider", provider=provider, sent=False
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderUnavailableError(f"{provider}: the provider timed out", provider=provider)
+    return ProviderUnavailableError(
+        f"{provider}: transport error ({type(exc).__name__})", provider=provider
+    )
+
+
+def _too_large(provider: str) -> ProviderUnavailableError:
+    return ProviderUnavailableError(f"{provider}: reply exceeds the size limit", provider=provider)
+
+
+def _slow(provider: str) -> ProviderUnavailableError:
+    return ProviderUnavailableError(f"{provider}: reply too slow", provider=provider)
+
+
+def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> TokenResponse:
+    """Drive ``flow`` with a blocking client.
+
+    Args:
+        client: The HTTP client (never follows redirects).
+        flow: From :func:`token_flow`.
+        max_bytes: Body size cap.
+
+    Returns:
+        The flow's token response.
+    """
+    item = next(flow)
+    while True:
+        try:
+            if isinstance(item, Sleep):
+                time.sleep(item.seconds)
+                item = flow.send(None)
+                continue
+            try:
+                outcome: Outcome = _read_sync(client, item, max_bytes)
+            except (httpx.HTTPError, ProviderError) as exc:
+                outcome = exc
+            item = flow.send(outcome)
+        except StopIteration as stop:
+            result: TokenResponse = stop.value
+            return result
+
+
+def _read_sync(client: httpx.Client, request: httpx.Request, max_bytes: int) -> Reply:
+    deadline = request.extensions["tokenbroker.attempt_deadline"]
+    provider = _provider(request)
+    response = client.send(request, stream=True)
+    try:
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(provider)
+            if time.monotonic() > deadline:
+                raise _slow(provider)
+            chunks.append(chunk)
+        return Reply(response.status_code, response.headers, b"".join(chunks))
+    finally:
+        response.close()
+
+
+async def send_async(client: httpx.AsyncClient, flow: Flow, max_bytes: int) -> TokenResponse:
+    """Drive ``flow`` with an async client; the same policy as :func:`send_sync`.
+
+    Args:
+        client: The async HTTP client (never follows redirects).
+        flow: From :func:`token_flow`.
+        max_bytes: Body size cap.
+
+    Returns:
+        The flow's token response.
+    """
+    item = next(flow)
+    while True:
+        try:
+            if isinstance(item, Sleep):
+                await asyncio.sleep(item.seconds)
+                item = flow.send(None)
+                continue
+            try:
+                budget = item.extensions["tokenbroker.attempt_deadline"] - time.monotonic()
+                async with asyncio.timeout(max(0.001, budget)):
+                    outcome: Outcome = await _read_async(client, item, max_bytes)
+            except TimeoutError:
+                outcome = _slow(_provider(item))
+            except (httpx.HTTPError, ProviderError) as exc:
+                outcome = exc
+            item = flow.send(outcome)
+        except StopIteration as stop:
+            result: TokenResponse = stop.value
+            return result
+
+
+async def _read_async(client: httpx.AsyncClient, request: httpx.Request, max_bytes: int) -> Reply:
+    response = await client.send(request, stream=True)
+    try:
+        chunks, size = [], 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _too_large(_provider(request))
+            chunks.append(chunk)
+        return Reply(response.status_code, response.headers, b"".join(chunks))
+    finally:
+        await response.aclose()
+
+
+def _provider(request: httpx.Request) -> str:
+    provider: str = request.extensions.get("tokenbroker.provider", "provider")
+    return provider

@@ -1,0 +1,158 @@
+"""Every error tokenbroker raises, in one hierarchy.
+
+::
+
+    TokenBrokerError
+    ├── ConfigError                     bad configuration; lists every problem with its field path
+    ├── UnknownProviderError            no such provider (or scope/account not valid for it)
+    └── ProviderError                   the identity provider could not give us a token
+        ├── ProviderMisconfiguredError  a 4xx we cannot fix by retrying            (not retried)
+        │   └── ClientAuthenticationError  401/403 or ``invalid_client``           (not retried)
+        ├── ReauthorizationRequiredError   ``invalid_grant`` / ``login_required``  (not retried)
+        └── ProviderUnavailableError    5xx, 429, network error, timeout, malformed reply (retried)
+            └── InvalidTokenError       a token value with CR/LF/NUL or non-visible characters
+
+Messages name the provider, the HTTP status and at most the provider's OAuth
+``error`` code (checked against RFC 6749's character set); they never carry a
+secret, a token, a request or response body, or an ``error_description``.
+Foreign exceptions (httpx, pydantic, yaml) are translated where they occur with
+``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ClientAuthenticationError",
+    "ConfigError",
+    "ConfigProblem",
+    "InvalidTokenError",
+    "ProviderError",
+    "ProviderMisconfiguredError",
+    "ProviderUnavailableError",
+    "ReauthorizationRequiredError",
+    "TokenBrokerError",
+    "UnknownProviderError",
+]
+
+
+class TokenBrokerError(Exception):
+    """Base class of every tokenbroker error."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem found in a configuration.
+
+    Attributes:
+        path: Dotted field path, e.g. ``providers.tdx.client_secret``.
+        message: What is wrong, never including a secret's value.
+        env_var: The missing environment variable, when that is the problem.
+    """
+
+    path: str
+    message: str
+    env_var: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path or '(top level)'}: {self.message}"
+
+
+class ConfigError(TokenBrokerError):
+    """The configuration is invalid.
+
+    Args:
+        problems: Every problem found, so one run reports them all.
+    """
+
+    def __init__(self, problems: list[ConfigProblem]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class UnknownProviderError(TokenBrokerError):
+    """The provider, scope or account asked for is not configured."""
+
+
+class ProviderError(TokenBrokerError):
+    """The identity provider did not give us a usable token.
+
+    Args:
+        message: Human-readable description without secrets.
+        provider: The provider's configured name.
+        status_code: The HTTP status of the provider's reply, if any.
+        error_code: The provider's OAuth ``error`` code, if it was well-formed.
+    """
+
+    #: Stable machine-readable code, used by the HTTP layer's error table.
+    code = "provider_error"
+    #: Whether the retry loop may try again.
+    retryable = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        provider: str = "",
+        status_code: int | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        self.provider = provider
+        self.status_code = status_code
+        self.error_code = error_code
+        super().__init__(message)
+
+
+class ProviderMisconfiguredError(ProviderError):
+    """The provider rejected our request in a way retrying cannot fix."""
+
+    code = "provider_misconfigured"
+
+
+class ClientAuthenticationError(ProviderMisconfiguredError):
+    """The provider rejected our client credentials (401/403, ``invalid_client``)."""
+
+
+class ReauthorizationRequiredError(ProviderError):
+    """The refresh token is dead (``invalid_grant``, Tesla's ``login_required``).
+
+    A person has to authorise again; tokenbroker stops calling the provider
+    for this credential until it gets a new refresh token.
+    """
+
+    code = "reauthorization_required"
+
+
+class ProviderUnavailableError(ProviderError):
+    """The provider could not answer usefully: 5xx, 429, network, timeout, bad reply.
+
+    Args:
+        message: Human-readable description without secrets.
+        retry_after: Seconds the provider asked us to wait, if it said.
+        sent: False only when the request certainly never reached the provider
+            (connection refused), so retrying a single-use refresh token is safe.
+        **kwargs: As for :class:`ProviderError`.
+    """
+
+    code = "provider_unavailable"
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        sent: bool = True,
+        provider: str = "",
+        status_code: int | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        super().__init__(message, provider=provider, status_code=status_code, error_code=error_code)
+        self.retry_after = retry_after
+        self.sent = sent
+
+
+class InvalidTokenError(ProviderUnavailableError):
+    """A token in the provider's reply is not a safe header value; it is never used."""
