@@ -1,0 +1,121 @@
+"""The ``tokenbroker`` command line (DESIGN §3.4).
+
+Only this module configures logging handlers. Every command takes
+``--config F`` (default ``$TOKENBROKER_CONFIG`` or ``tokenbroker.yaml``).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+import sys
+from pathlib import Path
+
+import click
+
+from .broker import Broker
+from .config import load_settings
+from .errors import ConfigError, ProviderError, TokenBrokerError, UnknownProviderError
+
+__all__ = ["main"]
+
+_EXIT = {ConfigError: 2, UnknownProviderError: 3, ProviderError: 4}
+
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="tokenbroker.yaml",
+    envvar="TOKENBROKER_CONFIG",
+    show_default=True,
+    show_envvar=True,
+    help="The YAML configuration file.",
+)
+
+
+@click.group(context_settings={"auto_envvar_prefix": "TOKENBROKER"})
+@click.version_option(package_name="tokenbroker")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    show_default=True,
+    help="Log level on stderr.",
+)
+def main(log_level: str) -> None:
+    """tokenbroker: obtain, cache, refresh and rotate upstream API tokens."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+
+
+def _fail(exc: TokenBrokerError) -> None:
+    code = next((c for kind, c in _EXIT.items() if isinstance(exc, kind)), 1)
+    click.echo(f"error: {exc}", err=True)
+    raise SystemExit(code)
+
+
+@main.command()
+@config_option
+def check(config_path: Path) -> None:
+    """Validate the configuration; name every problem, never print a secret."""
+    try:
+        settings = load_settings(config_path)
+    except ConfigError as exc:
+        _fail(exc)
+        return
+    names = ", ".join(sorted(settings.providers)) or "none"
+    click.echo(f"{config_path}: ok ({len(settings.providers)} providers: {names})")
+
+
+@main.command()
+@click.argument("provider")
+@click.option("--scope", default=None, help="Space-separated scopes.")
+@click.option("--account", default=None, help="Account of a login provider.")
+@config_option
+def token(provider: str, scope: str | None, account: str | None, config_path: Path) -> None:
+    """Print an access token for PROVIDER (for shell scripts)."""
+    try:
+        with Broker.from_config(config_path) as broker:
+            value = broker.get_token(provider, scope, account=account)
+    except TokenBrokerError as exc:
+        _fail(exc)
+        return
+    click.echo(value.access_token)
+
+
+@main.command()
+def keygen() -> None:
+    """Print a new encryption key (32 random bytes, URL-safe base64)."""
+    click.echo(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii"))
+
+
+@main.command()
+@click.option(
+    "--duration",
+    type=float,
+    default=None,
+    help="Stop after this many seconds (default: run until Ctrl-C).",
+)
+@click.option(
+    "--lifetime",
+    type=int,
+    default=20,
+    show_default=True,
+    help="Lifetime in seconds of the demo server's tokens.",
+)
+def dev(duration: float | None, lifetime: int) -> None:
+    """Run a local demo: a bundled authorization server and an embedded broker."""
+    from .demo import run_demo  # noqa: PLC0415 - needs the optional 'testing' extra
+
+    try:
+        run_demo(duration=duration, lifetime=lifetime, echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("stopped")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
