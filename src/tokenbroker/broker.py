@@ -148,13 +148,23 @@ class Broker:
             ProviderError: Classified failure when no valid token could be obtained.
             UnknownProviderError: Unknown provider, account, or a scope it cannot serve.
         """
-        return self._cache.get((provider, scope, account))
+        try:
+            return self._cache.get((provider, scope, account))
+        except TypeError:  # an unhashable scope list: retry with its string form
+            if scope is None or isinstance(scope, str):
+                raise
+            return self._cache.get((provider, _joined(scope), account))
 
     async def aget_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
     ) -> Token:
         """Async :meth:`get_token`; a cache hit never yields to the event loop."""
-        return await self._cache.aget((provider, scope, account))
+        try:
+            return await self._cache.aget((provider, scope, account))
+        except TypeError:
+            if scope is None or isinstance(scope, str):
+                raise
+            return await self._cache.aget((provider, _joined(scope), account))
 
     def invalidate(
         self,
@@ -175,6 +185,8 @@ class Broker:
         Returns:
             True if it was current and was dropped (the next call fetches a new one).
         """
+        if scope is not None and not isinstance(scope, str):
+            scope = _joined(scope)
         return self._cache.invalidate((provider, scope, account), access_token)
 
     def httpx_auth(
@@ -356,10 +368,14 @@ def _pick(value: _T | None, default: _T) -> _T:
     return default if value is None else value
 
 
+def _joined(scope: Iterable[str]) -> str:
+    return " ".join(str(item) for item in scope)
+
+
 def _scopes(scope: str | Iterable[str] | None, settings: Provider) -> tuple[str, ...]:
     if scope is None:
         return ()
-    items = scope.split() if isinstance(scope, str) else list(scope)
+    items = [s for s in scope.split(" ") if s] if isinstance(scope, str) else list(scope)
     for item in items:
         if not isinstance(item, str) or not _SCOPE.match(item):
             raise UnknownProviderError("scope must be RFC 6749 scope-tokens separated by spaces")

@@ -98,11 +98,11 @@ def run_demo(
                     with lock:
                         refreshes += 1
                     echo(
-                        f"[{stamp}] refreshed {event.provider} {event.key} in "
+                        f"[{stamp}] refreshed {_label(event)} in "
                         f"{event.duration * 1000:.1f} ms; valid for {event.expires_in:.0f} s"
                     )
                 elif isinstance(event, TokenRequestFailed):
-                    echo(f"[{stamp}] refresh of {event.provider} failed: {event.code}")
+                    echo(f"[{stamp}] refresh of {_label(event)} failed: {event.code}")
 
             broker.subscribe(on_event)
             echo(f"tokenbroker dev: authorization server on {server.url}")
@@ -123,3 +123,7 @@ def run_demo(
                 broker.refresh_due()
                 time.sleep(0.25)
     return refreshes
+
+
+def _label(event: Event) -> str:
+    return f"{event.provider} ({event.key})" if event.key else event.provider

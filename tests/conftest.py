@@ -1,0 +1,52 @@
+"""Shared fixtures: a real authorization server on 127.0.0.1 and brokers configured for it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from support import CLIENT_ID, CLIENT_SECRET, client_credentials
+from tokenbroker import Broker, parse_settings
+from tokenbroker.testing import AuthorizationServer
+
+
+@pytest.fixture
+def auth_server() -> Iterator[AuthorizationServer]:
+    """A started authorization server with one client-credentials client and two login accounts."""
+    server = AuthorizationServer(expires_in=3600)
+    server.add_client(CLIENT_ID, CLIENT_SECRET, scopes=["read", "write"])
+    server.add_client("rt-client", None, auth_method="none", scopes=["read"])
+    server.add_account("alice", "alice-pw")
+    server.add_account("bob", "bob-pw")
+    with server:
+        yield server
+
+
+BrokerFactory = Callable[..., Broker]
+
+
+@pytest.fixture
+def make_broker(auth_server: AuthorizationServer) -> Iterator[BrokerFactory]:
+    """Build brokers for ``auth_server``: ``make_broker(providers, defaults=..., **kw)``."""
+    made: list[Broker] = []
+
+    def factory(
+        providers: dict[str, dict[str, Any]] | None = None,
+        *,
+        defaults: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Broker:
+        config = {
+            "defaults": {"retries": 2, "backoff_seconds": 0.01, **(defaults or {})},
+            "providers": providers or {"svc": client_credentials(auth_server)},
+        }
+        broker = Broker(parse_settings(yaml.safe_dump(config), {}), **kwargs)
+        made.append(broker)
+        return broker
+
+    yield factory
+    for broker in made:
+        broker.close()

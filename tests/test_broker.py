@@ -1,0 +1,448 @@
+"""Broker against a real authorization server: single flight, refresh-ahead, the error table, rotation."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+import pytest
+from conftest import BrokerFactory
+from support import client_credentials, login, refresh_token
+
+from tokenbroker import (
+    ClientAuthenticationError,
+    InvalidTokenError,
+    ManualClock,
+    ProviderMisconfiguredError,
+    ProviderUnavailableError,
+    ReauthorizationRequiredError,
+    Token,
+    UnknownProviderError,
+)
+from tokenbroker.testing import AuthorizationServer, Fault
+
+
+def stampede(count: int, call: object) -> list[object]:
+    """Release `count` threads at once on `call`; return each result or exception."""
+    results: list[object] = [None] * count
+    barrier = threading.Barrier(count)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = call()  # type: ignore[operator]
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_thousand_threads_cold_key_one_token_request(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """1000 threads on a cold key: the server sees exactly one token request, all get that token."""
+    auth_server.latency = 0.2
+    broker = make_broker()
+    results = stampede(1000, lambda: broker.get_token("svc"))
+    assert auth_server.count("client_credentials") == 1
+    assert len({r.access_token for r in results}) == 1  # type: ignore[union-attr]
+
+
+def test_thousand_threads_expired_key_one_token_request(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """1000 threads on an expired key: exactly one more token request."""
+    clock = ManualClock()
+    broker = make_broker(clock=clock)
+    first = broker.get_token("svc")
+    clock.advance(3600)
+    auth_server.latency = 0.2
+    results = stampede(1000, lambda: broker.get_token("svc"))
+    assert auth_server.count("client_credentials") == 2
+    tokens = {r.access_token for r in results}  # type: ignore[union-attr]
+    assert len(tokens) == 1
+    assert first.access_token not in tokens
+
+
+def test_thousand_tasks_cold_then_expired_one_request_each(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """1000 asyncio tasks on a cold key, then on an expired key: one token request each time."""
+    clock = ManualClock()
+    broker = make_broker(clock=clock)
+    auth_server.latency = 0.2
+
+    async def wave() -> set[str]:
+        tokens = await asyncio.gather(*(broker.aget_token("svc") for _ in range(1000)))
+        return {t.access_token for t in tokens}
+
+    cold = asyncio.run(wave())
+    assert auth_server.count("client_credentials") == 1
+    clock.advance(3600)
+    expired = asyncio.run(wave())
+    assert auth_server.count("client_credentials") == 2
+    assert len(cold) == len(expired) == 1
+    assert cold != expired
+
+
+def test_refresh_ahead_under_load_never_makes_a_caller_wait(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """Across 5 token lifetimes with 200 ms provider latency, the slowest warm get_token is < 20 ms."""
+    server = AuthorizationServer(expires_in=2)
+    server.add_client("c", "s", scopes=["read"])
+    with server:
+        broker = make_broker(
+            {"svc": {**client_credentials(server), "client_id": "c", "client_secret": "s"}},
+            defaults={"skew_seconds": 0.5, "refresh_ahead": 0.5},
+        )
+        broker.get_token("svc")
+        server.latency = 0.2
+        stop_at = time.monotonic() + 10.0
+        worst: list[float] = []
+        expired: list[float] = []
+
+        def caller() -> None:
+            slowest = 0.0
+            while time.monotonic() < stop_at:
+                began = time.perf_counter()
+                token = broker.get_token("svc")
+                slowest = max(slowest, time.perf_counter() - began)
+                if token.expires_at - time.time() <= 0:
+                    expired.append(token.expires_at)
+                time.sleep(0.002)
+            worst.append(slowest)
+
+        threads = [threading.Thread(target=caller) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        refreshes = server.count("client_credentials")
+    assert max(worst) < 0.020, f"slowest get_token took {max(worst) * 1000:.1f} ms"
+    assert not expired
+    assert 5 <= refreshes <= 15
+
+
+def test_compare_and_invalidate_fifty_callers_one_refresh(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """50 consumers reporting the same rejected token cause exactly one new token request."""
+    broker = make_broker()
+    rejected = broker.get_token("svc").access_token
+    auth_server.latency = 0.1
+
+    def report() -> str:
+        broker.invalidate("svc", rejected)
+        return broker.get_token("svc").access_token
+
+    results = stampede(50, report)
+    assert auth_server.count("client_credentials") == 2
+    assert len(set(results)) == 1
+    assert rejected not in results
+
+
+# -- the error table -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "requests"),
+    [
+        (Fault(status=401, body='{"error":"invalid_client"}'), ClientAuthenticationError, 1),
+        (Fault(status=403, body='{"error":"access_denied"}'), ClientAuthenticationError, 1),
+        (Fault(status=400, body='{"error":"invalid_client"}'), ClientAuthenticationError, 1),
+        (Fault(status=400, body='{"error":"invalid_scope"}'), ProviderMisconfiguredError, 1),
+        (Fault(status=404, body="not here"), ProviderMisconfiguredError, 1),
+        (Fault(status=500, body="oops"), ProviderUnavailableError, 3),
+        (Fault(status=502, body=""), ProviderUnavailableError, 3),
+        (Fault(status=200, body="not json"), ProviderUnavailableError, 3),
+        (Fault(status=200, body='{"token_type":"bearer"}'), ProviderUnavailableError, 3),
+        (Fault(status=200, body='{"access_token":"a\\r\\nb"}'), InvalidTokenError, 3),
+        (Fault(drop=True), ProviderUnavailableError, 3),
+    ],
+)
+def test_error_table(
+    auth_server: AuthorizationServer,
+    make_broker: BrokerFactory,
+    fault: Fault,
+    error: type[Exception],
+    requests: int,
+) -> None:
+    """Each provider reply maps to its error class, retried only when retryable (retries=2)."""
+    auth_server.inject(fault, times=None)
+    broker = make_broker()
+    with pytest.raises(error) as caught:
+        broker.get_token("svc")
+    assert auth_server.count("client_credentials") == requests
+    assert type(caught.value) is error
+
+
+def test_wrong_client_secret_is_client_authentication_error(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """The real server rejecting our secret gives ClientAuthenticationError after one request."""
+    broker = make_broker({"svc": client_credentials(auth_server, client_secret="wrong")})
+    with pytest.raises(ClientAuthenticationError):
+        broker.get_token("svc")
+    assert auth_server.count("client_credentials") == 1
+
+
+def test_transient_failures_then_success(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """Two 503s then a good reply: the caller gets a token after three requests."""
+    auth_server.inject(Fault(status=503, body="busy"), times=2)
+    token = make_broker().get_token("svc")
+    assert token.access_token in auth_server.issued_access_tokens
+    assert auth_server.count("client_credentials") == 3
+
+
+@pytest.mark.parametrize("as_date", [False, True])
+def test_retry_after_is_honoured(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, as_date: bool
+) -> None:
+    """A 429 with Retry-After (seconds or HTTP-date) delays the next attempt by at least that."""
+    from email.utils import formatdate
+
+    value = formatdate(time.time() + 2, usegmt=True) if as_date else "1"
+    auth_server.inject(Fault(status=429, body="slow down", headers={"Retry-After": value}))
+    began = time.monotonic()
+    make_broker().get_token("svc")
+    assert time.monotonic() - began >= 0.9
+    assert auth_server.count("client_credentials") == 2
+
+
+def test_retry_after_beyond_deadline_fails_fast(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """A Retry-After longer than the deadline fails at once, carrying the delay, without waiting."""
+    auth_server.inject(Fault(status=503, body="", headers={"Retry-After": "120"}))
+    broker = make_broker(defaults={"deadline_seconds": 5})
+    began = time.monotonic()
+    with pytest.raises(ProviderUnavailableError) as caught:
+        broker.get_token("svc")
+    assert time.monotonic() - began < 2
+    assert caught.value.retry_after == 120
+    assert auth_server.count("client_credentials") == 1
+
+
+def test_timeouts_are_retried_within_the_deadline(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """A provider slower than timeout_seconds is retried, and the whole call ends near the deadline."""
+    auth_server.inject(Fault(delay=3.0), times=None)
+    broker = make_broker(defaults={"timeout_seconds": 0.3, "deadline_seconds": 1.5})
+    began = time.monotonic()
+    with pytest.raises(ProviderUnavailableError):
+        broker.get_token("svc")
+    assert time.monotonic() - began < 2.0
+    assert auth_server.count("client_credentials") == 3
+
+
+def test_connection_refused_is_unavailable_and_not_sent(make_broker: BrokerFactory) -> None:
+    """Nothing listening: ProviderUnavailableError marked as never sent."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/token"
+    broker = make_broker(
+        {
+            "svc": {
+                "grant": "client_credentials",
+                "token_url": url,
+                "client_id": "a",
+                "client_secret": "b",
+            }
+        }
+    )
+    with pytest.raises(ProviderUnavailableError) as caught:
+        broker.get_token("svc")
+    assert caught.value.sent is False
+
+
+def test_unknown_provider_account_and_scope(
+    make_broker: BrokerFactory, auth_server: AuthorizationServer
+) -> None:
+    """Unknown providers, accounts and unserviceable scopes raise UnknownProviderError, no request."""
+    seed = auth_server.issue_refresh_token("rt-client", scope="read")
+    broker = make_broker(
+        {
+            "svc": client_credentials(auth_server),
+            "rt": refresh_token(auth_server, seed, scopes=["read"]),
+            "db": login(auth_server),
+        }
+    )
+    for call in (
+        lambda: broker.get_token("nope"),
+        lambda: broker.get_token("db", account="mallory"),
+        lambda: broker.get_token("svc", account="alice"),
+        lambda: broker.get_token("rt", scope="admin"),
+        lambda: broker.get_token("svc", scope="bad\nscope"),
+    ):
+        with pytest.raises(UnknownProviderError):
+            call()
+    assert auth_server.count("client_credentials") == auth_server.count("refresh_token") == 0
+
+
+# -- grants end to end ----------------------------------------------------------------------
+
+
+def test_scopes_are_normalised_to_one_cache_entry(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """'read write', 'write read' and ['read','write'] share one token; 'read' alone is another."""
+    broker = make_broker()
+    a = broker.get_token("svc", "read write")
+    b = broker.get_token("svc", "write  read")
+    c = broker.get_token("svc", ["write", "read"])  # type: ignore[arg-type]
+    d = broker.get_token("svc")
+    assert a.access_token == b.access_token == c.access_token
+    assert d.access_token != a.access_token
+    assert auth_server.count("client_credentials") == 2
+
+
+def test_rotating_refresh_token_is_replaced_and_never_reused(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """Each refresh presents the newest refresh token; the server sees no reuse across 5 expiries."""
+    seed = auth_server.issue_refresh_token("rt-client")
+    clock = ManualClock()
+    broker = make_broker({"rt": refresh_token(auth_server, seed)}, clock=clock)
+    for _ in range(5):
+        results = stampede(50, lambda: broker.get_token("rt"))
+        assert all(isinstance(r, Token) for r in results)
+        clock.advance(3600)
+    presented = auth_server.presented_refresh_tokens
+    assert len(presented) == 5
+    assert presented[0] == seed
+    assert len(set(presented)) == 5
+    assert not auth_server.reused_refresh_tokens()
+
+
+def test_non_rotating_reply_keeps_the_old_refresh_token(make_broker: BrokerFactory) -> None:
+    """When the reply carries no refresh_token, the same one is used next time."""
+    server = AuthorizationServer(rotation="non_rotating")
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        clock = ManualClock()
+        broker = make_broker({"rt": refresh_token(server, seed)}, clock=clock)
+        broker.get_token("rt")
+        clock.advance(3600)
+        broker.get_token("rt")
+        assert server.presented_refresh_tokens == [seed, seed]
+
+
+@pytest.mark.parametrize("reuse_error", ["invalid_grant", "login_required"])
+def test_dead_refresh_token_requires_reauthorization_and_stops_calls(
+    make_broker: BrokerFactory, reuse_error: str
+) -> None:
+    """invalid_grant / Tesla's 401 login_required: reauthorization required, one request, then none."""
+    server = AuthorizationServer(reuse_error=reuse_error)
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        server.issue_refresh_token("rt-client")
+        clock = ManualClock()
+        broker = make_broker({"rt": refresh_token(server, seed)}, clock=clock)
+        broker.get_token("rt")
+        # Someone else uses the seed too: the provider revokes the family.
+        broker2 = make_broker({"rt": refresh_token(server, seed)})
+        with pytest.raises(ReauthorizationRequiredError):
+            broker2.get_token("rt")
+        clock.advance(3600)
+        with pytest.raises(ReauthorizationRequiredError):
+            broker.get_token("rt")
+        calls = server.count("refresh_token")
+        clock.advance(86400)
+        with pytest.raises(ReauthorizationRequiredError):
+            broker.get_token("rt")
+        assert server.count("refresh_token") == calls == 3
+        assert [s.state for s in broker.states()] == ["reauthorization_required"]
+
+
+def test_login_accounts_get_their_own_tokens(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """Each login account is logged in once and gets its own token; the first is the default."""
+    broker = make_broker({"db": login(auth_server)})
+    alice = broker.get_token("db", account="alice")
+    bob = broker.get_token("db", account="bob")
+    assert broker.get_token("db").access_token == alice.access_token
+    assert alice.access_token != bob.access_token
+    assert auth_server.count("login") == 2
+    assert broker.accounts("db") == ["alice", "bob"]
+
+
+def test_login_with_wrong_password_is_client_authentication_error(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """A rejected login is a ClientAuthenticationError after one attempt."""
+    provider = login(auth_server, credentials=[{"username": "alice", "password": "nope"}])
+    with pytest.raises(ClientAuthenticationError):
+        make_broker({"db": provider}).get_token("db")
+    assert auth_server.count("login") == 1
+
+
+def test_private_key_jwt_uses_fresh_jti_on_retry(make_broker: BrokerFactory) -> None:
+    """private_key_jwt authenticates; after a 503 the retry carries a new jti the server accepts."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    server = AuthorizationServer()
+    server.add_client("jwt-client", None, auth_method="private_key_jwt", public_key=public)
+    with server:
+        server.inject(Fault(status=503, body=""))
+        provider = {
+            "grant": "client_credentials",
+            "token_url": server.token_url,
+            "client_id": "jwt-client",
+            "client_auth": "private_key_jwt",
+            "private_key": pem,
+        }
+        token = make_broker({"jwt": provider}).get_token("jwt")
+        assertions = [r.form.get("client_assertion") for r in server.requests]
+    assert token.access_token
+    assert len(assertions) == 2
+    assert assertions[0] != assertions[1]
+
+
+def test_basic_auth_with_special_characters(make_broker: BrokerFactory) -> None:
+    """Client ids and secrets with ':', '%', '+', spaces and 'é' authenticate via Basic (RFC 6749 §2.3.1)."""
+    server = AuthorizationServer()
+    server.add_client("id:with%+ é", "sec:ret%+ é", scopes=["read"])
+    with server:
+        provider = {
+            "grant": "client_credentials",
+            "token_url": server.token_url,
+            "client_id": "id:with%+ é",
+            "client_secret": "sec:ret%+ é",
+        }
+        assert make_broker({"svc": provider}).get_token("svc").access_token
+
+
+def test_async_errors_match_sync(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """The async driver classifies and retries like the sync one (500 ×3 → unavailable, 3 requests)."""
+    auth_server.inject(Fault(status=500, body=""), times=None)
+    broker = make_broker()
+    with pytest.raises(ProviderUnavailableError):
+        asyncio.run(broker.aget_token("svc"))
+    assert auth_server.count("client_credentials") == 3
