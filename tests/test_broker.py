@@ -8,9 +8,9 @@ import threading
 import time
 
 import pytest
+
 from conftest import BrokerFactory
 from support import client_credentials, login, refresh_token
-
 from tokenbroker import (
     ClientAuthenticationError,
     InvalidTokenError,

@@ -107,7 +107,8 @@ def run_demo(
             broker.subscribe(on_event)
             echo(f"tokenbroker dev: authorization server on {server.url}")
             for provider in sorted(settings.providers):
-                for account in broker.accounts(provider) or [None]:
+                accounts: list[str | None] = [*broker.accounts(provider)] or [None]
+                for account in accounts:
                     token = broker.get_token(provider, account=account)
                     who = f" ({account})" if account else ""
                     status = httpx.get(

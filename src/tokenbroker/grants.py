@@ -56,6 +56,30 @@ __all__ = [
 
 _TOKEN_VALUE = re.compile(r"[\x21-\x7e]{1,16384}\Z")
 _ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}\Z")
+#: Error codes shown in messages; any other code may be provider junk (or a token) and is hidden.
+KNOWN_ERROR_CODES = frozenset(
+    {
+        "access_denied",
+        "consent_required",
+        "expired_token",
+        "insufficient_scope",
+        "interaction_required",
+        "invalid_client",
+        "invalid_dpop_proof",
+        "invalid_grant",
+        "invalid_request",
+        "invalid_scope",
+        "invalid_target",
+        "invalid_token",
+        "login_required",
+        "server_error",
+        "slow_down",
+        "temporarily_unavailable",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "use_dpop_nonce",
+    }
+)
 _MAX_LIFETIME = 366 * 86400.0
 _FORM = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
 
@@ -245,10 +269,11 @@ class _OAuthGrant:
         status = reply.status_code
         raw_code = body.get("error") if body else None
         code = raw_code if isinstance(raw_code, str) and _ERROR_CODE.match(raw_code) else None
+        shown = code if code in KNOWN_ERROR_CODES or code in self._reauth else None
         where = f"{self.provider}: token endpoint answered {status}" + (
-            f" ({code})" if code else ""
+            f" ({shown})" if shown else ""
         )
-        kw: dict[str, Any] = {"provider": self.provider, "status_code": status, "error_code": code}
+        kw: dict[str, Any] = {"provider": self.provider, "status_code": status, "error_code": shown}
         if status == 429 or status >= 500:
             return ProviderUnavailableError(where, retry_after=retry_after(reply.headers), **kw)
         if self._is_reauthorization(status, code):
@@ -259,6 +284,10 @@ class _OAuthGrant:
 
     def _is_reauthorization(self, status: int, code: str | None) -> bool:
         return False
+
+    @property
+    def _reauth(self) -> frozenset[str]:
+        return frozenset()
 
 
 class ClientCredentialsGrant(_OAuthGrant):
@@ -311,7 +340,7 @@ class RefreshTokenGrant(_OAuthGrant):
     ) -> None:
         super().__init__(provider, settings)
         self.refresh_token = refresh_token
-        self._reauth = set(settings.reauthorization_errors)
+        self._reauth_codes = frozenset(settings.reauthorization_errors)
 
     def build_request(self) -> httpx.Request:
         """A new refresh request with the current refresh token.
@@ -324,8 +353,12 @@ class RefreshTokenGrant(_OAuthGrant):
             form["scope"] = " ".join(self.settings.scopes)
         return self._request(form)
 
+    @property
+    def _reauth(self) -> frozenset[str]:
+        return self._reauth_codes
+
     def _is_reauthorization(self, status: int, code: str | None) -> bool:
-        return code in self._reauth and status in (400, 401, 403)
+        return code in self._reauth_codes and status in (400, 401, 403)
 
 
 class LoginGrant:

@@ -6,9 +6,7 @@
 * ``ClientCredentialsGrant`` (RFC 6749 §4.4) and ``RefreshTokenGrant`` (RFC 6749 §6),
   subclassed to apply the store's rotation policy;
 * ``BearerTokenGenerator`` (RFC 6750) issuing ``secrets.token_urlsafe`` tokens;
-* client authentication: ``client_secret_basic`` (replaced, see
-  :func:`decode_client_secret_basic`), authlib's ``client_secret_post`` and ``none``, and
-  ``private_key_jwt`` (RFC 7523 §2.2) through ``JWTBearerClientAssertion``;
+* the client authentication methods of :mod:`~tokenbroker.testing.clientauth`;
 * a ``ResourceProtector`` with a ``BearerTokenValidator`` for the protected resource.
 
 It translates :class:`~tokenbroker.testing.messages.Request` into authlib's request
@@ -18,20 +16,16 @@ objects and authlib's ``(status, body, headers)`` triples into
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import secrets
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
-from urllib.parse import unquote_plus
 
 from authlib.oauth2 import AuthorizationServer as _AuthlibServer
 from authlib.oauth2.base import OAuth2Error
 from authlib.oauth2.rfc6749 import (
     ClientCredentialsGrant,
-    InvalidClientError,
     InvalidGrantError,
     JsonPayload,
     JsonRequest,
@@ -41,35 +35,21 @@ from authlib.oauth2.rfc6749 import (
     ResourceProtector,
 )
 from authlib.oauth2.rfc6750 import BearerTokenGenerator, BearerTokenValidator, InvalidTokenError
-from authlib.oauth2.rfc7523 import JWTBearerClientAssertion
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from joserfc import jwk
 
+from tokenbroker.testing.clientauth import (
+    TOKEN_AUTH_METHODS,
+    PrivateKeyJWT,
+    authenticate_client_secret_basic,
+)
 from tokenbroker.testing.messages import Reply, Request
 from tokenbroker.testing.store import RefreshOutcome, TokenStore
 
-__all__ = [
-    "TOKEN_AUTH_METHODS",
-    "LoginRequiredError",
-    "OAuth2Server",
-    "PublicKey",
-    "ReuseError",
-    "decode_client_secret_basic",
-    "load_public_key",
-]
+__all__ = ["LoginRequiredError", "OAuth2Server", "ReuseError"]
 
 log = logging.getLogger("tokenbroker.testing")
 
-#: Client authentication methods the token endpoint accepts (RFC 7591 §2).
-TOKEN_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
-
 #: The error answered for a reused, revoked or unknown refresh token.
 ReuseError = Literal["invalid_grant", "login_required"]
-
-#: A ``private_key_jwt`` verification key: PEM text/bytes, a JWK dict or a key object.
-PublicKey = str | bytes | Mapping[str, Any] | PublicKeyTypes
 
 
 class LoginRequiredError(OAuth2Error):  # type: ignore[misc]
@@ -78,106 +58,6 @@ class LoginRequiredError(OAuth2Error):  # type: ignore[misc]
     error = "login_required"
     description = "The refresh token is no longer valid; the user must log in again."
     status_code = 401
-
-
-def decode_client_secret_basic(header: str | None) -> tuple[str, str] | None:
-    """Decode ``client_secret_basic`` credentials per RFC 6749 §2.3.1.
-
-    The client id and secret are each ``application/x-www-form-urlencoded`` (Appendix B)
-    before being joined by ``:`` and base64-encoded. authlib 1.9.6 decodes them with
-    ``unquote`` instead of ``unquote_plus`` (a ``+`` for a space stays ``+``) and lets a
-    non-UTF-8 payload escape as ``UnicodeDecodeError``; this decoder does neither.
-
-    Args:
-        header: The ``Authorization`` header value, if any.
-
-    Returns:
-        ``(client_id, client_secret)``, or ``None`` when the header is absent, not Basic,
-        or malformed.
-    """
-    if not header:
-        return None
-    scheme, _, param = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return None
-    try:
-        decoded = base64.b64decode(param.strip(), validate=True).decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    client_id, colon, secret = decoded.partition(":")
-    if not colon:
-        return None
-    return unquote_plus(client_id), unquote_plus(secret)
-
-
-def _authenticate_client_secret_basic(query_client: Callable[[str], Any], request: Any) -> Any:
-    credentials = decode_client_secret_basic(request.headers.get("Authorization"))
-    if credentials is None or not credentials[0]:
-        return None
-    client_id, secret = credentials
-    client = query_client(client_id)
-    if client is None:
-        raise InvalidClientError(
-            status_code=401, description="The client does not exist on this server."
-        )
-    return client if client.check_client_secret(secret) else None
-
-
-def load_public_key(key: PublicKey) -> Any:
-    """Import a ``private_key_jwt`` verification key for authlib (a joserfc key).
-
-    Args:
-        key: A PEM public key (``str`` or ``bytes``), a JWK dict, or a ``cryptography``
-            public key object (RSA, EC, Ed25519 or Ed448).
-
-    Returns:
-        The joserfc key.
-
-    Raises:
-        ValueError: The key cannot be loaded or its type is unsupported.
-    """
-    if isinstance(key, Mapping):
-        return jwk.import_key(dict(key))
-    if isinstance(key, str | bytes):
-        pem = key.encode("ascii") if isinstance(key, str) else key
-        loaded = serialization.load_pem_public_key(pem)
-    else:
-        loaded = key
-        pem = key.public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-    kty: Literal["RSA", "EC", "OKP"]
-    if isinstance(loaded, rsa.RSAPublicKey):
-        kty = "RSA"
-    elif isinstance(loaded, ec.EllipticCurvePublicKey):
-        kty = "EC"
-    elif isinstance(loaded, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
-        kty = "OKP"
-    else:
-        raise ValueError(f"unsupported public key type: {type(loaded).__name__}")
-    return jwk.import_key(pem, kty)
-
-
-class _PrivateKeyJWT(JWTBearerClientAssertion):  # type: ignore[misc]
-    """``private_key_jwt`` (RFC 7523 §2.2, §3): aud is the token URL, jti single-use."""
-
-    CLIENT_AUTH_METHOD = "private_key_jwt"
-
-    def __init__(self, store: TokenStore, token_url: Callable[[], str], leeway: int) -> None:
-        super().__init__(validate_jti=True, leeway=leeway)
-        self._store = store
-        self._token_url = token_url
-
-    def get_audiences(self) -> list[str]:
-        return [self._token_url()]
-
-    def validate_jti(self, claims: Mapping[str, Any], jti: Any) -> bool:
-        return self._store.remember_jti(str(claims["sub"]), str(jti))
-
-    def resolve_client_public_key(self, client: Any) -> Any:
-        if client.public_key is None:
-            raise InvalidClientError(description="The client has no registered public key.")
-        return client.public_key
 
 
 class _OAuth2Payload(OAuth2Payload):  # type: ignore[misc]
@@ -309,9 +189,9 @@ class OAuth2Server(_AuthlibServer):  # type: ignore[misc]
         self._expires_in = expires_in
         generator = BearerTokenGenerator(_random_token, _random_token, self._expires_for)
         self.register_token_generator("default", generator)
-        self.register_client_auth_method("client_secret_basic", _authenticate_client_secret_basic)
+        self.register_client_auth_method("client_secret_basic", authenticate_client_secret_basic)
         self.register_client_auth_method(
-            "private_key_jwt", _PrivateKeyJWT(store, token_url, jwt_leeway_seconds)
+            "private_key_jwt", PrivateKeyJWT(store, token_url, jwt_leeway_seconds)
         )
         self.register_grant(_ClientCredentialsGrant)
         self.register_grant(_RefreshTokenGrant)

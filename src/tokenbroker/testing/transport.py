@@ -9,6 +9,7 @@ connection without answering.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import socketserver
@@ -79,9 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes | None:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            self._write(Reply.json(411, {"error": "length_required"}))
-            return None
+            return self._read_chunked()
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -91,6 +90,26 @@ class _Handler(BaseHTTPRequestHandler):
             self._write(Reply.json(400 if length < 0 else 413, {"error": "invalid_request"}))
             return None
         return self.rfile.read(length) if length else b""
+
+    def _read_chunked(self) -> bytes | None:
+        """Read a chunked request body (RFC 9112 §7.1), capped at ``MAX_BODY_BYTES``."""
+        body = bytearray()
+        while True:
+            line = self.rfile.readline(1024)
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                size = -1
+            if size < 0 or len(body) + size > MAX_BODY_BYTES:
+                self.close_connection = True
+                self._write(Reply.json(400 if size < 0 else 413, {"error": "invalid_request"}))
+                return None
+            if size == 0:
+                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                    pass  # trailer fields
+                return bytes(body)
+            body += self.rfile.read(size)
+            self.rfile.readline(1024)
 
     def _write(self, reply: Reply) -> None:
         self.send_response(reply.status)
@@ -148,10 +167,8 @@ class _HTTPServer(ThreadingHTTPServer):
         with self._live_lock:
             live = list(self._live)
         for sock in live:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s failed", client_address, exc_info=True)

@@ -1,0 +1,26 @@
+"""A real OAuth 2.0 authorization server for tests, built from authlib's server parts.
+
+Install with the ``testing`` extra (``pip install tokenbroker[testing]``)::
+
+    from tokenbroker.testing import AuthorizationServer, Fault
+
+    server = AuthorizationServer(expires_in=3600, rotation="strict")
+    server.add_client("id", "secret", scopes=["read"])
+    with server:
+        ...  # point a client at server.token_url
+        assert server.count("client_credentials") == 1
+"""
+
+from tokenbroker.testing.authserver import AuthorizationServer
+from tokenbroker.testing.clientauth import decode_client_secret_basic
+from tokenbroker.testing.faults import Fault
+from tokenbroker.testing.messages import Headers
+from tokenbroker.testing.recording import RequestRecord
+
+__all__ = [
+    "AuthorizationServer",
+    "Fault",
+    "Headers",
+    "RequestRecord",
+    "decode_client_secret_basic",
+]

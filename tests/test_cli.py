@@ -1,0 +1,114 @@
+"""The command line: check, token, keygen and dev, through click's runner."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from support import client_credentials
+from tokenbroker.cli import main
+from tokenbroker.testing import AuthorizationServer
+
+CANARY = "CANARY_SECRET_5b0c1e"
+
+
+def write_config(tmp_path: Path, providers: dict[str, object]) -> Path:
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(yaml.safe_dump({"providers": providers}))
+    return path
+
+
+def test_check_ok(tmp_path: Path, auth_server: AuthorizationServer) -> None:
+    """A valid config passes check and lists its providers."""
+    path = write_config(tmp_path, {"svc": client_credentials(auth_server)})
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0
+    assert "1 providers: svc" in result.output
+
+
+def test_check_names_fields_and_variables_without_secrets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check exits 2, naming each bad field and the missing variable; no secret value is printed."""
+    monkeypatch.delenv("MISSING_SECRET_VAR", raising=False)
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(
+        "providers:\n"
+        "  a:\n"
+        "    grant: client_credentials\n"
+        "    token_url: http://idp.example/token\n"
+        f"    client_id: {CANARY}-id\n"
+        f"    client_secret: {CANARY}\n"
+        "    retries: many\n"
+        "  b:\n"
+        "    grant: client_credentials\n"
+        "    token_url: https://idp.example/token\n"
+        "    client_id: x\n"
+        "    client_secret: ${MISSING_SECRET_VAR}\n"
+    )
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "providers.a.token_url" in result.output
+    assert "providers.a.retries" in result.output
+    assert "providers.b.client_secret: environment variable MISSING_SECRET_VAR is not set" in (
+        result.output
+    )
+    assert CANARY not in result.output
+
+
+def test_check_uses_tokenbroker_config_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, auth_server: AuthorizationServer
+) -> None:
+    """Without --config, TOKENBROKER_CONFIG names the file."""
+    path = write_config(tmp_path, {"svc": client_credentials(auth_server)})
+    monkeypatch.setenv("TOKENBROKER_CONFIG", str(path))
+    result = CliRunner().invoke(main, ["check"])
+    assert result.exit_code == 0, result.output
+
+
+def test_token_prints_only_the_access_token(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """token PROVIDER prints exactly the access token the server issued."""
+    path = write_config(tmp_path, {"svc": client_credentials(auth_server)})
+    result = CliRunner().invoke(main, ["token", "svc", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == auth_server.issued_access_tokens[-1]
+
+
+def test_token_errors_exit_nonzero(tmp_path: Path, auth_server: AuthorizationServer) -> None:
+    """An unknown provider exits 3 and a rejected client exits 4, each with a message on stderr."""
+    path = write_config(tmp_path, {"svc": client_credentials(auth_server, client_secret="wrong")})
+    runner = CliRunner()
+    unknown = runner.invoke(main, ["token", "nope", "--config", str(path)])
+    assert unknown.exit_code == 3
+    rejected = runner.invoke(main, ["token", "svc", "--config", str(path)])
+    assert rejected.exit_code == 4
+    assert "error:" in rejected.output
+
+
+def test_keygen_prints_32_random_bytes() -> None:
+    """keygen prints a URL-safe base64 key of 32 bytes, different each time."""
+    runner = CliRunner()
+    first = runner.invoke(main, ["keygen"]).output.strip()
+    second = runner.invoke(main, ["keygen"]).output.strip()
+    assert len(base64.urlsafe_b64decode(first)) == 32
+    assert first != second
+
+
+def test_dev_demo_prints_tokens_and_background_refreshes() -> None:
+    """dev prints a token per demo provider, a 200 from the demo resource, and refresh lines."""
+    result = CliRunner().invoke(main, ["dev", "--duration", "4", "--lifetime", "3"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    token_lines = [line for line in lines if "demo resource says 200" in line]
+    assert len(token_lines) == 4
+    assert any("refreshed demo-api" in line for line in lines)
+    refresh_lines = [line for line in lines if "refreshed" in line]
+    for line in token_lines:
+        token = line.split()[2]
+        assert all(token not in r for r in refresh_lines)
