@@ -81,6 +81,7 @@ KNOWN_ERROR_CODES = frozenset(
     }
 )
 _MAX_LIFETIME = 366 * 86400.0
+_MAX_RETRY_AFTER = 86400.0
 _FORM = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
 
 
@@ -445,19 +446,19 @@ def retry_after(headers: httpx.Headers) -> float | None:
         headers: Response headers.
 
     Returns:
-        Non-negative seconds, or None when absent or unparseable.
+        Seconds between 0 and one day, or None when absent or unparseable.
     """
     value = headers.get("retry-after")
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if re.fullmatch(r"[0-9]{1,12}", value):
+        return min(float(value), _MAX_RETRY_AFTER)
     try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+        when = parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(0.0, when.timestamp() - time.time())
+    return min(max(0.0, when - time.time()), _MAX_RETRY_AFTER)
 
 
 def _json_object(reply: Reply) -> dict[str, Any] | None:
@@ -476,7 +477,9 @@ def _lifetime(value: object, default: float) -> float:
             value = float(value.strip())
         except ValueError:
             return default
-    if not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, int):  # may exceed float range
+        return float(min(max(value, 1), int(_MAX_LIFETIME)))
+    if not isinstance(value, float) or not math.isfinite(value):
         return default
     return min(max(float(value), 1.0), _MAX_LIFETIME)
 
