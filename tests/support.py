@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from tokenbroker.testing import AuthorizationServer
@@ -45,3 +47,23 @@ def login(server: AuthorizationServer, **overrides: Any) -> dict[str, Any]:
         ],
         **overrides,
     }
+
+
+def stampede(count: int, call: Callable[[], object]) -> list[object]:
+    """Release ``count`` threads at once (a barrier) on ``call``; return each result or exception."""
+    results: list[object] = [None] * count
+    barrier = threading.Barrier(count)
+
+    def worker(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = call()
+        except Exception as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results

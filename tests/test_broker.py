@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import BrokerFactory
-from support import client_credentials, login, refresh_token
+from support import client_credentials, login, refresh_token, stampede
 from tokenbroker import (
     ClientAuthenticationError,
     InvalidTokenError,
@@ -22,26 +22,6 @@ from tokenbroker import (
     UnknownProviderError,
 )
 from tokenbroker.testing import AuthorizationServer, Fault
-
-
-def stampede(count: int, call: object) -> list[object]:
-    """Release `count` threads at once on `call`; return each result or exception."""
-    results: list[object] = [None] * count
-    barrier = threading.Barrier(count)
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = call()  # type: ignore[operator]
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
 
 
 def test_thousand_threads_cold_key_one_token_request(

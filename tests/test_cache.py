@@ -8,6 +8,7 @@ from collections.abc import Hashable
 
 import pytest
 
+from support import stampede
 from tokenbroker import (
     ManualClock,
     ProviderUnavailableError,
@@ -77,25 +78,6 @@ def make(
     return TokenCache(fetcher, clock=clock), fetcher, clock
 
 
-def run_threads(count: int, target: object) -> list[object]:
-    results: list[object] = [None] * count
-    barrier = threading.Barrier(count)
-
-    def worker(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = target()  # type: ignore[operator]
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    return results
-
-
 def held_stampede(cache: TokenCache[str], fetcher: ScriptedFetcher, count: int) -> list[object]:
     """Run `count` threads on one key while the single fetch is held open until all have started."""
     fetcher.gate.clear()
@@ -110,7 +92,7 @@ def held_stampede(cache: TokenCache[str], fetcher: ScriptedFetcher, count: int) 
         target=lambda: [started.acquire() for _ in range(count)] and fetcher.gate.set()
     )
     releaser.start()
-    results = run_threads(count, call)
+    results = stampede(count, call)
     releaser.join(10)
     return results
 
@@ -290,7 +272,7 @@ def test_compare_and_invalidate_with_fifty_callers_refreshes_once() -> None:
         cache.invalidate("k", rejected)
         return cache.get("k").access_token
 
-    results = run_threads(50, report)
+    results = stampede(50, report)
     assert fetcher.calls == 2
     assert set(results) == {"token-2"}
     assert cache.invalidate("k", rejected) is False

@@ -7,13 +7,14 @@ flows are drivers that only differ in how they get a token (STYLE 4).
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator
+from dataclasses import dataclass
 from typing import Protocol
 
 import httpx
 
 from .token import Token
 
-__all__ = ["BrokerAuth", "TokenSource", "is_replayable"]
+__all__ = ["BrokerAuth", "TokenSource", "TokenTarget", "is_replayable"]
 
 
 class TokenSource(Protocol):
@@ -40,6 +41,38 @@ class TokenSource(Protocol):
         """Drop ``access_token`` if it is still the current one."""
 
 
+@dataclass(frozen=True, slots=True)
+class TokenTarget:
+    """One provider key of a token source: what an auth adapter asks for.
+
+    Attributes:
+        source: Where tokens come from.
+        provider: The provider name.
+        scope: Optional scope.
+        account: Optional account (login providers).
+    """
+
+    source: TokenSource
+    provider: str
+    scope: str | None = None
+    account: str | None = None
+
+    def get(self) -> Token:
+        """A valid token (blocking)."""
+        return self.source.get_token(self.provider, self.scope, account=self.account)
+
+    async def aget(self) -> Token:
+        """A valid token (async)."""
+        return await self.source.aget_token(self.provider, self.scope, account=self.account)
+
+    def invalidate(self, access_token: str) -> bool:
+        """Report ``access_token`` rejected (compare-and-invalidate)."""
+        return self.source.invalidate(self.provider, access_token, self.scope, account=self.account)
+
+    def __repr__(self) -> str:
+        return f"TokenTarget(provider={self.provider!r}, scope={self.scope!r})"
+
+
 class _NeedToken:
     """Sentinel yielded by the shared flow when it needs a (fresh) token."""
 
@@ -63,27 +96,14 @@ class BrokerAuth(httpx.Auth):
     """Bearer auth from a :class:`TokenSource`, usable by sync and async httpx clients.
 
     Args:
-        source: Where tokens come from.
-        provider: The provider name.
-        scope: Optional scope.
-        account: Optional account (login providers).
+        target: The provider key to get tokens for.
     """
 
-    def __init__(
-        self,
-        source: TokenSource,
-        provider: str,
-        scope: str | None = None,
-        *,
-        account: str | None = None,
-    ) -> None:
-        self._source = source
-        self._provider = provider
-        self._scope = scope
-        self._account = account
+    def __init__(self, target: TokenTarget) -> None:
+        self.target = target
 
     def __repr__(self) -> str:
-        return f"BrokerAuth(provider={self._provider!r}, scope={self._scope!r})"
+        return f"BrokerAuth({self.target!r})"
 
     def _flow(
         self, request: httpx.Request
@@ -95,9 +115,7 @@ class BrokerAuth(httpx.Auth):
         assert isinstance(response, httpx.Response)
         if response.status_code != 401 or not is_replayable(request):
             return
-        self._source.invalidate(
-            self._provider, token.access_token, self._scope, account=self._account
-        )
+        self.target.invalidate(token.access_token)
         fresh = yield _NEED
         assert isinstance(fresh, Token)
         request.headers["Authorization"] = fresh.authorization
@@ -113,9 +131,7 @@ class BrokerAuth(httpx.Auth):
             while True:
                 item = flow.send(value)  # type: ignore[arg-type]
                 if isinstance(item, _NeedToken):
-                    value = self._source.get_token(
-                        self._provider, self._scope, account=self._account
-                    )
+                    value = self.target.get()
                 else:
                     value = yield item
         except StopIteration:
@@ -131,9 +147,7 @@ class BrokerAuth(httpx.Auth):
             while True:
                 item = flow.send(value)  # type: ignore[arg-type]
                 if isinstance(item, _NeedToken):
-                    value = await self._source.aget_token(
-                        self._provider, self._scope, account=self._account
-                    )
+                    value = await self.target.aget()
                 else:
                     value = yield item
         except StopIteration:

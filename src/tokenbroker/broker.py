@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
 
 import httpx
 
-from .auth import BrokerAuth
+from .auth import BrokerAuth, TokenTarget
 from .cache import SlotState, Timing, TokenCache
 from .clock import Clock
 from .config import (
@@ -202,8 +202,7 @@ class Broker:
         Returns:
             The auth object.
         """
-        self._resolve((provider, scope, account))
-        return BrokerAuth(self, provider, scope, account=account)
+        return BrokerAuth(self._target(provider, scope, account))
 
     def requests_auth(
         self, provider: str, scope: str | None = None, *, account: str | None = None
@@ -220,8 +219,7 @@ class Broker:
         """
         from .requests_auth import RequestsBrokerAuth  # noqa: PLC0415 - requests is optional
 
-        self._resolve((provider, scope, account))
-        return RequestsBrokerAuth(self, provider, scope, account=account)
+        return RequestsBrokerAuth(self._target(provider, scope, account))
 
     def subscribe(self, subscriber: Callable[[Event], None]) -> Callable[[], None]:
         """Receive every :class:`~tokenbroker.events.Event`; returns an unsubscribe function."""
@@ -306,6 +304,10 @@ class Broker:
         return response
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _target(self, provider: str, scope: str | None, account: str | None) -> TokenTarget:
+        self._resolve((provider, scope, account))  # unknown names fail now, not at first use
+        return TokenTarget(self, provider, scope, account)
 
     def _provider(self, name: str) -> Provider:
         try:

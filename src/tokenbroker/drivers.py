@@ -159,20 +159,35 @@ def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> TokenResponse
             return result
 
 
+class _Body:
+    """Collects a reply body, refusing it past the size cap or the attempt's deadline."""
+
+    def __init__(self, request: httpx.Request, max_bytes: int) -> None:
+        self._provider = _provider(request)
+        self._deadline = request.extensions["tokenbroker.attempt_deadline"]
+        self._max_bytes = max_bytes
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._max_bytes:
+            raise _too_large(self._provider)
+        if time.monotonic() > self._deadline:
+            raise _slow(self._provider)
+        self._chunks.append(chunk)
+
+    def reply(self, response: httpx.Response) -> Reply:
+        return Reply(response.status_code, response.headers, b"".join(self._chunks))
+
+
 def _read_sync(client: httpx.Client, request: httpx.Request, max_bytes: int) -> Reply:
-    deadline = request.extensions["tokenbroker.attempt_deadline"]
-    provider = _provider(request)
+    body = _Body(request, max_bytes)
     response = client.send(request, stream=True)
     try:
-        chunks, size = [], 0
         for chunk in response.iter_bytes():
-            size += len(chunk)
-            if size > max_bytes:
-                raise _too_large(provider)
-            if time.monotonic() > deadline:
-                raise _slow(provider)
-            chunks.append(chunk)
-        return Reply(response.status_code, response.headers, b"".join(chunks))
+            body.add(chunk)
+        return body.reply(response)
     finally:
         response.close()
 
@@ -210,15 +225,12 @@ async def send_async(client: httpx.AsyncClient, flow: Flow, max_bytes: int) -> T
 
 
 async def _read_async(client: httpx.AsyncClient, request: httpx.Request, max_bytes: int) -> Reply:
+    body = _Body(request, max_bytes)
     response = await client.send(request, stream=True)
     try:
-        chunks, size = [], 0
         async for chunk in response.aiter_bytes():
-            size += len(chunk)
-            if size > max_bytes:
-                raise _too_large(_provider(request))
-            chunks.append(chunk)
-        return Reply(response.status_code, response.headers, b"".join(chunks))
+            body.add(chunk)
+        return body.reply(response)
     finally:
         await response.aclose()
 

@@ -10,40 +10,27 @@ from typing import Any
 import requests
 from requests.auth import AuthBase
 
-from .auth import TokenSource
+from .auth import TokenTarget
 
 __all__ = ["RequestsBrokerAuth"]
 
 
 class RequestsBrokerAuth(AuthBase):
-    """Bearer auth for ``requests`` from a :class:`~tokenbroker.auth.TokenSource`.
+    """Bearer auth for ``requests`` from a :class:`~tokenbroker.auth.TokenTarget`.
 
     Args:
-        source: Where tokens come from.
-        provider: The provider name.
-        scope: Optional scope.
-        account: Optional account (login providers).
+        target: The provider key to get tokens for.
     """
 
-    def __init__(
-        self,
-        source: TokenSource,
-        provider: str,
-        scope: str | None = None,
-        *,
-        account: str | None = None,
-    ) -> None:
-        self._source = source
-        self._provider = provider
-        self._scope = scope
-        self._account = account
+    def __init__(self, target: TokenTarget) -> None:
+        self.target = target
 
     def __repr__(self) -> str:
-        return f"RequestsBrokerAuth(provider={self._provider!r}, scope={self._scope!r})"
+        return f"RequestsBrokerAuth({self.target!r})"
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         """Attach the current token and a hook that handles one 401."""
-        token = self._source.get_token(self._provider, self._scope, account=self._account)
+        token = self.target.get()
         request.headers["Authorization"] = token.authorization
         request.register_hook("response", self._on_response)  # type: ignore[no-untyped-call]
         return request
@@ -54,8 +41,8 @@ class RequestsBrokerAuth(AuthBase):
         if response.status_code != 401 or not (body is None or isinstance(body, bytes | str)):
             return response
         sent = str(request.headers.get("Authorization", "")).partition(" ")[2]
-        self._source.invalidate(self._provider, sent, self._scope, account=self._account)
-        token = self._source.get_token(self._provider, self._scope, account=self._account)
+        self.target.invalidate(sent)
+        token = self.target.get()
         response.content  # noqa: B018 - drain the body so the connection can be reused
         response.close()
         retry = request.copy()
