@@ -426,3 +426,22 @@ def test_async_errors_match_sync(
     with pytest.raises(ProviderUnavailableError):
         asyncio.run(broker.aget_token("svc"))
     assert auth_server.count("client_credentials") == 3
+
+
+def test_aclose_waits_for_async_background_refresh(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """An async refresh-ahead runs in a background task that `async with broker` waits for."""
+    clock = ManualClock()
+    broker = make_broker(clock=clock)
+
+    async def main() -> tuple[str, str]:
+        async with broker:
+            first = (await broker.aget_token("svc")).access_token
+            clock.advance(3000)  # past 80% of 3600 s, before the skew window
+            served = (await broker.aget_token("svc")).access_token
+        return first, served
+
+    first, served = asyncio.run(main())
+    assert first == served
+    assert auth_server.count("client_credentials") == 2
