@@ -445,3 +445,31 @@ def test_aclose_waits_for_async_background_refresh(
     first, served = asyncio.run(main())
     assert first == served
     assert auth_server.count("client_credentials") == 2
+
+
+def test_strict_single_use_refresh_token_is_presented_at_most_twice(
+    make_broker: BrokerFactory,
+) -> None:
+    """Replies that may have rotated the token (500s) allow one resend only, whatever `retries` says."""
+    server = AuthorizationServer()
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        server.inject(Fault(status=500, body=""), times=None)
+        broker = make_broker({"rt": refresh_token(server, seed)}, defaults={"retries": 5})
+        with pytest.raises(ProviderUnavailableError):
+            broker.get_token("rt")
+        assert server.presented_refresh_tokens == [seed, seed]
+
+
+def test_not_processed_replies_do_not_count_as_resends(make_broker: BrokerFactory) -> None:
+    """429 and 503 + Retry-After mean 'not processed': retried up to `retries`, then success."""
+    server = AuthorizationServer()
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        server.inject(Fault(status=429, body="", headers={"Retry-After": "0"}), times=2)
+        server.inject(Fault(status=503, body="", headers={"Retry-After": "0"}), times=1)
+        broker = make_broker({"rt": refresh_token(server, seed)}, defaults={"retries": 3})
+        assert broker.get_token("rt").access_token
+        assert server.count("refresh_token") == 4

@@ -367,6 +367,7 @@ class Broker:
             deadline=_pick(settings.deadline_seconds, defaults.deadline_seconds),
             backoff=_pick(settings.backoff_seconds, defaults.backoff_seconds),
             max_response_bytes=defaults.max_response_bytes,
+            max_resends=_max_resends(settings),
         )
         grant: Grant
         if isinstance(settings, ClientCredentialsProvider):
@@ -391,6 +392,12 @@ class Broker:
 
 def _pick(value: _T | None, default: _T) -> _T:
     return default if value is None else value
+
+
+def _max_resends(settings: Provider) -> int | None:
+    rotation = getattr(settings, "rotation", None)
+    strict = rotation is not None and rotation.single_use and not rotation.reuse_grace_seconds
+    return 1 if strict else None
 
 
 def _joined(scope: Iterable[str]) -> str:

@@ -19,9 +19,18 @@ from urllib.parse import urlsplit
 
 import yaml
 from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, ConfigProblem
 from .secret import Secret
@@ -42,7 +51,9 @@ __all__ = [
 ]
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
+_ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+_MAX_DEPTH = 50
+_MAX_NODES = 100_000
 ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 
 
@@ -126,12 +137,28 @@ class _OAuthProvider(_ProviderBase):
             raise ValueError("client_auth private_key_jwt needs private_key (PEM)")
         if self.private_key:
             try:
-                load_pem_private_key(self.private_key.reveal().encode(), None)
+                key = load_pem_private_key(self.private_key.reveal().encode(), None)
             except (ValueError, TypeError, UnsupportedAlgorithm):
                 raise ValueError(
                     "private_key is not an unencrypted PEM private key (RSA, EC or Ed25519)"
                 ) from None
+            algs = _signing_algs(key)
+            if not algs:
+                raise ValueError("private_key must be RSA (2048+ bits), EC P-256 or Ed25519")
+            if self.signing_alg is not None and self.signing_alg not in algs:
+                raise ValueError(f"signing_alg {self.signing_alg} does not fit private_key")
         return self
+
+
+def _signing_algs(key: object) -> tuple[str, ...]:
+    """The JWS algorithms private_key_jwt can sign with ``key`` (RFC 7518 §3)."""
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size >= 2048:
+        return ("RS256", "PS256")
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
+        return ("ES256",)
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return ("EdDSA",)
+    return ()
 
 
 class ClientCredentialsProvider(_OAuthProvider):
@@ -219,22 +246,14 @@ class Settings(_Frozen):
     """The whole validated configuration (DESIGN §3.1)."""
 
     store: str = "memory"
-    redis: str | None = None
+    redis: Secret | None = None
     encryption_keys: tuple[Secret, ...] = ()
     defaults: Defaults = Defaults()
-    providers: dict[str, Provider] = Field(default_factory=dict)
+    providers: dict[_ProviderName, Provider] = Field(default_factory=dict)
     consumers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     server: dict[str, Any] = Field(default_factory=dict)
     proxy: dict[str, Any] = Field(default_factory=dict)
     telemetry: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("providers")
-    @classmethod
-    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
-        for name in value:
-            if not _NAME.match(name):
-                raise ValueError("provider names are 1-64 of a-z, 0-9, '_' and '-'")
-        return value
 
 
 def default_config_path() -> Path:
@@ -266,6 +285,10 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([ConfigProblem("", f"cannot read {file}: {exc.strerror}")]) from exc
+    except ValueError as exc:  # UnicodeDecodeError, or a NUL byte in the path
+        raise ConfigError(
+            [ConfigProblem("", f"cannot read {file}: invalid path or not UTF-8 text")]
+        ) from exc
     env: dict[str, str] = {}
     dotenv = file.parent / ".env"
     if dotenv.is_file():
@@ -290,7 +313,7 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
     """
     try:
         raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, RecursionError) as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError([ConfigProblem("", f"not valid YAML{where}")]) from None
@@ -298,6 +321,9 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([ConfigProblem("", "the document must be a mapping")])
+    too_big = _too_big(raw)
+    if too_big:
+        raise ConfigError([ConfigProblem("", f"the document {too_big}")])
     problems: list[ConfigProblem] = []
     data = _interpolate(raw, env, (), problems)
     _read_credential_files(data, base_dir, problems)
@@ -307,12 +333,34 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
         blocked = {p.path for p in problems}
         for error in exc.errors(include_input=False, include_url=False):
             path = _path(error["loc"])
-            if not any(path == b or path.startswith(b + ".") for b in blocked):
+            if not any(_related(path, b) for b in blocked):
                 problems.append(ConfigProblem(path, _message(error)))
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _too_big(node: Any) -> str | None:
+    """Why ``node`` is unsafe to walk (deep nesting, alias loops, alias bombs), or None."""
+    stack, count = [(node, 0)], 0
+    while stack:
+        item, depth = stack.pop()
+        count += 1
+        if depth > _MAX_DEPTH:
+            return "nests too deeply (or a YAML alias refers to itself)"
+        if count > _MAX_NODES:
+            return "is too large once YAML aliases are expanded"
+        if isinstance(item, dict):
+            stack.extend((value, depth + 1) for value in item.values())
+        elif isinstance(item, list):
+            stack.extend((value, depth + 1) for value in item)
+    return None
+
+
+def _related(path: str, blocked: str) -> bool:
+    """A missing variable explains errors at its field, below it and at the models above it."""
+    return path == blocked or path.startswith(blocked + ".") or blocked.startswith(path + ".")
 
 
 def _interpolate(
@@ -352,12 +400,20 @@ def _read_credential_files(data: dict[str, Any], base: Path, problems: list[Conf
         where = f"providers.{name}.credentials_file"
         file = Path(str(provider.pop("credentials_file")))
         file = file if file.is_absolute() else base / file
+        inline = provider.get("credentials")
+        if inline is not None and not isinstance(inline, list):
+            continue  # pydantic reports the wrong type at providers.<name>.credentials
         try:
             lines = file.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
             problems.append(ConfigProblem(where, f"cannot read {file}: {exc.strerror}"))
             continue
-        accounts = list(provider.get("credentials") or [])
+        except ValueError:  # UnicodeDecodeError, or a NUL byte in the path
+            problems.append(
+                ConfigProblem(where, f"cannot read {file}: invalid path or not UTF-8 text")
+            )
+            continue
+        accounts = list(inline or [])
         for number, line in enumerate(lines, 1):
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
@@ -383,7 +439,7 @@ def _path(loc: tuple[int | str, ...]) -> str:
         )
     ):
         del parts[2]
-    return ".".join(p for p in parts if not p.startswith("function-"))
+    return ".".join(p for p in parts if not p.startswith("function-") and p != "[key]")
 
 
 def _message(error: Any) -> str:
@@ -396,5 +452,7 @@ def _message(error: Any) -> str:
         return "grant must be one of client_credentials, refresh_token, login"
     if kind == "union_tag_not_found":
         return "grant is required (client_credentials, refresh_token or login)"
+    if error["loc"][:1] == ("providers",) and error["loc"][-1:] == ("[key]",):
+        return "is not a valid provider name (1-64 of a-z, 0-9, '_' and '-')"
     message = str(error["msg"])
     return message.removeprefix("Value error, ")

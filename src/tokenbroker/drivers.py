@@ -37,6 +37,9 @@ class RetryPolicy:
         deadline: Seconds for the whole exchange, sleeps included.
         backoff: Base of the exponential backoff (full jitter), in seconds.
         max_response_bytes: Replies larger than this (after decompression) are refused.
+        max_resends: How many retries may follow a failure the provider may have processed
+            (``sent``); 1 for single-use refresh tokens without a reuse grace, so one is
+            presented at most twice (refresh protocol, step 7). None: only ``retries`` limits.
     """
 
     retries: int = 2
@@ -44,6 +47,7 @@ class RetryPolicy:
     deadline: float = 30.0
     backoff: float = 0.5
     max_response_bytes: int = 1 << 20
+    max_resends: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +78,7 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
     jitter = rng or random.Random()  # noqa: S311 - jitter, not security
     started = time.monotonic()
     give_up_at = started + policy.deadline
-    attempt = 0
+    attempt = resends = 0
     while True:
         attempt += 1
         request = grant.build_request()
@@ -99,6 +103,10 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
         except ProviderError as error:
             if not error.retryable or attempt > policy.retries:
                 raise
+            if getattr(error, "sent", False):
+                resends += 1
+                if policy.max_resends is not None and resends > policy.max_resends:
+                    raise
             cap = min(_MAX_BACKOFF, policy.backoff * 2 ** (attempt - 1))
             delay = jitter.uniform(0, cap)
             told = getattr(error, "retry_after", None)

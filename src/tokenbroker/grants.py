@@ -82,7 +82,9 @@ KNOWN_ERROR_CODES = frozenset(
 )
 _MAX_LIFETIME = 366 * 86400.0
 _MAX_RETRY_AFTER = 86400.0
-_FORM = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+# identity: a compressed reply could inflate far past the size cap before it is checked.
+_ACCEPT = {"Accept": "application/json", "Accept-Encoding": "identity"}
+_FORM = {"Content-Type": "application/x-www-form-urlencoded", **_ACCEPT}
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,7 +278,7 @@ class _OAuthGrant:
         )
         kw: dict[str, Any] = {"provider": self.provider, "status_code": status, "error_code": shown}
         if status == 429 or status >= 500:
-            return ProviderUnavailableError(where, retry_after=retry_after(reply.headers), **kw)
+            return _unavailable(where, reply, kw)
         if self._is_reauthorization(status, code):
             return ReauthorizationRequiredError(where, **kw)
         if status in (401, 403) or code == "invalid_client":
@@ -390,7 +392,7 @@ class LoginGrant:
             "{username}": self.credential.username,
             "{password}": self.credential.password.reveal(),
         }
-        headers = {"Accept": "application/json"}
+        headers = dict(_ACCEPT)
         url = self.settings.login_url
         if template.json_body is not None:
             return httpx.Request(
@@ -418,7 +420,7 @@ class LoginGrant:
         kw: dict[str, Any] = {"provider": self.provider, "status_code": status}
         where = f"{self.provider}: login for account {self.credential.username!r} answered {status}"
         if status == 429 or status >= 500:
-            raise ProviderUnavailableError(where, retry_after=retry_after(reply.headers), **kw)
+            raise _unavailable(where, reply, kw)
         if status in (401, 403):
             raise ClientAuthenticationError(where, **kw)
         if not 200 <= status < 300:
@@ -459,6 +461,14 @@ def retry_after(headers: httpx.Headers) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return min(max(0.0, when - time.time()), _MAX_RETRY_AFTER)
+
+
+def _unavailable(where: str, reply: Reply, kw: dict[str, Any]) -> ProviderUnavailableError:
+    """A 429, or a 503 with ``Retry-After``, says the request was not processed; other 5xx may
+    have been (in doubt)."""
+    delay = retry_after(reply.headers)
+    processed = not (reply.status_code == 429 or (reply.status_code == 503 and delay is not None))
+    return ProviderUnavailableError(where, retry_after=delay, sent=processed, **kw)
 
 
 def _json_object(reply: Reply) -> dict[str, Any] | None:

@@ -77,5 +77,6 @@ class Secret:
         from_str = core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
         return core_schema.union_schema(
             [core_schema.is_instance_schema(cls), from_str],
+            custom_error_type="string_type",
             serialization=core_schema.plain_serializer_function_ser_schema(lambda _: REDACTED),
         )

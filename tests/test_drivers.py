@@ -1,0 +1,546 @@
+"""The retry policy and both drivers, with faults injected at the httpx transport boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import parse_qsl
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tokenbroker.config import ClientCredentialsProvider, RefreshTokenProvider
+from tokenbroker.drivers import RetryPolicy, Sleep, send_async, send_sync, token_flow
+from tokenbroker.errors import (
+    ClientAuthenticationError,
+    ProviderError,
+    ProviderMisconfiguredError,
+    ProviderUnavailableError,
+    ReauthorizationRequiredError,
+)
+from tokenbroker.grants import (
+    ClientCredentialsGrant,
+    Grant,
+    RefreshTokenGrant,
+    Reply,
+    TokenResponse,
+)
+from tokenbroker.secret import Secret
+
+TOKEN_URL = "https://idp.example.com/oauth2/token"
+RT_CANARY = "CANARY_RT_d00d1e55"
+URL_CANARY = "CANARY_URL_6a7b8c9d"
+FAST = RetryPolicy(retries=2, timeout=2.0, deadline=10.0, backoff=0.01, max_response_bytes=4096)
+MODES = pytest.mark.parametrize("mode", ["sync", "async"])
+
+Outcome = Callable[[httpx.Request], httpx.Response]
+
+
+def respond(status: int = 200, body: Any = None, headers: dict[str, str] | None = None) -> Outcome:
+    """An outcome answering ``status`` with a JSON (or raw bytes) body."""
+    if body is None and status == 200:
+        body = {"access_token": "at-1", "token_type": "Bearer", "expires_in": 3600}
+    content = body if isinstance(body, bytes) else json.dumps(body or {}).encode()
+
+    def outcome(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, headers=headers, content=content)
+
+    return outcome
+
+
+def fail(exc_type: type[httpx.TransportError], message: str = "failed") -> Outcome:
+    """An outcome where the transport raises ``exc_type`` (no reply at all)."""
+
+    def outcome(request: httpx.Request) -> httpx.Response:
+        raise exc_type(message, request=request)
+
+    return outcome
+
+
+class Script:
+    """A scripted token endpoint: attempt n gets outcomes[n] (the last repeats); records requests."""
+
+    def __init__(self, *outcomes: Outcome) -> None:
+        self.outcomes = outcomes
+        self.requests: list[httpx.Request] = []
+        self.times: list[float] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        self.times.append(time.monotonic())
+        return self.outcomes[min(len(self.requests), len(self.outcomes)) - 1](request)
+
+    async def handle_async(self, request: httpx.Request) -> httpx.Response:
+        """The same script as an async handler, for httpx.AsyncClient."""
+        return self(request)
+
+    @property
+    def attempts(self) -> int:
+        """How many requests reached the endpoint."""
+        return len(self.requests)
+
+
+def run(
+    mode: str,
+    script: Script,
+    grant: Grant,
+    policy: RetryPolicy = FAST,
+    handler: Any = None,
+) -> TokenResponse:
+    """Drive one token exchange through the sync or async driver against ``script``."""
+    flow = token_flow(grant, policy, random.Random(1234))
+    if mode == "sync":
+        with httpx.Client(transport=httpx.MockTransport(handler or script)) as client:
+            return send_sync(client, flow, policy.max_response_bytes)
+
+    async def main() -> TokenResponse:
+        transport = httpx.MockTransport(handler or script.handle_async)
+        async with httpx.AsyncClient(transport=transport) as client:
+            return await send_async(client, flow, policy.max_response_bytes)
+
+    return asyncio.run(main())
+
+
+def run_error(
+    mode: str, script: Script, grant: Grant, policy: RetryPolicy = FAST, handler: Any = None
+) -> ProviderError:
+    """Like :func:`run` but the exchange must fail; returns the error."""
+    with pytest.raises(ProviderError) as info:
+        run(mode, script, grant, policy, handler)
+    return info.value
+
+
+def cc_grant(**overrides: Any) -> ClientCredentialsGrant:
+    """A client-credentials grant for provider ``idp``."""
+    settings = ClientCredentialsProvider.model_validate(
+        {
+            "grant": "client_credentials",
+            "token_url": TOKEN_URL,
+            "client_id": "svc",
+            "client_secret": "svc-secret",
+            **overrides,
+        }
+    )
+    return ClientCredentialsGrant("idp", settings, ())
+
+
+def rt_grant() -> RefreshTokenGrant:
+    """A refresh-token grant holding the refresh-token canary."""
+    settings = RefreshTokenProvider.model_validate(
+        {"grant": "refresh_token", "token_url": TOKEN_URL, "client_id": "app", "refresh_token": "x"}
+    )
+    return RefreshTokenGrant("idp", settings, Secret(RT_CANARY))
+
+
+def form(request: httpx.Request) -> dict[str, str]:
+    """The request's form fields."""
+    return dict(parse_qsl(request.content.decode("ascii")))
+
+
+def policy(**changes: Any) -> RetryPolicy:
+    """FAST with ``changes``."""
+    fields = {
+        "retries": FAST.retries,
+        "timeout": FAST.timeout,
+        "deadline": FAST.deadline,
+        "backoff": FAST.backoff,
+        "max_response_bytes": FAST.max_response_bytes,
+        **changes,
+    }
+    return RetryPolicy(**fields)
+
+
+# -- success and retryable failures ----------------------------------------------------------
+
+
+@MODES
+def test_success_on_first_attempt(mode: str) -> None:
+    """A 200 is parsed into a token after exactly one request."""
+    script = Script(respond(200))
+    response = run(mode, script, cc_grant())
+    assert response.token.access_token == "at-1"
+    assert script.attempts == 1
+
+
+@MODES
+def test_5xx_then_success(mode: str) -> None:
+    """Two 5xx replies are retried and the third attempt's token is returned."""
+    script = Script(respond(500), respond(502), respond(200))
+    assert run(mode, script, cc_grant()).token.access_token == "at-1"
+    assert script.attempts == 3
+
+
+@MODES
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
+@pytest.mark.parametrize("retries", [0, 1, 3])
+def test_retryable_status_exhausts_retries(mode: str, status: int, retries: int) -> None:
+    """A provider that keeps failing is asked exactly retries+1 times, then the error is raised."""
+    script = Script(respond(status))
+    error = run_error(mode, script, cc_grant(), policy(retries=retries))
+    assert type(error) is ProviderUnavailableError
+    assert error.status_code == status
+    assert script.attempts == retries + 1
+
+
+@MODES
+def test_malformed_200_is_retried(mode: str) -> None:
+    """A 200 that is not a JSON object is retried like a 5xx (A5)."""
+    script = Script(respond(200, b"<html>maintenance</html>"))
+    error = run_error(mode, script, cc_grant())
+    assert type(error) is ProviderUnavailableError
+    assert script.attempts == FAST.retries + 1
+
+
+@MODES
+@pytest.mark.parametrize(
+    ("make_grant", "status", "body", "expected"),
+    [
+        (cc_grant, 400, {"error": "invalid_client"}, ClientAuthenticationError),
+        (cc_grant, 401, {"error": "invalid_client"}, ClientAuthenticationError),
+        (cc_grant, 403, {}, ClientAuthenticationError),
+        (cc_grant, 400, {"error": "invalid_scope"}, ProviderMisconfiguredError),
+        (cc_grant, 404, {}, ProviderMisconfiguredError),
+        (rt_grant, 400, {"error": "invalid_grant"}, ReauthorizationRequiredError),
+        (rt_grant, 401, {"error": "login_required"}, ReauthorizationRequiredError),
+        (rt_grant, 401, {"error": "invalid_client"}, ClientAuthenticationError),
+    ],
+)
+def test_non_retryable_errors_make_one_attempt(
+    mode: str,
+    make_grant: Callable[[], Grant],
+    status: int,
+    body: dict[str, str],
+    expected: type[ProviderError],
+) -> None:
+    """4xx, invalid_client and invalid_grant are never retried: exactly one request (A7, A8)."""
+    script = Script(respond(status, body))
+    error = run_error(mode, script, make_grant(), policy(retries=5))
+    assert type(error) is expected
+    assert script.attempts == 1
+
+
+@MODES
+def test_non_retryable_after_retryable(mode: str) -> None:
+    """A 503 is retried, but the invalid_grant that follows stops the loop at once."""
+    script = Script(respond(503), respond(400, {"error": "invalid_grant"}), respond(200))
+    error = run_error(mode, script, rt_grant(), policy(retries=5))
+    assert type(error) is ReauthorizationRequiredError
+    assert script.attempts == 2
+
+
+# -- transport failures ------------------------------------------------------------------------
+
+
+@MODES
+@pytest.mark.parametrize("exc_type", [httpx.ConnectError, httpx.ConnectTimeout])
+def test_connection_failures_retried_and_marked_unsent(
+    mode: str, exc_type: type[httpx.TransportError]
+) -> None:
+    """Refused connections are retried; the final error says the request was never sent (A3)."""
+    script = Script(fail(exc_type, f"cannot reach https://idp/?k={URL_CANARY}"))
+    error = run_error(mode, script, rt_grant())
+    assert isinstance(error, ProviderUnavailableError)
+    assert error.sent is False
+    assert script.attempts == FAST.retries + 1
+    assert URL_CANARY not in str(error)
+    assert {form(r)["refresh_token"] for r in script.requests} == {RT_CANARY}
+
+
+@MODES
+def test_connect_error_then_success(mode: str) -> None:
+    """After a refused connection the next attempt succeeds."""
+    script = Script(fail(httpx.ConnectError), respond(200))
+    assert run(mode, script, cc_grant()).token.access_token == "at-1"
+    assert script.attempts == 2
+
+
+@MODES
+@pytest.mark.parametrize(
+    "exc_type", [httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.RemoteProtocolError]
+)
+def test_failures_after_sending_retried_and_marked_sent(
+    mode: str, exc_type: type[httpx.TransportError]
+) -> None:
+    """Timeouts and broken replies are retried; the error says the request may have arrived."""
+    script = Script(fail(exc_type, f"boom {URL_CANARY}"))
+    error = run_error(mode, script, cc_grant())
+    assert isinstance(error, ProviderUnavailableError)
+    assert error.sent is True
+    assert script.attempts == FAST.retries + 1
+    assert URL_CANARY not in str(error)
+
+
+@MODES
+def test_error_has_no_body_or_token_material(mode: str) -> None:
+    """The final error quotes neither the reply body nor the refresh token (D1)."""
+    body = {"error": "server_error", "error_description": f"rt {RT_CANARY} broke"}
+    error = run_error(mode, Script(respond(500, body)), rt_grant())
+    for text in (str(error), repr(error), str(vars(error))):
+        assert RT_CANARY not in text
+
+
+# -- Retry-After and the overall deadline --------------------------------------------------
+
+
+@MODES
+def test_retry_after_is_honoured(mode: str) -> None:
+    """The next attempt waits at least the Retry-After delay even when the backoff is zero (A9)."""
+    script = Script(respond(503, {}, {"Retry-After": "1"}), respond(200))
+    response = run(mode, script, cc_grant(), policy(retries=1, backoff=0.0, deadline=5.0))
+    assert response.token.access_token == "at-1"
+    assert script.attempts == 2
+    assert script.times[1] - script.times[0] >= 0.99
+
+
+@MODES
+@pytest.mark.parametrize("header", ["120", "HTTP-DATE"])
+def test_retry_after_beyond_deadline_gives_up_at_once(mode: str, header: str) -> None:
+    """A Retry-After longer than the remaining deadline ends the exchange now, carrying the delay."""
+    value = formatdate(time.time() + 120, usegmt=True) if header == "HTTP-DATE" else header
+    script = Script(respond(429, {}, {"Retry-After": value}))
+    started = time.monotonic()
+    error = run_error(mode, script, cc_grant(), policy(retries=5, deadline=5.0))
+    elapsed = time.monotonic() - started
+    assert isinstance(error, ProviderUnavailableError)
+    assert script.attempts == 1
+    assert elapsed < 0.5
+    assert error.status_code == 429
+    assert error.retry_after is not None
+    assert 115 <= error.retry_after <= 120
+
+
+@MODES
+def test_overall_deadline_bounds_retries(mode: str) -> None:
+    """With many retries allowed, the exchange still ends within the overall deadline (A4)."""
+    script = Script(respond(503))
+    deadline = 0.6
+    started = time.monotonic()
+    error = run_error(mode, script, cc_grant(), policy(retries=10, backoff=0.2, deadline=deadline))
+    elapsed = time.monotonic() - started
+    assert isinstance(error, ProviderUnavailableError)
+    assert elapsed <= deadline + 0.15
+    assert 2 <= script.attempts < 11
+
+
+def test_async_slow_reply_bounded_by_attempt_timeout() -> None:
+    """An async reply slower than the attempt timeout is abandoned and retried within bounds."""
+    calls: list[float] = []
+
+    async def stall(request: httpx.Request) -> httpx.Response:
+        calls.append(time.monotonic())
+        await asyncio.sleep(30)
+        return httpx.Response(200)
+
+    started = time.monotonic()
+    error = run_error(
+        "async", Script(), cc_grant(), policy(timeout=0.2, retries=1, deadline=5.0), handler=stall
+    )
+    elapsed = time.monotonic() - started
+    assert isinstance(error, ProviderUnavailableError)
+    assert "slow" in str(error)
+    assert len(calls) == 2
+    assert 0.4 <= elapsed < 1.5
+
+
+def trickle(chunks: int, pause: float) -> Iterator[bytes]:
+    """A body that arrives one byte at a time (slowloris)."""
+    yield b'{"access_token": "at-1", "pad": "'
+    for _ in range(chunks):
+        time.sleep(pause)
+        yield b"x"
+    yield b'"}'
+
+
+async def atrickle(chunks: int, pause: float) -> AsyncIterator[bytes]:
+    """The async version of :func:`trickle`."""
+    yield b'{"access_token": "at-1", "pad": "'
+    for _ in range(chunks):
+        await asyncio.sleep(pause)
+        yield b"x"
+    yield b'"}'
+
+
+@MODES
+def test_trickling_reply_bounded_by_attempt_timeout(mode: str) -> None:
+    """A body trickling in slower than the attempt timeout is abandoned well before it ends (A4)."""
+    attempts: list[float] = []
+
+    def sync_handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(time.monotonic())
+        return httpx.Response(200, content=trickle(100, 0.05))
+
+    async def async_handler(request: httpx.Request) -> httpx.Response:
+        attempts.append(time.monotonic())
+        return httpx.Response(200, content=atrickle(100, 0.05))
+
+    handler = sync_handler if mode == "sync" else async_handler
+    started = time.monotonic()
+    error = run_error(
+        mode, Script(), cc_grant(), policy(timeout=0.3, retries=0, deadline=5.0), handler=handler
+    )
+    elapsed = time.monotonic() - started
+    assert isinstance(error, ProviderUnavailableError)
+    assert len(attempts) == 1
+    assert elapsed < 1.5
+
+
+# -- size cap --------------------------------------------------------------------------------
+
+
+def padded(size: int) -> bytes:
+    """A valid token reply of exactly ``size`` bytes."""
+    head, tail = b'{"access_token": "at-1", "pad": "', b'"}'
+    return head + b"x" * (size - len(head) - len(tail)) + tail
+
+
+@MODES
+def test_reply_at_the_cap_is_accepted(mode: str) -> None:
+    """A reply of exactly max_response_bytes is read and parsed."""
+    script = Script(respond(200, padded(FAST.max_response_bytes)))
+    assert run(mode, script, cc_grant()).token.access_token == "at-1"
+
+
+@MODES
+def test_reply_over_the_cap_is_refused(mode: str) -> None:
+    """A reply one byte over max_response_bytes is refused without being parsed (A10)."""
+    script = Script(respond(200, padded(FAST.max_response_bytes + 1)))
+    error = run_error(mode, script, cc_grant(), policy(retries=0))
+    assert type(error) is ProviderUnavailableError
+    assert "size" in str(error)
+    assert script.attempts == 1
+
+
+@MODES
+def test_huge_error_reply_is_refused(mode: str) -> None:
+    """A large error page is refused at the cap too, not read whole."""
+    script = Script(respond(500, b"E" * (1 << 20)))
+    error = run_error(mode, script, cc_grant(), policy(retries=0))
+    assert "size" in str(error)
+
+
+@MODES
+def test_gzip_bomb_refused_by_decompressed_size(mode: str) -> None:
+    """A small gzip body that inflates past max_response_bytes is refused (A10)."""
+    bomb = gzip.compress(padded(8 << 20))
+    cap = 64 * 1024
+    assert len(bomb) < cap
+    script = Script(respond(200, bomb, {"Content-Encoding": "gzip"}))
+    error = run_error(mode, script, cc_grant(), policy(retries=0, max_response_bytes=cap))
+    assert type(error) is ProviderUnavailableError
+    assert "size" in str(error)
+
+
+@MODES
+def test_small_gzip_reply_is_decoded(mode: str) -> None:
+    """A gzip reply under the cap is decompressed and parsed normally."""
+    body = gzip.compress(padded(2000))
+    script = Script(respond(200, body, {"Content-Encoding": "gzip"}))
+    assert run(mode, script, cc_grant()).token.access_token == "at-1"
+
+
+# -- private_key_jwt across retries ------------------------------------------------------------
+
+
+@MODES
+def test_private_key_jwt_fresh_jti_on_each_attempt(mode: str) -> None:
+    """Every retry carries a newly signed assertion with a distinct jti (RFC 7523 §3)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    private_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    grant = cc_grant(client_auth="private_key_jwt", client_secret=None, private_key=private_pem)
+    script = Script(respond(503), respond(503), respond(200))
+    run(mode, script, grant)
+    assert script.attempts == 3
+    jtis = [
+        jwt.decode(
+            form(r)["client_assertion"], key.public_key(), algorithms=["ES256"], audience=TOKEN_URL
+        )["jti"]
+        for r in script.requests
+    ]
+    assert len(set(jtis)) == 3
+
+
+# -- the policy without I/O -------------------------------------------------------------------
+
+
+def unavailable(retry_after: str | None = None) -> Reply:
+    """A 503 reply, optionally with Retry-After."""
+    headers = httpx.Headers({"Retry-After": retry_after} if retry_after else {})
+    return Reply(503, headers, b"{}")
+
+
+def test_backoff_is_exponential_with_full_jitter() -> None:
+    """Sleeps are uniform(0, backoff*2^(n-1)) from the injected RNG, then the error is raised."""
+    seed, backoff = 99, 0.5
+    flow = token_flow(
+        cc_grant(), policy(retries=4, backoff=backoff, deadline=600.0), random.Random(seed)
+    )
+    expected = random.Random(seed)
+    item = next(flow)
+    sleeps: list[float] = []
+    with pytest.raises(ProviderUnavailableError):
+        while True:
+            assert isinstance(item, httpx.Request)
+            step = flow.send(unavailable())
+            assert isinstance(step, Sleep)
+            sleeps.append(step.seconds)
+            item = flow.send(None)
+    assert sleeps == [expected.uniform(0, backoff * 2**n) for n in range(4)]
+
+
+def test_backoff_is_capped() -> None:
+    """No single backoff sleep exceeds 30 s however many attempts have failed."""
+    flow = token_flow(
+        cc_grant(), policy(retries=10, backoff=20.0, deadline=10_000.0), random.Random(5)
+    )
+    item = next(flow)
+    sleeps = []
+    for _ in range(10):
+        assert isinstance(item, httpx.Request)
+        step = flow.send(unavailable())
+        assert isinstance(step, Sleep)
+        sleeps.append(step.seconds)
+        item = flow.send(None)
+    assert max(sleeps) <= 30.0
+    flow.close()
+
+
+def test_retry_after_overrides_shorter_jitter() -> None:
+    """Retry-After sets the sleep when it is longer than the jittered backoff."""
+    flow = token_flow(cc_grant(), policy(backoff=0.1, deadline=60.0), random.Random(1))
+    next(flow)
+    step = flow.send(unavailable("7"))
+    assert step == Sleep(7.0)
+    flow.close()
+
+
+def test_attempt_timeout_never_exceeds_deadline() -> None:
+    """Each request's httpx timeout is capped by the remaining overall deadline."""
+    flow = token_flow(cc_grant(), policy(timeout=10.0, deadline=2.0), random.Random(1))
+    request = next(flow)
+    assert isinstance(request, httpx.Request)
+    timeouts = request.extensions["timeout"]
+    assert set(timeouts) == {"connect", "read", "write", "pool"}
+    assert all(0 < value <= 2.0 for value in timeouts.values())
+    flow.close()
+
+
+def test_flow_returns_the_parsed_token() -> None:
+    """Sending a 200 reply ends the generator with the TokenResponse as its value."""
+    flow = token_flow(cc_grant(), FAST, random.Random(1))
+    next(flow)
+    with pytest.raises(StopIteration) as stop:
+        flow.send(Reply(200, httpx.Headers(), b'{"access_token": "at-9"}'))
+    assert stop.value.value.token.access_token == "at-9"
