@@ -40,6 +40,7 @@ def make_broker(auth_server: AuthorizationServer) -> Iterator[BrokerFactory]:
         **kwargs: Any,
     ) -> Broker:
         config = {
+            "store": "memory",
             "defaults": {"retries": 2, "backoff_seconds": 0.01, **(defaults or {})},
             "providers": providers or {"svc": client_credentials(auth_server)},
         }

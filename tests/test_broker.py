@@ -450,16 +450,24 @@ def test_aclose_waits_for_async_background_refresh(
 def test_strict_single_use_refresh_token_is_presented_at_most_twice(
     make_broker: BrokerFactory,
 ) -> None:
-    """Replies that may have rotated the token (500s) allow one resend only, whatever `retries` says."""
+    """Replies that may have rotated a strict single-use token (500s) allow one resend, then the
+    credential is marked reauthorization_required and the provider hears nothing more."""
     server = AuthorizationServer()
     server.add_client("rt-client", None, auth_method="none")
     with server:
         seed = server.issue_refresh_token("rt-client")
         server.inject(Fault(status=500, body=""), times=None)
-        broker = make_broker({"rt": refresh_token(server, seed)}, defaults={"retries": 5})
-        with pytest.raises(ProviderUnavailableError):
+        clock = ManualClock()
+        broker = make_broker(
+            {"rt": refresh_token(server, seed)}, defaults={"retries": 5}, clock=clock
+        )
+        with pytest.raises(ReauthorizationRequiredError):
+            broker.get_token("rt")
+        clock.advance(3600)
+        with pytest.raises(ReauthorizationRequiredError):
             broker.get_token("rt")
         assert server.presented_refresh_tokens == [seed, seed]
+        assert broker.store.load("rt").state == "reauthorization_required"
 
 
 def test_not_processed_replies_do_not_count_as_resends(make_broker: BrokerFactory) -> None:

@@ -58,12 +58,12 @@ class ScriptedFetcher:
         token = Token(access_token=f"token-{number}", token_type="Bearer", expires_at=0.0)
         return TokenResponse(token=token, lifetime=self.lifetime)
 
-    def fetch(self, key: str) -> TokenResponse:
+    def fetch(self, key: str, stale: str | None) -> TokenResponse:
         self.entered.set()
         assert self.gate.wait(10)
         return self._next()
 
-    async def afetch(self, key: str) -> TokenResponse:
+    async def afetch(self, key: str, stale: str | None) -> TokenResponse:
         self.entered.set()
         while not self.gate.is_set():
             await asyncio.sleep(0.001)

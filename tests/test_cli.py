@@ -18,7 +18,7 @@ CANARY = "CANARY_SECRET_5b0c1e"
 
 def write_config(tmp_path: Path, providers: dict[str, object]) -> Path:
     path = tmp_path / "tokenbroker.yaml"
-    path.write_text(yaml.safe_dump({"providers": providers}))
+    path.write_text(yaml.safe_dump({"store": "memory", "providers": providers}))
     return path
 
 

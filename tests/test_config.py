@@ -231,7 +231,7 @@ def test_empty_document_gives_defaults() -> None:
     """An empty file is a valid config with no providers and default settings."""
     settings = parse_settings("", {})
     assert settings.providers == {}
-    assert settings.store == "memory"
+    assert settings.store == "sqlite:///tokenbroker.db"
     assert settings.defaults.retries == 2
 
 
@@ -470,9 +470,9 @@ def load_problems(path: Path | str) -> list[ConfigProblem]:
 
 def test_default_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With no path, load_settings reads $TOKENBROKER_CONFIG."""
-    config = write(tmp_path / "custom.yaml", "store: from-env-path\n")
+    config = write(tmp_path / "custom.yaml", "store: sqlite:///from-env.db\n")
     monkeypatch.setenv("TOKENBROKER_CONFIG", str(config))
-    assert load_settings().store == "from-env-path"
+    assert load_settings().store == f"sqlite:///{tmp_path / 'from-env.db'}"
 
 
 def test_config_file_missing(tmp_path: Path) -> None:

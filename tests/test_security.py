@@ -6,6 +6,7 @@ import asyncio
 import logging
 import traceback
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -14,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tokenbroker import Broker, ManualClock, TokenBrokerError, parse_settings
+from tokenbroker.crypto import generate_key
 from tokenbroker.events import Event
 from tokenbroker.testing import AuthorizationServer, Fault
 
@@ -44,8 +46,11 @@ def capture() -> object:
     root.setLevel(previous)
 
 
-def test_canaries_appear_in_no_log_exception_or_repr(capture: Capture) -> None:
-    """A scripted session with faults leaks no client secret, password, key, refresh or access token."""
+def test_canaries_appear_in_no_log_exception_repr_or_store_file(
+    capture: Capture, tmp_path: Path
+) -> None:
+    """A scripted session with faults leaks no client secret, password, key, refresh or access
+    token into logs, exceptions, reprs, or the raw bytes of the SQLite file and its WAL."""
     tag = uuid.uuid4().hex
     client_secret = f"CANARY_CS_{tag}"
     password = f"CANARY_PW_{tag}"
@@ -68,6 +73,8 @@ def test_canaries_appear_in_no_log_exception_or_repr(capture: Capture) -> None:
     with server:
         seed = server.issue_refresh_token("rt")
         config = {
+            "store": f"sqlite:///{tmp_path / 'tb.db'}",
+            "encryption_keys": [generate_key()],
             "defaults": {"retries": 1, "backoff_seconds": 0.01},
             "providers": {
                 "cc": {
@@ -128,9 +135,15 @@ def test_canaries_appear_in_no_log_exception_or_repr(capture: Capture) -> None:
             texts += [repr(broker), repr(settings), repr(tokens), str(tokens), repr(seen)]
             texts += [repr(broker.states()), repr(settings.providers), str(settings.model_dump())]
             texts.append(settings.model_dump_json())
+            raw_files = b"".join(
+                p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("tb.db")
+            )
         secrets = [client_secret, password, seed, pem.splitlines()[1]]
         secrets += server.issued_access_tokens + server.issued_login_tokens
         secrets += server.presented_refresh_tokens
+    assert len(raw_files) > 4096
+    on_disk = [s[:12] for s in secrets if s and s.encode() in raw_files]
+    assert on_disk == []
     assert len(texts) > 10
     assert len(capture.lines) > 10
     haystack = "\n".join(texts + capture.lines)

@@ -5,7 +5,7 @@ are separate sub-modules and are never imported by ``import tokenbroker``.
 """
 
 from .auth import BrokerAuth
-from .broker import Broker, MemoryRefreshTokens, RefreshTokenStore
+from .broker import Broker, open_store
 from .cache import SlotState, Timing, TokenCache
 from .clock import Clock, ManualClock, SystemClock
 from .config import Settings, load_settings, parse_settings
@@ -13,11 +13,14 @@ from .errors import (
     ClientAuthenticationError,
     ConfigError,
     ConfigProblem,
+    EncryptionKeyError,
     InvalidTokenError,
     ProviderError,
     ProviderMisconfiguredError,
     ProviderUnavailableError,
     ReauthorizationRequiredError,
+    StoreCorruptError,
+    StoreError,
     TokenBrokerError,
     UnknownProviderError,
 )
@@ -30,6 +33,7 @@ from .events import (
     TokenRequestFailed,
 )
 from .secret import Secret
+from .store import SQLiteStore
 from .token import Token
 
 __version__ = "0.1.0"
@@ -41,20 +45,22 @@ __all__ = [
     "Clock",
     "ConfigError",
     "ConfigProblem",
+    "EncryptionKeyError",
     "Event",
     "EventBus",
     "InvalidTokenError",
     "ManualClock",
-    "MemoryRefreshTokens",
     "ProviderError",
     "ProviderMisconfiguredError",
     "ProviderUnavailableError",
     "ReauthorizationRequiredError",
     "RefreshTokenRotated",
-    "RefreshTokenStore",
+    "SQLiteStore",
     "Secret",
     "Settings",
     "SlotState",
+    "StoreCorruptError",
+    "StoreError",
     "SystemClock",
     "Timing",
     "Token",
@@ -66,5 +72,6 @@ __all__ = [
     "UnknownProviderError",
     "__version__",
     "load_settings",
+    "open_store",
     "parse_settings",
 ]

@@ -8,12 +8,13 @@ events. Nothing here imports a web framework, metrics or CLI library.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import re
-import threading
 from collections.abc import Callable, Hashable, Iterable
 from types import TracebackType
-from typing import TYPE_CHECKING, NamedTuple, Protocol, TypeVar
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import httpx
 
@@ -21,6 +22,7 @@ from .auth import BrokerAuth, TokenTarget
 from .cache import SlotState, Timing, TokenCache
 from .clock import Clock
 from .config import (
+    MISSING_KEY,
     ClientCredentialsProvider,
     LoginProvider,
     Provider,
@@ -28,53 +30,48 @@ from .config import (
     Settings,
     load_settings,
 )
-from .drivers import RetryPolicy, send_async, send_sync, token_flow
-from .errors import UnknownProviderError
+from .crypto import Keyring, generate_key
+from .drivers import RetryPolicy, send_sync, token_flow
+from .errors import EncryptionKeyError, UnknownProviderError
 from .events import Event, EventBus, RefreshTokenRotated
 from .grants import ClientCredentialsGrant, Grant, LoginGrant, RefreshTokenGrant, TokenResponse
+from .refresher import Job, Refresher, fingerprint
 from .secret import Secret
+from .store import SQLiteStore
 from .token import Token
 
 if TYPE_CHECKING:
     from .requests_auth import RequestsBrokerAuth
 
-__all__ = ["Broker", "MemoryRefreshTokens", "RefreshTokenStore"]
+__all__ = ["Broker", "open_store"]
 
 _T = TypeVar("_T", int, float)
 _SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+\Z")
 
 
-class RefreshTokenStore(Protocol):
-    """Where the current refresh token of each refresh-token provider lives.
+def open_store(settings: Settings) -> SQLiteStore:
+    """Open the store the settings name, with their encryption keys.
 
-    The in-memory default loses rotations on restart; the durable store replaces it.
+    ``store: memory`` without keys gets a random key that lives as long as the process.
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        The opened (and migrated) store.
+
+    Raises:
+        EncryptionKeyError: Bad keys, or stored secrets need a key that is not configured.
+        StoreError: The store cannot be opened.
     """
-
-    def load(self, provider: str) -> Secret | None:
-        """The current refresh token, or None to use the configured seed."""
-
-    def save(self, provider: str, previous: Secret, current: Secret) -> None:
-        """Record that ``previous`` was exchanged for ``current``."""
-
-
-class MemoryRefreshTokens:
-    """A :class:`RefreshTokenStore` in process memory."""
-
-    def __init__(self) -> None:
-        self._tokens: dict[str, Secret] = {}
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"MemoryRefreshTokens(providers={sorted(self._tokens)})"
-
-    def load(self, provider: str) -> Secret | None:
-        """Return the last saved refresh token of ``provider``, if any."""
-        return self._tokens.get(provider)
-
-    def save(self, provider: str, previous: Secret, current: Secret) -> None:
-        """Replace ``provider``'s refresh token with ``current``."""
-        with self._lock:
-            self._tokens[provider] = current
+    keys = settings.encryption_keys
+    if not keys and settings.store == "memory":
+        keys = (Secret(generate_key()),)
+    elif not keys:
+        raise EncryptionKeyError(f"encryption_keys {MISSING_KEY}")
+    return SQLiteStore.from_url(
+        settings.store, Keyring(keys), busy_timeout=settings.defaults.store_busy_timeout_seconds
+    )
 
 
 class _Key(NamedTuple):
@@ -90,8 +87,12 @@ class Broker:
         settings: Validated settings (see :func:`tokenbroker.config.load_settings`).
         clock: Time source for expiry decisions (tests inject a manual clock).
         transport: httpx transport for token requests (tests inject faults here).
-        async_transport: The same for async fetches.
-        refresh_tokens: Where rotated refresh tokens go (default: memory).
+        store: An opened store (default: the one the settings name, see :func:`open_store`).
+        hook: Called with a crash-point name during refreshes (the crash benchmark).
+
+    Raises:
+        EncryptionKeyError: Stored secrets need a key that is not configured.
+        StoreError: The store cannot be opened.
     """
 
     def __init__(
@@ -100,18 +101,21 @@ class Broker:
         *,
         clock: Clock | None = None,
         transport: httpx.BaseTransport | None = None,
-        async_transport: httpx.AsyncBaseTransport | None = None,
-        refresh_tokens: RefreshTokenStore | None = None,
+        store: SQLiteStore | None = None,
+        hook: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.events = EventBus()
-        self._refresh_tokens = refresh_tokens or MemoryRefreshTokens()
+        self._owns_store = store is None
+        self.store = store if store is not None else open_store(settings)
+        self._refresher = Refresher(self.store, hook=hook)
         # One TLS context for every client: building one costs ~20 ms of CPU.
-        self._tls = httpx.create_ssl_context()
         self._http = httpx.Client(
-            transport=transport, verify=self._tls, follow_redirects=False, trust_env=False
+            transport=transport,
+            verify=httpx.create_ssl_context(),
+            follow_redirects=False,
+            trust_env=False,
         )
-        self._async_transport = async_transport
         self._cache: TokenCache[_Key] = TokenCache(self, clock=clock, events=self.events)
 
     @classmethod
@@ -253,8 +257,10 @@ class Broker:
         return []
 
     def close(self) -> None:
-        """Close the HTTP client."""
+        """Close the HTTP client and the store (if the broker opened it)."""
         self._http.close()
+        if self._owns_store:
+            self.store.close()
 
     async def aclose(self) -> None:
         """Wait for background refreshes started by async callers, then close."""
@@ -304,27 +310,46 @@ class Broker:
             deadline=_pick(settings.deadline_seconds, defaults.deadline_seconds),
         )
 
-    def fetch(self, key: _Key) -> TokenResponse:
-        """Obtain a token for ``key`` with the sync driver (the cache calls this)."""
-        grant, policy = self._grant(key)
-        response = send_sync(self._http, token_flow(grant, policy), policy.max_response_bytes)
-        self._rotated(key, grant, response)
+    def fetch(self, key: _Key, stale: str | None) -> TokenResponse:
+        """Obtain a token for ``key`` through the fenced refresh protocol (the cache calls this)."""
+        settings = self.settings.providers[key.provider]
+        timing = self.timing(key)
+        policy = self._policy(settings)
+        identity: dict[str, object] = {
+            "grant": settings.grant,
+            "url": getattr(settings, "token_url", None) or getattr(settings, "login_url", None),
+            "client_id": getattr(settings, "client_id", None),
+            "audience": getattr(settings, "audience", None),
+            "scopes": list(key.scopes),
+            "account": key.account,
+        }
+        digest = fingerprint(identity)
+        rotating = isinstance(settings, RefreshTokenProvider)
+        lease = _pick(self.settings.defaults.lease_seconds, 2 * policy.deadline + 10)
+        job = Job(
+            # A refresh token belongs to the credential: its row survives settings changes.
+            row_id=key.provider if rotating else f"{key.provider}:{digest}",
+            provider=key.provider,
+            fingerprint=digest,
+            build=functools.partial(self._grant, key),
+            send=self._send,
+            policy=policy,
+            skew=timing.skew,
+            lease_seconds=max(lease, 2 * policy.deadline + 2),
+            seed=settings.refresh_token if isinstance(settings, RefreshTokenProvider) else None,
+            single_use=isinstance(settings, RefreshTokenProvider) and settings.rotation.single_use,
+            reuse_grace=settings.rotation.reuse_grace_seconds if rotating else 0.0,  # type: ignore[union-attr]
+            stale=stale,
+        )
+        response = self._refresher.run(job)
+        if response.refresh_token is not None and response.issued_at is None:
+            provider, words = self.describe(key)
+            self.events.emit(RefreshTokenRotated(provider, words))
         return response
 
-    async def afetch(self, key: _Key) -> TokenResponse:
-        """Obtain a token for ``key`` with the async driver (the cache calls this)."""
-        grant, policy = self._grant(key)
-        async with httpx.AsyncClient(
-            transport=self._async_transport,
-            verify=self._tls,
-            follow_redirects=False,
-            trust_env=False,
-        ) as client:
-            response = await send_async(
-                client, token_flow(grant, policy), policy.max_response_bytes
-            )
-        self._rotated(key, grant, response)
-        return response
+    async def afetch(self, key: _Key, stale: str | None) -> TokenResponse:
+        """:meth:`fetch` in a worker thread, so the store's blocking calls stay off the loop."""
+        return await asyncio.to_thread(self.fetch, key, stale)
 
     # -- internals ---------------------------------------------------------------------------
 
@@ -358,10 +383,9 @@ class Broker:
             raise UnknownProviderError(f"provider {provider!r} cannot serve that scope")
         return _Key(provider, scopes if scope is not None else settings.scopes, None)
 
-    def _grant(self, key: _Key) -> tuple[Grant, RetryPolicy]:
-        settings = self.settings.providers[key.provider]
+    def _policy(self, settings: Provider) -> RetryPolicy:
         defaults = self.settings.defaults
-        policy = RetryPolicy(
+        return RetryPolicy(
             retries=_pick(settings.retries, defaults.retries),
             timeout=_pick(settings.timeout_seconds, defaults.timeout_seconds),
             deadline=_pick(settings.deadline_seconds, defaults.deadline_seconds),
@@ -369,25 +393,20 @@ class Broker:
             max_response_bytes=defaults.max_response_bytes,
             max_resends=_max_resends(settings),
         )
-        grant: Grant
-        if isinstance(settings, ClientCredentialsProvider):
-            grant = ClientCredentialsGrant(key.provider, settings, key.scopes)
-        elif isinstance(settings, RefreshTokenProvider):
-            current = self._refresh_tokens.load(key.provider) or settings.refresh_token
-            grant = RefreshTokenGrant(key.provider, settings, current)
-        else:
-            credential = next(c for c in settings.credentials if c.username == key.account)
-            grant = LoginGrant(key.provider, settings, credential)
-        return grant, policy
 
-    def _rotated(self, key: _Key, grant: Grant, response: TokenResponse) -> None:
-        if not isinstance(grant, RefreshTokenGrant) or response.refresh_token is None:
-            return
-        if response.refresh_token == grant.refresh_token:
-            return
-        self._refresh_tokens.save(key.provider, grant.refresh_token, response.refresh_token)
-        provider, words = self.describe(key)
-        self.events.emit(RefreshTokenRotated(provider, words))
+    def _grant(self, key: _Key, refresh_token: Secret | None) -> Grant:
+        settings = self.settings.providers[key.provider]
+        if isinstance(settings, ClientCredentialsProvider):
+            return ClientCredentialsGrant(key.provider, settings, key.scopes)
+        if isinstance(settings, RefreshTokenProvider):
+            return RefreshTokenGrant(
+                key.provider, settings, refresh_token or settings.refresh_token
+            )
+        credential = next(c for c in settings.credentials if c.username == key.account)
+        return LoginGrant(key.provider, settings, credential)
+
+    def _send(self, grant: Grant, policy: RetryPolicy) -> TokenResponse:
+        return send_sync(self._http, token_flow(grant, policy), policy.max_response_bytes)
 
 
 def _pick(value: _T | None, default: _T) -> _T:

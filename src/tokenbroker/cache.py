@@ -75,10 +75,10 @@ class Fetcher(Protocol[K]):
     def timing(self, key: K) -> Timing:
         """The key's refresh timing."""
 
-    def fetch(self, key: K) -> TokenResponse:
-        """Obtain a token, blocking."""
+    def fetch(self, key: K, stale: str | None) -> TokenResponse:
+        """Obtain a token, blocking; ``stale`` is the access token to replace, if any."""
 
-    async def afetch(self, key: K) -> TokenResponse:
+    async def afetch(self, key: K, stale: str | None) -> TokenResponse:
         """Obtain a token without blocking the event loop."""
 
 
@@ -120,6 +120,7 @@ class _Slot(Generic[K]):
         "key",
         "last_refresh",
         "lock",
+        "rejected",
         "retry_at",
     )
 
@@ -133,6 +134,12 @@ class _Slot(Generic[K]):
         self.retry_at = -math.inf
         self.failures = 0
         self.last_refresh: float | None = None
+        self.rejected: str | None = None
+
+    def stale(self) -> str | None:
+        """The access token a new fetch must replace: the current one, or the last rejected."""
+        entry = self.entry
+        return entry.token.access_token if entry is not None else self.rejected
 
 
 class TokenCache(Generic[K]):
@@ -246,6 +253,7 @@ class TokenCache(Generic[K]):
             ):
                 return False
             self._install(slot, None)
+            slot.rejected = access_token
         provider, key = self._fetcher.describe(slot.key)
         logger.info("token invalidated provider=%s %s", provider, key)
         self._events.emit(TokenInvalidated(provider, key))
@@ -364,7 +372,7 @@ class TokenCache(Generic[K]):
     def _run_sync(self, slot: _Slot[K], flight: Future[_Entry], background: bool) -> None:
         started, wall = self._now(), self._clock.time()
         try:
-            response = self._fetcher.fetch(slot.key)
+            response = self._fetcher.fetch(slot.key, slot.stale())
         except BaseException as exc:
             self._settle_error(slot, flight, exc, started, background)
             if not isinstance(exc, Exception):
@@ -375,7 +383,7 @@ class TokenCache(Generic[K]):
     async def _run_async(self, slot: _Slot[K], flight: Future[_Entry], background: bool) -> None:
         started, wall = self._now(), self._clock.time()
         try:
-            response = await self._fetcher.afetch(slot.key)
+            response = await self._fetcher.afetch(slot.key, slot.stale())
         except BaseException as exc:
             self._settle_error(slot, flight, exc, started, background)
             if not isinstance(exc, Exception):
@@ -394,6 +402,9 @@ class TokenCache(Generic[K]):
     ) -> None:
         timing = self._fetcher.timing(slot.key)
         lifetime = response.lifetime
+        if response.issued_at is not None:  # obtained earlier (by another process): age it
+            age = max(0.0, self._clock.time() - response.issued_at)
+            started, wall = started - age, wall - age
         skew = min(timing.skew, lifetime / 2)
         hard = started + lifetime - skew
         refresh_at = started + lifetime * timing.refresh_ahead
@@ -406,6 +417,7 @@ class TokenCache(Generic[K]):
             slot.flight = None
             slot.error, slot.retry_at, slot.failures = None, -math.inf, 0
             slot.last_refresh = wall
+            slot.rejected = None
         flight.set_result(entry)
         provider, key = self._fetcher.describe(slot.key)
         duration = self._now() - started

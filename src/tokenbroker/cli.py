@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from .broker import Broker
-from .config import load_settings
+from .config import load_settings, startup_problems
 from .errors import ConfigError, ProviderError, TokenBrokerError, UnknownProviderError
 
 __all__ = ["main"]
@@ -64,6 +64,9 @@ def check(config_path: Path) -> None:
     """Validate the configuration; name every problem, never print a secret."""
     try:
         settings = load_settings(config_path)
+        problems = startup_problems(settings)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         _fail(exc)
         return

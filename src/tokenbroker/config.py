@@ -48,6 +48,7 @@ __all__ = [
     "default_config_path",
     "load_settings",
     "parse_settings",
+    "startup_problems",
 ]
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -71,6 +72,8 @@ class Defaults(_Frozen):
     retries: int = Field(2, ge=0, le=10)
     backoff_seconds: float = Field(0.5, ge=0)
     max_response_bytes: int = Field(1 << 20, ge=1024)
+    lease_seconds: float | None = Field(None, gt=0)
+    store_busy_timeout_seconds: float = Field(5.0, gt=0)
 
 
 class _ProviderBase(_Frozen):
@@ -245,7 +248,7 @@ Provider = Annotated[
 class Settings(_Frozen):
     """The whole validated configuration (DESIGN §3.1)."""
 
-    store: str = "memory"
+    store: str = "sqlite:///./tokenbroker.db"
     redis: Secret | None = None
     encryption_keys: tuple[Secret, ...] = ()
     defaults: Defaults = Defaults()
@@ -254,6 +257,32 @@ class Settings(_Frozen):
     server: dict[str, Any] = Field(default_factory=dict)
     proxy: dict[str, Any] = Field(default_factory=dict)
     telemetry: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value != "memory" and not (value.startswith("sqlite:///") and len(value) > 10):
+            raise ValueError("must be 'memory' or sqlite:///PATH")
+        return value
+
+
+MISSING_KEY = (
+    "is required for a file store (generate a key with `tokenbroker keygen`), or set store: memory"
+)
+
+
+def startup_problems(settings: Settings) -> list[ConfigProblem]:
+    """Problems that stop a broker from starting although the file itself is valid.
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        The problems (empty when the broker can start).
+    """
+    if settings.store != "memory" and not settings.encryption_keys:
+        return [ConfigProblem("encryption_keys", MISSING_KEY)]
+    return []
 
 
 def default_config_path() -> Path:
@@ -327,6 +356,7 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
     problems: list[ConfigProblem] = []
     data = _interpolate(raw, env, (), problems)
     _read_credential_files(data, base_dir, problems)
+    _resolve_store(data, base_dir)
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
@@ -388,6 +418,15 @@ def _interpolate(
         return value
 
     return _ENV_REF.sub(substitute, node)
+
+
+def _resolve_store(data: dict[str, Any], base: Path) -> None:
+    """A relative ``sqlite:///path`` is relative to the config file, like ``credentials_file``."""
+    store = data.get("store", Settings.model_fields["store"].default)
+    if isinstance(store, str) and store.startswith("sqlite:///"):
+        path = Path(store.removeprefix("sqlite:///"))
+        if not path.is_absolute():
+            data["store"] = f"sqlite:///{base / path}"
 
 
 def _read_credential_files(data: dict[str, Any], base: Path, problems: list[ConfigProblem]) -> None:

@@ -1,7 +1,8 @@
 """``tokenbroker dev``: a complete local demo on this machine.
 
 Starts the bundled authorization server (:mod:`tokenbroker.testing`) on
-127.0.0.1, an embedded broker configured for it (client credentials, a
+127.0.0.1, an embedded broker on a SQLite store in a temporary folder (with a
+generated encryption key) configured for it (client credentials, a
 single-use rotating refresh token, and two username/password logins), prints
 a token per provider and calls the protected demo resource with each, then
 prints one line per background refresh — with the remaining lifetime, never
@@ -10,20 +11,25 @@ the token — until interrupted or ``duration`` runs out.
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
 from .broker import Broker
 from .config import parse_settings
+from .crypto import generate_key
 from .events import Event, TokenAcquired, TokenRequestFailed
 from .testing import AuthorizationServer
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
 DEMO_CONFIG = """
+store: sqlite:///${STORE_PATH}
+encryption_keys: ["${DEMO_KEY}"]
 defaults:
   skew_seconds: 2
   refresh_ahead: 0.7
@@ -78,8 +84,10 @@ def run_demo(
     server.add_account("bob", "bob-password")
     refreshes = 0
     lock = threading.Lock()
-    with server:
+    with server, tempfile.TemporaryDirectory(prefix="tokenbroker-dev-") as folder:
         env = {
+            "STORE_PATH": str(Path(folder) / "tokenbroker.db"),
+            "DEMO_KEY": generate_key(),
             "TOKEN_URL": server.token_url,
             "LOGIN_URL": server.login_url,
             "DEMO_CLIENT_SECRET": "demo-secret",
@@ -106,6 +114,7 @@ def run_demo(
 
             broker.subscribe(on_event)
             echo(f"tokenbroker dev: authorization server on {server.url}")
+            echo(f"store: {env['STORE_PATH']} (secrets encrypted with a generated key)")
             for provider in sorted(settings.providers):
                 accounts: list[str | None] = [*broker.accounts(provider)] or [None]
                 for account in accounts:

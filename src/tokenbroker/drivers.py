@@ -78,7 +78,7 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
     jitter = rng or random.Random()  # noqa: S311 - jitter, not security
     started = time.monotonic()
     give_up_at = started + policy.deadline
-    attempt = resends = 0
+    attempt = doubtful = 0
     while True:
         attempt += 1
         request = grant.build_request()
@@ -101,12 +101,13 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
                 )
             return grant.parse_response(outcome, issued_at)
         except ProviderError as error:
+            sent = getattr(error, "sent", False)
+            doubtful += 1 if sent else 0
+            error.doubtful_sends = doubtful
             if not error.retryable or attempt > policy.retries:
                 raise
-            if getattr(error, "sent", False):
-                resends += 1
-                if policy.max_resends is not None and resends > policy.max_resends:
-                    raise
+            if sent and policy.max_resends is not None and doubtful > policy.max_resends:
+                raise
             cap = min(_MAX_BACKOFF, policy.backoff * 2 ** (attempt - 1))
             delay = jitter.uniform(0, cap)
             told = getattr(error, "retry_after", None)

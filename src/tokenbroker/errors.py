@@ -4,7 +4,10 @@
 
     TokenBrokerError
     ├── ConfigError                     bad configuration; lists every problem with its field path
+    │   └── EncryptionKeyError          a key is malformed, or stored secrets need a key we lack
     ├── UnknownProviderError            no such provider (or scope/account not valid for it)
+    ├── StoreError                      the durable store failed (locked, disk full, read-only)
+    │   └── StoreCorruptError           a stored row or ciphertext is damaged or was moved
     └── ProviderError                   the identity provider could not give us a token
         ├── ProviderMisconfiguredError  a 4xx we cannot fix by retrying            (not retried)
         │   └── ClientAuthenticationError  401/403 or ``invalid_client``           (not retried)
@@ -27,11 +30,14 @@ __all__ = [
     "ClientAuthenticationError",
     "ConfigError",
     "ConfigProblem",
+    "EncryptionKeyError",
     "InvalidTokenError",
     "ProviderError",
     "ProviderMisconfiguredError",
     "ProviderUnavailableError",
     "ReauthorizationRequiredError",
+    "StoreCorruptError",
+    "StoreError",
     "TokenBrokerError",
     "UnknownProviderError",
 ]
@@ -72,6 +78,32 @@ class ConfigError(TokenBrokerError):
         super().__init__(f"invalid configuration ({len(self.problems)} problem(s)):\n{lines}")
 
 
+class EncryptionKeyError(ConfigError):
+    """An encryption key is malformed or missing; start-up fails closed.
+
+    Args:
+        message: What is wrong, naming key positions or ids, never key material.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__([ConfigProblem("encryption_keys", message)])
+
+
+class StoreError(TokenBrokerError):
+    """The durable store could not do what was asked; nothing was half-written.
+
+    Still-valid tokens keep being served from memory meanwhile.
+    """
+
+    code = "store_unavailable"
+
+
+class StoreCorruptError(StoreError):
+    """A stored row or ciphertext is damaged, or was moved to another row or column."""
+
+    code = "store_corrupt"
+
+
 class UnknownProviderError(TokenBrokerError):
     """The provider, scope or account asked for is not configured."""
 
@@ -90,6 +122,9 @@ class ProviderError(TokenBrokerError):
     code = "provider_error"
     #: Whether the retry loop may try again.
     retryable = False
+    #: How many requests of the failed exchange the provider may have processed (set by the
+    #: retry loop); the refresh protocol uses it to decide what a single-use token may risk.
+    doubtful_sends = 0
 
     def __init__(
         self,

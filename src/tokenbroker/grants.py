@@ -110,11 +110,16 @@ class TokenResponse:
         token: The access token for consumers (``expires_at`` relative to ``issued_at``).
         lifetime: Seconds the token lives, from the reply or the configured default.
         refresh_token: A new refresh token, when the provider rotated it.
+        raw: The provider's raw reply (stored encrypted by the refresh protocol; never logged).
+        issued_at: Wall-clock time the token was obtained, when it came from the store
+            (the cache then schedules its refresh from that time, not from now).
     """
 
     token: Token
     lifetime: float
     refresh_token: Secret | None = None
+    raw: bytes = b""
+    issued_at: float | None = None
 
     def __repr__(self) -> str:
         return f"TokenResponse(token={self.token!r}, lifetime={self.lifetime})"
@@ -266,7 +271,9 @@ class _OAuthGrant:
             expires_at=issued_at + lifetime,
             scope=scope if isinstance(scope, str) else None,
         )
-        return TokenResponse(token=token, lifetime=lifetime, refresh_token=new_refresh)
+        return TokenResponse(
+            token=token, lifetime=lifetime, refresh_token=new_refresh, raw=reply.content
+        )
 
     def _classify(self, reply: Reply, body: dict[str, Any] | None) -> ProviderError:
         status = reply.status_code
@@ -438,7 +445,7 @@ class LoginGrant:
             token_type=_token_type(self.settings.token_type, self.provider),
             expires_at=issued_at + ttl,
         )
-        return TokenResponse(token=token, lifetime=ttl)
+        return TokenResponse(token=token, lifetime=ttl, raw=reply.content)
 
 
 def retry_after(headers: httpx.Headers) -> float | None:

@@ -1,0 +1,670 @@
+"""The durable store: credentials, fenced leases and refresh attempts in SQLite.
+
+The store decides correctness (refresh protocol, ``reference/refresh-protocol.md``):
+a lease on a credential row is taken with the database clock and bumps a fence
+counter; every write that matters carries ``WHERE lease_fence = :fence`` (and,
+for refresh tokens, ``AND rt_version = :version``), so a holder that lost its
+lease can never overwrite a newer token. A refresh reply is stored (encrypted)
+in the same transaction as the tokens it carries.
+
+``store: sqlite:///path`` is a file in WAL mode with ``synchronous=FULL``;
+``store: memory`` is the same schema in process memory. Every secret column is
+AES-GCM ciphertext bound to its row, column and version (:mod:`tokenbroker.crypto`).
+The SQL is kept portable; the database clock is one expression (``_NOW``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .crypto import Keyring
+from .errors import StoreCorruptError, StoreError
+from .secret import Secret
+from .token import Token
+
+__all__ = ["Attempt", "CredentialRow", "Lease", "SQLiteStore", "StoredToken"]
+
+_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+_MIGRATIONS = [
+    """
+    CREATE TABLE tb_credential (
+        id TEXT PRIMARY KEY,
+        provider TEXT NOT NULL,
+        fingerprint TEXT NOT NULL DEFAULT '',
+        at_ct BLOB,
+        at_version INTEGER NOT NULL DEFAULT 0,
+        at_obtained_at REAL,
+        at_expires_at REAL,
+        at_lifetime REAL,
+        rt_ct BLOB,
+        rt_version INTEGER NOT NULL DEFAULT 0,
+        seed_digest TEXT,
+        state TEXT NOT NULL DEFAULT 'active',
+        last_error TEXT,
+        last_refresh REAL,
+        updated_at REAL,
+        lease_owner TEXT,
+        lease_fence INTEGER NOT NULL DEFAULT 0,
+        lease_expires_at REAL
+    );
+    CREATE TABLE tb_attempt (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        credential_id TEXT NOT NULL REFERENCES tb_credential(id),
+        from_version INTEGER NOT NULL,
+        to_version INTEGER,
+        fence INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        status TEXT NOT NULL,
+        recovery INTEGER NOT NULL DEFAULT 0,
+        raw_ct BLOB,
+        error TEXT
+    );
+    CREATE INDEX tb_attempt_open ON tb_attempt(credential_id, status);
+    """,
+]
+
+#: Attempt statuses that may have reached the provider without a stored outcome.
+OPEN_STATUSES = ("intent", "in_doubt")
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class StoredToken:
+    """A stored access token.
+
+    Attributes:
+        token: The token as consumers get it.
+        lifetime: Its full lifetime in seconds.
+        obtained_at: Wall-clock time it was requested.
+        fingerprint: Fingerprint of the settings it was issued under.
+    """
+
+    token: Token
+    lifetime: float
+    obtained_at: float
+    fingerprint: str
+
+    def __repr__(self) -> str:
+        return f"StoredToken(expires_at={self.token.expires_at:.0f}, lifetime={self.lifetime})"
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class CredentialRow:
+    """One credential row, decrypted.
+
+    Attributes:
+        id: Row id (see the broker's key scheme).
+        provider: Provider name.
+        token: The stored access token, if any.
+        refresh_token: The stored refresh token, if any.
+        rt_version: Increments with every applied refresh.
+        seed_digest: SHA-256 of the configured seed the refresh token chain started from.
+        state: ``active``, ``refreshing``, ``in_doubt`` or ``reauthorization_required``.
+        last_error: Class name of the last failure.
+        last_refresh: Wall-clock time of the last applied token.
+        lease_owner: Who holds the lease, if anyone.
+        lease_fence: The fence counter.
+        lease_expires_at: Database-clock expiry of the lease.
+    """
+
+    id: str
+    provider: str
+    token: StoredToken | None
+    refresh_token: Secret | None
+    rt_version: int
+    seed_digest: str | None
+    state: str
+    last_error: str | None
+    last_refresh: float | None
+    lease_owner: str | None
+    lease_fence: int
+    lease_expires_at: float | None
+
+    def __repr__(self) -> str:
+        return f"CredentialRow(id={self.id!r}, state={self.state!r}, rt_version={self.rt_version})"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A held lease: proof of the right to refresh one credential.
+
+    Attributes:
+        id: The credential row.
+        owner: Our owner id.
+        fence: The fence value our writes must carry.
+        rt_version: The refresh-token version when the lease was taken.
+        expires_at: Database-clock expiry.
+    """
+
+    id: str
+    owner: str
+    fence: int
+    rt_version: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """A recorded refresh attempt.
+
+    Attributes:
+        id: Attempt id.
+        from_version: The refresh-token version it presented.
+        fence: The fence it ran under.
+        started_at: Database-clock start.
+        status: ``intent``, ``in_doubt``, ``succeeded``, ``orphaned``, ``failed``, ``superseded``.
+        recovery: Whether it was a recovery of an earlier in-doubt attempt.
+    """
+
+    id: int
+    from_version: int
+    fence: int
+    started_at: float
+    status: str
+    recovery: bool
+
+
+def _translate(exc: sqlite3.Error) -> StoreError:
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
+        return StoreCorruptError("the store file is damaged")
+    if "locked" in text or "busy" in text:
+        return StoreError("the store stayed locked beyond its busy timeout")
+    if "full" in text:
+        return StoreError("the store's disk is full")
+    if "readonly" in text or "read-only" in text:
+        return StoreError("the store is read-only")
+    return StoreError(f"the store failed ({type(exc).__name__})")
+
+
+class SQLiteStore:
+    """Credentials, leases and attempts in one SQLite database.
+
+    Args:
+        path: A file path, or ``:memory:``.
+        keyring: Encrypts and decrypts every secret column.
+        busy_timeout: Seconds to wait for another process's write lock.
+
+    Raises:
+        StoreError: When the file cannot be opened or migrated.
+        EncryptionKeyError: When stored secrets need a key the keyring lacks.
+    """
+
+    def __init__(self, path: str, keyring: Keyring, *, busy_timeout: float = 5.0) -> None:
+        self.path = path
+        self._keyring = keyring
+        self._lock = threading.RLock()
+        memory = path == ":memory:"
+        try:
+            if not memory and not Path(path).exists():
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self._db = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            if not memory:
+                self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        except OSError as exc:
+            raise StoreError(f"cannot open the store: {exc.strerror}") from None
+        self._check_keys()
+
+    @classmethod
+    def from_url(cls, url: str, keyring: Keyring, *, busy_timeout: float = 5.0) -> SQLiteStore:
+        """Open ``sqlite:///relative/or/absolute/path`` or ``memory``.
+
+        Args:
+            url: The ``store`` setting.
+            keyring: The encryption keys.
+            busy_timeout: Seconds to wait for a lock.
+
+        Returns:
+            The store.
+        """
+        if url == "memory":
+            return cls(":memory:", keyring, busy_timeout=busy_timeout)
+        return cls(url.removeprefix("sqlite:///"), keyring, busy_timeout=busy_timeout)
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore(path={self.path!r})"
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    def pragmas(self) -> dict[str, Any]:
+        """The durability settings in force (asserted by tests)."""
+        with self._lock:
+            return {
+                name: self._db.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "busy_timeout")
+            }
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def now(self) -> float:
+        """The database clock, Unix seconds."""
+        with self._guard():
+            value: float = self._db.execute(f"SELECT {_NOW}").fetchone()[0]
+            return value
+
+    def load(self, row_id: str) -> CredentialRow | None:
+        """Read and decrypt one credential row.
+
+        Raises:
+            StoreCorruptError: A ciphertext fails its integrity check.
+        """
+        with self._guard():
+            row = self._db.execute("SELECT * FROM tb_credential WHERE id = ?", (row_id,)).fetchone()
+            columns = [
+                d[0] for d in self._db.execute("SELECT * FROM tb_credential LIMIT 0").description
+            ]
+        return None if row is None else self._decode(dict(zip(columns, row, strict=True)))
+
+    def states(self) -> list[dict[str, Any]]:
+        """Every credential's non-secret columns, for ``tokenbroker status`` (no key needed)."""
+        with self._guard():
+            cursor = self._db.execute(
+                "SELECT id, provider, state, at_expires_at, last_refresh, last_error, rt_version,"
+                " lease_owner, lease_expires_at, rt_ct IS NOT NULL FROM tb_credential ORDER BY id"
+            )
+            names = [d[0] for d in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def attempts(self, row_id: str) -> list[Attempt]:
+        """Every recorded refresh attempt of a credential, oldest first."""
+        with self._guard():
+            rows = self._db.execute(
+                "SELECT id, from_version, fence, started_at, status, recovery FROM tb_attempt"
+                " WHERE credential_id = ? ORDER BY id",
+                (row_id,),
+            ).fetchall()
+        return [Attempt(r[0], r[1], r[2], r[3], r[4], bool(r[5])) for r in rows]
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def acquire(
+        self, row_id: str, provider: str, owner: str, ttl: float, *, steal_from: str | None = None
+    ) -> Lease | None:
+        """Take the lease on a credential if it is free, expired, or held by ``steal_from``.
+
+        Creates the row if needed. Every successful take bumps the fence.
+
+        Returns:
+            The lease, or None when someone else holds it.
+        """
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO tb_credential (id, provider, updated_at) VALUES (?, ?, "
+                f"{_NOW}) ON CONFLICT (id) DO NOTHING",
+                (row_id, provider),
+            )
+            row = self._db.execute(
+                f"UPDATE tb_credential SET lease_owner = ?, lease_fence = lease_fence + 1,"
+                f" lease_expires_at = {_NOW} + ? WHERE id = ? AND (lease_owner IS NULL"
+                f" OR lease_expires_at < {_NOW} OR lease_owner = ?)"
+                " RETURNING lease_fence, rt_version, lease_expires_at",
+                (owner, ttl, row_id, steal_from or owner),
+            ).fetchone()
+        if row is None:
+            return None
+        return Lease(row_id, owner, row[0], row[1], row[2])
+
+    def release(self, lease: Lease) -> None:
+        """Give the lease back if we still hold it (a no-op after a takeover)."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE tb_credential SET lease_owner = NULL, lease_expires_at = NULL"
+                " WHERE id = ? AND lease_fence = ? AND lease_owner = ?",
+                (lease.id, lease.fence, lease.owner),
+            )
+
+    # -- refresh protocol ----------------------------------------------------------------------
+
+    def begin_attempt(self, lease: Lease, *, recovery: bool = False) -> int | None:
+        """Write the intent record (step 3) and mark the credential ``refreshing``.
+
+        Returns:
+            The attempt id, or None when the lease was lost (fenced out).
+        """
+        with self._tx():
+            changed = self._db.execute(
+                "UPDATE tb_credential SET state = 'refreshing', updated_at = "
+                + _NOW
+                + " WHERE id = ? AND lease_fence = ? AND rt_version = ?",
+                (lease.id, lease.fence, lease.rt_version),
+            ).rowcount
+            if changed != 1:
+                return None
+            cursor = self._db.execute(
+                "INSERT INTO tb_attempt (credential_id, from_version, fence, started_at, status,"
+                f" recovery) VALUES (?, ?, ?, {_NOW}, 'intent', ?)",
+                (lease.id, lease.rt_version, lease.fence, int(recovery)),
+            )
+            attempt_id = cursor.lastrowid
+        assert attempt_id is not None
+        return attempt_id
+
+    def open_attempts(self, row_id: str) -> list[Attempt]:
+        """Attempts that may have reached the provider without a stored outcome."""
+        return [a for a in self.attempts(row_id) if a.status in OPEN_STATUSES]
+
+    def close_attempts(self, lease: Lease, ids: list[int], status: str) -> None:
+        """Mark earlier open attempts resolved (e.g. ``superseded`` after a recovery)."""
+        with self._tx():
+            for attempt_id in ids:
+                self._db.execute(
+                    f"UPDATE tb_attempt SET status = ?, finished_at = {_NOW}"
+                    " WHERE id = ? AND credential_id = ?",
+                    (status, attempt_id, lease.id),
+                )
+
+    def finish_attempt(
+        self,
+        lease: Lease,
+        attempt_id: int | None,
+        *,
+        status: str,
+        state: str,
+        error: str | None,
+        raw: bytes | None = None,
+    ) -> None:
+        """Record a failed attempt and the credential's resulting state (fenced)."""
+        with self._tx():
+            if attempt_id is not None:
+                raw_ct = self._seal(raw, "tb_attempt", str(attempt_id), "raw")
+                self._db.execute(
+                    f"UPDATE tb_attempt SET status = ?, error = ?, raw_ct = ?, finished_at = {_NOW}"
+                    " WHERE id = ?",
+                    (status, error, raw_ct, attempt_id),
+                )
+            self._db.execute(
+                f"UPDATE tb_credential SET state = ?, last_error = ?, updated_at = {_NOW}"
+                " WHERE id = ? AND lease_fence = ?",
+                (state, error, lease.id, lease.fence),
+            )
+
+    def commit(
+        self,
+        lease: Lease,
+        attempt_id: int | None,
+        token: StoredToken,
+        *,
+        refresh_token: Secret | None = None,
+        seed_digest: str | None = None,
+        raw: bytes | None = None,
+    ) -> bool:
+        """Store a reply and apply its tokens in one transaction (step 6).
+
+        The tokens are applied only if the fence and refresh-token version still
+        match; otherwise the reply is kept as an ``orphaned`` attempt.
+
+        Args:
+            lease: The lease the request was sent under.
+            attempt_id: The intent record, for refresh-token credentials.
+            token: The new access token.
+            refresh_token: The refresh token to keep (new, or the one presented).
+            seed_digest: Digest of the configured seed this chain descends from.
+            raw: The provider's raw reply, kept encrypted.
+
+        Returns:
+            True when applied, False when fenced out (orphaned).
+        """
+        version = lease.rt_version + (1 if refresh_token is not None else 0)
+        with self._tx():
+            if attempt_id is not None:
+                self._db.execute(
+                    "UPDATE tb_attempt SET status = 'received', raw_ct = ? WHERE id = ?",
+                    (self._seal(raw, "tb_attempt", str(attempt_id), "raw"), attempt_id),
+                )
+            current = self._db.execute(
+                "SELECT at_version FROM tb_credential WHERE id = ?", (lease.id,)
+            ).fetchone()
+            at_version = (current[0] if current else 0) + 1
+            at_plain = json.dumps(
+                {
+                    "access_token": token.token.access_token,
+                    "token_type": token.token.token_type,
+                    "scope": token.token.scope,
+                }
+            ).encode()
+            params: list[Any] = [
+                token.fingerprint,
+                self._seal(at_plain, "tb_credential", lease.id, "at", at_version),
+                at_version,
+                token.obtained_at,
+                token.token.expires_at,
+                token.lifetime,
+                token.obtained_at,
+            ]
+            rt_sql = ""
+            if refresh_token is not None:
+                rt_sql = ", rt_ct = ?, rt_version = ?, seed_digest = COALESCE(?, seed_digest)"
+                rt_ct = self._seal(
+                    refresh_token.reveal().encode(), "tb_credential", lease.id, "rt", version
+                )
+                params += [rt_ct, version, seed_digest]
+            params += [lease.id, lease.fence, lease.rt_version]
+            applied = self._db.execute(
+                "UPDATE tb_credential SET fingerprint = ?, at_ct = ?, at_version = ?,"
+                " at_obtained_at = ?, at_expires_at = ?, at_lifetime = ?, last_refresh = ?,"
+                f" state = 'active', last_error = NULL, updated_at = {_NOW}{rt_sql}"
+                " WHERE id = ? AND lease_fence = ? AND rt_version = ?",
+                params,
+            ).rowcount
+            if attempt_id is not None:
+                self._db.execute(
+                    f"UPDATE tb_attempt SET status = ?, to_version = ?, finished_at = {_NOW}"
+                    " WHERE id = ?",
+                    (
+                        "succeeded" if applied else "orphaned",
+                        version if applied else None,
+                        attempt_id,
+                    ),
+                )
+        return applied == 1
+
+    def set_state(self, lease: Lease, state: str, error: str | None = None) -> bool:
+        """Set a credential's state under the lease (fenced).
+
+        Returns:
+            Whether the lease was still ours.
+        """
+        with self._tx():
+            return (
+                self._db.execute(
+                    f"UPDATE tb_credential SET state = ?, last_error = ?, updated_at = {_NOW}"
+                    " WHERE id = ? AND lease_fence = ?",
+                    (state, error, lease.id, lease.fence),
+                ).rowcount
+                == 1
+            )
+
+    def reseed(self, lease: Lease, seed: Secret, digest: str) -> Lease | None:
+        """Replace the refresh token with a newly configured seed (an operator re-authorised).
+
+        Returns:
+            The lease with the new version, or None when fenced out.
+        """
+        version = lease.rt_version + 1
+        rt_ct = self._seal(seed.reveal().encode(), "tb_credential", lease.id, "rt", version)
+        with self._tx():
+            changed = self._db.execute(
+                "UPDATE tb_credential SET rt_ct = ?, rt_version = ?, seed_digest = ?, at_ct = NULL,"
+                f" state = 'active', last_error = NULL, updated_at = {_NOW}"
+                " WHERE id = ? AND lease_fence = ? AND rt_version = ?",
+                (rt_ct, version, digest, lease.id, lease.fence, lease.rt_version),
+            ).rowcount
+            if changed:
+                self._db.execute(
+                    f"UPDATE tb_attempt SET status = 'superseded', finished_at = {_NOW}"
+                    " WHERE credential_id = ? AND status IN ('intent', 'in_doubt')",
+                    (lease.id,),
+                )
+        if changed != 1:
+            return None
+        return Lease(lease.id, lease.owner, lease.fence, version, lease.expires_at)
+
+    def rotate_keys(self) -> int:
+        """Re-encrypt every secret with the primary key.
+
+        Returns:
+            How many ciphertexts were re-encrypted.
+        """
+        count = 0
+        with self._tx():
+            rows = self._db.execute(
+                "SELECT id, at_ct, at_version, rt_ct, rt_version FROM tb_credential"
+            ).fetchall()
+            for row_id, at_ct, at_version, rt_ct, rt_version in rows:
+                for column, blob, version in (("at", at_ct, at_version), ("rt", rt_ct, rt_version)):
+                    if blob is None or not self._keyring.needs_rotation(blob):
+                        continue
+                    aad = _aad("tb_credential", row_id, column, version)
+                    fresh = self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
+                    self._db.execute(
+                        f"UPDATE tb_credential SET {column}_ct = ? WHERE id = ?", (fresh, row_id)
+                    )
+                    count += 1
+            for attempt_id, blob in self._db.execute(
+                "SELECT id, raw_ct FROM tb_attempt WHERE raw_ct IS NOT NULL"
+            ).fetchall():
+                if self._keyring.needs_rotation(blob):
+                    aad = _aad("tb_attempt", str(attempt_id), "raw")
+                    fresh = self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
+                    self._db.execute(
+                        "UPDATE tb_attempt SET raw_ct = ? WHERE id = ?", (fresh, attempt_id)
+                    )
+                    count += 1
+        return count
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        with self._lock:
+            try:
+                yield
+            except sqlite3.Error as exc:
+                raise _translate(exc) from None
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        """A write transaction: ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any error."""
+        with self._guard():
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def _migrate(self) -> None:
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS tb_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
+        )
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            row = self._db.execute(
+                "SELECT value FROM tb_meta WHERE name = 'schema_version'"
+            ).fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(_MIGRATIONS):
+                raise StoreError(
+                    f"the store has schema version {version}; "
+                    f"this tokenbroker knows up to {len(_MIGRATIONS)}"
+                )
+            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(
+                    "INSERT INTO tb_meta (name, value) VALUES ('schema_version', ?)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (str(number),),
+                )
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def _check_keys(self) -> None:
+        """Fail closed when stored secrets were made with a key we do not have."""
+        with self._guard():
+            blobs = self._db.execute(
+                "SELECT at_ct FROM tb_credential WHERE at_ct IS NOT NULL UNION ALL "
+                "SELECT rt_ct FROM tb_credential WHERE rt_ct IS NOT NULL UNION ALL "
+                "SELECT raw_ct FROM tb_attempt WHERE raw_ct IS NOT NULL"
+            ).fetchall()
+        for (blob,) in blobs:
+            if not self._keyring.knows(blob):
+                self._keyring.decrypt(blob, b"")  # raises EncryptionKeyError naming the key id
+
+    def _seal(
+        self, plain: bytes | None, table: str, row: str, column: str, version: int | None = None
+    ) -> bytes | None:
+        if plain is None:
+            return None
+        return self._keyring.encrypt(plain, _aad(table, row, column, version))
+
+    def _decode(self, row: dict[str, Any]) -> CredentialRow:
+        token = None
+        if row["at_ct"] is not None:
+            plain = json.loads(
+                self._keyring.decrypt(
+                    row["at_ct"], _aad("tb_credential", row["id"], "at", row["at_version"])
+                )
+            )
+            token = StoredToken(
+                token=Token(
+                    access_token=plain["access_token"],
+                    token_type=plain["token_type"],
+                    expires_at=row["at_expires_at"],
+                    scope=plain["scope"],
+                ),
+                lifetime=row["at_lifetime"],
+                obtained_at=row["at_obtained_at"],
+                fingerprint=row["fingerprint"],
+            )
+        refresh = None
+        if row["rt_ct"] is not None:
+            aad = _aad("tb_credential", row["id"], "rt", row["rt_version"])
+            refresh = Secret(self._keyring.decrypt(row["rt_ct"], aad).decode())
+        return CredentialRow(
+            id=row["id"],
+            provider=row["provider"],
+            token=token,
+            refresh_token=refresh,
+            rt_version=row["rt_version"],
+            seed_digest=row["seed_digest"],
+            state=row["state"],
+            last_error=row["last_error"],
+            last_refresh=row["last_refresh"],
+            lease_owner=row["lease_owner"],
+            lease_fence=row["lease_fence"],
+            lease_expires_at=row["lease_expires_at"],
+        )
+
+
+def _aad(table: str, row: str, column: str, version: int | None = None) -> bytes:
+    suffix = "" if version is None else f"|{version}"
+    return f"{table}|{row}|{column}{suffix}".encode()
