@@ -112,3 +112,63 @@ def test_dev_demo_prints_tokens_and_background_refreshes() -> None:
     for line in token_lines:
         token = line.split()[2]
         assert all(token not in r for r in refresh_lines)
+
+
+def file_config(tmp_path: Path, server: AuthorizationServer, keys: list[str]) -> Path:
+    path = tmp_path / "tokenbroker.yaml"
+    config = {
+        "store": "sqlite:///tb.db",
+        "encryption_keys": keys,
+        "providers": {"svc": client_credentials(server)},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_status_rotate_key_and_missing_key(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """status lists the stored credential without secrets; rotate-key makes the old key unneeded;
+    a store whose key is missing refuses to start with a message naming encryption_keys."""
+    from tokenbroker.crypto import generate_key
+
+    old, new = generate_key(), generate_key()
+    runner = CliRunner()
+    config = file_config(tmp_path, auth_server, [old])
+    token = runner.invoke(main, ["token", "svc", "--config", str(config)]).output.strip()
+    assert (tmp_path / "tb.db").exists()  # relative to the config file
+    status = runner.invoke(main, ["status", "--config", str(config)])
+    assert status.exit_code == 0, status.output
+    assert "valid" in status.output and "svc:" in status.output
+    assert token not in status.output and old not in status.output
+
+    only_new = file_config(tmp_path, auth_server, [new])
+    refused = runner.invoke(main, ["status", "--config", str(only_new)])
+    assert refused.exit_code == 2
+    assert "encryption_keys" in refused.output and "not among" in refused.output
+
+    both = file_config(tmp_path, auth_server, [new, old])
+    rotated = runner.invoke(main, ["rotate-key", "--config", str(both)])
+    assert rotated.exit_code == 0, rotated.output
+    assert "re-encrypted 1 secret" in rotated.output
+    only_new = file_config(tmp_path, auth_server, [new])
+    again = runner.invoke(main, ["token", "svc", "--config", str(only_new)])
+    assert again.exit_code == 0, again.output
+    assert again.output.strip() == token
+    assert auth_server.count("client_credentials") == 1
+
+    no_key = file_config(tmp_path, auth_server, [])
+    for command in (["check"], ["token", "svc"]):
+        result = runner.invoke(main, [*command, "--config", str(no_key)])
+        assert result.exit_code == 2
+        assert "encryption_keys" in result.output
+
+
+def test_status_on_an_empty_store(tmp_path: Path, auth_server: AuthorizationServer) -> None:
+    """status on a fresh store says there is nothing stored yet."""
+    from tokenbroker.crypto import generate_key
+
+    config = file_config(tmp_path, auth_server, [generate_key()])
+    result = CliRunner().invoke(main, ["status", "--config", str(config)])
+    assert result.exit_code == 0
+    assert "no stored credentials" in result.output

@@ -6,17 +6,18 @@ Only this module configures logging handlers. Every command takes
 
 from __future__ import annotations
 
-import base64
 import logging
-import secrets
 import sys
+import time
 from pathlib import Path
 
 import click
 
-from .broker import Broker
+from .broker import Broker, open_store
 from .config import load_settings, startup_problems
+from .crypto import generate_key
 from .errors import ConfigError, ProviderError, TokenBrokerError, UnknownProviderError
+from .store import SQLiteStore
 
 __all__ = ["main"]
 
@@ -90,10 +91,77 @@ def token(provider: str, scope: str | None, account: str | None, config_path: Pa
     click.echo(value.access_token)
 
 
+def _open_store(config_path: Path) -> SQLiteStore:
+    settings = load_settings(config_path)
+    problems = startup_problems(settings)
+    if problems:
+        raise ConfigError(problems)
+    return open_store(settings)
+
+
+@main.command()
+@config_option
+def status(config_path: Path) -> None:
+    """One line per stored credential: provider, state, valid until, last refresh, last error."""
+    try:
+        store = _open_store(config_path)
+    except TokenBrokerError as exc:
+        _fail(exc)
+        return
+    try:
+        now = store.now()
+        rows = store.states()
+    finally:
+        store.close()
+    if not rows:
+        click.echo("no stored credentials yet")
+        return
+    click.echo(
+        f"{'CREDENTIAL':<32} {'STATE':<25} {'VALID UNTIL':<20} {'LAST REFRESH':<20} LAST ERROR"
+    )
+    for row in rows:
+        click.echo(
+            f"{row['id'][:32]:<32} {_state(row, now):<25} {_when(row['at_expires_at']):<20} "
+            f"{_when(row['last_refresh']):<20} {row['last_error'] or '-'}"
+        )
+
+
+def _state(row: dict[str, object], now: float) -> str:
+    state = str(row["state"])
+    if state == "active":
+        expires = row["at_expires_at"]
+        if row["last_error"]:
+            return "failing"
+        return "valid" if isinstance(expires, float) and expires > now else "expired"
+    return state
+
+
+def _when(value: object) -> str:
+    if not isinstance(value, float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value))
+
+
+@main.command("rotate-key")
+@config_option
+def rotate_key(config_path: Path) -> None:
+    """Re-encrypt every stored secret with the first of encryption_keys."""
+    try:
+        store = _open_store(config_path)
+        try:
+            count = store.rotate_keys()
+        finally:
+            store.close()
+    except TokenBrokerError as exc:
+        _fail(exc)
+        return
+    click.echo(f"re-encrypted {count} secret(s); only the first of encryption_keys is needed now")
+
+
 @main.command()
 def keygen() -> None:
     """Print a new encryption key (32 random bytes, URL-safe base64)."""
-    click.echo(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii"))
+    click.echo(generate_key())
 
 
 @main.command()

@@ -1,0 +1,288 @@
+"""The fenced refresh protocol end to end: shared stores, restarts, recovery by rotation policy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from support import refresh_token, stampede
+from tokenbroker import (
+    Broker,
+    ManualClock,
+    ProviderUnavailableError,
+    ReauthorizationRequiredError,
+    parse_settings,
+)
+from tokenbroker.crypto import generate_key
+from tokenbroker.testing import AuthorizationServer, Fault
+
+KEY = generate_key()
+
+
+def file_broker(
+    path: Path, providers: dict[str, Any], defaults: dict[str, Any] | None = None, **kwargs: Any
+) -> Broker:
+    """A broker on a SQLite file, as a separate process would build it."""
+    config = {
+        "store": f"sqlite:///{path}",
+        "encryption_keys": [KEY],
+        "defaults": {
+            "retries": 1,
+            "backoff_seconds": 0.01,
+            "deadline_seconds": 3,
+            **(defaults or {}),
+        },
+        "providers": providers,
+    }
+    return Broker(parse_settings(yaml.safe_dump(config), {}), **kwargs)
+
+
+@pytest.fixture
+def rt_server() -> Any:
+    server = AuthorizationServer(expires_in=3600)
+    server.add_client("rt-client", None, auth_method="none", scopes=["read"])
+    server.add_client("cc", "cc-secret", scopes=["read", "write"])
+    with server:
+        yield server
+
+
+def cc(server: AuthorizationServer, **extra: Any) -> dict[str, Any]:
+    return {
+        "grant": "client_credentials",
+        "token_url": server.token_url,
+        "client_id": "cc",
+        "client_secret": "cc-secret",
+        "scopes": ["read"],
+        **extra,
+    }
+
+
+def test_restart_with_valid_tokens_sends_nothing(
+    rt_server: AuthorizationServer, tmp_path: Path
+) -> None:
+    """A new broker on the same file serves the stored tokens: 0 requests to the provider."""
+    seed = rt_server.issue_refresh_token("rt-client")
+    providers = {"rt": refresh_token(rt_server, seed), "cc": cc(rt_server)}
+    with file_broker(tmp_path / "tb.db", providers) as first:
+        tokens = {p: first.get_token(p).access_token for p in providers}
+    before = (rt_server.count("refresh_token"), rt_server.count("client_credentials"))
+    with file_broker(tmp_path / "tb.db", providers) as second:
+        again = {p: second.get_token(p).access_token for p in providers}
+    assert again == tokens
+    assert (
+        (rt_server.count("refresh_token"), rt_server.count("client_credentials"))
+        == before
+        == (1, 1)
+    )
+
+
+def test_brokers_sharing_a_file_fetch_once(rt_server: AuthorizationServer, tmp_path: Path) -> None:
+    """Three brokers (as three processes would) × 100 threads on a cold key: one token request."""
+    rt_server.latency = 0.2
+    brokers = [file_broker(tmp_path / "tb.db", {"cc": cc(rt_server)}) for _ in range(3)]
+    try:
+        results = stampede(300, lambda: brokers[threading.get_ident() % 3].get_token("cc"))
+    finally:
+        for broker in brokers:
+            broker.close()
+    assert rt_server.count("client_credentials") == 1
+    assert len({r.access_token for r in results}) == 1  # type: ignore[union-attr]
+
+
+def test_invalidated_token_is_replaced_even_if_the_store_still_has_it(
+    rt_server: AuthorizationServer, tmp_path: Path
+) -> None:
+    """Compare-and-invalidate reaches past the store: the rejected token is never served again."""
+    with file_broker(tmp_path / "tb.db", {"cc": cc(rt_server)}) as broker:
+        rejected = broker.get_token("cc").access_token
+        assert broker.invalidate("cc", rejected)
+        fresh = broker.get_token("cc").access_token
+    assert fresh != rejected
+    assert rt_server.count("client_credentials") == 2
+
+
+def test_settings_change_starts_a_new_key_but_keeps_the_refresh_token(
+    rt_server: AuthorizationServer, tmp_path: Path
+) -> None:
+    """New scopes mean a new client-credentials token; the refresh-token chain survives a change."""
+    seed = rt_server.issue_refresh_token("rt-client", scope="read")
+    with file_broker(
+        tmp_path / "tb.db", {"cc": cc(rt_server), "rt": refresh_token(rt_server, seed)}
+    ) as b:
+        b.get_token("cc")
+        b.get_token("rt")
+    changed = {
+        "cc": cc(rt_server, scopes=["write"]),
+        "rt": refresh_token(rt_server, seed, scopes=["read"]),
+    }
+    with file_broker(tmp_path / "tb.db", changed) as b:
+        b.get_token("cc")
+        b.get_token("rt")
+    assert rt_server.count("client_credentials") == 2
+    presented = rt_server.presented_refresh_tokens
+    assert len(presented) == 2
+    assert presented[0] == seed
+    assert presented[1] != seed  # the stored successor, not the configured seed
+    assert not rt_server.reused_refresh_tokens()
+
+
+def test_new_seed_in_config_recovers_from_reauthorization(
+    rt_server: AuthorizationServer, tmp_path: Path
+) -> None:
+    """After reauthorization_required, configuring a fresh refresh token makes the credential work."""
+    dead = rt_server.issue_refresh_token("rt-client")
+    rt_server.inject(Fault(status=400, body='{"error":"invalid_grant"}'))
+    with file_broker(tmp_path / "tb.db", {"rt": refresh_token(rt_server, dead)}) as b:
+        with pytest.raises(ReauthorizationRequiredError):
+            b.get_token("rt")
+        assert b.store.load("rt").state == "reauthorization_required"
+    with (
+        file_broker(tmp_path / "tb.db", {"rt": refresh_token(rt_server, dead)}) as b,
+        pytest.raises(ReauthorizationRequiredError),
+    ):
+        b.get_token("rt")
+    assert rt_server.count("refresh_token") == 1  # the dead state is remembered across restarts
+    fresh = rt_server.issue_refresh_token("rt-client")
+    with file_broker(tmp_path / "tb.db", {"rt": refresh_token(rt_server, fresh)}) as b:
+        assert b.get_token("rt").access_token
+        assert b.store.load("rt").state == "active"
+
+
+def interrupted_attempt(broker: Broker, server: AuthorizationServer) -> None:
+    """Leave an intent record behind, as a process killed before sending would."""
+    broker.get_token("rt")
+    store = broker.store
+    lease = store.acquire("rt", "rt", "someone-else", 30)
+    assert lease is not None
+    store.begin_attempt(lease)
+    store.release(lease)
+
+
+@pytest.mark.parametrize(("rotation", "grace"), [("strict", 0), ("grace", 86400)])
+def test_interrupted_attempt_is_recovered_once(tmp_path: Path, rotation: str, grace: int) -> None:
+    """An intent left by a crash before sending: the next refresh recovers with one request."""
+    server = AuthorizationServer(rotation=rotation, reuse_grace_seconds=grace)
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        clock = ManualClock()
+        provider = refresh_token(
+            server, seed, rotation={"single_use": True, "reuse_grace_seconds": grace}
+        )
+        with file_broker(tmp_path / "tb.db", {"rt": provider}, clock=clock) as broker:
+            interrupted_attempt(broker, server)
+            clock.advance(3600)
+            assert broker.get_token("rt").access_token
+            attempts = broker.store.attempts("rt")
+        assert [a.status for a in attempts] == ["succeeded", "superseded", "succeeded"]
+        assert attempts[-1].recovery is (grace == 0)
+        assert server.count("refresh_token") == 2
+        assert not server.reused_refresh_tokens()
+
+
+def test_strict_recovery_after_the_provider_rotated_reports_reauthorization(tmp_path: Path) -> None:
+    """The provider rotated but we lost the reply (in doubt): one recovery, then reauthorization_required."""
+    server = AuthorizationServer(rotation="strict")
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        clock = ManualClock()
+        with file_broker(
+            tmp_path / "tb.db", {"rt": refresh_token(server, seed)}, clock=clock
+        ) as broker:
+            broker.get_token("rt")
+            row = broker.store.load("rt")
+            # The lost exchange: the provider rotates the stored token, we never see the reply.
+            import httpx
+
+            httpx.post(
+                server.token_url,
+                data={
+                    "grant_type": "refresh_token",
+                    "client_id": "rt-client",
+                    "refresh_token": row.refresh_token.reveal(),
+                },
+            )
+            lease = broker.store.acquire("rt", "rt", "crashed", 30)
+            broker.store.begin_attempt(lease)
+            broker.store.release(lease)
+            before = server.count("refresh_token")
+            clock.advance(3600)
+            with pytest.raises(ReauthorizationRequiredError):
+                broker.get_token("rt")
+            clock.advance(3600)
+            with pytest.raises(ReauthorizationRequiredError):
+                broker.get_token("rt")
+            assert broker.store.load("rt").state == "reauthorization_required"
+        assert server.count("refresh_token") - before == 1
+
+
+def test_grace_in_doubt_beyond_the_grace_is_reauthorization(tmp_path: Path) -> None:
+    """An in-doubt attempt older than reuse_grace_seconds is not retried."""
+    server = AuthorizationServer(rotation="grace", reuse_grace_seconds=86400)
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        clock = ManualClock()
+        provider = refresh_token(
+            server, seed, rotation={"single_use": True, "reuse_grace_seconds": 1}
+        )
+        with file_broker(tmp_path / "tb.db", {"rt": provider}, clock=clock) as broker:
+            interrupted_attempt(broker, server)
+            broker.store._db.execute("UPDATE tb_attempt SET started_at = started_at - 10")
+            before = server.count("refresh_token")
+            clock.advance(3600)
+            with pytest.raises(ReauthorizationRequiredError):
+                broker.get_token("rt")
+        assert server.count("refresh_token") == before
+
+
+def test_dead_lease_holder_on_this_host_is_taken_over_at_once(
+    rt_server: AuthorizationServer, tmp_path: Path
+) -> None:
+    """A lease held by a process that no longer exists does not make anyone wait for its expiry."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    import socket
+
+    dead_owner = f"{socket.gethostname()}:{child.stdout.strip()}:deadbeef"
+    with file_broker(tmp_path / "tb.db", {"cc": cc(rt_server)}) as broker:
+        broker.get_token("cc")
+        row_id = broker.store.states()[0]["id"]
+        broker.store._db.execute(
+            "UPDATE tb_credential SET lease_owner = ?, lease_expires_at = 9e12 WHERE id = ?",
+            (dead_owner, row_id),
+        )
+        broker.invalidate("cc", broker.get_token("cc").access_token)
+        assert broker.get_token("cc").access_token
+    assert rt_server.count("client_credentials") == 2
+
+
+def test_live_lease_holder_makes_others_wait_then_give_up(
+    rt_server: AuthorizationServer, tmp_path: Path
+) -> None:
+    """A lease held by a live process is respected: the caller waits, then fails without sending."""
+    defaults = {"deadline_seconds": 0.3, "lease_seconds": 1}
+    with file_broker(tmp_path / "tb.db", {"cc": cc(rt_server)}, defaults) as broker:
+        broker.get_token("cc")
+        row_id = broker.store.states()[0]["id"]
+        broker.store._db.execute(
+            "UPDATE tb_credential SET lease_owner = 'elsewhere:1:x', lease_expires_at = 9e12"
+            " WHERE id = ?",
+            (row_id,),
+        )
+        broker.invalidate("cc", broker.get_token("cc").access_token)
+        with pytest.raises(ProviderUnavailableError) as caught:
+            broker.get_token("cc")
+    assert caught.value.sent is False
+    assert rt_server.count("client_credentials") == 1
