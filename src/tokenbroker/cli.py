@@ -75,6 +75,21 @@ def check(config_path: Path) -> None:
     click.echo(f"{config_path}: ok ({len(settings.providers)} providers: {names})")
 
 
+@main.command("serve")
+@config_option
+@click.option(
+    "--listen", default=None, help="host:port (default: server.listen, else 127.0.0.1:8750)."
+)
+def serve_command(config_path: Path, listen: str | None) -> None:
+    """Serve the HTTP API (needs the 'server' extra)."""
+    from .server import serve  # noqa: PLC0415 - needs the optional 'server' extra
+
+    try:
+        serve(config_path, listen)
+    except TokenBrokerError as exc:
+        _fail(exc)
+
+
 @main.command()
 @click.argument("provider")
 @click.option("--scope", default=None, help="Space-separated scopes.")

@@ -1,0 +1,371 @@
+"""The broker's HTTP API (DESIGN §3.3): ``create_app(broker)``.
+
+A thin layer: it authenticates the consumer, checks the ACL, calls the
+broker, and maps domain errors to statuses through one table
+(:data:`ERROR_STATUS`). Unknown and forbidden providers get the same
+byte-identical 404. Every response that carries a token has
+``Cache-Control: no-store`` and ``Pragma: no-cache``; no response ever carries a
+refresh token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .broker import Broker
+from .cache import SlotState
+from .consumers import Consumer, ConsumerRegistry
+from .errors import (
+    ProviderMisconfiguredError,
+    ProviderUnavailableError,
+    ReauthorizationRequiredError,
+    StoreError,
+    TokenBrokerError,
+    UnknownProviderError,
+)
+from .metrics import CONTENT_TYPE, Metrics
+from .middleware import RequestContext
+from .token import Token
+
+__all__ = ["ERROR_STATUS", "create_app"]
+
+logger = logging.getLogger("tokenbroker.app")
+audit = logging.getLogger("tokenbroker.audit")
+
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+REALM = 'Bearer realm="tokenbroker"'
+#: Paths any client may call without a key.
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/metrics"})
+
+
+class Unauthorized(TokenBrokerError):
+    """No valid consumer key was presented."""
+
+    def __init__(self, presented: bool) -> None:
+        super().__init__("a valid API key is required")
+        self.presented = presented
+
+
+class NotFound(TokenBrokerError):
+    """The provider does not exist or the consumer may not use it (indistinguishable)."""
+
+
+#: Domain error → (HTTP status, error code). The most specific class wins.
+ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
+    (Unauthorized, 401, "unauthorized"),
+    (NotFound, 404, "not_found"),
+    (UnknownProviderError, 404, "not_found"),
+    (ReauthorizationRequiredError, 409, "reauthorization_required"),
+    (ProviderMisconfiguredError, 500, "provider_misconfigured"),
+    (ProviderUnavailableError, 503, "provider_unavailable"),
+    (StoreError, 503, "store_unavailable"),
+]
+_MESSAGES = {
+    "unauthorized": "a valid API key is required",
+    "not_found": "no such provider",
+    "reauthorization_required": "the provider's refresh token is dead; authorise again",
+    "provider_misconfigured": "the provider rejected the broker's client configuration",
+    "provider_unavailable": "the provider is unavailable; retry later",
+    "store_unavailable": "the broker's store is unavailable; retry later",
+}
+
+
+class ErrorBody(BaseModel):
+    """``{"code", "message"}`` inside every error response."""
+
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error response: ``{"error": {"code", "message"}}``."""
+
+    error: ErrorBody
+
+
+class TokenOut(BaseModel):
+    """An access token for a consumer; never a refresh token."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    access_token: str
+    token_type: str
+    expires_at: int = Field(description="Unix seconds when the provider says it expires.")
+    expires_in: int = Field(description="Seconds left.")
+    scope: str | None = None
+
+
+class InvalidateIn(BaseModel):
+    """The token an upstream rejected, and which token key it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    access_token: str = Field(min_length=1, max_length=16384)
+    scope: str | None = Field(None, max_length=1024)
+    account: str | None = Field(None, max_length=256)
+
+
+class InvalidateOut(TokenOut):
+    """The current token after the report, and whether the reported one was dropped."""
+
+    invalidated: bool
+
+
+class ProviderOut(BaseModel):
+    """A provider the consumer may use, and its state; no secrets."""
+
+    name: str
+    grant: str
+    state: str
+    valid_until: int | None = None
+    last_refresh: int | None = None
+    last_error: str | None = None
+
+
+class ProvidersOut(BaseModel):
+    """The providers this consumer may use."""
+
+    providers: list[ProviderOut]
+
+
+class Status(BaseModel):
+    """A probe's answer."""
+
+    status: str
+    store: str | None = None
+    providers: dict[str, str] | None = None
+
+
+_bearer = HTTPBearer(auto_error=False, description="A consumer API key.")
+
+
+def _consumer(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Consumer:
+    registry: ConsumerRegistry = request.app.state.consumers
+    found = registry.authenticate(credentials.credentials if credentials else None)
+    if found is None:
+        raise Unauthorized(presented=credentials is not None)
+    return found
+
+
+Caller = Annotated[Consumer, Depends(_consumer)]
+
+
+def create_app(
+    broker: Broker,
+    consumers: ConsumerRegistry | None = None,
+    *,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """Build the HTTP API around ``broker``.
+
+    Args:
+        broker: The broker to serve.
+        consumers: Who may call; default: the ``consumers:`` config section.
+        metrics: Prometheus metrics; default: a new registry subscribed to ``broker``.
+
+    Returns:
+        The ASGI application.
+    """
+    registry = (
+        consumers
+        if consumers is not None
+        else ConsumerRegistry.from_settings(broker.settings.consumers)
+    )
+    meter = metrics or Metrics(broker)
+    app = FastAPI(
+        title="tokenbroker",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        responses={401: {"model": ErrorResponse}},
+    )
+    app.add_middleware(RequestContext, metrics=meter)
+    _add_token_routes(app, broker, registry, meter)
+    _add_probes(app, broker, meter)
+    _add_error_handlers(app)
+    return app
+
+
+def _add_token_routes(
+    app: FastAPI, broker: Broker, registry: ConsumerRegistry, meter: Metrics
+) -> None:
+    app.state.consumers = registry
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse} for code in (404, 409, 500, 503)
+    }
+
+    def allowed(caller: Consumer, provider: str, scope: str | None) -> None:
+        settings = broker.settings.providers.get(provider)
+        # No scope asked for means the provider's configured ones.
+        wanted = scope.split(" ") if scope else list(getattr(settings, "scopes", ()))
+        if settings is None or not caller.allows(provider, [w for w in wanted if w]):
+            raise NotFound("no such provider")
+
+    @app.get("/v1/tokens/{provider}", response_model=TokenOut, responses=errors)
+    async def get_token(
+        provider: str,
+        caller: Caller,
+        scope: Annotated[str | None, Query(max_length=1024)] = None,
+        account: Annotated[str | None, Query(max_length=256)] = None,
+    ) -> JSONResponse:
+        """A valid access token for ``provider`` (never a refresh token)."""
+        allowed(caller, provider, scope)
+        token = await broker.aget_token(provider, scope, account=account)
+        meter.token_reads.labels(provider).inc()
+        audit.info("token read consumer=%s provider=%s scope=%s", caller.name, provider, scope)
+        return JSONResponse(_token_json(token), headers=NO_STORE)
+
+    @app.post("/v1/tokens/{provider}/invalidate", response_model=InvalidateOut, responses=errors)
+    async def invalidate(provider: str, body: InvalidateIn, caller: Caller) -> JSONResponse:
+        """Report a rejected token: it is dropped only if still current, then the current
+        token is returned (one refresh however many consumers report it)."""
+        allowed(caller, provider, body.scope)
+        dropped = broker.invalidate(provider, body.access_token, body.scope, account=body.account)
+        token = await broker.aget_token(provider, body.scope, account=body.account)
+        audit.info(
+            "token invalidated consumer=%s provider=%s dropped=%s", caller.name, provider, dropped
+        )
+        return JSONResponse({**_token_json(token), "invalidated": dropped}, headers=NO_STORE)
+
+    @app.get("/v1/providers", response_model=ProvidersOut)
+    async def providers(caller: Caller) -> ProvidersOut:
+        """The providers this consumer may use, with their state; no secrets."""
+        states: dict[str, SlotState] = {}
+        for state in broker.states():
+            states.setdefault(state.provider, state)
+        out = []
+        for name in caller.providers():
+            settings = broker.settings.providers.get(name)
+            if settings is None:
+                continue
+            slot = states.get(name)
+            out.append(
+                ProviderOut(
+                    name=name,
+                    grant=settings.grant,
+                    state=slot.state if slot else "empty",
+                    valid_until=_int(slot.valid_until) if slot else None,
+                    last_refresh=_int(slot.last_refresh) if slot else None,
+                    last_error=slot.last_error if slot else None,
+                )
+            )
+        return ProvidersOut(providers=out)
+
+
+def _add_probes(app: FastAPI, broker: Broker, meter: Metrics) -> None:
+    @app.get("/livez", response_model=Status, tags=["probes"])
+    async def livez() -> Status:
+        """Always 200 while the process serves requests."""
+        return Status(status="ok")
+
+    @app.get("/readyz", response_model=Status, tags=["probes"], responses={503: {"model": Status}})
+    async def readyz() -> JSONResponse:
+        """200 when the store answers and every ``required: true`` provider has a valid token."""
+        health = _health(broker)
+        ready = health.store == "ok" and all(
+            health.providers is not None and health.providers.get(name) == "valid"
+            for name, settings in broker.settings.providers.items()
+            if settings.required
+        )
+        return JSONResponse(health.model_dump(), status_code=200 if ready else 503)
+
+    @app.get("/health", response_model=Status, tags=["probes"])
+    async def health() -> Status:
+        """Status with per-provider state; ``degraded`` names what is wrong."""
+        return _health(broker)
+
+    app.add_api_route("/healthz", health, methods=["GET"], response_model=Status, tags=["probes"])
+
+    @app.get("/metrics", tags=["probes"], response_class=Response)
+    async def metrics_endpoint() -> Response:
+        """Prometheus metrics."""
+        return Response(meter.render(), media_type=CONTENT_TYPE)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(TokenBrokerError)
+    async def domain_error(request: Request, exc: TokenBrokerError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = sorted({".".join(str(p) for p in e["loc"][1:]) for e in exc.errors()})
+        message = "invalid request: " + ", ".join(f or "body" for f in fields)
+        return _error(400, "invalid_request", message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error(404, "not_found", "no such route")
+        if exc.status_code == 405:
+            return _error(405, "method_not_allowed", "method not allowed")
+        return _error(exc.status_code, "http_error", "request failed")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    """The response for a domain error, from :data:`ERROR_STATUS`."""
+    for kind, status, code in ERROR_STATUS:
+        if isinstance(exc, kind):
+            headers: dict[str, str] = {}
+            if isinstance(exc, Unauthorized):
+                headers["WWW-Authenticate"] = (
+                    f'{REALM}, error="invalid_token"' if exc.presented else REALM
+                )
+            if isinstance(exc, ProviderUnavailableError | StoreError):
+                delay = getattr(exc, "retry_after", None)
+                headers["Retry-After"] = str(max(1, math.ceil(delay or 5)))
+            return _error(status, code, _MESSAGES[code], headers)
+    logger.error("unmapped error %s", type(exc).__name__)
+    return _error(500, "internal_error", "internal error")
+
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}},
+        status_code=status,
+        headers={**NO_STORE, **(headers or {})},
+    )
+
+
+def _token_json(token: Token) -> dict[str, Any]:
+    return {
+        "access_token": token.access_token,
+        "token_type": token.token_type,
+        "expires_at": int(token.expires_at),
+        "expires_in": token.expires_in,
+        "scope": token.scope,
+    }
+
+
+def _int(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def _health(broker: Broker) -> Status:
+    try:
+        broker.store.now()
+        store = "ok"
+    except StoreError:
+        store = "error"
+    providers = dict.fromkeys(broker.settings.providers, "empty")
+    for slot in broker.states():
+        providers[slot.provider] = slot.state
+    bad = store != "ok" or any(
+        state in ("failing", "reauthorization_required") for state in providers.values()
+    )
+    return Status(status="degraded" if bad else "ok", store=store, providers=providers)

@@ -1,0 +1,116 @@
+"""Pure ASGI middleware (STYLE 10): request ids, body limits, access logs, request metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .metrics import Metrics
+
+__all__ = ["MAX_BODY_BYTES", "RequestContext"]
+
+logger = logging.getLogger("tokenbroker.access")
+MAX_BODY_BYTES = 64 * 1024
+
+_TOO_LARGE = json.dumps(
+    {"error": {"code": "payload_too_large", "message": "request body too large"}}
+).encode()
+
+
+class RequestContext:
+    """Gives every request an id, refuses bodies over :data:`MAX_BODY_BYTES` with 413,
+    counts requests by route template and status, and writes one access log line.
+
+    Args:
+        app: The wrapped application.
+        metrics: Where request counts go.
+        max_body: Largest accepted request body in bytes.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, max_body: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = uuid.uuid4().hex[:16]
+        started = time.perf_counter()
+        status = 500
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body:
+            await _reject(send, request_id)
+            self._done(scope, 413, started, request_id)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((b"x-request-id", request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_with_id)
+        except _BodyTooLarge:
+            status = 413
+            await _reject(send, request_id)
+        finally:
+            self._done(scope, status, started, request_id)
+
+    def _done(self, scope: Scope, status: int, started: float, request_id: str) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        self.metrics.consumer_requests.labels(template, str(status)).inc()
+        logger.info(
+            "request id=%s method=%s route=%s status=%d duration_ms=%.1f",
+            request_id,
+            scope.get("method"),
+            template,
+            status,
+            (time.perf_counter() - started) * 1000,
+        )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _reject(send: Send, request_id: str) -> None:
+    headers: list[Any] = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_TOO_LARGE)).encode()),
+        (b"x-request-id", request_id.encode()),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": _TOO_LARGE})

@@ -1,0 +1,212 @@
+"""The HTTP API: keys on every route but the probes, identical 404s, no-store tokens, the error table."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from fastapi.routing import APIRoute
+
+from conftest import BrokerFactory
+from support import Served, client_credentials, refresh_token, stampede
+from tokenbroker import Broker
+from tokenbroker.app import PUBLIC_PATHS, create_app
+from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
+from tokenbroker.testing import AuthorizationServer, Fault
+
+KEY = new_key()
+OTHER_KEY = new_key()
+
+
+@pytest.fixture
+def served(broker: Broker) -> Iterator[Served]:
+    registry = ConsumerRegistry(
+        [
+            ("etl", hash_key(KEY), [parse_rule("svc:read"), parse_rule("rt")]),
+            ("other", hash_key(OTHER_KEY), [parse_rule("secret-svc")]),
+        ]
+    )
+    served = Served(create_app(broker, registry))
+    with served:
+        yield served
+
+
+@pytest.fixture
+def broker(auth_server: AuthorizationServer, make_broker: BrokerFactory) -> Broker:
+    seed = auth_server.issue_refresh_token("rt-client")
+    return make_broker(
+        {
+            "svc": client_credentials(auth_server, required=True),
+            "secret-svc": client_credentials(auth_server),
+            "rt": refresh_token(auth_server, seed),
+        }
+    )
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_every_route_but_the_probes_needs_a_key(served: Served, broker: Broker) -> None:
+    """Each route of the app answers 401 + WWW-Authenticate without a key; probes answer without."""
+    client = served.client
+    routes = [r for r in served.app.routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 8
+    for route in routes:
+        path = re.sub(r"\{[^}]+\}", "svc", route.path)
+        for method in route.methods:
+            response = client.request(method, path)
+            if route.path in PUBLIC_PATHS:
+                assert response.status_code in (200, 503), route.path
+                continue
+            assert response.status_code == 401, (method, route.path)
+            assert response.headers["www-authenticate"] == 'Bearer realm="tokenbroker"'
+            assert response.json()["error"]["code"] == "unauthorized"
+            wrong = client.request(method, path, headers=auth("tbk_" + "x" * 43))
+            assert wrong.status_code == 401
+            assert 'error="invalid_token"' in wrong.headers["www-authenticate"]
+
+
+def test_unknown_and_forbidden_providers_get_identical_404s(served: Served, broker: Broker) -> None:
+    """A provider that does not exist and one the consumer may not use look exactly the same."""
+    client = served.client
+    unknown = client.get("/v1/tokens/nope", headers=auth())
+    forbidden = client.get("/v1/tokens/secret-svc", headers=auth())
+    wrong_scope = client.get("/v1/tokens/svc", params={"scope": "write"}, headers=auth())
+    for response in (forbidden, wrong_scope):
+        assert response.status_code == unknown.status_code == 404
+        assert response.content == unknown.content
+        strip = {"date", "x-request-id"}
+        assert {k: v for k, v in response.headers.items() if k not in strip} == {
+            k: v for k, v in unknown.headers.items() if k not in strip
+        }
+
+
+def test_token_read_is_no_store_and_has_no_refresh_token(
+    served: Served, broker: Broker, auth_server: AuthorizationServer
+) -> None:
+    """GET /v1/tokens/{p} returns the broker's token with no-store headers and no refresh token."""
+    client = served.client
+    for provider in ("svc", "rt"):
+        response = client.get(f"/v1/tokens/{provider}", headers=auth())
+        assert response.status_code == 200
+        assert response.headers["cache-control"] == "no-store"
+        assert response.headers["pragma"] == "no-cache"
+        body = response.json()
+        assert set(body) == {"access_token", "token_type", "expires_at", "expires_in", "scope"}
+        assert body["access_token"] == broker.get_token(provider).access_token
+        assert 0 < body["expires_in"] <= 3600
+    for rt in auth_server.presented_refresh_tokens + [auth_server.issue_refresh_token("rt-client")]:
+        assert rt not in response.text
+
+
+def test_invalidate_from_fifty_consumers_refreshes_once(
+    served: Served, broker: Broker, auth_server: AuthorizationServer
+) -> None:
+    """50 concurrent reports of the same rejected token over HTTP: one new token request."""
+    client = served.client
+    rejected = client.get("/v1/tokens/svc", headers=auth()).json()["access_token"]
+    auth_server.latency = 0.05
+    results = stampede(
+        50,
+        lambda: client.post(
+            "/v1/tokens/svc/invalidate", json={"access_token": rejected}, headers=auth()
+        ).json(),
+    )
+    assert auth_server.count("client_credentials") == 2
+    assert len({r["access_token"] for r in results}) == 1  # type: ignore[index]
+    assert sum(r["invalidated"] for r in results) == 1  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        (Fault(status=503, body="", headers={"Retry-After": "40"}), 503, "provider_unavailable"),
+        (Fault(status=401, body='{"error":"invalid_client"}'), 500, "provider_misconfigured"),
+        (Fault(status=400, body='{"error":"invalid_grant"}'), 409, "reauthorization_required"),
+    ],
+)
+def test_error_table(
+    served: Served,
+    broker: Broker,
+    auth_server: AuthorizationServer,
+    fault: Fault,
+    status: int,
+    code: str,
+) -> None:
+    """Provider failures map to 503 (+ Retry-After) / 500 / 409 with the stable error codes."""
+    auth_server.inject(fault, times=None)
+    provider = "rt" if code == "reauthorization_required" else "svc"
+    response = served.client.get(f"/v1/tokens/{provider}", headers=auth())
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert response.headers["cache-control"] == "no-store"
+    if status == 503:
+        assert int(response.headers["retry-after"]) >= 40
+
+
+def test_providers_lists_only_allowed_ones(served: Served, broker: Broker) -> None:
+    """GET /v1/providers shows the consumer's providers with state, nothing else."""
+    client = served.client
+    client.get("/v1/tokens/svc", headers=auth())
+    body = client.get("/v1/providers", headers=auth()).json()
+    names = {p["name"]: p for p in body["providers"]}
+    assert set(names) == {"svc", "rt"}
+    assert names["svc"]["state"] == "valid"
+    assert names["rt"]["state"] == "empty"
+
+
+def test_probes_and_readiness(
+    served: Served, broker: Broker, auth_server: AuthorizationServer
+) -> None:
+    """livez is always 200; readyz waits for required providers; health reports degradation."""
+    client = served.client
+    assert client.get("/livez").json() == {"status": "ok", "store": None, "providers": None}
+    assert client.get("/readyz").status_code == 503
+    client.get("/v1/tokens/svc", headers=auth())
+    assert client.get("/readyz").status_code == 200
+    auth_server.inject(Fault(status=500, body=""), times=None)
+    client.get("/v1/tokens/rt", headers=auth())
+    health = client.get("/healthz").json()
+    assert health["status"] == "degraded"
+    assert health["providers"]["rt"] in ("failing", "reauthorization_required")
+    assert client.get("/health").json() == health
+
+
+def test_metrics_count_without_secrets(
+    served: Served, broker: Broker, auth_server: AuthorizationServer
+) -> None:
+    """/metrics exposes tokenbroker_* counters and no token or key."""
+    client = served.client
+    token = client.get("/v1/tokens/svc", headers=auth()).json()["access_token"]
+    text = client.get("/metrics").text
+    assert 'tokenbroker_token_requests_total{outcome="ok",provider="svc"} 1.0' in text
+    assert 'tokenbroker_token_reads_total{provider="svc"} 1.0' in text
+    assert 'tokenbroker_consumer_requests_total{route="/v1/tokens/{provider}",status="200"}' in text
+    assert "tokenbroker_credentials" in text
+    assert token not in text and KEY not in text
+
+
+def test_bad_requests(served: Served, broker: Broker) -> None:
+    """Oversized bodies get 413; malformed JSON and unknown fields get 400 invalid_request."""
+    client = served.client
+    big = client.post("/v1/tokens/svc/invalidate", content=b"x" * 100_000, headers=auth())
+    assert big.status_code == 413
+    for body in (b"{", b'{"access_token": "a", "refresh_token": "x"}', b"[]"):
+        response = client.post(
+            "/v1/tokens/svc/invalidate",
+            content=body,
+            headers={**auth(), "content-type": "application/json"},
+        )
+        assert response.status_code == 400
+        assert response.json()["error"]["code"] == "invalid_request"
+    assert client.get("/nowhere", headers=auth()).status_code == 404
+
+
+def test_openapi_has_no_refresh_token_field(served: Served, broker: Broker) -> None:
+    """No response schema in the OpenAPI document mentions a refresh token."""
+    spec = served.client.get("/openapi.json")
+    assert spec.status_code in (200, 401)
+    document = create_app(broker, ConsumerRegistry()).openapi()
+    assert "refresh_token" not in str(document["components"]["schemas"])
