@@ -135,6 +135,16 @@ class _Retry(Exception):
     """The lease was lost between steps; start over."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A provider reply whose commit failed: the only copy of a rotated refresh token."""
+
+    rt_version: int
+    attempt: int
+    response: TokenResponse
+    refresh_token: Secret | None
+
+
 class Refresher:
     """Runs :class:`Job` objects against a :class:`~tokenbroker.store.SQLiteStore`.
 
@@ -148,6 +158,8 @@ class Refresher:
         self.owner = owner_id()
         self._hook = hook or (lambda point: None)
         self._rng = random.Random()  # noqa: S311 - jitter, not security
+        # Replies received but not committed (store down), by row: retried under the next lease.
+        self._pending: dict[str, _Pending] = {}
 
     def __repr__(self) -> str:
         return f"Refresher(store={self.store!r})"
@@ -209,6 +221,15 @@ class Refresher:
 
     def _under_lease(self, job: Job, lease: Lease, acquired: float) -> TokenResponse:
         row = self.store.load(job.row_id)
+        pending = self._pending.pop(job.row_id, None)
+        if pending is not None and pending.rt_version == lease.rt_version:
+            # Roll forward (step 7, "received but not committed"): the refresh token presented
+            # is spent at the provider, so the reply in memory must be stored, not re-fetched.
+            if self._commit(job, lease, pending.attempt, pending.response, pending.refresh_token):
+                response = pending.response
+                obtained = response.token.expires_at - response.lifetime
+                return dataclasses.replace(response, issued_at=obtained)
+            raise _Retry
         usable = self._usable(row.token if row else None, job)
         if usable is not None:
             return usable
@@ -261,21 +282,25 @@ class Refresher:
         open_attempts = self.store.open_attempts(job.row_id)
         if not open_attempts or not job.single_use:
             if open_attempts:
-                self.store.close_attempts(lease, [a.id for a in open_attempts], "superseded")
+                _fenced(
+                    self.store.close_attempts(lease, [a.id for a in open_attempts], "superseded")
+                )
             return job.policy, False
         ids = [a.id for a in open_attempts]
         if job.reuse_grace > 0:
             if self.store.now() - open_attempts[0].started_at >= job.reuse_grace:
-                self.store.close_attempts(lease, ids, "superseded")
-                self.store.set_state(lease, "reauthorization_required", "InDoubtBeyondGrace")
+                _fenced(self.store.close_attempts(lease, ids, "superseded"))
+                _fenced(
+                    self.store.set_state(lease, "reauthorization_required", "InDoubtBeyondGrace")
+                )
                 raise _reauth(job, "an earlier refresh is in doubt beyond the reuse grace")
-            self.store.close_attempts(lease, ids, "superseded")
+            _fenced(self.store.close_attempts(lease, ids, "superseded"))
             return job.policy, False
         if any(a.recovery for a in open_attempts):
-            self.store.close_attempts(lease, ids, "superseded")
-            self.store.set_state(lease, "reauthorization_required", "InDoubt")
+            _fenced(self.store.close_attempts(lease, ids, "superseded"))
+            _fenced(self.store.set_state(lease, "reauthorization_required", "InDoubt"))
             raise _reauth(job, "an earlier refresh and its recovery are in doubt")
-        self.store.close_attempts(lease, ids, "superseded")
+        _fenced(self.store.close_attempts(lease, ids, "superseded"))
         logger.warning("recovering an in-doubt refresh once provider=%s", job.provider)
         return dataclasses.replace(job.policy, max_resends=0), True
 
@@ -328,6 +353,10 @@ class Refresher:
             except StoreError:
                 if number == _COMMIT_TRIES:
                     logger.error("could not commit a refresh provider=%s", job.provider)
+                    if attempt is not None:
+                        self._pending[job.row_id] = _Pending(
+                            lease.rt_version, attempt, response, refresh_token
+                        )
                     raise
                 time.sleep(0.05 * number)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -352,6 +381,12 @@ class Refresher:
         if time.time() >= token.expires_at - skew:
             return None
         return TokenResponse(token=token, lifetime=stored.lifetime, issued_at=stored.obtained_at)
+
+
+def _fenced(still_ours: bool) -> None:
+    """A fenced write updated nothing: another holder took the lease, so start over."""
+    if not still_ours:
+        raise _Retry
 
 
 def _reauth(job: Job, why: str) -> ReauthorizationRequiredError:

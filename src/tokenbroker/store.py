@@ -215,11 +215,16 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             self._migrate()
-        except sqlite3.Error as exc:
-            raise _translate(exc) from None
-        except OSError as exc:
-            raise StoreError(f"cannot open the store: {exc.strerror}") from None
-        self._check_keys()
+            self._check_keys()
+        except BaseException as exc:
+            # A store that refuses to open must not keep the file open until a GC cycle runs.
+            with contextlib.suppress(AttributeError, sqlite3.Error):
+                self._db.close()
+            if isinstance(exc, sqlite3.Error):
+                raise _translate(exc) from None
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot open the store: {exc.strerror}") from None
+            raise
 
     @classmethod
     def from_url(cls, url: str, keyring: Keyring, *, busy_timeout: float = 5.0) -> SQLiteStore:
@@ -362,15 +367,26 @@ class SQLiteStore:
         """Attempts that may have reached the provider without a stored outcome."""
         return [a for a in self.attempts(row_id) if a.status in OPEN_STATUSES]
 
-    def close_attempts(self, lease: Lease, ids: list[int], status: str) -> None:
-        """Mark earlier open attempts resolved (e.g. ``superseded`` after a recovery)."""
+    def close_attempts(self, lease: Lease, ids: list[int], status: str) -> bool:
+        """Mark earlier open attempts resolved (e.g. ``superseded`` after a recovery), fenced.
+
+        Returns:
+            Whether the lease was still ours; a fenced-out holder changes nothing.
+        """
         with self._tx():
+            held = self._db.execute(
+                "SELECT 1 FROM tb_credential WHERE id = ? AND lease_fence = ?",
+                (lease.id, lease.fence),
+            ).fetchone()
+            if held is None:
+                return False
             for attempt_id in ids:
                 self._db.execute(
                     f"UPDATE tb_attempt SET status = ?, finished_at = {_NOW}"
                     " WHERE id = ? AND credential_id = ?",
                     (status, attempt_id, lease.id),
                 )
+        return True
 
     def finish_attempt(
         self,

@@ -1,0 +1,1037 @@
+"""SQLiteStore: durability settings, fenced leases, commits, encryption at rest, real store failures."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gc
+import os
+import shutil
+import sqlite3
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from support import client_credentials, refresh_token
+from tokenbroker import (
+    Broker,
+    EncryptionKeyError,
+    ManualClock,
+    Secret,
+    StoreCorruptError,
+    StoreError,
+    Token,
+    parse_settings,
+)
+from tokenbroker.crypto import Keyring, generate_key
+from tokenbroker.store import Lease, SQLiteStore, StoredToken
+from tokenbroker.testing import AuthorizationServer
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def keyring(*keys: str) -> Keyring:
+    return Keyring([Secret(k) for k in keys])
+
+
+def stored(access_token: str = "AT-1", *, lifetime: float = 3600.0, fp: str = "fp") -> StoredToken:
+    obtained = time.time()
+    return StoredToken(
+        token=Token(access_token, "Bearer", obtained + lifetime, "read write"),
+        lifetime=lifetime,
+        obtained_at=obtained,
+        fingerprint=fp,
+    )
+
+
+@contextlib.contextmanager
+def raw_db(path: Path) -> Iterator[sqlite3.Connection]:
+    """A separate plain connection to the store's file (another process, or an attacker)."""
+    db = sqlite3.connect(path, isolation_level=None, timeout=5)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def wait_until_expired(store: SQLiteStore, lease: Lease) -> None:
+    deadline = time.monotonic() + 5
+    while store.now() <= lease.expires_at:
+        assert time.monotonic() < deadline, "the lease never expired by the database clock"
+        time.sleep(0.005)
+
+
+def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def refresh(store: SQLiteStore, row: str, owner: str, rt: str, at: str, raw: bytes = b"") -> Lease:
+    """One whole refresh under a fresh lease: acquire, intent, commit, release."""
+    lease = store.acquire(row, "prov", owner, 30)
+    assert lease is not None
+    attempt = store.begin_attempt(lease)
+    assert store.commit(lease, attempt, stored(at), refresh_token=Secret(rt), raw=raw)
+    store.release(lease)
+    return lease
+
+
+@pytest.fixture
+def key() -> str:
+    return generate_key()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "tokenbroker.db"
+
+
+@pytest.fixture(params=["memory", "file"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, key: str) -> Iterator[SQLiteStore]:
+    """The same conformance tests on an in-memory and a file store (B11-lite)."""
+    path = ":memory:" if request.param == "memory" else str(tmp_path / "conf.db")
+    opened = SQLiteStore(path, keyring(key))
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def file_store(db_path: Path, key: str) -> Iterator[SQLiteStore]:
+    opened = SQLiteStore(str(db_path), keyring(key))
+    yield opened
+    opened.close()
+
+
+def _mount(*args: str) -> bool:
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return False
+    result = subprocess.run(["mount", *args], capture_output=True, check=False)
+    return result.returncode == 0
+
+
+def _unmount(target: Path) -> None:
+    if subprocess.run(["umount", str(target)], capture_output=True, check=False).returncode:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 2 MiB tmpfs (skips where mounting is not permitted)."""
+    target = tmp_path / "small_fs"
+    target.mkdir()
+    if not _mount("-t", "tmpfs", "-o", "size=2m,mode=0700", "tokenbroker-test", str(target)):
+        pytest.skip("mounting a tmpfs is not permitted here")
+    try:
+        yield target
+    finally:
+        _unmount(target)
+
+
+def fill(directory: Path) -> Path:
+    """Write a filler file until the file system reports ENOSPC; returns it (delete to recover)."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+# -- B9: storage settings, file mode, schema -----------------------------------------------------
+
+
+def test_file_store_durability_pragmas(db_path: Path, key: str) -> None:
+    """A file store runs WAL with synchronous=FULL and the configured busy timeout."""
+    store = SQLiteStore(str(db_path), keyring(key), busy_timeout=0.25)
+    try:
+        pragmas = store.pragmas()
+    finally:
+        store.close()
+    assert pragmas["journal_mode"] == "wal"
+    assert pragmas["synchronous"] == 2
+    assert pragmas["busy_timeout"] == 250
+
+
+def test_default_busy_timeout_is_positive(file_store: SQLiteStore) -> None:
+    """Without a setting the busy timeout is still > 0, so a concurrent writer waits, not fails."""
+    assert file_store.pragmas()["busy_timeout"] > 0
+
+
+def test_store_files_are_owner_only(file_store: SQLiteStore, db_path: Path) -> None:
+    """The database file (and its -wal/-shm companions) are created with mode 0600."""
+    refresh(file_store, "c", "me", "RT", "AT")
+    for suffix in ("", "-wal", "-shm"):
+        path = Path(f"{db_path}{suffix}")
+        assert path.exists(), suffix
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, suffix
+
+
+def test_migration_is_idempotent(db_path: Path, key: str) -> None:
+    """Opening the same file again keeps schema version 1, the tables and the data."""
+    first = SQLiteStore(str(db_path), keyring(key))
+    refresh(first, "c", "me", "RT-1", "AT-1")
+    first.close()
+    second = SQLiteStore(str(db_path), keyring(key))
+    try:
+        row = second.load("c")
+        assert row is not None
+        assert row.refresh_token == Secret("RT-1")
+    finally:
+        second.close()
+    with raw_db(db_path) as db:
+        assert db.execute("SELECT name, value FROM tb_meta").fetchall() == [("schema_version", "1")]
+        assert db.execute("SELECT count(*) FROM tb_credential").fetchone() == (1,)
+        assert db.execute("SELECT count(*) FROM tb_attempt").fetchone() == (1,)
+
+
+def test_newer_schema_is_refused(db_path: Path, key: str) -> None:
+    """A store written by a newer tokenbroker (schema 99) is refused with a StoreError naming it."""
+    SQLiteStore(str(db_path), keyring(key)).close()
+    with raw_db(db_path) as db:
+        db.execute("UPDATE tb_meta SET value = '99' WHERE name = 'schema_version'")
+    with pytest.raises(StoreError, match="schema version 99"):
+        SQLiteStore(str(db_path), keyring(key))
+    with raw_db(db_path) as db:
+        assert db.execute("SELECT value FROM tb_meta").fetchone() == ("99",)
+
+
+_WRITER = """
+import sys, time
+from tokenbroker.crypto import Keyring
+from tokenbroker.secret import Secret
+from tokenbroker.store import SQLiteStore, StoredToken
+from tokenbroker.token import Token
+
+path, key, owner, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+store = SQLiteStore(path, Keyring([Secret(key)]), busy_timeout=5.0)
+while not __import__("os").path.exists(path + ".go"):
+    time.sleep(0.001)
+done = 0
+while done < count:
+    lease = store.acquire("shared", "prov", owner, 30)
+    if lease is None:
+        continue
+    attempt = store.begin_attempt(lease)
+    token = StoredToken(Token(f"AT-{owner}-{done}", "Bearer", time.time() + 60), 60, time.time(), "fp")
+    if store.commit(lease, attempt, token, refresh_token=Secret(f"RT-{owner}-{done}")):
+        done += 1
+    store.release(lease)
+store.close()
+print(done)
+"""
+
+
+def test_two_processes_writing_concurrently_never_see_busy(db_path: Path, key: str) -> None:
+    """Two processes each committing 40 fenced refreshes on one file: no SQLITE_BUSY, 80 versions."""
+    SQLiteStore(str(db_path), keyring(key)).close()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(db_path), key, f"p{i}", "40"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    time.sleep(0.3)
+    Path(f"{db_path}.go").touch()
+    outputs = [p.communicate(timeout=60) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+        assert out.strip() == "40"
+    store = SQLiteStore(str(db_path), keyring(key))
+    try:
+        row = store.load("shared")
+        attempts = store.attempts("shared")
+    finally:
+        store.close()
+    assert row is not None
+    assert row.rt_version == 80
+    assert [a.status for a in attempts] == ["succeeded"] * 80
+    assert sorted(a.from_version for a in attempts) == list(range(80))
+
+
+# -- D7/B7: leases and fencing (memory and file) -------------------------------------------------
+
+
+def test_acquire_returns_a_lease_and_excludes_others(store: SQLiteStore) -> None:
+    """The first owner gets a Lease with fence 1; a second owner gets None while it is held."""
+    lease = store.acquire("c", "prov", "A", 30)
+    assert isinstance(lease, Lease)
+    assert (lease.id, lease.owner, lease.fence, lease.rt_version) == ("c", "A", 1, 0)
+    assert lease.expires_at == pytest.approx(store.now() + 30, abs=2)
+    assert store.acquire("c", "prov", "B", 30) is None
+    row = store.load("c")
+    assert row is not None
+    assert (row.lease_owner, row.lease_fence, row.provider) == ("A", 1, "prov")
+
+
+def test_release_frees_the_lease_for_the_next_owner(store: SQLiteStore) -> None:
+    """After a release another owner acquires at once, with the next fence."""
+    lease = store.acquire("c", "prov", "A", 30)
+    assert lease is not None
+    store.release(lease)
+    successor = store.acquire("c", "prov", "B", 30)
+    assert successor is not None
+    assert successor.fence == lease.fence + 1
+
+
+def test_expired_lease_goes_to_the_next_owner_with_a_higher_fence(store: SQLiteStore) -> None:
+    """Once the database clock passes the lease's expiry, another owner takes it with fence+1."""
+    old = store.acquire("c", "prov", "A", 0.05)
+    assert old is not None
+    assert store.acquire("c", "prov", "B", 30) is None
+    wait_until_expired(store, old)
+    new = store.acquire("c", "prov", "B", 30)
+    assert new is not None
+    assert new.fence == old.fence + 1
+    assert store.acquire("c", "prov", "A", 30) is None
+
+
+def test_stale_holder_writes_change_nothing(store: SQLiteStore) -> None:
+    """Every write by a holder whose lease was taken over updates 0 rows; the successor's data stays."""
+    seeded = store.acquire("c", "prov", "seed", 30)
+    assert seeded is not None
+    seeded_lease = store.reseed(seeded, Secret("RT-0"), "digest-0")
+    assert seeded_lease is not None
+    store.release(seeded_lease)
+
+    old = store.acquire("c", "prov", "A", 0.05)
+    assert old is not None
+    old_attempt = store.begin_attempt(old)
+    assert old_attempt is not None
+    wait_until_expired(store, old)
+    new = store.acquire("c", "prov", "B", 30)
+    assert new is not None
+    assert new.rt_version == old.rt_version  # only the fence tells them apart
+
+    assert store.begin_attempt(old) is None
+    assert store.set_state(old, "reauthorization_required", "Stale") is False
+    assert store.reseed(old, Secret("RT-stale-seed"), "digest-stale") is None
+    store.finish_attempt(
+        old, old_attempt, status="failed", state="reauthorization_required", error="Stale"
+    )
+    store.release(old)
+    row = store.load("c")
+    assert row is not None
+    assert (row.state, row.last_error, row.seed_digest) == ("refreshing", None, "digest-0")
+    assert (row.lease_owner, row.lease_fence) == ("B", new.fence)
+    assert row.refresh_token == Secret("RT-0")
+
+    new_attempt = store.begin_attempt(new)
+    assert new_attempt is not None
+    assert store.commit(new, new_attempt, stored("AT-new"), refresh_token=Secret("RT-new"))
+    assert not store.commit(old, old_attempt, stored("AT-old"), refresh_token=Secret("RT-old"))
+
+    row = store.load("c")
+    assert row is not None
+    assert row.token is not None
+    assert row.token.token.access_token == "AT-new"
+    assert row.refresh_token == Secret("RT-new")
+    assert row.rt_version == new.rt_version + 1
+    statuses = {a.id: a.status for a in store.attempts("c")}
+    assert statuses[old_attempt] == "orphaned"
+    assert statuses[new_attempt] == "succeeded"
+
+
+def test_stale_commit_before_the_successor_writes_is_orphaned(store: SQLiteStore) -> None:
+    """A stale commit is rejected by the fence alone (same rt_version), and kept as 'orphaned'."""
+    old = store.acquire("c", "prov", "A", 0.05)
+    assert old is not None
+    attempt = store.begin_attempt(old)
+    wait_until_expired(store, old)
+    assert store.acquire("c", "prov", "B", 30) is not None
+    assert not store.commit(old, attempt, stored("AT-old"), refresh_token=Secret("RT-old"))
+    row = store.load("c")
+    assert row is not None
+    assert (row.token, row.refresh_token, row.rt_version) == (None, None, 0)
+    assert [a.status for a in store.attempts("c")] == ["orphaned"]
+
+
+def test_stale_close_attempts_changes_nothing(store: SQLiteStore) -> None:
+    """A holder fenced out cannot resolve (close) the credential's open attempts (D7)."""
+    first = store.acquire("c", "prov", "A", 30)
+    assert first is not None
+    in_doubt = store.begin_attempt(first)
+    assert in_doubt is not None
+    store.finish_attempt(first, in_doubt, status="in_doubt", state="in_doubt", error="Timeout")
+    store.release(first)
+    old = store.acquire("c", "prov", "A", 0.05)
+    assert old is not None
+    wait_until_expired(store, old)
+    assert store.acquire("c", "prov", "B", 30) is not None
+    store.close_attempts(old, [in_doubt], "superseded")
+    assert [a.status for a in store.open_attempts("c")] == ["in_doubt"]
+
+
+def test_steal_from_takes_over_immediately(store: SQLiteStore) -> None:
+    """steal_from=<holder> takes an unexpired lease at once with fence+1; a wrong name does not."""
+    held = store.acquire("c", "prov", "dead-process", 30)
+    assert held is not None
+    assert store.acquire("c", "prov", "B", 30, steal_from="someone-else") is None
+    stolen = store.acquire("c", "prov", "B", 30, steal_from="dead-process")
+    assert stolen is not None
+    assert stolen.fence == held.fence + 1
+    assert store.set_state(held, "active") is False
+
+
+# -- commits -------------------------------------------------------------------------------------
+
+
+def test_commit_stores_the_reply_encrypted_and_applies_tokens(
+    file_store: SQLiteStore, db_path: Path, key: str
+) -> None:
+    """One commit: raw reply kept encrypted on the attempt, tokens applied, version +1, 'succeeded'."""
+    lease = file_store.acquire("c", "prov", "A", 30)
+    assert lease is not None
+    attempt = file_store.begin_attempt(lease)
+    assert attempt is not None
+    assert file_store.attempts("c")[0].status == "intent"
+    assert file_store.load("c").state == "refreshing"  # type: ignore[union-attr]
+    raw = b'{"access_token":"AT-1","refresh_token":"RT-1"}'
+    assert file_store.commit(lease, attempt, stored("AT-1"), refresh_token=Secret("RT-1"), raw=raw)
+    row = file_store.load("c")
+    assert row is not None
+    assert (row.rt_version, row.state, row.last_error) == (1, "active", None)
+    assert row.refresh_token == Secret("RT-1")
+    with raw_db(db_path) as db:
+        status, to_version, raw_ct = db.execute(
+            "SELECT status, to_version, raw_ct FROM tb_attempt WHERE id = ?", (attempt,)
+        ).fetchone()
+    assert (status, to_version) == ("succeeded", 1)
+    assert b"AT-1" not in raw_ct
+    assert keyring(key).decrypt(raw_ct, f"tb_attempt|{attempt}|raw".encode()) == raw
+
+
+def test_reply_without_new_refresh_token_still_bumps_the_version(store: SQLiteStore) -> None:
+    """Passing the presented refresh token again (no rotation) still moves rt_version on by one."""
+    refresh(store, "c", "A", "RT-same", "AT-1")
+    refresh(store, "c", "A", "RT-same", "AT-2")
+    row = store.load("c")
+    assert row is not None
+    assert row.rt_version == 2
+    assert row.refresh_token == Secret("RT-same")
+    assert row.token is not None
+    assert row.token.token.access_token == "AT-2"
+
+
+def test_commit_without_refresh_token_keeps_the_version(store: SQLiteStore) -> None:
+    """A client-credentials commit (no refresh token, no attempt) replaces the AT, not rt_version."""
+    for access in ("AT-1", "AT-2"):
+        lease = store.acquire("c", "prov", "A", 30)
+        assert lease is not None
+        assert store.commit(lease, None, stored(access))
+        store.release(lease)
+    row = store.load("c")
+    assert row is not None
+    assert (row.rt_version, row.refresh_token) == (0, None)
+    assert row.token is not None
+    assert row.token.token.access_token == "AT-2"
+    assert store.attempts("c") == []
+
+
+def test_load_round_trips_every_token_field(store: SQLiteStore) -> None:
+    """load() gives back access token, type, scope, expiry, lifetime, obtained_at and fingerprint."""
+    token = StoredToken(
+        token=Token("AT-é-∑", "DPoP", 1_900_000_123.5, "read write:all"),
+        lifetime=1234.5,
+        obtained_at=1_899_998_889.0,
+        fingerprint="0123456789abcdef",
+    )
+    lease = store.acquire("c", "prov", "A", 30)
+    assert lease is not None
+    assert store.commit(lease, None, token, refresh_token=Secret("RT-x"), seed_digest="d1")
+    row = store.load("c")
+    assert row is not None
+    assert row.token is not None
+    got = row.token
+    assert (got.token.access_token, got.token.token_type) == ("AT-é-∑", "DPoP")
+    assert (got.token.scope, got.token.expires_at) == ("read write:all", 1_900_000_123.5)
+    assert (got.lifetime, got.obtained_at, got.fingerprint) == (
+        1234.5,
+        1_899_998_889.0,
+        "0123456789abcdef",
+    )
+    assert (row.seed_digest, row.last_refresh) == ("d1", 1_899_998_889.0)
+    assert store.load("missing") is None
+
+
+def test_reseed_replaces_the_refresh_token_and_supersedes_open_attempts(store: SQLiteStore) -> None:
+    """reseed stores the new seed at version+1, drops the AT and closes open attempts."""
+    lease = store.acquire("c", "prov", "A", 30)
+    assert lease is not None
+    assert store.commit(lease, None, stored("AT-1"), refresh_token=Secret("RT-1"))
+    lease = store.acquire("c", "prov", "A", 30)
+    assert lease is not None
+    attempt = store.begin_attempt(lease)
+    store.finish_attempt(lease, attempt, status="in_doubt", state="in_doubt", error="Timeout")
+    reseeded = store.reseed(lease, Secret("RT-seed"), "digest-2")
+    assert reseeded is not None
+    assert reseeded.rt_version == lease.rt_version + 1
+    row = store.load("c")
+    assert row is not None
+    assert (row.token, row.refresh_token, row.seed_digest) == (None, Secret("RT-seed"), "digest-2")
+    assert (row.state, row.rt_version) == ("active", 2)
+    assert store.open_attempts("c") == []
+    assert [a.status for a in store.attempts("c")] == ["superseded"]
+
+
+def test_states_show_no_secret(store: SQLiteStore) -> None:
+    """states() lists non-secret columns only: no token value appears anywhere in it."""
+    refresh(store, "c", "A", "CANARY_RT_states", "CANARY_AT_states")
+    states = store.states()
+    assert [s["id"] for s in states] == ["c"]
+    assert states[0]["rt_version"] == 1
+    assert "CANARY" not in repr(states)
+    assert "CANARY" not in repr(store.load("c"))
+
+
+# -- D6: encryption at rest ----------------------------------------------------------------------
+
+
+def _two_credentials(store: SQLiteStore) -> None:
+    refresh(store, "alpha", "A", "RT-alpha-1", "AT-alpha-1")
+    refresh(store, "beta", "A", "RT-beta-1", "AT-beta-1")
+
+
+@pytest.mark.parametrize(
+    "swap",
+    [
+        "UPDATE tb_credential SET rt_ct = (SELECT rt_ct FROM tb_credential WHERE id = 'alpha')"
+        " WHERE id = 'beta'",
+        "UPDATE tb_credential SET at_ct = (SELECT at_ct FROM tb_credential WHERE id = 'alpha')"
+        " WHERE id = 'beta'",
+        "UPDATE tb_credential SET rt_ct = at_ct WHERE id = 'beta'",
+        "UPDATE tb_credential SET at_ct = rt_ct WHERE id = 'beta'",
+        "UPDATE tb_credential SET rt_version = rt_version + 1 WHERE id = 'beta'",
+        "UPDATE tb_credential SET at_version = at_version - 1 WHERE id = 'beta'",
+    ],
+    ids=["rt-other-row", "at-other-row", "at-into-rt", "rt-into-at", "rt-version", "at-version"],
+)
+def test_moved_ciphertext_fails_to_decrypt(
+    file_store: SQLiteStore, db_path: Path, swap: str
+) -> None:
+    """A ciphertext moved to another row, column or version is StoreCorruptError on load."""
+    _two_credentials(file_store)
+    with raw_db(db_path) as db:
+        assert db.execute(swap).rowcount == 1
+    with pytest.raises(StoreCorruptError) as excinfo:
+        file_store.load("beta")
+    assert "RT-" not in str(excinfo.value)
+    assert file_store.load("alpha") is not None
+
+
+def test_rolled_back_refresh_token_fails_to_decrypt(file_store: SQLiteStore, db_path: Path) -> None:
+    """Putting back an older refresh-token ciphertext under the current version is refused."""
+    refresh(file_store, "c", "A", "RT-1", "AT-1")
+    with raw_db(db_path) as db:
+        (old_ct,) = db.execute("SELECT rt_ct FROM tb_credential").fetchone()
+    refresh(file_store, "c", "A", "RT-2", "AT-2")
+    with raw_db(db_path) as db:
+        db.execute("UPDATE tb_credential SET rt_ct = ?", (old_ct,))
+    with pytest.raises(StoreCorruptError):
+        file_store.load("c")
+
+
+def test_no_plaintext_canary_on_disk(db_path: Path, key: str) -> None:
+    """After commits carrying canaries, no canary appears in the .db, -wal or -shm bytes."""
+    canaries = [f"CANARY_{kind}_{uuid.uuid4().hex}" for kind in ("AT", "RT", "SEED", "RAW")]
+    at, rt, seed, raw = canaries
+    store = SQLiteStore(str(db_path), keyring(key))
+    try:
+        lease = store.acquire("c", "prov", "A", 30)
+        assert lease is not None
+        lease = store.reseed(lease, Secret(seed), "digest")
+        assert lease is not None
+        attempt = store.begin_attempt(lease)
+        body = f'{{"access_token":"{at}","refresh_token":"{rt}","x":"{raw}"}}'.encode()
+        assert store.commit(lease, attempt, stored(at), refresh_token=Secret(rt), raw=body)
+        files = [Path(f"{db_path}{suffix}") for suffix in ("", "-wal", "-shm")]
+        assert all(f.exists() for f in files)
+        for path in files:
+            data = path.read_bytes()
+            for canary in canaries:
+                assert canary.encode() not in data, (path.name, canary)
+    finally:
+        store.close()
+    data = db_path.read_bytes()
+    assert len(data) > 0
+    for canary in canaries:
+        assert canary.encode() not in data
+
+
+# -- D6: keys ------------------------------------------------------------------------------------
+
+
+def test_wrong_key_fails_closed_at_open(db_path: Path) -> None:
+    """Reopening encrypted rows with only an unrelated key is EncryptionKeyError naming the key id."""
+    old, new = generate_key(), generate_key()
+    store = SQLiteStore(str(db_path), keyring(old))
+    refresh(store, "c", "A", "RT-1", "AT-1")
+    store.close()
+    with pytest.raises(EncryptionKeyError) as excinfo:
+        SQLiteStore(str(db_path), keyring(new))
+    message = str(excinfo.value)
+    assert keyring(old).primary_id in message
+    assert old not in message
+    assert new not in message
+    assert "RT-1" not in message
+
+
+def test_empty_store_opens_with_any_key(db_path: Path) -> None:
+    """A store holding no secrets yet does not pin a key."""
+    SQLiteStore(str(db_path), keyring(generate_key())).close()
+    SQLiteStore(str(db_path), keyring(generate_key())).close()
+
+
+def test_key_rotation_re_encrypts_everything(db_path: Path) -> None:
+    """With [new, old] the store opens, rotate_keys re-encrypts all, then [new] alone suffices."""
+    old, new = generate_key(), generate_key()
+    store = SQLiteStore(str(db_path), keyring(old))
+    refresh(store, "c", "A", "RT-1", "AT-1", raw=b"reply-1")
+    store.close()
+
+    store = SQLiteStore(str(db_path), keyring(new, old))
+    try:
+        before = store.load("c")
+        assert store.rotate_keys() == 3  # at_ct, rt_ct, raw_ct
+        assert store.rotate_keys() == 0
+        refresh(store, "c", "A", "RT-2", "AT-2", raw=b"reply-2")
+    finally:
+        store.close()
+    with raw_db(db_path) as db:
+        blobs = db.execute(
+            "SELECT at_ct FROM tb_credential UNION ALL SELECT rt_ct FROM tb_credential"
+            " UNION ALL SELECT raw_ct FROM tb_attempt"
+        ).fetchall()
+    assert {Keyring.key_id(b).hex() for (b,) in blobs} == {keyring(new).primary_id}
+
+    store = SQLiteStore(str(db_path), keyring(new))
+    try:
+        row = store.load("c")
+    finally:
+        store.close()
+    assert before is not None
+    assert row is not None
+    assert row.refresh_token == Secret("RT-2")
+    assert row.token is not None
+    assert row.token.token.access_token == "AT-2"
+    with pytest.raises(EncryptionKeyError):
+        SQLiteStore(str(db_path), keyring(old))
+
+
+def test_rotation_keeps_the_same_tokens(db_path: Path) -> None:
+    """rotate_keys changes ciphertexts only: load() returns the very same tokens afterwards."""
+    old, new = generate_key(), generate_key()
+    store = SQLiteStore(str(db_path), keyring(old))
+    refresh(store, "c", "A", "RT-1", "AT-1")
+    store.close()
+    store = SQLiteStore(str(db_path), keyring(new, old))
+    try:
+        assert store.rotate_keys() == 3  # at_ct, rt_ct and the attempt's (empty) raw_ct
+    finally:
+        store.close()
+    store = SQLiteStore(str(db_path), keyring(new))
+    try:
+        row = store.load("c")
+    finally:
+        store.close()
+    assert row is not None
+    assert row.refresh_token == Secret("RT-1")
+    assert row.token is not None
+    assert row.token.token.access_token == "AT-1"
+    assert row.rt_version == 1
+
+
+# -- several connections on one file -------------------------------------------------------------
+
+
+def test_two_stores_on_one_file_see_each_other(db_path: Path, key: str) -> None:
+    """Two SQLiteStore objects on one file (two processes) share commits and leases."""
+    one = SQLiteStore(str(db_path), keyring(key))
+    two = SQLiteStore(str(db_path), keyring(key))
+    try:
+        lease = one.acquire("c", "prov", "one", 30)
+        assert lease is not None
+        assert two.acquire("c", "prov", "two", 30) is None
+        attempt = one.begin_attempt(lease)
+        assert one.commit(lease, attempt, stored("AT-one"), refresh_token=Secret("RT-one"))
+        row = two.load("c")
+        assert row is not None
+        assert row.refresh_token == Secret("RT-one")
+        assert (row.lease_owner, row.rt_version) == ("one", 1)
+        one.release(lease)
+        taken = two.acquire("c", "prov", "two", 30)
+        assert taken is not None
+        assert (taken.fence, taken.rt_version) == (lease.fence + 1, 1)
+        assert not one.commit(lease, None, stored("AT-stale"), refresh_token=Secret("RT-stale"))
+        assert one.load("c").lease_owner == "two"  # type: ignore[union-attr]
+    finally:
+        one.close()
+        two.close()
+
+
+# -- store failures: clear classified errors, nothing half-written --------------------------------
+
+
+def test_locked_beyond_busy_timeout_is_a_clear_error(db_path: Path, key: str) -> None:
+    """While another connection holds the write lock, acquire fails after busy_timeout: 'locked'."""
+    store = SQLiteStore(str(db_path), keyring(key), busy_timeout=0.2)
+    try:
+        refresh(store, "c", "A", "RT-1", "AT-1")
+        with raw_db(db_path) as other:
+            other.execute("BEGIN EXCLUSIVE")
+            began = time.monotonic()
+            with pytest.raises(StoreError, match="locked") as excinfo:
+                store.acquire("new", "prov", "A", 30)
+            assert time.monotonic() - began >= 0.15
+            assert not isinstance(excinfo.value, sqlite3.Error)
+            assert store.load("c") is not None  # readers are not blocked in WAL mode
+            other.execute("ROLLBACK")
+        assert store.load("new") is None
+        assert store.acquire("new", "prov", "A", 30) is not None
+        row = store.load("c")
+        assert row is not None
+        assert (row.rt_version, row.refresh_token) == (1, Secret("RT-1"))
+    finally:
+        store.close()
+
+
+def _assert_unchanged(store: SQLiteStore, lease: Lease, attempt: int) -> None:
+    row = store.load(lease.id)
+    assert row is not None
+    assert row.refresh_token == Secret("RT-1")
+    assert row.token is not None
+    assert row.token.token.access_token == "AT-1"
+    assert (row.rt_version, row.lease_fence) == (1, lease.fence)
+    statuses = {a.id: a.status for a in store.attempts(lease.id)}
+    assert statuses[attempt] == "intent"  # not 'received': the whole transaction rolled back
+
+
+def _begin_second_refresh(store: SQLiteStore) -> tuple[Lease, int]:
+    refresh(store, "c", "A", "RT-1", "AT-1")
+    lease = store.acquire("c", "prov", "A", 30)
+    assert lease is not None
+    attempt = store.begin_attempt(lease)
+    assert attempt is not None
+    return lease, attempt
+
+
+def test_disk_full_by_page_limit_rolls_back_the_commit(file_store: SQLiteStore) -> None:
+    """SQLITE_FULL (max_page_count) during commit: StoreError 'full', old tokens intact; retry works."""
+    lease, attempt = _begin_second_refresh(file_store)
+    pages = file_store._db.execute("PRAGMA page_count").fetchone()[0]
+    file_store._db.execute(f"PRAGMA max_page_count = {pages}")
+    big_reply = os.urandom(64 * 1024)
+    with pytest.raises(StoreError, match="full"):
+        file_store.commit(
+            lease, attempt, stored("AT-2"), refresh_token=Secret("RT-2"), raw=big_reply
+        )
+    _assert_unchanged(file_store, lease, attempt)
+    file_store._db.execute("PRAGMA max_page_count = 1073741823")
+    assert file_store.commit(
+        lease, attempt, stored("AT-2"), refresh_token=Secret("RT-2"), raw=big_reply
+    )
+    assert file_store.load("c").refresh_token == Secret("RT-2")  # type: ignore[union-attr]
+
+
+def test_full_file_system_rolls_back_the_commit(small_fs: Path, key: str) -> None:
+    """A really full file system during commit: StoreError 'full', old tokens intact; then it heals."""
+    store = SQLiteStore(str(small_fs / "tb.db"), keyring(key))
+    try:
+        lease, attempt = _begin_second_refresh(store)
+        filler = fill(small_fs)
+        with pytest.raises(StoreError, match="full"):
+            store.commit(lease, attempt, stored("AT-2"), refresh_token=Secret("RT-2"), raw=b"r")
+        _assert_unchanged(store, lease, attempt)
+        with pytest.raises(StoreError, match="full"):
+            store.acquire("other", "prov", "A", 30)
+        assert store.load("other") is None
+        filler.unlink()
+        assert store.commit(lease, attempt, stored("AT-2"), refresh_token=Secret("RT-2"), raw=b"r")
+        assert store.load("c").refresh_token == Secret("RT-2")  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_read_only_mount_is_a_clear_error(small_fs: Path, tmp_path: Path, key: str) -> None:
+    """The store's file seen through a read-only bind mount: writes fail 'read-only', nothing changes."""
+    writable = SQLiteStore(str(small_fs / "tb.db"), keyring(key))
+    view = tmp_path / "ro_view"
+    view.mkdir()
+    try:
+        lease, attempt = _begin_second_refresh(writable)
+        if not _mount("--bind", str(small_fs), str(view)):
+            pytest.skip("bind mounts are not permitted here")
+        try:
+            if not _mount("-o", "remount,bind,ro", str(view)):
+                pytest.skip("read-only remounts are not permitted here")
+            read_only = SQLiteStore(str(view / "tb.db"), keyring(key))
+            try:
+                with pytest.raises(StoreError, match="read-only"):
+                    read_only.commit(lease, attempt, stored("AT-2"), refresh_token=Secret("RT-2"))
+                with pytest.raises(StoreError, match="read-only"):
+                    read_only.acquire("other", "prov", "B", 30)
+                row = read_only.load("c")
+                assert row is not None
+                assert row.refresh_token == Secret("RT-1")
+            finally:
+                read_only.close()
+        finally:
+            _unmount(view)
+        _assert_unchanged(writable, lease, attempt)
+        assert writable.load("other") is None
+    finally:
+        writable.close()
+
+
+def test_read_only_connection_is_a_clear_error(file_store: SQLiteStore) -> None:
+    """A store that may not write (query_only): StoreError 'read-only' and no change; then it heals."""
+    lease, attempt = _begin_second_refresh(file_store)
+    file_store._db.execute("PRAGMA query_only = ON")
+    with pytest.raises(StoreError, match="read-only"):
+        file_store.commit(lease, attempt, stored("AT-2"), refresh_token=Secret("RT-2"), raw=b"r")
+    with pytest.raises(StoreError, match="read-only"):
+        file_store.acquire("other", "prov", "B", 30)
+    with pytest.raises(StoreError, match="read-only"):
+        file_store.set_state(lease, "active")
+    file_store._db.execute("PRAGMA query_only = OFF")
+    _assert_unchanged(file_store, lease, attempt)
+    assert file_store.load("other") is None
+    assert file_store.commit(lease, attempt, stored("AT-2"), refresh_token=Secret("RT-2"), raw=b"r")
+
+
+def test_corrupted_ciphertext_is_store_corrupt(file_store: SQLiteStore, db_path: Path) -> None:
+    """Random bytes in rt_ct make load() raise StoreCorruptError; states() still works (no key)."""
+    refresh(file_store, "c", "A", "RT-1", "AT-1")
+    refresh(file_store, "d", "A", "RT-d", "AT-d")
+    junk = b"\x7f" + os.urandom(80)
+    with raw_db(db_path) as db:
+        db.execute("UPDATE tb_credential SET rt_ct = ? WHERE id = 'c'", (junk,))
+    with pytest.raises(StoreCorruptError):
+        file_store.load("c")
+    assert file_store.load("d") is not None
+    assert [s["id"] for s in file_store.states()] == ["c", "d"]
+
+
+def test_tampered_ciphertext_byte_is_store_corrupt(file_store: SQLiteStore, db_path: Path) -> None:
+    """One flipped bit in a stored ciphertext is StoreCorruptError, never a wrong token."""
+    refresh(file_store, "c", "A", "RT-1", "AT-1")
+    with raw_db(db_path) as db:
+        (blob,) = db.execute("SELECT at_ct FROM tb_credential").fetchone()
+        flipped = bytearray(blob)
+        flipped[-1] ^= 0x01
+        db.execute("UPDATE tb_credential SET at_ct = ?", (bytes(flipped),))
+    with pytest.raises(StoreCorruptError):
+        file_store.load("c")
+
+
+def test_garbage_file_is_store_corrupt(db_path: Path, key: str) -> None:
+    """A file that is not SQLite at the store path: StoreCorruptError with a clear message."""
+    db_path.write_bytes(b"this is not a database, just some text\n" * 200)
+    with pytest.raises(StoreCorruptError, match="damaged") as excinfo:
+        SQLiteStore(str(db_path), keyring(key))
+    assert not isinstance(excinfo.value, sqlite3.Error)
+    assert excinfo.value.__cause__ is None
+
+
+def test_damaged_pages_are_store_corrupt(db_path: Path, key: str) -> None:
+    """A SQLite file with overwritten pages: opening it is StoreCorruptError, not DatabaseError."""
+    store = SQLiteStore(str(db_path), keyring(key))
+    for i in range(20):
+        refresh(store, f"c{i}", "A", f"RT-{i}", "AT" * 200)
+    store.close()
+    with db_path.open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\xa5" * 4096 * 3)
+
+    def open_and_read() -> None:
+        damaged = SQLiteStore(str(db_path), keyring(key))
+        try:
+            for i in range(20):
+                damaged.load(f"c{i}")
+        finally:
+            damaged.close()
+
+    with pytest.raises(StoreCorruptError):
+        open_and_read()
+
+
+def _open_fds(path: Path) -> int:
+    target = str(path.resolve())
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}") == target
+    return count
+
+
+@pytest.mark.parametrize("damage", ["garbage", "newer-schema", "wrong-key"])
+def test_failed_open_closes_the_file(db_path: Path, damage: str) -> None:
+    """A store that refuses to open leaves no connection (file descriptor) behind."""
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc")
+    if damage == "garbage":
+        db_path.write_bytes(b"not a database" * 300)
+    else:
+        store = SQLiteStore(str(db_path), keyring(generate_key()))
+        refresh(store, "c", "A", "RT-1", "AT-1")
+        store.close()
+        if damage == "newer-schema":
+            with raw_db(db_path) as db:
+                db.execute("UPDATE tb_meta SET value = '99'")
+    gc.disable()  # the leak must not depend on when the cycle collector happens to run
+    try:
+        for _ in range(3):
+            with pytest.raises(StoreError if damage != "wrong-key" else EncryptionKeyError):
+                SQLiteStore(str(db_path), keyring(generate_key()))
+        assert _open_fds(db_path) == 0
+    finally:
+        gc.enable()
+
+
+def test_missing_directory_is_a_store_error(tmp_path: Path, key: str) -> None:
+    """A store path in a directory that does not exist is StoreError, not a raw OSError."""
+    with pytest.raises(StoreError, match="cannot open"):
+        SQLiteStore(str(tmp_path / "nope" / "tb.db"), keyring(key))
+
+
+# -- B6-lite: the broker keeps serving while its store fails ---------------------------------------
+
+
+class Breaker:
+    """Makes a broker's file store fail for real and heal again."""
+
+    def __init__(self, kind: str, directory: Path) -> None:
+        self.kind = kind
+        self.directory = directory
+        self.broker: Broker | None = None
+        self._filler: Path | None = None
+
+    def break_(self) -> None:
+        if self.kind == "full":
+            self._filler = fill(self.directory)
+        else:
+            assert self.broker is not None
+            self.broker.store._db.execute("PRAGMA query_only = ON")
+
+    def heal(self) -> None:
+        if self._filler is not None:
+            self._filler.unlink()
+            self._filler = None
+        if self.kind == "read-only":
+            assert self.broker is not None
+            self.broker.store._db.execute("PRAGMA query_only = OFF")
+
+
+@pytest.fixture(params=["full", "read-only"])
+def breaker(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Breaker]:
+    if request.param == "full":
+        yield Breaker("full", request.getfixturevalue("small_fs"))
+    else:
+        yield Breaker("read-only", tmp_path)
+
+
+def file_broker(directory: Path, provider: dict[str, Any], **kwargs: Any) -> Broker:
+    config = {
+        "store": f"sqlite:///{directory / 'broker.db'}",
+        "encryption_keys": [generate_key()],
+        "defaults": {"retries": 2, "backoff_seconds": 0.01},
+        "providers": {"p": provider},
+    }
+    return Broker(parse_settings(yaml.safe_dump(config), {}), **kwargs)
+
+
+def slot_state(broker: Broker) -> str:
+    (state,) = broker.states()
+    return state.state
+
+
+def test_broker_serves_from_memory_while_the_store_fails(
+    auth_server: AuthorizationServer, breaker: Breaker
+) -> None:
+    """Store full/read-only at refresh-ahead: the held token keeps being served, then it recovers."""
+    clock = ManualClock()
+    broker = file_broker(breaker.directory, client_credentials(auth_server), clock=clock)
+    breaker.broker = broker
+    try:
+        first = broker.get_token("p").access_token
+        breaker.break_()
+        clock.advance(3000)  # past refresh_ahead (0.8 x 3600 s), well before expiry
+        assert broker.get_token("p").access_token == first
+        wait_for(lambda: slot_state(broker) == "failing", "the background refresh to fail")
+        assert broker.states()[0].last_error == "StoreError"
+        assert broker.get_token("p").access_token == first
+        assert auth_server.count("client_credentials") == 1  # nothing fetched that was not kept
+
+        breaker.heal()
+        clock.advance(2)  # past the failure backoff (at most 1 s after one failure)
+        broker.get_token("p")
+        wait_for(lambda: broker.get_token("p").access_token != first, "a refresh after recovery")
+        assert slot_state(broker) == "valid"
+        second = broker.get_token("p").access_token
+        assert auth_server.count("client_credentials") == 2
+        (row_id,) = [s["id"] for s in broker.store.states()]
+        row = broker.store.load(row_id)
+        assert row is not None
+        assert row.token is not None
+        assert row.token.token.access_token == second
+    finally:
+        broker.close()
+
+
+def test_rotated_refresh_token_survives_a_failed_commit(
+    auth_server: AuthorizationServer, breaker: Breaker
+) -> None:
+    """Store fails after the IdP rotated the RT: the new RT is kept and committed once it heals (B6)."""
+    seed = auth_server.issue_refresh_token("rt-client")
+    clock = ManualClock()
+    armed = threading.Event()
+
+    def hook(point: str) -> None:
+        if point == "after_reply" and armed.is_set():
+            armed.clear()
+            breaker.break_()
+
+    broker = file_broker(
+        breaker.directory, refresh_token(auth_server, seed), clock=clock, hook=hook
+    )
+    breaker.broker = broker
+    try:
+        first = broker.get_token("p").access_token
+        armed.set()
+        clock.advance(3000)
+        assert broker.get_token("p").access_token == first
+        wait_for(lambda: slot_state(broker) == "failing", "the background commit to fail")
+        assert broker.states()[0].last_error == "StoreError"
+        assert broker.get_token("p").access_token == first
+        assert len(auth_server.presented_refresh_tokens) == 2  # the IdP did rotate
+
+        breaker.heal()
+        clock.advance(2)
+        broker.get_token("p")
+        wait_for(lambda: slot_state(broker) != "refreshing", "the refresh after recovery")
+        assert slot_state(broker) == "valid", broker.states()[0].last_error
+        assert broker.get_token("p").access_token != first
+        assert not auth_server.reused_refresh_tokens()
+
+        clock.advance(3600)  # the stored refresh token is one the IdP still accepts
+        assert broker.get_token("p").access_token != first
+        assert not auth_server.reused_refresh_tokens()
+    finally:
+        broker.close()
