@@ -111,7 +111,7 @@ def test_malformed_key_names_its_position(bad: str, reason: str) -> None:
     with pytest.raises(EncryptionKeyError) as excinfo:
         ring(generate_key(), bad)
     message = str(excinfo.value)
-    assert "encryption_keys[1]" in message, reason
+    assert "encryption_keys: key 1 " in message, reason
     assert excinfo.value.problems[0].path == "encryption_keys"
     if bad:
         assert bad not in message

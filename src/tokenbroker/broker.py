@@ -68,7 +68,7 @@ def open_store(settings: Settings) -> SQLiteStore:
     if not keys and settings.store == "memory":
         keys = (Secret(generate_key()),)
     elif not keys:
-        raise EncryptionKeyError(f"encryption_keys {MISSING_KEY}")
+        raise EncryptionKeyError(MISSING_KEY)
     return SQLiteStore.from_url(
         settings.store, Keyring(keys), busy_timeout=settings.defaults.store_busy_timeout_seconds
     )

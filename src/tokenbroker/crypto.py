@@ -53,12 +53,12 @@ class Keyring:
         self._primary = b""
         for position, key in enumerate(keys):
             try:
-                raw = base64.urlsafe_b64decode(key.reveal().encode("ascii"))
+                raw = base64.b64decode(key.reveal().encode("ascii"), altchars=b"-_", validate=True)
             except (binascii.Error, ValueError, UnicodeEncodeError):
                 raw = b""
             if len(raw) != 32:
                 raise EncryptionKeyError(
-                    f"encryption_keys[{position}] is not 32 bytes of URL-safe base64 "
+                    f"key {position} is not 32 bytes of URL-safe base64 "
                     "(generate one with `tokenbroker keygen`)"
                 )
             key_id = hashlib.sha256(raw).digest()[:_ID_BYTES]
