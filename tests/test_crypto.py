@@ -119,7 +119,7 @@ def test_malformed_key_names_its_position(bad: str, reason: str) -> None:
 
 def test_malformed_first_key_is_position_zero() -> None:
     """The position is counted from zero, so the primary key's problems say [0]."""
-    with pytest.raises(EncryptionKeyError, match=r"encryption_keys\[0\]"):
+    with pytest.raises(EncryptionKeyError, match=r"encryption_keys: key 0 "):
         ring("short", generate_key())
 
 
