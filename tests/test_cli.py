@@ -172,3 +172,52 @@ def test_status_on_an_empty_store(tmp_path: Path, auth_server: AuthorizationServ
     result = CliRunner().invoke(main, ["status", "--config", str(config)])
     assert result.exit_code == 0
     assert "no stored credentials" in result.output
+
+
+def test_consumers_add_prints_the_key_once_and_stores_only_its_hash(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """consumers add prints the key alone on the last stdout line; the store holds only its
+    SHA-256; the key then works against the HTTP API and stops working once removed."""
+    from support import Served
+
+    from tokenbroker import Broker
+    from tokenbroker.app import create_app
+    from tokenbroker.config import load_settings
+    from tokenbroker.consumers import hash_key
+    from tokenbroker.crypto import generate_key
+
+    config = file_config(tmp_path, auth_server, [generate_key()])
+    runner = CliRunner()
+    added = runner.invoke(
+        main, ["consumers", "add", "etl", "--allow", "svc:read", "--config", str(config)]
+    )
+    assert added.exit_code == 0, added.output
+    key = added.stdout.strip().splitlines()[-1]
+    assert key.startswith("tbk_") and len(key) == 47
+    assert len(added.stdout.strip().splitlines()) == 1
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("tb.db*"))
+    assert key.encode() not in raw
+    assert hash_key(key).encode() in raw
+    again = runner.invoke(
+        main, ["consumers", "add", "etl", "--allow", "svc", "--config", str(config)]
+    )
+    assert again.exit_code != 0
+    listed = runner.invoke(main, ["consumers", "list", "--config", str(config)])
+    assert "etl\tstore\tsvc:read" in listed.output and key not in listed.output
+    bad = runner.invoke(
+        main, ["consumers", "add", "x", "--allow", "Bad Rule!", "--config", str(config)]
+    )
+    assert bad.exit_code == 2
+
+    with Broker(load_settings(config)) as broker, Served(create_app(broker)) as client:
+        ok = client.get("/v1/tokens/svc", headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+    removed = runner.invoke(main, ["consumers", "remove", "etl", "--config", str(config)])
+    assert removed.exit_code == 0
+    with Broker(load_settings(config)) as broker, Served(create_app(broker)) as client:
+        gone = client.get("/v1/tokens/svc", headers={"Authorization": f"Bearer {key}"})
+        assert gone.status_code == 401
+    assert (
+        runner.invoke(main, ["consumers", "remove", "etl", "--config", str(config)]).exit_code == 3
+    )

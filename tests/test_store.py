@@ -32,6 +32,7 @@ from tokenbroker import (
     Token,
     parse_settings,
 )
+from tokenbroker import store as store_module
 from tokenbroker.crypto import Keyring, generate_key
 from tokenbroker.store import Lease, SQLiteStore, StoredToken
 from tokenbroker.testing import AuthorizationServer
@@ -182,7 +183,7 @@ def test_store_files_are_owner_only(file_store: SQLiteStore, db_path: Path) -> N
 
 
 def test_migration_is_idempotent(db_path: Path, key: str) -> None:
-    """Opening the same file again keeps schema version 1, the tables and the data."""
+    """Opening the same file again keeps the latest schema version, the tables and the data."""
     first = SQLiteStore(str(db_path), keyring(key))
     refresh(first, "c", "me", "RT-1", "AT-1")
     first.close()
@@ -194,7 +195,10 @@ def test_migration_is_idempotent(db_path: Path, key: str) -> None:
     finally:
         second.close()
     with raw_db(db_path) as db:
-        assert db.execute("SELECT name, value FROM tb_meta").fetchall() == [("schema_version", "1")]
+        latest = str(len(store_module._MIGRATIONS))
+        assert db.execute("SELECT name, value FROM tb_meta").fetchall() == [
+            ("schema_version", latest)
+        ]
         assert db.execute("SELECT count(*) FROM tb_credential").fetchone() == (1,)
         assert db.execute("SELECT count(*) FROM tb_attempt").fetchone() == (1,)
 

@@ -173,17 +173,16 @@ def create_app(
 
     Args:
         broker: The broker to serve.
-        consumers: Who may call; default: the ``consumers:`` config section.
+        consumers: Who may call; default: the ``consumers:`` config section plus the
+            consumers in the store (``tokenbroker consumers add``).
         metrics: Prometheus metrics; default: a new registry subscribed to ``broker``.
 
     Returns:
         The ASGI application.
     """
-    registry = (
-        consumers
-        if consumers is not None
-        else ConsumerRegistry.from_settings(broker.settings.consumers)
-    )
+    registry = consumers
+    if registry is None:
+        registry = ConsumerRegistry.load(broker.settings.consumers, broker.store.consumers())
     meter = metrics or Metrics(broker)
     app = FastAPI(
         title="tokenbroker",

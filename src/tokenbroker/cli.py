@@ -7,6 +7,7 @@ Only this module configures logging handlers. Every command takes
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import click
 
 from .broker import Broker, open_store
 from .config import load_settings, startup_problems
+from .consumers import hash_key, new_key, parse_rule
 from .crypto import generate_key
 from .errors import ConfigError, ProviderError, TokenBrokerError, UnknownProviderError
 from .store import SQLiteStore
@@ -171,6 +173,84 @@ def rotate_key(config_path: Path) -> None:
         _fail(exc)
         return
     click.echo(f"re-encrypted {count} secret(s); only the first of encryption_keys is needed now")
+
+
+@main.group()
+def consumers() -> None:
+    """Manage consumer API keys (stored as SHA-256 digests only)."""
+
+
+@consumers.command("add")
+@click.argument("name")
+@click.option(
+    "--allow",
+    "rules",
+    multiple=True,
+    required=True,
+    help="PROVIDER or PROVIDER:SCOPE (repeatable).",
+)
+@config_option
+def consumers_add(name: str, rules: tuple[str, ...], config_path: Path) -> None:
+    """Create a consumer; its key is printed once, alone on the last line."""
+    try:
+        parsed = [parse_rule(rule) for rule in rules]
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--allow") from None
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+        raise click.BadParameter("1-64 letters, digits, '_', '.', '-'", param_hint="NAME")
+    key = new_key()
+    try:
+        store = _open_store(config_path)
+        try:
+            store.add_consumer(name, hash_key(key), [str(rule) for rule in parsed])
+        finally:
+            store.close()
+    except TokenBrokerError as exc:
+        _fail(exc)
+        return
+    click.echo(f"consumer {name} may use: {', '.join(str(r) for r in parsed)}", err=True)
+    click.echo("the key is shown once; only its SHA-256 is stored:", err=True)
+    click.echo(key)
+
+
+@consumers.command("list")
+@config_option
+def consumers_list(config_path: Path) -> None:
+    """List consumers (names and rules, never keys)."""
+    try:
+        settings = load_settings(config_path)
+        store = _open_store(config_path)
+        try:
+            stored = store.consumers()
+        finally:
+            store.close()
+    except TokenBrokerError as exc:
+        _fail(exc)
+        return
+    for name, spec in sorted(settings.consumers.items()):
+        click.echo(f"{name}\tconfig\t{', '.join(map(str, spec.get('allow', [])))}")
+    for name, _, rules in stored:
+        click.echo(f"{name}\tstore\t{', '.join(rules)}")
+
+
+@consumers.command("remove")
+@click.argument("name")
+@config_option
+def consumers_remove(name: str, config_path: Path) -> None:
+    """Delete a stored consumer; its key stops working."""
+    try:
+        store = _open_store(config_path)
+        try:
+            removed = store.remove_consumer(name)
+        finally:
+            store.close()
+    except TokenBrokerError as exc:
+        _fail(exc)
+        return
+    if not removed:
+        click.echo(f"error: no stored consumer named {name!r}", err=True)
+        raise SystemExit(3)
+    click.echo(f"removed {name}")
 
 
 @main.command()

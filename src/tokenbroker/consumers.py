@@ -166,6 +166,20 @@ class ConsumerRegistry:
         """Register a consumer (e.g. one loaded from the store)."""
         self._by_digest[digest] = Consumer(name, tuple(rules))
 
+    @classmethod
+    def load(
+        cls, settings: Mapping[str, Mapping[str, Any]], stored: Iterable[tuple[str, str, list[str]]]
+    ) -> ConsumerRegistry:
+        """Consumers from the config section plus those stored by ``tokenbroker consumers add``.
+
+        Raises:
+            ConfigError: For a bad config entry.
+        """
+        registry = cls.from_settings(settings)
+        for name, digest, rules in stored:
+            registry.add(name, digest, [parse_rule(rule) for rule in rules])
+        return registry
+
     def authenticate(self, key: str | None) -> Consumer | None:
         """The consumer whose key this is, or None.
 

@@ -71,6 +71,14 @@ _MIGRATIONS = [
     );
     CREATE INDEX tb_attempt_open ON tb_attempt(credential_id, status);
     """,
+    """
+    CREATE TABLE tb_consumer (
+        name TEXT PRIMARY KEY,
+        key_sha256 TEXT NOT NULL UNIQUE,
+        allow TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 #: Attempt statuses that may have reached the provider without a stored outcome.
@@ -533,6 +541,41 @@ class SQLiteStore:
         if changed != 1:
             return None
         return Lease(lease.id, lease.owner, lease.fence, version, lease.expires_at)
+
+    def add_consumer(self, name: str, key_sha256: str, allow: list[str]) -> None:
+        """Store a consumer: its name, the SHA-256 of its key (never the key), its rules.
+
+        Raises:
+            StoreError: When the name exists already (or the store fails).
+        """
+        with self._tx():
+            taken = self._db.execute(
+                "SELECT 1 FROM tb_consumer WHERE name = ? OR key_sha256 = ?", (name, key_sha256)
+            ).fetchone()
+            if taken:
+                raise StoreError(f"a consumer named {name!r} exists already")
+            self._db.execute(
+                "INSERT INTO tb_consumer (name, key_sha256, allow, created_at)"
+                f" VALUES (?, ?, ?, {_NOW})",
+                (name, key_sha256, json.dumps(allow)),
+            )
+
+    def remove_consumer(self, name: str) -> bool:
+        """Delete a stored consumer; its key stops working at once.
+
+        Returns:
+            Whether it existed.
+        """
+        with self._tx():
+            return self._db.execute("DELETE FROM tb_consumer WHERE name = ?", (name,)).rowcount == 1
+
+    def consumers(self) -> list[tuple[str, str, list[str]]]:
+        """Every stored consumer as ``(name, key digest, allow rules)``."""
+        with self._guard():
+            rows = self._db.execute(
+                "SELECT name, key_sha256, allow FROM tb_consumer ORDER BY name"
+            ).fetchall()
+        return [(name, digest, list(json.loads(allow))) for name, digest, allow in rows]
 
     def rotate_keys(self) -> int:
         """Re-encrypt every secret with the primary key.
