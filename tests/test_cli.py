@@ -180,7 +180,6 @@ def test_consumers_add_prints_the_key_once_and_stores_only_its_hash(
     """consumers add prints the key alone on the last stdout line; the store holds only its
     SHA-256; the key then works against the HTTP API and stops working once removed."""
     from support import Served
-
     from tokenbroker import Broker
     from tokenbroker.app import create_app
     from tokenbroker.config import load_settings
