@@ -13,6 +13,7 @@ from support import Served, client_credentials, refresh_token, stampede
 from tokenbroker import Broker
 from tokenbroker.app import PUBLIC_PATHS, create_app
 from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
+from tokenbroker.ratelimit import RateLimits
 from tokenbroker.testing import AuthorizationServer, Fault
 
 KEY = new_key()
@@ -27,7 +28,7 @@ def served(broker: Broker) -> Iterator[Served]:
             ("other", hash_key(OTHER_KEY), [parse_rule("secret-svc")]),
         ]
     )
-    served = Served(create_app(broker, registry))
+    served = Served(create_app(broker, registry, limits=RateLimits(auth_failures="1000/minute")))
     with served:
         yield served
 
@@ -210,3 +211,53 @@ def test_openapi_has_no_refresh_token_field(served: Served, broker: Broker) -> N
     assert spec.status_code in (200, 401)
     document = create_app(broker, ConsumerRegistry()).openapi()
     assert "refresh_token" not in str(document["components"]["schemas"])
+
+
+def test_failed_key_checks_are_rate_limited_per_source(broker: Broker) -> None:
+    """After 3 failed key checks a source gets 429 + Retry-After, even with a good key."""
+    registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("svc:read")])])
+    app = create_app(broker, registry, limits=RateLimits(auth_failures="3/minute"))
+    with Served(app) as client:
+        bad = [client.get("/v1/providers", headers=auth(new_key())).status_code for _ in range(3)]
+        blocked = client.get("/v1/providers", headers=auth())
+    assert bad == [401, 401, 401]
+    assert blocked.status_code == 429
+    assert blocked.json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(blocked.headers["retry-after"]) <= 60
+
+
+def test_per_consumer_rate_limit(broker: Broker) -> None:
+    """A consumer over its `server.rate_limit` gets 429; another consumer is unaffected."""
+    registry = ConsumerRegistry(
+        [
+            ("etl", hash_key(KEY), [parse_rule("svc:read")]),
+            ("other", hash_key(OTHER_KEY), [parse_rule("svc:read")]),
+        ]
+    )
+    app = create_app(broker, registry, limits=RateLimits(per_consumer="2/minute"))
+    with Served(app) as client:
+        statuses = [client.get("/v1/providers", headers=auth()).status_code for _ in range(3)]
+        other = client.get("/v1/providers", headers=auth(OTHER_KEY)).status_code
+    assert statuses == [200, 200, 429]
+    assert other == 200
+
+
+def test_cors_allow_list(auth_server: AuthorizationServer, make_broker: BrokerFactory) -> None:
+    """CORS headers are sent only for configured origins; none are configured by default."""
+    plain = make_broker({"svc": client_credentials(auth_server)})
+    with Served(create_app(plain, ConsumerRegistry())) as client:
+        response = client.get("/livez", headers={"Origin": "https://app.example"})
+        assert "access-control-allow-origin" not in response.headers
+    import yaml
+
+    from tokenbroker import parse_settings
+
+    config = {"store": "memory", "server": {"cors_origins": ["https://app.example"]}}
+    with (
+        Broker(parse_settings(yaml.safe_dump(config), {})) as broker2,
+        Served(create_app(broker2, ConsumerRegistry())) as client,
+    ):
+        allowed = client.get("/livez", headers={"Origin": "https://app.example"})
+        denied = client.get("/livez", headers={"Origin": "https://evil.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example"
+    assert "access-control-allow-origin" not in denied.headers

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,6 +36,7 @@ from .errors import (
 )
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import RequestContext
+from .ratelimit import RateLimits
 from .token import Token
 
 __all__ = ["ERROR_STATUS", "create_app"]
@@ -56,6 +58,14 @@ class Unauthorized(TokenBrokerError):
         self.presented = presented
 
 
+class RateLimited(TokenBrokerError):
+    """Too many requests (or failed key checks); ``retry_after`` says how long to wait."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("too many requests")
+        self.retry_after = retry_after
+
+
 class NotFound(TokenBrokerError):
     """The provider does not exist or the consumer may not use it (indistinguishable)."""
 
@@ -63,6 +73,7 @@ class NotFound(TokenBrokerError):
 #: Domain error → (HTTP status, error code). The most specific class wins.
 ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (Unauthorized, 401, "unauthorized"),
+    (RateLimited, 429, "rate_limited"),
     (NotFound, 404, "not_found"),
     (UnknownProviderError, 404, "not_found"),
     (ReauthorizationRequiredError, 409, "reauthorization_required"),
@@ -72,6 +83,7 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
 ]
 _MESSAGES = {
     "unauthorized": "a valid API key is required",
+    "rate_limited": "too many requests; retry later",
     "not_found": "no such provider",
     "reauthorization_required": "the provider's refresh token is dead; authorise again",
     "provider_misconfigured": "the provider rejected the broker's client configuration",
@@ -154,9 +166,19 @@ def _consumer(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Consumer:
     registry: ConsumerRegistry = request.app.state.consumers
+    limits: RateLimits = request.app.state.limits
+    source = request.client.host if request.client else "unknown"
+    wait = limits.source_blocked(source)
+    if wait is not None:
+        raise RateLimited(wait)
     found = registry.authenticate(credentials.credentials if credentials else None)
     if found is None:
+        if credentials is not None:
+            limits.failed(source)
         raise Unauthorized(presented=credentials is not None)
+    wait = limits.consumer_blocked(found.name)
+    if wait is not None:
+        raise RateLimited(wait)
     return found
 
 
@@ -168,6 +190,7 @@ def create_app(
     consumers: ConsumerRegistry | None = None,
     *,
     metrics: Metrics | None = None,
+    limits: RateLimits | None = None,
 ) -> FastAPI:
     """Build the HTTP API around ``broker``.
 
@@ -176,6 +199,8 @@ def create_app(
         consumers: Who may call; default: the ``consumers:`` config section plus the
             consumers in the store (``tokenbroker consumers add``).
         metrics: Prometheus metrics; default: a new registry subscribed to ``broker``.
+        limits: Rate limits; default: ``server.rate_limit`` per consumer and
+            10 failed key checks a minute per client address.
 
     Returns:
         The ASGI application.
@@ -184,6 +209,7 @@ def create_app(
     if registry is None:
         registry = ConsumerRegistry.load(broker.settings.consumers, broker.store.consumers())
     meter = metrics or Metrics(broker)
+    server = broker.settings.server
     app = FastAPI(
         title="tokenbroker",
         version=__version__,
@@ -191,6 +217,15 @@ def create_app(
         redoc_url=None,
         responses={401: {"model": ErrorResponse}},
     )
+    app.state.limits = limits or RateLimits(server.get("rate_limit"))
+    origins = list(server.get("cors_origins") or [])
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     app.add_middleware(RequestContext, metrics=meter)
     _add_token_routes(app, broker, registry, meter)
     _add_probes(app, broker, meter)
@@ -323,7 +358,7 @@ def error_response(exc: BaseException) -> JSONResponse:
                 headers["WWW-Authenticate"] = (
                     f'{REALM}, error="invalid_token"' if exc.presented else REALM
                 )
-            if isinstance(exc, ProviderUnavailableError | StoreError):
+            if isinstance(exc, ProviderUnavailableError | StoreError | RateLimited):
                 delay = getattr(exc, "retry_after", None)
                 headers["Retry-After"] = str(max(1, math.ceil(delay or 5)))
             return _error(status, code, _MESSAGES[code], headers)

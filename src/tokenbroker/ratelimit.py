@@ -1,0 +1,60 @@
+"""Rate limits for the HTTP API: per consumer, and failed key checks per client address.
+
+Built on the ``limits`` library's moving windows with in-memory storage (its
+Redis storage is a later config switch). A blocked caller learns how long to
+wait (``Retry-After``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from limits import RateLimitItem, parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+__all__ = ["DEFAULT_AUTH_FAILURES", "RateLimits"]
+
+#: Failed key checks allowed per client address before it is told to wait.
+DEFAULT_AUTH_FAILURES = "10/minute"
+
+
+class RateLimits:
+    """The API's limits.
+
+    Args:
+        per_consumer: e.g. ``50/second`` for each consumer, or None for no limit.
+        auth_failures: Failed authentications allowed per client address.
+
+    Raises:
+        ValueError: For a limit string the ``limits`` library cannot parse.
+    """
+
+    def __init__(self, per_consumer: str | None = None, auth_failures: str = DEFAULT_AUTH_FAILURES):
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+        self._consumer: RateLimitItem | None = parse(per_consumer) if per_consumer else None
+        self._failures = parse(auth_failures)
+
+    def __repr__(self) -> str:
+        return f"RateLimits(per_consumer={self._consumer}, auth_failures={self._failures})"
+
+    def source_blocked(self, source: str) -> float | None:
+        """Seconds ``source`` must wait after too many failed key checks, or None."""
+        if self._limiter.test(self._failures, "fail", source):
+            return None
+        return self._wait(self._failures, "fail", source)
+
+    def failed(self, source: str) -> None:
+        """Count one failed key check from ``source``."""
+        self._limiter.hit(self._failures, "fail", source)
+
+    def consumer_blocked(self, name: str) -> float | None:
+        """Count one request of consumer ``name``; seconds to wait if over its limit, or None."""
+        if self._consumer is None or self._limiter.hit(self._consumer, "consumer", name):
+            return None
+        return self._wait(self._consumer, "consumer", name)
+
+    def _wait(self, item: RateLimitItem, *keys: str) -> float:
+        reset = self._limiter.get_window_stats(item, *keys).reset_time
+        return max(1.0, math.ceil(reset - time.time()))
