@@ -10,9 +10,11 @@ refresh token.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from typing import Annotated, Any
+from urllib.parse import quote, urlencode
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,7 +49,9 @@ audit = logging.getLogger("tokenbroker.audit")
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 REALM = 'Bearer realm="tokenbroker"'
 #: Paths any client may call without a key.
-PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/metrics"})
+PUBLIC_PATHS = frozenset(
+    {"/livez", "/readyz", "/healthz", "/health", "/metrics", "/.well-known/jwks.json"}
+)
 
 
 class Unauthorized(TokenBrokerError):
@@ -148,6 +152,31 @@ class ProvidersOut(BaseModel):
     """The providers this consumer may use."""
 
     providers: list[ProviderOut]
+
+
+class DelegationIn(BaseModel):
+    """What a delegated token is for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(max_length=64)
+    audience: str = Field(max_length=2048)
+    object: str | None = Field(None, max_length=2048)
+    subject: str | None = Field(None, max_length=256)
+    lifetime_seconds: int | None = Field(None, ge=1, le=86400)
+
+
+class DelegationOut(BaseModel):
+    """A short-lived delegated token; never cached, never refreshable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str
+    token_type: str
+    expires_at: int
+    expires_in: int
+    audience: str
+    object: str | None = None
 
 
 class Status(BaseModel):
@@ -274,6 +303,55 @@ def _add_token_routes(
         )
         return JSONResponse({**_token_json(token), "invalidated": dropped}, headers=NO_STORE)
 
+    @app.post("/v1/delegations", response_model=DelegationOut, responses=errors)
+    async def delegations(body: DelegationIn, caller: Caller) -> JSONResponse:
+        """A short-lived token for one audience (and object), minted or obtained upstream."""
+        if not _any_scope(caller, body.provider):
+            raise NotFound("no such provider")
+        token = await broker.adelegate(
+            body.provider,
+            body.audience,
+            object_=body.object,
+            subject=body.subject,
+            lifetime=body.lifetime_seconds,
+        )
+        audit.info(
+            "delegation consumer=%s provider=%s audience=%s",
+            caller.name,
+            body.provider,
+            body.audience,
+        )
+        return JSONResponse(
+            {
+                "token": token.token,
+                "token_type": token.token_type,
+                "expires_at": int(token.expires_at),
+                "expires_in": token.expires_in,
+                "audience": token.audience,
+                "object": token.object,
+            },
+            headers=NO_STORE,
+        )
+
+    @app.get(
+        "/v1/redirects/{route}/{path:path}",
+        status_code=302,
+        response_class=Response,
+        responses={
+            302: {"description": "To the upstream, with a fresh delegated token."},
+            **errors,
+        },
+    )
+    async def redirect(route: str, path: str, caller: Caller) -> Response:
+        """``302`` to the route's upstream with a fresh delegated token in ``Location``."""
+        spec = broker.settings.redirects.get(route)
+        if spec is None or not _any_scope(caller, spec.provider) or not _safe_path(path):
+            raise NotFound("no such provider")
+        token = await broker.adelegate(spec.provider, spec.audience, object_=path)
+        audit.info("redirect consumer=%s route=%s", caller.name, route)
+        location = f"{spec.url.rstrip('/')}/{quote(path)}?{urlencode({spec.param: token.token})}"
+        return Response(status_code=302, headers={**NO_STORE, "Location": location})
+
     @app.get("/v1/providers", response_model=ProvidersOut)
     async def providers(caller: Caller) -> ProvidersOut:
         """The providers this consumer may use, with their state; no secrets."""
@@ -322,6 +400,12 @@ def _add_probes(app: FastAPI, broker: Broker, meter: Metrics) -> None:
         return _health(broker)
 
     app.add_api_route("/healthz", health, methods=["GET"], response_model=Status, tags=["probes"])
+
+    @app.get("/.well-known/jwks.json", tags=["probes"])
+    async def jwks() -> JSONResponse:
+        """Public keys that verify the broker's delegated JWTs (RFC 7517)."""
+        keys = await asyncio.to_thread(broker.jwks)
+        return JSONResponse(keys, headers={"Cache-Control": "public, max-age=300"})
 
     @app.get("/metrics", tags=["probes"], response_class=Response)
     async def metrics_endpoint() -> Response:
@@ -384,6 +468,20 @@ def _token_json(token: Token) -> dict[str, Any]:
         "expires_in": token.expires_in,
         "scope": token.scope,
     }
+
+
+def _any_scope(caller: Consumer, provider: str) -> bool:
+    """Delegation needs some rule for the provider; scopes do not apply."""
+    return any(rule.provider == provider for rule in caller.rules)
+
+
+def _safe_path(path: str) -> bool:
+    """Refuse dot segments, backslashes, control characters and double-encoded separators."""
+    if not path or "\\" in path or any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        return False
+    if any(code in path.lower() for code in ("%2e", "%2f", "%5c", "%00")):
+        return False  # double-encoded separators or dots
+    return all(part not in (".", "..") for part in path.split("/"))
 
 
 def _int(value: float | None) -> int | None:

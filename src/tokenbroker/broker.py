@@ -24,6 +24,7 @@ from .clock import Clock
 from .config import (
     MISSING_KEY,
     ClientCredentialsProvider,
+    JwtDelegation,
     LoginProvider,
     Provider,
     RefreshTokenProvider,
@@ -31,8 +32,16 @@ from .config import (
     load_settings,
 )
 from .crypto import Keyring, generate_key
+from .delegation import (
+    DelegatedToken,
+    Signer,
+    UpstreamDelegationGrant,
+    bound_lifetime,
+    check_audience,
+    settings_for,
+)
 from .drivers import RetryPolicy, send_sync, token_flow
-from .errors import EncryptionKeyError, UnknownProviderError
+from .errors import ClientAuthenticationError, EncryptionKeyError, UnknownProviderError
 from .events import Event, EventBus, RefreshTokenRotated
 from .grants import ClientCredentialsGrant, Grant, LoginGrant, RefreshTokenGrant, TokenResponse
 from .refresher import Job, Refresher, fingerprint
@@ -117,6 +126,7 @@ class Broker:
             trust_env=False,
         )
         self._cache: TokenCache[_Key] = TokenCache(self, clock=clock, events=self.events)
+        self._signers: dict[str, Signer] = {}
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: object) -> Broker:
@@ -228,6 +238,104 @@ class Broker:
         from .requests_auth import RequestsBrokerAuth  # noqa: PLC0415 - requests is optional
 
         return RequestsBrokerAuth(self._target(provider, scope, account))
+
+    def delegate(
+        self,
+        provider: str,
+        audience: str,
+        *,
+        object_: str | None = None,
+        subject: str | None = None,
+        lifetime: float | None = None,
+    ) -> DelegatedToken:
+        """Mint (or obtain upstream) a short-lived delegated token; never cached.
+
+        Args:
+            provider: A provider with a ``delegation:`` section.
+            audience: One of its delegation audiences.
+            object_: The object the token is bound to (e.g. a file key).
+            subject: On whose behalf (e.g. a user id).
+            lifetime: Seconds asked for; capped by ``max_lifetime_seconds`` (and, upstream,
+                by the service token's remaining life).
+
+        Returns:
+            The delegated token.
+
+        Raises:
+            UnknownProviderError: Unknown provider, no delegation, or an audience it does not list.
+            ProviderError: Upstream mode: the delegation endpoint's classified failure.
+        """
+        spec = settings_for(self._provider(provider).delegation, provider)
+        check_audience(provider, spec.audiences, audience)
+        if isinstance(spec, JwtDelegation):
+            return self._signer(spec.algorithm).sign(
+                issuer=spec.issuer,
+                provider=provider,
+                audience=audience,
+                lifetime=bound_lifetime(lifetime, spec.max_lifetime_seconds),
+                subject=subject,
+                object_=object_,
+            )
+        for attempt in (1, 2):
+            service = self.get_token(provider)
+            granted = bound_lifetime(lifetime, spec.max_lifetime_seconds, service.expires_at)
+            values = {
+                "{audience}": audience,
+                "{object}": object_ or "",
+                "{subject}": subject or "",
+                "{lifetime}": str(int(granted)),
+            }
+            grant = UpstreamDelegationGrant(provider, spec, service, values)
+            try:
+                reply = self._send(grant, self._policy(self.settings.providers[provider]))
+            except ClientAuthenticationError:
+                # The service token may have been revoked: report it and try once more.
+                if attempt == 2 or not self.invalidate(provider, service.access_token):
+                    raise
+                continue
+            return DelegatedToken(
+                reply.token.access_token, "Bearer", reply.token.expires_at, audience, object_
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def adelegate(
+        self,
+        provider: str,
+        audience: str,
+        *,
+        object_: str | None = None,
+        subject: str | None = None,
+        lifetime: float | None = None,
+    ) -> DelegatedToken:
+        """:meth:`delegate` in a worker thread (it may touch the store and the network)."""
+        return await asyncio.to_thread(
+            functools.partial(
+                self.delegate,
+                provider,
+                audience,
+                object_=object_,
+                subject=subject,
+                lifetime=lifetime,
+            )
+        )
+
+    def jwks(self) -> dict[str, object]:
+        """Public keys of every delegation signer in use, as one JWK Set."""
+        keys: list[object] = []
+        algorithms = {
+            p.delegation.algorithm
+            for p in self.settings.providers.values()
+            if isinstance(p.delegation, JwtDelegation)
+        }
+        for algorithm in sorted(algorithms):
+            keys.extend(self._signer(algorithm).jwks()["keys"])
+        return {"keys": keys}
+
+    def _signer(self, algorithm: str) -> Signer:
+        signer = self._signers.get(algorithm)
+        if signer is None:
+            signer = self._signers.setdefault(algorithm, Signer(self.store, algorithm))
+        return signer
 
     def subscribe(self, subscriber: Callable[[Event], None]) -> Callable[[], None]:
         """Receive every :class:`~tokenbroker.events.Event`; returns an unsubscribe function."""

@@ -39,12 +39,16 @@ __all__ = [
     "ClientCredentialsProvider",
     "Credential",
     "Defaults",
+    "Delegation",
+    "JwtDelegation",
     "LoginProvider",
     "LoginRequest",
     "Provider",
+    "Redirect",
     "RefreshTokenProvider",
     "Rotation",
     "Settings",
+    "UpstreamDelegation",
     "default_config_path",
     "load_settings",
     "parse_settings",
@@ -76,7 +80,58 @@ class Defaults(_Frozen):
     store_busy_timeout_seconds: float = Field(5.0, gt=0)
 
 
+class JwtDelegation(_Frozen):
+    """The broker mints short-lived, audience- and object-bound JWTs itself."""
+
+    mode: Literal["jwt"]
+    audiences: tuple[str, ...] = Field(min_length=1)
+    max_lifetime_seconds: float = Field(300.0, gt=0, le=86400)
+    issuer: str = "tokenbroker"
+    algorithm: Literal["EdDSA", "ES256"] = "EdDSA"
+
+
+class UpstreamDelegation(_Frozen):
+    """The broker asks an upstream delegation endpoint, with its own service token.
+
+    ``body`` is a JSON template: ``{audience}``, ``{object}``, ``{subject}`` and
+    ``{lifetime}`` are replaced (e.g. the seed's ``file-access/download-tokens``).
+    """
+
+    mode: Literal["upstream"]
+    url: str
+    body: dict[str, Any] = Field(
+        default_factory=lambda: {"object_key": "{object}", "expires_in": "{lifetime}"}
+    )
+    token_path: str = "token"
+    expires_in_path: str | None = None
+    audiences: tuple[str, ...] = Field(min_length=1)
+    max_lifetime_seconds: float = Field(300.0, gt=0, le=86400)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, https_only=True)
+
+
+Delegation = Annotated[JwtDelegation | UpstreamDelegation, Field(discriminator="mode")]
+
+
+class Redirect(_Frozen):
+    """A redirect route: ``GET /v1/redirects/{name}/{path}`` → 302 to ``url/path?param=token``."""
+
+    provider: str
+    audience: str
+    url: str
+    param: str = Field("token", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_url(value, https_only=True)
+
+
 class _ProviderBase(_Frozen):
+    delegation: Delegation | None = None
     skew_seconds: float | None = Field(None, ge=0)
     refresh_ahead: float | None = Field(None, gt=0, le=1)
     timeout_seconds: float | None = Field(None, gt=0)
@@ -257,6 +312,7 @@ class Settings(_Frozen):
     server: dict[str, Any] = Field(default_factory=dict)
     proxy: dict[str, Any] = Field(default_factory=dict)
     telemetry: dict[str, Any] = Field(default_factory=dict)
+    redirects: dict[str, Redirect] = Field(default_factory=dict)
 
     @field_validator("store")
     @classmethod

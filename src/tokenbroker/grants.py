@@ -522,8 +522,9 @@ def _dig(body: Any, path: str) -> Any:
 
 
 def _fill(node: Any, values: dict[str, str]) -> Any:
+    """Replace ``{name}`` placeholders (keys of ``values`` include the braces) in one pass."""
     if isinstance(node, str):
-        return re.sub(r"\{username\}|\{password\}", lambda m: values[m.group(0)], node)
+        return re.sub(r"\{[a-z_]+\}", lambda m: values.get(m.group(0), m.group(0)), node)
     if isinstance(node, dict):
         return {k: _fill(v, values) for k, v in node.items()}
     if isinstance(node, list):

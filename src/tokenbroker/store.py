@@ -79,6 +79,14 @@ _MIGRATIONS = [
         created_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE tb_signing_key (
+        kid TEXT PRIMARY KEY,
+        algorithm TEXT NOT NULL,
+        private_ct BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 #: Attempt statuses that may have reached the provider without a stored outcome.
@@ -577,6 +585,29 @@ class SQLiteStore:
             ).fetchall()
         return [(name, digest, list(json.loads(allow))) for name, digest, allow in rows]
 
+    def signing_keys(self, algorithm: str) -> list[tuple[str, bytes]]:
+        """The delegation signing keys for ``algorithm`` as ``(kid, private PEM)``, newest first."""
+        with self._guard():
+            rows = self._db.execute(
+                "SELECT kid, private_ct FROM tb_signing_key WHERE algorithm = ?"
+                " ORDER BY created_at DESC, kid",
+                (algorithm,),
+            ).fetchall()
+        return [
+            (kid, self._keyring.decrypt(blob, _aad("tb_signing_key", kid, "private")))
+            for kid, blob in rows
+        ]
+
+    def add_signing_key(self, kid: str, algorithm: str, private_pem: bytes) -> None:
+        """Store a delegation signing key, encrypted; a no-op if ``kid`` exists."""
+        blob = self._keyring.encrypt(private_pem, _aad("tb_signing_key", kid, "private"))
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO tb_signing_key (kid, algorithm, private_ct, created_at)"
+                f" VALUES (?, ?, ?, {_NOW}) ON CONFLICT (kid) DO NOTHING",
+                (kid, algorithm, blob),
+            )
+
     def rotate_keys(self) -> int:
         """Re-encrypt every secret with the primary key.
 
@@ -596,6 +627,16 @@ class SQLiteStore:
                     fresh = self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
                     self._db.execute(
                         f"UPDATE tb_credential SET {column}_ct = ? WHERE id = ?", (fresh, row_id)
+                    )
+                    count += 1
+            for kid, blob in self._db.execute(
+                "SELECT kid, private_ct FROM tb_signing_key"
+            ).fetchall():
+                if self._keyring.needs_rotation(blob):
+                    aad = _aad("tb_signing_key", kid, "private")
+                    fresh = self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
+                    self._db.execute(
+                        "UPDATE tb_signing_key SET private_ct = ? WHERE kid = ?", (fresh, kid)
                     )
                     count += 1
             for attempt_id, blob in self._db.execute(
@@ -672,7 +713,8 @@ class SQLiteStore:
             blobs = self._db.execute(
                 "SELECT at_ct FROM tb_credential WHERE at_ct IS NOT NULL UNION ALL "
                 "SELECT rt_ct FROM tb_credential WHERE rt_ct IS NOT NULL UNION ALL "
-                "SELECT raw_ct FROM tb_attempt WHERE raw_ct IS NOT NULL"
+                "SELECT raw_ct FROM tb_attempt WHERE raw_ct IS NOT NULL UNION ALL "
+                "SELECT private_ct FROM tb_signing_key"
             ).fetchall()
         for (blob,) in blobs:
             if not self._keyring.knows(blob):
