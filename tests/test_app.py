@@ -261,3 +261,29 @@ def test_cors_allow_list(auth_server: AuthorizationServer, make_broker: BrokerFa
         denied = client.get("/livez", headers={"Origin": "https://evil.example"})
     assert allowed.headers["access-control-allow-origin"] == "https://app.example"
     assert "access-control-allow-origin" not in denied.headers
+
+
+def test_json_logs_carry_request_ids_and_no_secrets(
+    served: Served, broker: Broker, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With JSON logging on, each request's lines carry its id; no token or key appears."""
+    import json
+    import logging
+
+    from tokenbroker.logs import configure
+
+    configure("info", "json")
+    try:
+        response = served.client.get("/v1/tokens/svc", headers=auth())
+        token = response.json()["access_token"]
+    finally:
+        configure("warning", "text")
+        logging.getLogger().setLevel(logging.WARNING)
+    lines = [
+        json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")
+    ]
+    rid = response.headers["x-request-id"]
+    mine = [line for line in lines if line.get("request_id") == rid]
+    assert {line["logger"] for line in mine} >= {"tokenbroker.access", "tokenbroker.audit"}
+    text = json.dumps(lines)
+    assert token not in text and KEY not in text

@@ -6,9 +6,7 @@ Only this module configures logging handlers. Every command takes
 
 from __future__ import annotations
 
-import logging
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from .config import load_settings, startup_problems
 from .consumers import hash_key, new_key, parse_rule
 from .crypto import generate_key
 from .errors import ConfigError, ProviderError, TokenBrokerError, UnknownProviderError
+from .logs import configure
 from .store import SQLiteStore
 
 __all__ = ["main"]
@@ -46,13 +45,16 @@ config_option = click.option(
     show_default=True,
     help="Log level on stderr.",
 )
-def main(log_level: str) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log line format on stderr (serve uses telemetry.log_format).",
+)
+def main(log_level: str, log_format: str) -> None:
     """tokenbroker: obtain, cache, refresh and rotate upstream API tokens."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure(log_level, log_format)
 
 
 def _fail(exc: TokenBrokerError) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .logs import request_id as current_request_id
 from .metrics import Metrics
 
 __all__ = ["MAX_BODY_BYTES", "RequestContext"]
@@ -42,12 +43,14 @@ class RequestContext:
             await self.app(scope, receive, send)
             return
         request_id = uuid.uuid4().hex[:16]
+        token = current_request_id.set(request_id)
         started = time.perf_counter()
         status = 500
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body:
             await _reject(send, request_id)
             self._done(scope, 413, started, request_id)
+            current_request_id.reset(token)
             return
         received = 0
 
@@ -76,6 +79,7 @@ class RequestContext:
             await _reject(send, request_id)
         finally:
             self._done(scope, status, started, request_id)
+            current_request_id.reset(token)
 
     def _done(self, scope: Scope, status: int, started: float, request_id: str) -> None:
         route = scope.get("route")

@@ -10,6 +10,7 @@ import uvicorn
 
 from .app import create_app
 from .broker import Broker
+from .logs import configure
 
 __all__ = ["serve"]
 
@@ -35,6 +36,8 @@ def serve(config_path: Path, listen: str | None = None) -> None:
         listen: ``host:port``; default ``server.listen`` from the config, else 127.0.0.1:8750.
     """
     broker = Broker.from_config(config_path)
+    telemetry = broker.settings.telemetry
+    configure(str(telemetry.get("log_level") or "info"), str(telemetry.get("log_format") or "json"))
     address = listen or str(broker.settings.server.get("listen") or DEFAULT_LISTEN)
     host, _, port = address.rpartition(":")
     stop = threading.Event()
