@@ -194,6 +194,9 @@ def test_bad_requests(served: Served, broker: Broker) -> None:
     client = served.client
     big = client.post("/v1/tokens/svc/invalidate", content=b"x" * 100_000, headers=auth())
     assert big.status_code == 413
+    huge_header = client.get("/v1/providers", headers={**auth(), "X-Filler": "a" * 32_000})
+    assert huge_header.status_code == 431
+    assert huge_header.json()["error"]["code"] == "headers_too_large"
     for body in (b"{", b'{"access_token": "a", "refresh_token": "x"}', b"[]"):
         response = client.post(
             "/v1/tokens/svc/invalidate",

@@ -13,18 +13,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .logs import request_id as current_request_id
 from .metrics import Metrics
 
-__all__ = ["MAX_BODY_BYTES", "RequestContext"]
+__all__ = ["MAX_BODY_BYTES", "MAX_HEADER_BYTES", "RequestContext"]
 
 logger = logging.getLogger("tokenbroker.access")
 MAX_BODY_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 16 * 1024
 
 _TOO_LARGE = json.dumps(
     {"error": {"code": "payload_too_large", "message": "request body too large"}}
 ).encode()
+_HEADERS_TOO_LARGE = json.dumps(
+    {"error": {"code": "headers_too_large", "message": "request headers too large"}}
+).encode()
 
 
 class RequestContext:
-    """Gives every request an id, refuses bodies over :data:`MAX_BODY_BYTES` with 413,
+    """Gives every request an id, refuses headers over :data:`MAX_HEADER_BYTES` with 431 and
+    bodies over :data:`MAX_BODY_BYTES` with 413,
     counts requests by route template and status, and writes one access log line.
 
     Args:
@@ -46,10 +51,14 @@ class RequestContext:
         token = current_request_id.set(request_id)
         started = time.perf_counter()
         status = 500
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body:
-            await _reject(send, request_id)
-            self._done(scope, 413, started, request_id)
+        refused = 431 if header_bytes > MAX_HEADER_BYTES else None
+        if refused is None and declared is not None and declared > self.max_body:
+            refused = 413
+        if refused is not None:
+            await _reject(send, request_id, refused)
+            self._done(scope, refused, started, request_id)
             current_request_id.reset(token)
             return
         received = 0
@@ -76,7 +85,7 @@ class RequestContext:
             await self.app(scope, limited_receive, send_with_id)
         except _BodyTooLarge:
             status = 413
-            await _reject(send, request_id)
+            await _reject(send, request_id, 413)
         finally:
             self._done(scope, status, started, request_id)
             current_request_id.reset(token)
@@ -109,12 +118,13 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _reject(send: Send, request_id: str) -> None:
+async def _reject(send: Send, request_id: str, status: int) -> None:
+    body = _HEADERS_TOO_LARGE if status == 431 else _TOO_LARGE
     headers: list[Any] = [
         (b"content-type", b"application/json"),
-        (b"content-length", str(len(_TOO_LARGE)).encode()),
+        (b"content-length", str(len(body)).encode()),
         (b"x-request-id", request_id.encode()),
         (b"connection", b"close"),
     ]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": _TOO_LARGE})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
