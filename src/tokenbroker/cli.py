@@ -275,12 +275,15 @@ def keygen() -> None:
     show_default=True,
     help="Lifetime in seconds of the demo server's tokens.",
 )
-def dev(duration: float | None, lifetime: int) -> None:
-    """Run a local demo: a bundled authorization server and an embedded broker."""
-    from .demo import run_demo  # noqa: PLC0415 - needs the optional 'testing' extra
+@click.option(
+    "--port", type=int, default=8750, show_default=True, help="Broker API port (if free)."
+)
+def dev(duration: float | None, lifetime: int, port: int) -> None:
+    """Run a local demo: authorization server, demo upstream, broker API, curl lines."""
+    from .demo import run_demo  # noqa: PLC0415 - needs the 'testing' and 'server' extras
 
     try:
-        run_demo(duration=duration, lifetime=lifetime, echo=click.echo)
+        run_demo(duration=duration, lifetime=lifetime, port=port, echo=click.echo)
     except KeyboardInterrupt:
         click.echo("stopped")
 

@@ -1,16 +1,18 @@
 """``tokenbroker dev``: a complete local demo on this machine.
 
-Starts the bundled authorization server (:mod:`tokenbroker.testing`) on
-127.0.0.1, an embedded broker on a SQLite store in a temporary folder (with a
-generated encryption key) configured for it (client credentials, a
-single-use rotating refresh token, and two username/password logins), prints
-a token per provider and calls the protected demo resource with each, then
-prints one line per background refresh — with the remaining lifetime, never
-the token — until interrupted or ``duration`` runs out.
+Starts, all on 127.0.0.1: the bundled authorization server
+(:mod:`tokenbroker.testing`), a demo upstream API that only answers with a valid
+token, and the broker's HTTP API on an encrypted SQLite store in a temporary
+folder (generated key) with three providers — client credentials (which also
+mints delegated download tokens), a single-use rotating refresh token, and two
+username/password logins. It creates a consumer key, prints curl lines that
+work as pasted, checks them itself, then prints one line per background refresh
+— with the remaining lifetime, never the token — until interrupted.
 """
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import threading
 import time
@@ -19,11 +21,15 @@ from pathlib import Path
 
 import httpx
 
+from .app import create_app
 from .broker import Broker
 from .config import parse_settings
+from .consumers import hash_key, new_key
 from .crypto import generate_key
 from .events import Event, TokenAcquired, TokenRequestFailed
 from .testing import AuthorizationServer
+from .testing.asgi import ServedApp
+from .testing.upstream import demo_upstream
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
@@ -41,6 +47,7 @@ providers:
     client_id: demo-client
     client_secret: ${DEMO_CLIENT_SECRET}
     scopes: [read]
+    delegation: {mode: jwt, audiences: [demo-downloads], max_lifetime_seconds: 300}
   demo-rotating:
     grant: refresh_token
     token_url: ${TOKEN_URL}
@@ -55,13 +62,31 @@ providers:
     credentials:
       - {username: alice, password: "${ALICE_PASSWORD}"}
       - {username: bob, password: "${BOB_PASSWORD}"}
+redirects:
+  downloads: {provider: demo-api, audience: demo-downloads, url: "${DOWNLOAD_URL}"}
 """
+
+AUDIENCE = "demo-downloads"
+
+
+def _port(preferred: int) -> int:
+    """``preferred`` if it is free on 127.0.0.1, else any free port."""
+    for candidate in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+            except OSError:
+                continue
+            port: int = sock.getsockname()[1]
+            return port
+    raise OSError("no free port")  # pragma: no cover
 
 
 def run_demo(
     *,
     duration: float | None = None,
     lifetime: int = 20,
+    port: int = 8750,
     echo: Callable[[str], None] = print,
 ) -> int:
     """Run the demo.
@@ -69,35 +94,39 @@ def run_demo(
     Args:
         duration: Seconds to keep refreshing before returning; None = until KeyboardInterrupt.
         lifetime: Lifetime of the demo tokens, so refreshes happen while you watch.
+        port: The broker API's port if free (default 8750, DESIGN §3.1).
         echo: Where output lines go.
 
     Returns:
         The number of background refreshes seen.
     """
-    server = AuthorizationServer(expires_in=lifetime, login_ttl_seconds=lifetime, rotation="strict")
-    server.add_client(
-        "demo-client", "demo-secret", auth_method="client_secret_basic", scopes=["read"]
-    )
-    server.add_client("demo-app", None, auth_method="none")
-    seed = server.issue_refresh_token("demo-app")
-    server.add_account("alice", "alice-password")
-    server.add_account("bob", "bob-password")
+    idp = AuthorizationServer(expires_in=lifetime, login_ttl_seconds=lifetime, rotation="strict")
+    idp.add_client("demo-client", "demo-secret", auth_method="client_secret_basic", scopes=["read"])
+    idp.add_client("demo-app", None, auth_method="none")
+    seed = idp.issue_refresh_token("demo-app")
+    idp.add_account("alice", "alice-password")
+    idp.add_account("bob", "bob-password")
     refreshes = 0
     lock = threading.Lock()
-    with server, tempfile.TemporaryDirectory(prefix="tokenbroker-dev-") as folder:
+    api_url = f"http://127.0.0.1:{_port(port)}"
+    upstream = ServedApp(demo_upstream(idp, f"{api_url}/.well-known/jwks.json", AUDIENCE))
+    with idp, upstream, tempfile.TemporaryDirectory(prefix="tokenbroker-dev-") as folder:
         env = {
             "STORE_PATH": str(Path(folder) / "tokenbroker.db"),
             "DEMO_KEY": generate_key(),
-            "TOKEN_URL": server.token_url,
-            "LOGIN_URL": server.login_url,
+            "TOKEN_URL": idp.token_url,
+            "LOGIN_URL": idp.login_url,
             "DEMO_CLIENT_SECRET": "demo-secret",
             "DEMO_REFRESH_TOKEN": seed,
             "ALICE_PASSWORD": "alice-password",
             "BOB_PASSWORD": "bob-password",
             "LIFETIME": str(lifetime),
+            "DOWNLOAD_URL": f"{upstream.url}/download",
         }
         settings = parse_settings(DEMO_CONFIG, env)
         with Broker(settings) as broker:
+            key = new_key()
+            broker.store.add_consumer("demo", hash_key(key), sorted(settings.providers))
 
             def on_event(event: Event) -> None:
                 nonlocal refreshes
@@ -113,26 +142,73 @@ def run_demo(
                     echo(f"[{stamp}] refresh of {_label(event)} failed: {event.code}")
 
             broker.subscribe(on_event)
-            echo(f"tokenbroker dev: authorization server on {server.url}")
-            echo(f"store: {env['STORE_PATH']} (secrets encrypted with a generated key)")
-            for provider in sorted(settings.providers):
-                accounts: list[str | None] = [*broker.accounts(provider)] or [None]
-                for account in accounts:
-                    token = broker.get_token(provider, account=account)
-                    who = f" ({account})" if account else ""
-                    status = httpx.get(
-                        server.resource_url, auth=broker.httpx_auth(provider, account=account)
-                    ).status_code
-                    echo(
-                        f"{provider}{who}: {token.token_type} {token.access_token} "
-                        f"(expires in {token.expires_in} s; demo resource says {status})"
-                    )
-            echo("watching background refreshes (Ctrl-C to stop)")
-            stop_at = None if duration is None else time.monotonic() + duration
-            while stop_at is None or time.monotonic() < stop_at:
-                broker.refresh_due()
-                time.sleep(0.25)
+            with ServedApp(create_app(broker), port=int(api_url.rsplit(":", 1)[1])):
+                _introduce(echo, idp, upstream.url, api_url, env["STORE_PATH"], key)
+                _show_tokens(echo, broker, idp)
+                _check_curl_lines(echo, api_url, upstream.url, key)
+                echo("watching background refreshes (Ctrl-C to stop)")
+                stop_at = None if duration is None else time.monotonic() + duration
+                while stop_at is None or time.monotonic() < stop_at:
+                    broker.refresh_due()
+                    time.sleep(0.25)
     return refreshes
+
+
+def _introduce(
+    echo: Callable[[str], None],
+    idp: AuthorizationServer,
+    upstream: str,
+    api: str,
+    store: str,
+    key: str,
+) -> None:
+    echo("tokenbroker dev")
+    echo(f"  authorization server  {idp.url}")
+    echo(f"  demo upstream         {upstream}  (GET /api/data needs a valid token)")
+    echo(f"  broker API            {api}  (store {store}, encrypted with a generated key)")
+    echo(f"  consumer key          {key}")
+    echo("")
+    echo("paste these:")
+    echo(f"  export TB_KEY={key}")
+    echo(f'  curl -s -H "Authorization: Bearer $TB_KEY" {api}/v1/tokens/demo-api')
+    echo(
+        f'  curl -s -H "Authorization: Bearer $(curl -s -H "Authorization: Bearer $TB_KEY" '
+        f"{api}/v1/tokens/demo-api | python3 -c 'import json,sys; "
+        f'print(json.load(sys.stdin)["access_token"])\')" {upstream}/api/data'
+    )
+    echo(
+        f'  curl -sL -H "Authorization: Bearer $TB_KEY" {api}/v1/redirects/downloads/reports/q3.pdf'
+    )
+    echo("")
+
+
+def _show_tokens(echo: Callable[[str], None], broker: Broker, idp: AuthorizationServer) -> None:
+    for provider in sorted(broker.settings.providers):
+        accounts: list[str | None] = [*broker.accounts(provider)] or [None]
+        for account in accounts:
+            token = broker.get_token(provider, account=account)
+            who = f" ({account})" if account else ""
+            status = httpx.get(
+                idp.resource_url, auth=broker.httpx_auth(provider, account=account)
+            ).status_code
+            echo(
+                f"{provider}{who}: {token.token_type} {token.access_token} "
+                f"(expires in {token.expires_in} s; demo resource says {status})"
+            )
+
+
+def _check_curl_lines(echo: Callable[[str], None], api: str, upstream: str, key: str) -> None:
+    """Do what the printed curl lines do, so the demo proves they work."""
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(timeout=10) as client:
+        token = client.get(f"{api}/v1/tokens/demo-api", headers=headers).json()["access_token"]
+        data = client.get(f"{upstream}/api/data", headers={"Authorization": f"Bearer {token}"})
+        hop = client.get(f"{api}/v1/redirects/downloads/reports/q3.pdf", headers=headers)
+        download = client.get(hop.headers["location"]) if hop.status_code == 302 else hop
+    echo(
+        f"checked: token read 200, upstream {data.status_code}, redirect {hop.status_code} "
+        f"→ download {download.status_code}"
+    )
 
 
 def _label(event: Event) -> str:

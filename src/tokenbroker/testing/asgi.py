@@ -1,0 +1,65 @@
+"""Serve an ASGI application on 127.0.0.1 in a background thread (uvicorn), for tests and demos."""
+
+from __future__ import annotations
+
+import threading
+from types import TracebackType
+from typing import Any
+
+import uvicorn
+
+__all__ = ["ServedApp"]
+
+
+class ServedApp:
+    """An ASGI app served by uvicorn on a loopback port until :meth:`stop`.
+
+    Args:
+        app: The ASGI application.
+        port: The port (0: any free one).
+        host: The address to listen on.
+    """
+
+    def __init__(self, app: Any, *, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.app = app
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self.url = ""
+
+    def __repr__(self) -> str:
+        return f"ServedApp(url={self.url!r})"
+
+    def start(self) -> ServedApp:
+        """Start serving and wait until the socket listens.
+
+        Raises:
+            RuntimeError: When the server did not start within 10 seconds.
+        """
+        self._thread.start()
+        started = threading.Event()
+        for _ in range(1000):
+            if self._server.started or not self._thread.is_alive():
+                break
+            started.wait(0.01)
+        if not self._server.started:
+            raise RuntimeError("the ASGI server did not start")
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and wait for the thread."""
+        self._server.should_exit = True
+        self._thread.join(10)
+
+    def __enter__(self) -> ServedApp:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
