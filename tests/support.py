@@ -70,23 +70,17 @@ def stampede(count: int, call: Callable[[], object]) -> list[object]:
 
 
 class Served:
-    """An ASGI app served by uvicorn on 127.0.0.1 in a thread, with an httpx client for it."""
+    """An ASGI app served on 127.0.0.1 (``tokenbroker.testing.asgi.ServedApp``) with an httpx
+    client for it."""
 
     def __init__(self, app: Any) -> None:
         import httpx
-        import uvicorn
+
+        from tokenbroker.testing.asgi import ServedApp
 
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        for _ in range(500):
-            if self._server.started:
-                break
-            threading.Event().wait(0.01)
-        port = self._server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
+        self._served = ServedApp(app).start()
+        self.url = self._served.url
         self.client = httpx.Client(base_url=self.url, timeout=30)
 
     def __enter__(self) -> Any:
@@ -94,5 +88,4 @@ class Served:
 
     def __exit__(self, *exc: object) -> None:
         self.client.close()
-        self._server.should_exit = True
-        self._thread.join(10)
+        self._served.stop()
