@@ -286,3 +286,26 @@ def test_live_lease_holder_makes_others_wait_then_give_up(
             broker.get_token("cc")
     assert caught.value.sent is False
     assert rt_server.count("client_credentials") == 1
+
+
+def test_dead_credential_never_serves_its_stored_token(tmp_path: Path) -> None:
+    """Once strict reuse detection killed the credential, a fresh broker on the store raises
+    reauthorization_required with 0 requests instead of serving the (revoked) stored token."""
+    server = AuthorizationServer(rotation="strict")
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        clock = ManualClock()
+        with file_broker(tmp_path / "tb.db", {"rt": refresh_token(server, seed)}, clock=clock) as b:
+            b.get_token("rt")
+            server.inject(Fault(status=400, body='{"error":"invalid_grant"}'))
+            clock.advance(3600)
+            with pytest.raises(ReauthorizationRequiredError):
+                b.get_token("rt")
+        before = server.count("refresh_token")
+        with (
+            file_broker(tmp_path / "tb.db", {"rt": refresh_token(server, seed)}) as fresh,
+            pytest.raises(ReauthorizationRequiredError),
+        ):
+            fresh.get_token("rt")
+        assert server.count("refresh_token") == before

@@ -7,6 +7,7 @@ are separate sub-modules and are never imported by ``import tokenbroker``.
 from .auth import BrokerAuth
 from .broker import Broker, open_store
 from .cache import SlotState, Timing, TokenCache
+from .client import BrokerClient
 from .clock import Clock, ManualClock, SystemClock
 from .config import Settings, load_settings, parse_settings
 from .errors import (
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Broker",
     "BrokerAuth",
+    "BrokerClient",
     "ClientAuthenticationError",
     "Clock",
     "ConfigError",

@@ -402,9 +402,11 @@ class TokenCache(Generic[K]):
     ) -> None:
         timing = self._fetcher.timing(slot.key)
         lifetime = response.lifetime
-        if response.issued_at is not None:  # obtained earlier (by another process): age it
-            age = max(0.0, self._clock.time() - response.issued_at)
-            started, wall = started - age, wall - age
+        if response.issued_at is not None:  # obtained by another process: count from then
+            # Relative to this flight's start, not to now: waiting for the other process's
+            # refresh must not age its token (that would make the next refresh early).
+            shift = min(response.issued_at - wall, self._now() - started)
+            started, wall = started + shift, wall + shift
         skew = min(timing.skew, lifetime / 2)
         hard = started + lifetime - skew
         refresh_at = started + lifetime * timing.refresh_ahead

@@ -43,7 +43,7 @@ from .errors import (
 )
 from .grants import Grant, TokenResponse
 from .secret import Secret
-from .store import Lease, SQLiteStore, StoredToken
+from .store import CredentialRow, Lease, SQLiteStore, StoredToken
 from .token import Token
 
 __all__ = ["Job", "Refresher", "fingerprint", "owner_id"]
@@ -179,16 +179,13 @@ class Refresher:
         pause = 0.005
         while True:
             row = self.store.load(job.row_id)
+            # A dead credential is reported before its stored access token is served: with
+            # family revocation (RFC 9700 §4.14.2) that token was revoked along with it.
+            if _dead(row, job):
+                raise _reauth(job, "the refresh token was rejected; authorise again")
             usable = self._usable(row.token if row else None, job)
             if usable is not None:
                 return usable
-            if (
-                row is not None
-                and job.seed is not None
-                and row.state == "reauthorization_required"
-                and row.seed_digest == job.seed_digest
-            ):
-                raise _reauth(job, "the refresh token was rejected; authorise again")
             lease = self.store.acquire(job.row_id, job.provider, self.owner, job.lease_seconds)
             if lease is None and row is not None and _holder_is_gone(row.lease_owner):
                 logger.warning("taking over the lease of a dead process provider=%s", job.provider)
@@ -230,6 +227,8 @@ class Refresher:
                 obtained = response.token.expires_at - response.lifetime
                 return dataclasses.replace(response, issued_at=obtained)
             raise _Retry
+        if _dead(row, job):
+            raise _reauth(job, "the refresh token was rejected; authorise again")
         usable = self._usable(row.token if row else None, job)
         if usable is not None:
             return usable
@@ -387,6 +386,16 @@ def _fenced(still_ours: bool) -> None:
     """A fenced write updated nothing: another holder took the lease, so start over."""
     if not still_ours:
         raise _Retry
+
+
+def _dead(row: CredentialRow | None, job: Job) -> bool:
+    """The credential is marked ``reauthorization_required`` for the configured seed."""
+    return (
+        row is not None
+        and job.seed is not None
+        and row.state == "reauthorization_required"
+        and row.seed_digest == job.seed_digest
+    )
 
 
 def _reauth(job: Job, why: str) -> ReauthorizationRequiredError:
