@@ -149,3 +149,99 @@ def test_canaries_appear_in_no_log_exception_repr_or_store_file(
     haystack = "\n".join(texts + capture.lines)
     leaked = [s[:12] for s in secrets if s and s in haystack]
     assert leaked == []
+
+
+def test_http_session_leaks_no_secret_into_logs_metrics_or_bodies(
+    capture: Capture, tmp_path: Path
+) -> None:
+    """A scripted HTTP session (token reads, invalidations, provider faults, delegations,
+    redirects, bad keys) at DEBUG: client secret, password, refresh tokens, the consumer key
+    and the store key appear in no log line, no metric and no response; access tokens appear
+    only in the token responses that hand them out."""
+    from support import Served
+    from tokenbroker.app import create_app
+    from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
+
+    tag = uuid.uuid4().hex
+    client_secret, password = f"CANARY_CS_{tag}", f"CANARY_PW_{tag}"
+    store_key, api_key = generate_key(), new_key()
+    server = AuthorizationServer(expires_in=3600)
+    server.add_client("cc", client_secret, scopes=["read"])
+    server.add_client("rt", None, auth_method="none")
+    server.add_account("alice", password)
+    with server:
+        seed = server.issue_refresh_token("rt")
+        config = {
+            "store": f"sqlite:///{tmp_path / 'tb.db'}",
+            "encryption_keys": [store_key],
+            "defaults": {"retries": 0},
+            "providers": {
+                "cc": {
+                    "grant": "client_credentials",
+                    "token_url": server.token_url,
+                    "client_id": "cc",
+                    "client_secret": client_secret,
+                    "scopes": ["read"],
+                    "delegation": {"mode": "jwt", "audiences": ["files"]},
+                },
+                "rt": {
+                    "grant": "refresh_token",
+                    "token_url": server.token_url,
+                    "client_id": "rt",
+                    "refresh_token": seed,
+                },
+                "db": {
+                    "grant": "login",
+                    "login_url": server.login_url,
+                    "token_path": "data.token",
+                    "credentials": [{"username": "alice", "password": password}],
+                },
+            },
+            "redirects": {
+                "dl": {"provider": "cc", "audience": "files", "url": "https://files.example/d"}
+            },
+        }
+        registry = ConsumerRegistry(
+            [("app", hash_key(api_key), [parse_rule(p) for p in ("cc", "rt", "db")])]
+        )
+        bodies: list[str] = []
+        token_bodies: list[str] = []
+        key = {"Authorization": f"Bearer {api_key}"}
+        with (
+            Broker(parse_settings(yaml.safe_dump(config), {})) as broker,
+            Served(create_app(broker, registry)) as client,
+        ):
+            for provider in ("cc", "rt", "db"):
+                token_bodies.append(client.get(f"/v1/tokens/{provider}", headers=key).text)
+            rejected = client.get("/v1/tokens/cc", headers=key).json()["access_token"]
+            token_bodies.append(
+                client.post(
+                    "/v1/tokens/cc/invalidate", json={"access_token": rejected}, headers=key
+                ).text
+            )
+            server.inject(Fault(status=500, body=f'{{"error":"{seed}"}}'), times=3)
+            broker.invalidate("rt", broker.get_token("rt").access_token)
+            bodies.append(client.get("/v1/tokens/rt", headers=key).text)
+            bodies.append(
+                client.post(
+                    "/v1/delegations", json={"provider": "cc", "audience": "files"}, headers=key
+                ).text
+            )
+            hop = client.get("/v1/redirects/dl/a.txt", headers=key)
+            bodies += [hop.text, str(dict(hop.headers))]
+            bodies.append(client.get("/v1/providers", headers=key).text)
+            bodies.append(
+                client.get("/v1/tokens/cc", headers={"Authorization": "Bearer tbk_x"}).text
+            )
+            bodies += [
+                client.get(p).text for p in ("/health", "/readyz", "/metrics", "/openapi.json")
+            ]
+        refresh_tokens = server.presented_refresh_tokens + [seed]
+        access_tokens = server.issued_access_tokens + server.issued_login_tokens
+    never = [client_secret, password, store_key, api_key, *refresh_tokens]
+    everywhere = "\n".join(capture.lines + bodies + token_bodies)
+    assert [s[:12] for s in never if s in everywhere] == []
+    outside_token_bodies = "\n".join(capture.lines + bodies)
+    assert [t[:8] for t in access_tokens if t in outside_token_bodies] == []
+    assert any(t in "".join(token_bodies) for t in access_tokens)
+    assert len(capture.lines) > 20
