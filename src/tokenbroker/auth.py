@@ -8,13 +8,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import httpx
 
 from .token import Token
 
-__all__ = ["BrokerAuth", "TokenSource", "TokenTarget", "is_replayable"]
+if TYPE_CHECKING:
+    from .requests_auth import RequestsBrokerAuth
+
+__all__ = ["AuthAdapters", "BrokerAuth", "TokenSource", "TokenTarget", "is_replayable"]
 
 
 class TokenSource(Protocol):
@@ -152,3 +155,50 @@ class BrokerAuth(httpx.Auth):
                     value = yield item
         except StopIteration:
             return
+
+
+class AuthAdapters:
+    """``httpx_auth`` and ``requests_auth`` for any token source that can build a
+    :class:`TokenTarget` (shared by :class:`~tokenbroker.Broker` and
+    :class:`~tokenbroker.BrokerClient`)."""
+
+    def _target(self, provider: str, scope: str | None, account: str | None) -> TokenTarget:
+        raise NotImplementedError
+
+    def httpx_auth(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> BrokerAuth:
+        """An ``httpx.Auth`` for sync and async clients; on a 401 it invalidates and retries once.
+
+        Args:
+            provider: The provider's name.
+            scope: Optional scopes (space-separated).
+            account: Optional account (login providers).
+
+        Returns:
+            The auth object.
+
+        Raises:
+            UnknownProviderError: The provider, scope or account is unknown or malformed.
+        """
+        return BrokerAuth(self._target(provider, scope, account))
+
+    def requests_auth(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> RequestsBrokerAuth:
+        """A ``requests`` auth object (needs the ``requests`` package); same 401 handling.
+
+        Args:
+            provider: The provider's name.
+            scope: Optional scopes (space-separated).
+            account: Optional account (login providers).
+
+        Returns:
+            The auth object.
+
+        Raises:
+            UnknownProviderError: The provider, scope or account is unknown or malformed.
+        """
+        from .requests_auth import RequestsBrokerAuth  # noqa: PLC0415 - requests is optional
+
+        return RequestsBrokerAuth(self._target(provider, scope, account))

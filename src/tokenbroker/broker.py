@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import httpx
 
-from .auth import BrokerAuth, TokenTarget
+from .auth import AuthAdapters, TokenTarget
 from .cache import SlotState, Timing, TokenCache
 from .clock import Clock
 from .config import (
@@ -50,7 +50,7 @@ from .store import SQLiteStore
 from .token import Token
 
 if TYPE_CHECKING:
-    from .requests_auth import RequestsBrokerAuth
+    pass
 
 __all__ = ["Broker", "open_store"]
 
@@ -89,7 +89,7 @@ class _Key(NamedTuple):
     account: str | None
 
 
-class Broker:
+class Broker(AuthAdapters):
     """Obtains, caches and refreshes tokens for the configured providers.
 
     Args:
@@ -206,38 +206,6 @@ class Broker:
         if scope is not None and not isinstance(scope, str):
             scope = _joined(scope)
         return self._cache.invalidate((provider, scope, account), access_token)
-
-    def httpx_auth(
-        self, provider: str, scope: str | None = None, *, account: str | None = None
-    ) -> BrokerAuth:
-        """An ``httpx.Auth`` for sync and async clients; on a 401 it invalidates and retries once.
-
-        Args:
-            provider: The provider's name.
-            scope: As for :meth:`get_token`.
-            account: As for :meth:`get_token`.
-
-        Returns:
-            The auth object.
-        """
-        return BrokerAuth(self._target(provider, scope, account))
-
-    def requests_auth(
-        self, provider: str, scope: str | None = None, *, account: str | None = None
-    ) -> RequestsBrokerAuth:
-        """A ``requests`` auth object (needs the ``requests`` package).
-
-        Args:
-            provider: The provider's name.
-            scope: As for :meth:`get_token`.
-            account: As for :meth:`get_token`.
-
-        Returns:
-            The auth object.
-        """
-        from .requests_auth import RequestsBrokerAuth  # noqa: PLC0415 - requests is optional
-
-        return RequestsBrokerAuth(self._target(provider, scope, account))
 
     def delegate(
         self,

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 
-from .auth import BrokerAuth, TokenTarget
+from .auth import AuthAdapters, TokenTarget
 from .cache import Timing, TokenCache
 from .clock import Clock
 from .errors import (
@@ -56,7 +56,7 @@ from .secret import Secret
 from .token import Token
 
 if TYPE_CHECKING:
-    from .requests_auth import RequestsBrokerAuth
+    pass
 
 __all__ = ["STATUS_ERRORS", "BrokerClient"]
 
@@ -88,7 +88,7 @@ class _Key(NamedTuple):
     account: str | None
 
 
-class BrokerClient:
+class BrokerClient(AuthAdapters):
     """Tokens from a remote broker, cached locally; the same API as :class:`~tokenbroker.Broker`.
 
     Args:
@@ -211,44 +211,6 @@ class BrokerClient:
             if dropped:
                 self._rejected[key] = access_token
         return dropped
-
-    def httpx_auth(
-        self, provider: str, scope: str | None = None, *, account: str | None = None
-    ) -> BrokerAuth:
-        """An ``httpx.Auth`` for sync and async clients; on a 401 it invalidates and retries once.
-
-        Args:
-            provider: The provider's name.
-            scope: As for :meth:`get_token`.
-            account: As for :meth:`get_token`.
-
-        Returns:
-            The auth object.
-
-        Raises:
-            UnknownProviderError: The provider, scope or account is not well-formed.
-        """
-        return BrokerAuth(self._target(provider, scope, account))
-
-    def requests_auth(
-        self, provider: str, scope: str | None = None, *, account: str | None = None
-    ) -> RequestsBrokerAuth:
-        """A ``requests`` auth object (needs the ``requests`` package).
-
-        Args:
-            provider: The provider's name.
-            scope: As for :meth:`get_token`.
-            account: As for :meth:`get_token`.
-
-        Returns:
-            The auth object.
-
-        Raises:
-            UnknownProviderError: The provider, scope or account is not well-formed.
-        """
-        from .requests_auth import RequestsBrokerAuth  # noqa: PLC0415 - requests is optional
-
-        return RequestsBrokerAuth(self._target(provider, scope, account))
 
     def close(self) -> None:
         """Close the HTTP connection pool."""

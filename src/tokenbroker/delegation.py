@@ -29,9 +29,6 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from .config import JwtDelegation, UpstreamDelegation
 from .errors import (
-    ClientAuthenticationError,
-    ProviderMisconfiguredError,
-    ProviderUnavailableError,
     UnknownProviderError,
 )
 from .grants import (
@@ -39,9 +36,7 @@ from .grants import (
     TokenResponse,
     _dig,
     _fill,
-    _json_object,
-    _unavailable,
-    validate_token_value,
+    token_at,
 )
 from .store import SQLiteStore
 from .token import Token
@@ -248,20 +243,9 @@ class UpstreamDelegationGrant:
 
     def parse_response(self, reply: Reply, issued_at: float) -> TokenResponse:
         """Take the delegated token from ``token_path`` (same error table as token requests)."""
-        status = reply.status_code
-        kw: dict[str, Any] = {"provider": self.provider, "status_code": status}
-        where = f"{self.provider}: delegation endpoint answered {status}"
-        if status == 429 or status >= 500:
-            raise _unavailable(where, reply, kw)
-        if status in (401, 403):
-            raise ClientAuthenticationError(where, **kw)
-        if not 200 <= status < 300:
-            raise ProviderMisconfiguredError(where, **kw)
-        body = _json_object(reply)
-        value = _dig(body, self.settings.token_path)
-        if value is None:
-            raise ProviderUnavailableError(f"{where} without a token", **kw)
-        token = validate_token_value(value, provider=self.provider, what="delegated token")
+        body, token = token_at(
+            reply, self.settings.token_path, f"{self.provider}: delegation endpoint", self.provider
+        )
         lifetime = float(self._values["{lifetime}"])
         if self.settings.expires_in_path:
             told = _dig(body, self.settings.expires_in_path)

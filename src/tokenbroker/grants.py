@@ -51,6 +51,7 @@ __all__ = [
     "Reply",
     "TokenResponse",
     "basic_authorization",
+    "token_at",
     "validate_token_value",
 ]
 
@@ -423,20 +424,8 @@ class LoginGrant:
                 5xx/429 or a reply without the token → :class:`ProviderUnavailableError`;
                 other 4xx → :class:`ProviderMisconfiguredError`.
         """
-        status = reply.status_code
-        kw: dict[str, Any] = {"provider": self.provider, "status_code": status}
-        where = f"{self.provider}: login for account {self.credential.username!r} answered {status}"
-        if status == 429 or status >= 500:
-            raise _unavailable(where, reply, kw)
-        if status in (401, 403):
-            raise ClientAuthenticationError(where, **kw)
-        if not 200 <= status < 300:
-            raise ProviderMisconfiguredError(where, **kw)
-        body = _json_object(reply)
-        value = _dig(body, self.settings.token_path)
-        if value is None:
-            raise ProviderUnavailableError(f"{where} without a token", **kw)
-        access = validate_token_value(value, provider=self.provider, what="access_token")
+        where = f"{self.provider}: login for account {self.credential.username!r}"
+        body, access = token_at(reply, self.settings.token_path, where, self.provider)
         ttl = self.settings.ttl_seconds
         if self.settings.expires_in_path:
             ttl = _lifetime(_dig(body, self.settings.expires_in_path), ttl)
@@ -468,6 +457,38 @@ def retry_after(headers: httpx.Headers) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return min(max(0.0, when - time.time()), _MAX_RETRY_AFTER)
+
+
+def token_at(reply: Reply, path: str, where: str, provider: str) -> tuple[Any, str]:
+    """Classify a plain (non-OAuth) token reply and take the token at a dotted path.
+
+    Args:
+        reply: The reply.
+        path: Dotted path of the token in the JSON body (list indexes allowed).
+        where: Message prefix, e.g. ``db: login for account 'alice'``.
+        provider: The provider name.
+
+    Returns:
+        The parsed body (None if not JSON) and the validated token.
+
+    Raises:
+        ProviderError: 429/5xx or no token → unavailable; 401/403 → client authentication;
+            other non-2xx → misconfigured; a bad token value → :class:`InvalidTokenError`.
+    """
+    status = reply.status_code
+    kw: dict[str, Any] = {"provider": provider, "status_code": status}
+    where = f"{where} answered {status}"
+    if status == 429 or status >= 500:
+        raise _unavailable(where, reply, kw)
+    if status in (401, 403):
+        raise ClientAuthenticationError(where, **kw)
+    if not 200 <= status < 300:
+        raise ProviderMisconfiguredError(where, **kw)
+    body = _json_object(reply)
+    value = _dig(body, path)
+    if value is None:
+        raise ProviderUnavailableError(f"{where} without a token", **kw)
+    return body, validate_token_value(value, provider=provider, what="access_token")
 
 
 def _unavailable(where: str, reply: Reply, kw: dict[str, Any]) -> ProviderUnavailableError:
