@@ -190,7 +190,7 @@ class Status(BaseModel):
 _bearer = HTTPBearer(auto_error=False, description="A consumer API key.")
 
 
-def _consumer(
+async def _consumer(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Consumer:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -47,7 +47,7 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = uuid.uuid4().hex[:16]
+        request_id = os.urandom(8).hex()
         token = current_request_id.set(request_id)
         started = time.perf_counter()
         status = 500
@@ -94,7 +94,8 @@ class RequestContext:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         self.metrics.consumer_requests.labels(template, str(status)).inc()
-        logger.info(
+        # Debug only: token reads and delegations have their own audit line at info.
+        logger.debug(
             "request id=%s method=%s route=%s status=%d duration_ms=%.1f",
             request_id,
             scope.get("method"),
