@@ -27,8 +27,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created, record.msecs),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
@@ -55,6 +54,17 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 _installed: logging.Handler | None = None
+
+
+_last_second: tuple[int, str] = (0, "")
+
+
+def _timestamp(created: float, msecs: float) -> str:
+    global _last_second  # noqa: PLW0603 - a one-entry cache of the formatted second
+    second = int(created)
+    if _last_second[0] != second:
+        _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_last_second[1]}.{int(msecs):03d}Z"
 
 
 def configure(level: str = "info", fmt: str = "json") -> None:

@@ -42,6 +42,7 @@ class RequestContext:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body
+        self._counters: dict[tuple[str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -51,8 +52,16 @@ class RequestContext:
         token = current_request_id.set(request_id)
         started = time.perf_counter()
         status = 500
-        header_bytes = sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
-        declared = _content_length(scope)
+        header_bytes = 0
+        declared: int | None = None
+        has_body = False
+        for name, value in scope.get("headers", ()):
+            header_bytes += len(name) + len(value) + 4
+            if name == b"content-length":
+                has_body = True
+                declared = int(value) if value.isdigit() else None
+            elif name == b"transfer-encoding":
+                has_body = True
         refused = 431 if header_bytes > MAX_HEADER_BYTES else None
         if refused is None and declared is not None and declared > self.max_body:
             refused = 413
@@ -76,13 +85,15 @@ class RequestContext:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                headers = list(message.get("headers", []))
-                headers.append((b"x-request-id", request_id.encode()))
-                message = {**message, "headers": headers}
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (b"x-request-id", id_bytes)],
+                }
             await send(message)
 
+        id_bytes = request_id.encode()
         try:
-            await self.app(scope, limited_receive, send_with_id)
+            await self.app(scope, limited_receive if has_body else receive, send_with_id)
         except _BodyTooLarge:
             status = 413
             await _reject(send, request_id, 413)
@@ -93,7 +104,14 @@ class RequestContext:
     def _done(self, scope: Scope, status: int, started: float, request_id: str) -> None:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
-        self.metrics.consumer_requests.labels(template, str(status)).inc()
+        counter = self._counters.get((template, status))
+        if counter is None:
+            counter = self._counters[template, status] = self.metrics.consumer_requests.labels(
+                template, str(status)
+            )
+        counter.inc()
+        if not logger.isEnabledFor(logging.DEBUG):
+            return
         # Debug only: token reads and delegations have their own audit line at info.
         logger.debug(
             "request id=%s method=%s route=%s status=%d duration_ms=%.1f",
@@ -107,16 +125,6 @@ class RequestContext:
 
 class _BodyTooLarge(Exception):
     pass
-
-
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
 
 
 async def _reject(send: Send, request_id: str, status: int) -> None:
