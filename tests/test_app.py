@@ -279,6 +279,7 @@ def test_json_logs_carry_request_ids_and_no_secrets(
     try:
         response = served.client.get("/v1/tokens/svc", headers=auth())
         token = response.json()["access_token"]
+        served.client.get("/v1/tokens/secret-svc", headers=auth())
     finally:
         configure("warning", "text")
         logging.getLogger().setLevel(logging.WARNING)
@@ -288,5 +289,8 @@ def test_json_logs_carry_request_ids_and_no_secrets(
     rid = response.headers["x-request-id"]
     mine = [line for line in lines if line.get("request_id") == rid]
     assert {line["logger"] for line in mine} >= {"tokenbroker.audit"}
+    audits = [line["message"] for line in lines if line["logger"] == "tokenbroker.audit"]
+    assert "token read consumer=etl provider=svc scope=None outcome=ok" in audits
+    assert "token read consumer=etl provider=secret-svc scope=None outcome=not_found" in audits
     text = json.dumps(lines)
     assert token not in text and KEY not in text

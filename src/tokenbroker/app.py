@@ -11,9 +11,11 @@ refresh token.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
+from collections.abc import Iterator
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlencode
 
@@ -272,7 +274,16 @@ class TokenRead:
             await _error(405, "method_not_allowed", "method not allowed")(scope, receive, send)
             return
         try:
-            provider, token, caller, wanted = await self._read(scope)
+            caller = self._caller(scope)
+            provider: str = scope["path_params"]["provider"]
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            wanted = query.get("scope", [None])[-1]
+            account = query.get("account", [None])[-1]
+            with audited("token read", caller, provider=provider, scope=wanted):
+                if (wanted and len(wanted) > 1024) or (account and len(account) > 256):
+                    raise InvalidRequest("invalid request: scope or account too long")
+                check_allowed(self.broker, caller, provider, wanted)
+                token = await self.broker.aget_token(provider, wanted, account=account)
         except TokenBrokerError as exc:
             await error_response(exc)(scope, receive, send)
             return
@@ -284,9 +295,8 @@ class TokenRead:
         if counter is None:
             counter = self._reads[provider] = self.meter.token_reads.labels(provider)
         counter.inc()
-        audit.info("token read consumer=%s provider=%s scope=%s", caller.name, provider, wanted)
 
-    async def _read(self, scope: Scope) -> tuple[str, Token, Consumer, str | None]:
+    def _caller(self, scope: Scope) -> Consumer:
         key = None
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -295,18 +305,9 @@ class TokenRead:
                 break
         client = scope.get("client")
         app = scope["app"]
-        caller = authenticate(
+        return authenticate(
             app.state.consumers, app.state.limits, key, client[0] if client else "unknown"
         )
-        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        wanted = query.get("scope", [None])[-1]
-        account = query.get("account", [None])[-1]
-        if (wanted and len(wanted) > 1024) or (account and len(account) > 256):
-            raise InvalidRequest("invalid request: scope or account too long")
-        provider: str = scope["path_params"]["provider"]
-        check_allowed(self.broker, caller, provider, wanted)
-        token = await self.broker.aget_token(provider, wanted, account=account)
-        return provider, token, caller, wanted
 
 
 Caller = Annotated[Consumer, Depends(_consumer)]
@@ -411,22 +412,18 @@ def _add_token_routes(
         account: Annotated[str | None, Query(max_length=256)] = None,
     ) -> JSONResponse:
         """A valid access token for ``provider`` (never a refresh token)."""
-        check_allowed(broker, caller, provider, scope)
-        token = await broker.aget_token(provider, scope, account=account)
-        meter.token_reads.labels(provider).inc()
-        audit.info("token read consumer=%s provider=%s scope=%s", caller.name, provider, scope)
-        return JSONResponse(_token_json(token), headers=NO_STORE)
+        raise AssertionError("served by TokenRead, routed first")  # pragma: no cover
 
     @app.post("/v1/tokens/{provider}/invalidate", response_model=InvalidateOut, responses=errors)
     async def invalidate(provider: str, body: InvalidateIn, caller: Caller) -> JSONResponse:
         """Report a rejected token: it is dropped only if still current, then the current
         token is returned (one refresh however many consumers report it)."""
-        check_allowed(broker, caller, provider, body.scope)
-        dropped = broker.invalidate(provider, body.access_token, body.scope, account=body.account)
-        token = await broker.aget_token(provider, body.scope, account=body.account)
-        audit.info(
-            "token invalidated consumer=%s provider=%s dropped=%s", caller.name, provider, dropped
-        )
+        with audited("token invalidate", caller, provider=provider, scope=body.scope):
+            check_allowed(broker, caller, provider, body.scope)
+            dropped = broker.invalidate(
+                provider, body.access_token, body.scope, account=body.account
+            )
+            token = await broker.aget_token(provider, body.scope, account=body.account)
         return JSONResponse({**_token_json(token), "invalidated": dropped}, headers=NO_STORE)
 
     @app.post("/v1/delegations", response_model=DelegationOut, responses=errors)
@@ -434,19 +431,14 @@ def _add_token_routes(
         """A short-lived token for one audience (and object), minted or obtained upstream."""
         if not _any_scope(caller, body.provider):
             raise NotFound("no such provider")
-        token = await broker.adelegate(
-            body.provider,
-            body.audience,
-            object_=body.object,
-            subject=body.subject,
-            lifetime=body.lifetime_seconds,
-        )
-        audit.info(
-            "delegation consumer=%s provider=%s audience=%s",
-            caller.name,
-            body.provider,
-            body.audience,
-        )
+        with audited("delegation", caller, provider=body.provider, audience=body.audience):
+            token = await broker.adelegate(
+                body.provider,
+                body.audience,
+                object_=body.object,
+                subject=body.subject,
+                lifetime=body.lifetime_seconds,
+            )
         return JSONResponse(
             {
                 "token": token.token,
@@ -473,8 +465,8 @@ def _add_token_routes(
         spec = broker.settings.redirects.get(route)
         if spec is None or not _any_scope(caller, spec.provider) or not _safe_path(path):
             raise NotFound("no such provider")
-        token = await broker.adelegate(spec.provider, spec.audience, object_=path)
-        audit.info("redirect consumer=%s route=%s", caller.name, route)
+        with audited("redirect", caller, route=route, provider=spec.provider):
+            token = await broker.adelegate(spec.provider, spec.audience, object_=path)
         location = f"{spec.url.rstrip('/')}/{quote(path)}?{urlencode({spec.param: token.token})}"
         return Response(status_code=302, headers={**NO_STORE, "Location": location})
 
@@ -557,6 +549,23 @@ def _add_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             return _error(405, "method_not_allowed", "method not allowed")
         return _error(exc.status_code, "http_error", "request failed")
+
+
+@contextlib.contextmanager
+def audited(event: str, caller: Consumer, **fields: object) -> Iterator[None]:
+    """One audit line for what happens inside: consumer, fields, and the outcome
+    (``ok`` or the error code). Fields are names and scopes, never tokens."""
+    details = " ".join(f"{name}={value}" for name, value in fields.items())
+    try:
+        yield
+    except TokenBrokerError as exc:
+        audit.info("%s consumer=%s %s outcome=%s", event, caller.name, details, _code(exc))
+        raise
+    audit.info("%s consumer=%s %s outcome=ok", event, caller.name, details)
+
+
+def _code(exc: BaseException) -> str:
+    return next((code for kind, _, code in ERROR_STATUS if isinstance(exc, kind)), "internal_error")
 
 
 def error_response(exc: BaseException) -> JSONResponse:
