@@ -62,6 +62,7 @@ def broker_settings(server: AuthorizationServer, *, timeout: float = 10.0) -> Se
         Validated settings (no retries, so a request count is a fetch count).
     """
     text = f"""
+store: memory
 providers:
   {PROVIDER}:
     grant: client_credentials
