@@ -242,3 +242,26 @@ def test_upstream_delegation_uses_the_service_token(
                 broker.delegate("seed", "downloads")
             with pytest.raises(UnknownProviderError):
                 broker.delegate("seed", "elsewhere")
+
+
+def test_rotate_keys_reencrypts_signing_keys(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """After rotate-key, the delegation signing key opens with the new key alone (same JWKS)."""
+    from tokenbroker import SQLiteStore, Secret
+    from tokenbroker.crypto import Keyring
+
+    with broker_for(tmp_path, auth_server) as broker:
+        before = broker.jwks()
+        broker.get_token("files")
+    new = generate_key()
+    both = SQLiteStore(str(tmp_path / "tb.db"), Keyring([Secret(new), Secret(STORE_KEY)]))
+    try:
+        assert both.rotate_keys() >= 2  # the access token and the signing key
+    finally:
+        both.close()
+    only_new = SQLiteStore(str(tmp_path / "tb.db"), Keyring([Secret(new)]))
+    try:
+        assert [kid for kid, _ in only_new.signing_keys("EdDSA")] == [before["keys"][0]["kid"]]
+    finally:
+        only_new.close()

@@ -614,39 +614,27 @@ class SQLiteStore:
         Returns:
             How many ciphertexts were re-encrypted.
         """
+        # (table, key column, ciphertext column, AAD column name, version column or None)
+        columns = [
+            ("tb_credential", "id", "at_ct", "at", "at_version"),
+            ("tb_credential", "id", "rt_ct", "rt", "rt_version"),
+            ("tb_signing_key", "kid", "private_ct", "private", None),
+            ("tb_attempt", "id", "raw_ct", "raw", None),
+        ]
         count = 0
         with self._tx():
-            rows = self._db.execute(
-                "SELECT id, at_ct, at_version, rt_ct, rt_version FROM tb_credential"
-            ).fetchall()
-            for row_id, at_ct, at_version, rt_ct, rt_version in rows:
-                for column, blob, version in (("at", at_ct, at_version), ("rt", rt_ct, rt_version)):
-                    if blob is None or not self._keyring.needs_rotation(blob):
+            for table, key, column, name, version in columns:
+                rows = self._db.execute(
+                    f"SELECT {key}, {column}, {version or 'NULL'} FROM {table}"
+                    f" WHERE {column} IS NOT NULL"
+                ).fetchall()
+                for row_key, blob, row_version in rows:
+                    if not self._keyring.needs_rotation(blob):
                         continue
-                    aad = _aad("tb_credential", row_id, column, version)
+                    aad = _aad(table, str(row_key), name, row_version)
                     fresh = self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
                     self._db.execute(
-                        f"UPDATE tb_credential SET {column}_ct = ? WHERE id = ?", (fresh, row_id)
-                    )
-                    count += 1
-            for kid, blob in self._db.execute(
-                "SELECT kid, private_ct FROM tb_signing_key"
-            ).fetchall():
-                if self._keyring.needs_rotation(blob):
-                    aad = _aad("tb_signing_key", kid, "private")
-                    fresh = self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
-                    self._db.execute(
-                        "UPDATE tb_signing_key SET private_ct = ? WHERE kid = ?", (fresh, kid)
-                    )
-                    count += 1
-            for attempt_id, blob in self._db.execute(
-                "SELECT id, raw_ct FROM tb_attempt WHERE raw_ct IS NOT NULL"
-            ).fetchall():
-                if self._keyring.needs_rotation(blob):
-                    aad = _aad("tb_attempt", str(attempt_id), "raw")
-                    fresh = self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
-                    self._db.execute(
-                        "UPDATE tb_attempt SET raw_ct = ? WHERE id = ?", (fresh, attempt_id)
+                        f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (fresh, row_key)
                     )
                     count += 1
         return count
