@@ -248,7 +248,7 @@ def test_rotate_keys_reencrypts_signing_keys(
     tmp_path: Path, auth_server: AuthorizationServer
 ) -> None:
     """After rotate-key, the delegation signing key opens with the new key alone (same JWKS)."""
-    from tokenbroker import SQLiteStore, Secret
+    from tokenbroker import Secret, SQLiteStore
     from tokenbroker.crypto import Keyring
 
     with broker_for(tmp_path, auth_server) as broker:
