@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, Self
 
 import httpx
 
@@ -158,12 +158,32 @@ class BrokerAuth(httpx.Auth):
 
 
 class AuthAdapters:
-    """``httpx_auth`` and ``requests_auth`` for any token source that can build a
-    :class:`TokenTarget` (shared by :class:`~tokenbroker.Broker` and
-    :class:`~tokenbroker.BrokerClient`)."""
+    """``httpx_auth``, ``requests_auth`` and the (async) context-manager protocol for any
+    token source that can build a :class:`TokenTarget` and close itself (shared by
+    :class:`~tokenbroker.Broker` and :class:`~tokenbroker.BrokerClient`)."""
 
     def _target(self, provider: str, scope: str | None, account: str | None) -> TokenTarget:
         raise NotImplementedError
+
+    def close(self) -> None:
+        """Release resources."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Wait for background work, then :meth:`close`."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
 
     def httpx_auth(
         self, provider: str, scope: str | None = None, *, account: str | None = None

@@ -13,7 +13,6 @@ import functools
 import os
 import re
 from collections.abc import Callable, Hashable, Iterable
-from types import TracebackType
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import httpx
@@ -341,28 +340,6 @@ class Broker(AuthAdapters):
     async def aclose(self) -> None:
         """Wait for background refreshes started by async callers, then close."""
         await self._cache.aclose()
-        self.close()
-
-    async def __aenter__(self) -> Broker:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __enter__(self) -> Broker:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
         self.close()
 
     # -- the cache's Fetcher ---------------------------------------------------------------

@@ -34,7 +34,6 @@ import ssl
 import threading
 import time
 from collections.abc import Hashable, Iterable
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
@@ -220,28 +219,6 @@ class BrokerClient(AuthAdapters):
         """Wait for background refreshes started by async callers, then close."""
         await self._cache.aclose()
         self.close()
-
-    def __enter__(self) -> BrokerClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    async def __aenter__(self) -> BrokerClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     # -- the cache's Fetcher ---------------------------------------------------------------
 
