@@ -44,6 +44,8 @@ __all__ = [
     "LoginProvider",
     "LoginRequest",
     "Provider",
+    "ProxyRoute",
+    "ProxySettings",
     "Redirect",
     "RefreshTokenProvider",
     "Rotation",
@@ -300,6 +302,66 @@ Provider = Annotated[
 ]
 
 
+def _check_listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("must be HOST:PORT (port 0 picks a free one)")
+    return value
+
+
+class ProxyRoute(_Frozen):
+    """One path prefix of the reverse proxy, sent to one upstream with one provider's tokens.
+
+    ``mode: pool`` leases one account of a login provider to each client
+    connection; ``mode: shared`` gives every request the provider's current token.
+    """
+
+    prefix: str = Field(pattern=r"^/[^?#%\\\x00]*$")
+    upstream: str
+    provider: str
+    mode: Literal["pool", "shared"] = "pool"
+    scope: str | None = None
+    wait_timeout_seconds: float | None = Field(None, gt=0)
+    idle_timeout_seconds: float | None = Field(None, gt=0)
+    max_lease_seconds: float | None = Field(None, gt=0)
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        parts = urlsplit(_check_url(value, https_only=False))
+        if parts.query or parts.fragment:
+            raise ValueError("must not have a query or fragment")
+        return value
+
+
+class ProxySettings(_Frozen):
+    """The token-injecting reverse proxy (``tokenbroker proxy``, DESIGN §3.1 ``proxy:``)."""
+
+    listen: str = "127.0.0.1:8080"
+    health_listen: str | None = None
+    routes: tuple[ProxyRoute, ...] = Field(min_length=1)
+    consumer_header: str | None = Field(None, pattern=r"^[A-Za-z0-9-]{1,64}$")
+    upstream_timeout_seconds: float = Field(30.0, gt=0)
+    upstream_keepalive: int = Field(64, ge=0, le=10_000)
+    upstream_idle_seconds: float = Field(4.0, gt=0)
+    replay_body_bytes: int = Field(65_536, ge=0, le=16 << 20)
+    login_concurrency: int = Field(8, ge=1, le=256)
+    refresh_check_seconds: float = Field(1.0, gt=0)
+    retry_after_seconds: float = Field(1.0, gt=0)
+
+    @field_validator("listen", "health_listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        return None if value is None else _check_listen(value)
+
+    @model_validator(mode="after")
+    def _unique(self) -> ProxySettings:
+        prefixes = [r.prefix for r in self.routes]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError("two routes have the same prefix")
+        return self
+
+
 class Settings(_Frozen):
     """The whole validated configuration (DESIGN §3.1)."""
 
@@ -310,7 +372,7 @@ class Settings(_Frozen):
     providers: dict[_ProviderName, Provider] = Field(default_factory=dict)
     consumers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     server: dict[str, Any] = Field(default_factory=dict)
-    proxy: dict[str, Any] = Field(default_factory=dict)
+    proxy: ProxySettings | None = None
     telemetry: dict[str, Any] = Field(default_factory=dict)
     redirects: dict[str, Redirect] = Field(default_factory=dict)
 
@@ -320,6 +382,20 @@ class Settings(_Frozen):
         if value != "memory" and not (value.startswith("sqlite:///") and len(value) > 10):
             raise ValueError("must be 'memory' or sqlite:///PATH")
         return value
+
+    @model_validator(mode="after")
+    def _proxy_providers(self) -> Settings:
+        for i, route in enumerate(self.proxy.routes if self.proxy else ()):
+            provider = self.providers.get(route.provider)
+            where = f"proxy.routes.{i}.provider"
+            if provider is None:
+                raise ValueError(f"{where}: no provider named {route.provider!r}")
+            if (route.mode == "pool") != isinstance(provider, LoginProvider):
+                raise ValueError(
+                    f"{where}: mode pool needs a login provider and mode shared "
+                    "a client_credentials or refresh_token provider"
+                )
+        return self
 
 
 MISSING_KEY = (
