@@ -7,16 +7,27 @@ Only this module configures logging handlers. Every command takes
 from __future__ import annotations
 
 import re
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
+import httpx
 
 from .broker import Broker, open_store
 from .config import load_settings, startup_problems
 from .consumers import hash_key, new_key, parse_rule
 from .crypto import generate_key
-from .errors import ConfigError, ProviderError, TokenBrokerError, UnknownProviderError
+from .errors import (
+    ConfigError,
+    ConfigProblem,
+    ProviderError,
+    TokenBrokerError,
+    UnknownProviderError,
+)
 from .logs import configure
 from .store import SQLiteStore
 
@@ -85,13 +96,110 @@ def check(config_path: Path) -> None:
     "--listen", default=None, help="host:port (default: server.listen, else 127.0.0.1:8750)."
 )
 def serve_command(config_path: Path, listen: str | None) -> None:
-    """Serve the HTTP API (needs the 'server' extra)."""
+    """Serve the HTTP API, and the token proxy when configured (needs the 'server' extra)."""
     from .server import serve  # noqa: PLC0415 - needs the optional 'server' extra
 
     try:
-        serve(config_path, listen)
+        with _login_progress() as progress:
+            serve(config_path, listen, progress=progress, announce=_announce)
     except TokenBrokerError as exc:
         _fail(exc)
+
+
+@main.command("proxy")
+@config_option
+@click.option("--listen", default=None, help="host:port (default: proxy.listen).")
+def proxy_command(config_path: Path, listen: str | None) -> None:
+    """Run the token-injecting reverse proxy (the config's proxy: section)."""
+    from .server import run_proxy  # noqa: PLC0415 - needs the optional 'server' extra
+
+    try:
+        with _login_progress() as progress:
+            run_proxy(config_path, listen, progress=progress, announce=_announce)
+    except TokenBrokerError as exc:
+        _fail(exc)
+
+
+def _announce(line: str) -> None:
+    click.echo(line)
+    sys.stdout.flush()
+
+
+@contextmanager
+def _login_progress() -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar for pool logins on a terminal (stderr); nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="logging in", file=sys.stderr)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+        if done >= total:
+            bar.__exit__(None, None, None)
+
+    yield progress
+
+
+@main.group()
+def pool() -> None:
+    """Inspect the token proxy's pools."""
+
+
+@pool.command("status")
+@config_option
+@click.option(
+    "--url", default=None, help="The health port URL (default: from proxy.health_listen)."
+)
+def pool_status(config_path: Path, url: str | None) -> None:
+    """Print each pool's tokens in use, available and waiting, and per-account counters."""
+    try:
+        if url is None:
+            settings = load_settings(config_path)
+            if settings.proxy is None or settings.proxy.health_listen is None:
+                raise ConfigError([ConfigProblem("proxy.health_listen", "is required")])
+            host, _, port = settings.proxy.health_listen.rpartition(":")
+            wildcard = host in ("0.0.0.0", "", "[::]")  # noqa: S104 - reading, not binding
+            url = f"http://{'127.0.0.1' if wildcard else host}:{port}"
+    except TokenBrokerError as exc:
+        _fail(exc)
+        return
+    try:
+        reply = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0)
+        health = reply.json()
+    except (httpx.HTTPError, ValueError) as exc:
+        click.echo(f"error: cannot read {url}/health ({type(exc).__name__})", err=True)
+        raise SystemExit(1) from None
+    click.echo(_pool_table(health))
+
+
+def _pool_table(health: dict[str, Any]) -> str:
+    total = health.get("pool", {})
+    lines = [
+        f"status {health.get('status')}: {total.get('in_use', 0)} of {total.get('total', 0)} "
+        f"tokens in use, {total.get('available', 0)} available, "
+        f"{total.get('waiting', 0)} connection(s) waiting"
+    ]
+    for route in health.get("routes", []):
+        pool = route.get("pool")
+        if pool is None:
+            lines.append(f"route {route['prefix']} -> {route['provider']} (shared)")
+            continue
+        lines.append(
+            f"route {route['prefix']} -> {route['provider']} (pool): total {pool['total']}, "
+            f"in use {pool['in_use']}, available {pool['available']}, waiting {pool['waiting']}"
+        )
+        lines.append(f"  {'ACCOUNT':<24} {'STATE':<12} {'USES':>8} {'ERRORS':>8} {'LOGINS':>8}")
+        for c in pool["credentials"]:
+            lines.append(
+                f"  {c['account']:<24} {c['state']:<12} {c['uses']:>8} {c['errors']:>8} "
+                f"{c['refreshes']:>8}"
+            )
+    return "\n".join(lines)
 
 
 @main.command()

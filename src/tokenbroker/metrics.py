@@ -7,16 +7,33 @@ with ids (STYLE 11).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Protocol
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .broker import Broker
 from .events import Event, TokenAcquired, TokenInvalidated, TokenRequestFailed
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+if TYPE_CHECKING:
+    from .pool import PoolStats
+
+__all__ = ["CONTENT_TYPE", "Metrics", "ProxyMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ProxyView(Protocol):
+    """What the proxy metrics read from the proxy server."""
+
+    broker: Broker
+    responses: dict[int, int]
+    rejected: dict[str, int]
+    connections: Any
+
+    def pool_stats(self) -> list[tuple[Any, PoolStats]]:
+        """Each pool route with its pool's snapshot."""
 
 
 class _CredentialStates(Collector):
@@ -111,3 +128,93 @@ class Metrics:
     def close(self) -> None:
         """Stop counting events."""
         self._unsubscribe()
+
+
+class _ProxyCollector(Collector):
+    """The proxy's pool and response figures, read at scrape time (no per-request cost)."""
+
+    def __init__(self, server: ProxyView) -> None:
+        self._server = server
+
+    def collect(self) -> list[Metric]:
+        tokens = GaugeMetricFamily(
+            "tokenbroker_pool_tokens", "Pool tokens by state.", labels=["route", "state"]
+        )
+        waiting = GaugeMetricFamily(
+            "tokenbroker_pool_waiting", "Client connections waiting for a token.", labels=["route"]
+        )
+        per_credential = {
+            kind: CounterMetricFamily(
+                f"tokenbroker_pool_credential_{kind}",
+                text,
+                labels=["route", "provider", "account"],
+            )
+            for kind, text in (
+                ("uses", "Requests served with the account's token."),
+                ("errors", "Rejected tokens and failed logins of the account."),
+                ("refreshes", "Logins of the account."),
+            )
+        }
+        for route, stats in self._server.pool_stats():
+            prefix = route.spec.prefix
+            tokens.add_metric([prefix, "in_use"], stats.in_use)
+            tokens.add_metric([prefix, "available"], stats.available)
+            tokens.add_metric([prefix, "total"], stats.total)
+            waiting.add_metric([prefix], stats.waiting)
+            for c in stats.credentials:
+                labels = [prefix, route.provider, c.account]
+                per_credential["uses"].add_metric(labels, c.uses)
+                per_credential["errors"].add_metric(labels, c.errors)
+                per_credential["refreshes"].add_metric(labels, c.refreshes)
+        responses = CounterMetricFamily(
+            "tokenbroker_proxy_responses",
+            "Responses to proxy clients by status.",
+            labels=["status"],
+        )
+        for status, count in sorted(self._server.responses.items()):
+            responses.add_metric([str(status)], count)
+        rejected = CounterMetricFamily(
+            "tokenbroker_proxy_upstream_rejections",
+            "Upstream 401s answered by re-reading the token and retrying.",
+            labels=["provider"],
+        )
+        for provider, count in sorted(self._server.rejected.items()):
+            rejected.add_metric([provider], count)
+        connections = GaugeMetricFamily("tokenbroker_proxy_connections", "Open client connections.")
+        connections.add_metric([], len(self._server.connections))
+        return [tokens, waiting, *per_credential.values(), responses, rejected, connections]
+
+
+class ProxyMetrics(Metrics):
+    """The broker's metrics plus the proxy's pools, lease waits and responses.
+
+    Args:
+        server: The proxy (a :class:`tokenbroker.proxy.ProxyServer`).
+    """
+
+    def __init__(self, server: ProxyView) -> None:
+        super().__init__(server.broker)
+        self.lease_wait = Histogram(
+            "tokenbroker_pool_lease_wait_seconds",
+            "Time client connections waited for a pool token.",
+            ["provider"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.registry.register(_ProxyCollector(server))
+        self._unsubscribers = [
+            route.pool.subscribe(self._on_lease)
+            for route, _ in server.pool_stats()
+            if route.pool is not None
+        ]
+
+    def _on_lease(self, event: Event) -> None:
+        wait = getattr(event, "wait", None)
+        if wait is not None:
+            self.lease_wait.labels(event.provider).observe(wait)
+
+    def close(self) -> None:
+        """Stop counting events."""
+        super().close()
+        for unsubscribe in self._unsubscribers:
+            unsubscribe()

@@ -1,22 +1,37 @@
-"""``tokenbroker serve``: the HTTP API on uvicorn (uvloop + httptools), with tokens kept warm."""
+"""``tokenbroker serve`` and ``tokenbroker proxy``: the HTTP API and the token proxy on uvloop.
+
+``serve`` runs the HTTP API on uvicorn (httptools), and the proxy too when the
+config has a ``proxy:`` section; ``proxy`` runs the proxy alone. Both share one
+event loop and one broker, whose tokens a ticker keeps warm.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
+import uvloop
 
 from .app import create_app
 from .broker import Broker
+from .config import ProxySettings
+from .errors import ConfigError, ConfigProblem
 from .logs import configure
+from .proxy import ProxyServer
 
-__all__ = ["serve"]
+__all__ = ["run_proxy", "serve"]
 
 logger = logging.getLogger("tokenbroker.server")
 
 DEFAULT_LISTEN = "127.0.0.1:8750"
+
+Progress = Callable[[int, int], None]
+Announce = Callable[[str], None]
 
 
 def _keep_warm(broker: Broker, stop: threading.Event, every: float = 1.0) -> None:
@@ -28,32 +43,114 @@ def _keep_warm(broker: Broker, stop: threading.Event, every: float = 1.0) -> Non
             logger.exception("keep-warm tick failed")
 
 
-def serve(config_path: Path, listen: str | None = None) -> None:
-    """Run the broker's HTTP API until interrupted.
+def _configure_logs(broker: Broker) -> None:
+    telemetry = broker.settings.telemetry
+    configure(str(telemetry.get("log_level") or "info"), str(telemetry.get("log_format") or "json"))
+
+
+async def _start_proxy(
+    broker: Broker, settings: ProxySettings, progress: Progress | None, announce: Announce
+) -> ProxyServer:
+    proxy = ProxyServer(broker, settings)
+    failures = await proxy.warm(progress)
+    for name, exc in failures.items():
+        logger.warning("pool login failed account=%s error=%s", name, type(exc).__name__)
+    await proxy.start()
+    announce(f"proxy listening on {proxy.url}")
+    if proxy.health_url:
+        announce(f"health listening on {proxy.health_url}")
+    return proxy
+
+
+def serve(
+    config_path: Path,
+    listen: str | None = None,
+    *,
+    progress: Progress | None = None,
+    announce: Announce = print,
+) -> None:
+    """Run the broker's HTTP API (and the proxy, if configured) until interrupted.
 
     Args:
         config_path: The YAML configuration.
         listen: ``host:port``; default ``server.listen`` from the config, else 127.0.0.1:8750.
+        progress: Called as ``progress(done, total)`` while pool accounts log in.
+        announce: Receives one line per listener once it listens.
     """
     broker = Broker.from_config(config_path)
-    telemetry = broker.settings.telemetry
-    configure(str(telemetry.get("log_level") or "info"), str(telemetry.get("log_format") or "json"))
+    _configure_logs(broker)
     address = listen or str(broker.settings.server.get("listen") or DEFAULT_LISTEN)
     host, _, port = address.rpartition(":")
+    config = uvicorn.Config(
+        create_app(broker),
+        host=host.strip("[]") or "127.0.0.1",
+        port=int(port),
+        loop="none",
+        http="httptools",
+        log_level="warning",
+        access_log=False,
+        server_header=False,
+    )
+
+    async def main() -> None:
+        proxy = None
+        if broker.settings.proxy is not None:
+            proxy = await _start_proxy(broker, broker.settings.proxy, progress, announce)
+        try:
+            await uvicorn.Server(config).serve()
+        finally:
+            if proxy is not None:
+                await proxy.close()
+
     stop = threading.Event()
     ticker = threading.Thread(target=_keep_warm, args=(broker, stop), daemon=True)
     ticker.start()
     try:
-        uvicorn.run(
-            create_app(broker),
-            host=host.strip("[]") or "127.0.0.1",
-            port=int(port),
-            loop="uvloop",
-            http="httptools",
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-        )
+        uvloop.run(main())
     finally:
         stop.set()
+        broker.close()
+
+
+def run_proxy(
+    config_path: Path,
+    listen: str | None = None,
+    *,
+    progress: Progress | None = None,
+    announce: Announce = print,
+) -> None:
+    """Run the token proxy alone until SIGINT or SIGTERM.
+
+    Args:
+        config_path: The YAML configuration; it needs a ``proxy:`` section.
+        listen: ``host:port`` instead of ``proxy.listen``.
+        progress: Called as ``progress(done, total)`` while pool accounts log in.
+        announce: Receives one line per listener once it listens.
+
+    Raises:
+        ConfigError: The configuration has no ``proxy:`` section.
+    """
+    broker = Broker.from_config(config_path)
+    settings = broker.settings.proxy
+    if settings is None:
+        broker.close()
+        raise ConfigError([ConfigProblem("proxy", "is required to run the proxy")])
+    if listen:
+        settings = settings.model_copy(update={"listen": listen})
+    _configure_logs(broker)
+
+    async def main() -> None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stopping.set)
+        proxy = await _start_proxy(broker, settings, progress, announce)
+        try:
+            await stopping.wait()
+        finally:
+            await proxy.close()
+
+    try:
+        uvloop.run(main())
+    finally:
         broker.close()

@@ -1,0 +1,12 @@
+"""The token-injecting reverse proxy (``tokenbroker proxy``, DESIGN §1 problem 4).
+
+Routes by path prefix to upstreams, replacing any client ``Authorization`` with a
+token: in ``pool`` mode each client TCP connection leases one account of a login
+provider for its whole life; in ``shared`` mode every request gets the provider's
+current token. Built on ``asyncio.Protocol`` and httptools (llhttp) for
+connection-level control; run it on uvloop.
+"""
+
+from .server import ProxyServer
+
+__all__ = ["ProxyServer"]

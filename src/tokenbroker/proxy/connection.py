@@ -1,0 +1,281 @@
+"""One client TCP connection: parse requests with httptools, serve them in order.
+
+A :class:`ClientConnection` is an ``asyncio.Protocol``, so it knows when its TCP
+connection closes — which the per-connection token lease needs and ASGI servers
+do not expose. Requests are answered strictly in order (pipelining): a request
+parsed while another is being served waits, and reading pauses meanwhile.
+Leases taken for pool routes are kept for the connection's life and closed with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from ..pool import Lease, LeaseState
+from .exchange import Exchange
+from .http import HOP_BY_HOP, connection_tokens, error_reply
+
+if TYPE_CHECKING:
+    from .routes import Route
+    from .server import ProxyServer
+
+__all__ = ["ClientConnection"]
+
+logger = logging.getLogger("tokenbroker.proxy")
+
+MAX_HEAD_BYTES = 65_536
+_DROP = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect"}
+
+
+class ClientConnection(asyncio.Protocol):
+    """Serve one client connection.
+
+    Args:
+        server: The proxy this connection belongs to.
+    """
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "unknown"
+        self.forwarded = b"\r\n"
+        self._parser = httptools.HttpRequestParser(self)
+        self._drop = _DROP | server.key_header
+        self._url = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._parsing: Exchange | None = None
+        self._current: Exchange | None = None
+        self._queue: deque[Exchange] = deque()
+        self._out: list[bytes] = []
+        self._pauses: set[str] = set()
+        self._leases: dict[Route, Lease] = {}
+        self.write_paused = False
+        self.closed = False
+        self._eof = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"{peer[0]}:{peer[1]}"
+            self.forwarded = b"x-forwarded-for: %b\r\n\r\n" % str(peer[0]).encode()
+        self.server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._parsing is not None:  # upgrades are not relayed: answer, then close
+                self._parsing.close_after = True
+                self._parsing.request_end()
+            self.pause_reading("upgrade")
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._reject(431, "headers_too_large", "the request head is too large")
+            else:
+                self._reject(400, "bad_request", "malformed HTTP request")
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        # keep the socket half-open to finish the requests in hand, then close
+        return self._current is not None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        queued, self._queue = self._queue, deque()
+        current = self._current
+        if current is not None and current.task is not None:
+            current.task.cancel()
+        for exchange in queued:
+            exchange.close_after = True
+        for lease in self._leases.values():
+            lease.close()
+        self._leases.clear()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        current = self._current
+        if current is not None and current.upstream is not None:
+            current.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        current = self._current
+        if current is not None and current.upstream is not None:
+            current.upstream.resume_reading()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._headers.append((name, value))
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        content_length: int | None = None
+        chunked = expect = False
+        key: str | None = None
+        drop = self._drop
+        key_header = self.server.key_header
+        for name, value in self._headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                content_length = int(value)
+            elif lower == b"transfer-encoding":
+                chunked = value.lower().strip().endswith(b"chunked")
+            elif lower == b"expect":
+                expect = value.lower() == b"100-continue"
+            elif lower == b"connection":
+                drop = drop | connection_tokens(value)
+            elif lower in key_header:
+                key = value.decode("latin-1")
+        lines = [b"%b: %b\r\n" % (n, v) for n, v in self._headers if n.lower() not in drop]
+        exchange = Exchange(
+            self,
+            parser.get_method(),
+            self._url,
+            lines,
+            parser.get_http_version().encode(),
+            keep_alive=parser.should_keep_alive(),
+            content_length=content_length,
+            chunked=chunked,
+            expect_continue=expect,
+            key=key,
+        )
+        self._parsing = exchange
+        if self._current is None:
+            self._start(exchange)
+        else:
+            self._queue.append(exchange)
+            self.pause_reading("pipeline")
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.request_body(body)
+
+    def on_message_complete(self) -> None:
+        exchange, self._parsing = self._parsing, None
+        if exchange is not None:
+            exchange.request_end()
+
+    # -- used by exchanges ---------------------------------------------------------------------
+
+    async def lease(self, route: Route) -> Lease:
+        """This connection's lease on ``route``'s pool, taken on first use and kept."""
+        lease = self._leases.get(route)
+        if lease is not None and lease.state is LeaseState.ACTIVE:
+            return lease
+        assert route.pool is not None
+        lease = await route.pool.acquire(self.peer)
+        if self.closed:  # the client left while the grant was being delivered
+            lease.close()
+            raise asyncio.CancelledError
+        self._leases[route] = lease
+        return lease
+
+    def holds_expired_lease(self) -> bool:
+        """True when a lease was reaped and no request is being served."""
+        return self._current is None and any(
+            lease.state is LeaseState.EXPIRED for lease in self._leases.values()
+        )
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes for the client (sent by :meth:`flush`)."""
+        self._out.append(data)
+
+    def flush(self) -> None:
+        """Send the queued bytes in one system call."""
+        out = self._out
+        if out:
+            self._out = []
+            if self.transport is not None and not self.closed:
+                self.transport.writelines(out)
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading from the client for ``reason`` (until :meth:`resume_reading`)."""
+        if not self._pauses and self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._pauses.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        """Drop one reason to stop reading; read again when none is left."""
+        if reason not in self._pauses:
+            return
+        self._pauses.discard(reason)
+        if not self._pauses and self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def finished(self, exchange: Exchange) -> None:
+        """``exchange`` is over: start the next pipelined request, or close."""
+        self.flush()
+        self._current = None
+        if self.closed:
+            return
+        if exchange.close_after:
+            self.close()
+            return
+        if self._queue:
+            self._start(self._queue.popleft())
+        elif self._eof:
+            self.close()
+        else:
+            self.resume_reading("pipeline")
+
+    def close(self) -> None:
+        """Close after sending what is queued."""
+        self.flush()
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a response failed after it had begun)."""
+        self._out = []
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _start(self, exchange: Exchange) -> None:
+        self._current = exchange
+        exchange.task = asyncio.get_running_loop().create_task(exchange.run())
+
+    def _reject(self, status: int, code: str, message: str) -> None:
+        """Answer a request that cannot be parsed, then close."""
+        self.pause_reading("error")
+        if self._current is not None:  # answer in order: after the current one
+            if self._parsing is not None and self._parsing is not self._current:
+                self._queue.remove(self._parsing)
+            self._current.close_after = True
+            return
+        self.write(error_reply(status, code, message, close=True))
+        self.server.count_status(status)
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ClientConnection peer={self.peer} leases={len(self._leases)}>"
+
+
+class _HeadTooLarge(Exception):
+    """The request line and headers exceed :data:`MAX_HEAD_BYTES`."""

@@ -1,0 +1,94 @@
+"""The proxy's health port: ``/health``, ``/healthz``, ``/livez``, ``/readyz``, ``/metrics``.
+
+A separate listener (``health_listen``) so probes and scrapes never queue behind
+client connections waiting for a pool token. Plain HTTP/1.1 with keep-alive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, cast
+
+import httptools
+
+from ..metrics import CONTENT_TYPE
+from .http import error_reply, status_line
+
+if TYPE_CHECKING:
+    from .server import ProxyServer
+
+__all__ = ["HealthConnection"]
+
+_JSON = b"application/json"
+
+
+class HealthConnection(asyncio.Protocol):
+    """One connection to the health port."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self._server = server
+        self._parser = httptools.HttpRequestParser(self)
+        self._url = b""
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._send(error_reply(400, "bad_request", "malformed HTTP request", close=True))
+            self._close()
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_message_complete(self) -> None:
+        path = self._url.partition(b"?")[0]
+        method = self._parser.get_method()
+        keep = self._parser.should_keep_alive()
+        if method not in (b"GET", b"HEAD"):
+            reply = error_reply(405, "method_not_allowed", "probes answer GET", close=not keep)
+        else:
+            reply = self._probe(path, keep=keep, head=method == b"HEAD")
+        self._send(reply)
+        if not keep:
+            self._close()
+
+    def _probe(self, path: bytes, *, keep: bool, head: bool) -> bytes:
+        server = self._server
+        status = 200
+        content_type = _JSON
+        if path == b"/health":
+            body = json.dumps(server.health()).encode()
+        elif path in (b"/healthz", b"/livez"):
+            body = b'{"status":"ok"}'
+        elif path == b"/readyz":
+            ready = server.ready()
+            status = 200 if ready else 503
+            body = b'{"status":"ready"}' if ready else b'{"status":"not_ready"}'
+        elif path == b"/metrics":
+            body = server.metrics.render()
+            content_type = CONTENT_TYPE.encode()
+        else:
+            return error_reply(404, "not_found", "no such probe", close=not keep)
+        head_lines = (
+            status_line(status)
+            + b"content-type: %b\r\ncontent-length: %d\r\ncache-control: no-store\r\n"
+            % (content_type, len(body))
+            + (b"connection: close\r\n\r\n" if not keep else b"\r\n")
+        )
+        return head_lines if head else head_lines + body
+
+    def _send(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()

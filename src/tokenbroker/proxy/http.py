@@ -1,0 +1,100 @@
+"""HTTP/1.1 pieces the relay needs: hop-by-hop headers, path checks, framing, error replies.
+
+Headers are handled as raw ``bytes`` pairs exactly as httptools (llhttp) hands them
+over; names are compared lowercased.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from http import HTTPStatus
+
+__all__ = [
+    "HOP_BY_HOP",
+    "chunk",
+    "connection_tokens",
+    "error_reply",
+    "is_unsafe_path",
+    "status_line",
+]
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+"""Headers that describe one hop (RFC 9110 §7.6.1); never forwarded in either direction."""
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+# Traversal and ambiguity: encoded dots, slashes, backslashes and NULs, raw backslash
+# and NUL, and dot segments. Refused on every route, so a prefix cannot be escaped
+# by the upstream decoding what we did not.
+_UNSAFE = re.compile(rb"%(?:2e|2f|5c|00)|\\|\x00|(?:^|/)\.{1,2}(?:/|$)", re.IGNORECASE)
+
+
+def is_unsafe_path(path: bytes) -> bool:
+    """True for a request path with a traversal or ambiguity form (``/../``, ``%2f``, ``\\``…)."""
+    return _UNSAFE.search(path) is not None
+
+
+def connection_tokens(value: bytes) -> set[bytes]:
+    """The lowercased header names a ``Connection`` header lists."""
+    return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+def chunk(data: bytes) -> bytes:
+    """One chunk of the chunked transfer coding."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def status_line(status: int, version: bytes = b"1.1") -> bytes:
+    """``HTTP/1.1 200 OK\\r\\n`` (the reason phrase is informational only)."""
+    return b"HTTP/%b %d %b\r\n" % (version, status, _REASONS.get(status, b"Unknown"))
+
+
+def error_reply(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    close: bool = False,
+    retry_after: int | None = None,
+    extra: tuple[tuple[bytes, bytes], ...] = (),
+) -> bytes:
+    """A whole response with the house error body ``{"error": {"code", "message"}}``.
+
+    Args:
+        status: The HTTP status.
+        code: The machine-readable error code.
+        message: A human sentence; never contains a secret.
+        close: Add ``Connection: close``.
+        retry_after: Seconds for a ``Retry-After`` header.
+        extra: More header pairs.
+    """
+    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    head = [
+        status_line(status),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"cache-control: no-store\r\n",
+    ]
+    if retry_after is not None:
+        head.append(b"retry-after: %d\r\n" % retry_after)
+    head.extend(b"%b: %b\r\n" % pair for pair in extra)
+    if close:
+        head.append(b"connection: close\r\n")
+    head.append(b"\r\n")
+    return b"".join(head) + body

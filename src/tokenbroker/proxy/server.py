@@ -1,0 +1,213 @@
+"""The proxy server: listeners, routes, pool warm-up and the maintenance tick."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..broker import Broker
+from ..config import ProxySettings
+from ..consumers import ConsumerRegistry
+from ..errors import ProviderError
+from ..metrics import ProxyMetrics
+from ..pool import PoolStats
+from .connection import ClientConnection
+from .health import HealthConnection
+from .routes import Route, RouteTable
+
+__all__ = ["ProxyServer"]
+
+logger = logging.getLogger("tokenbroker.proxy")
+
+Progress = Callable[[int, int], None]
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class ProxyServer:
+    """The token-injecting reverse proxy (``tokenbroker proxy``).
+
+    Args:
+        broker: Obtains and caches the tokens (the caller owns and closes it).
+        settings: The ``proxy:`` section.
+        consumers: Who may use the proxy when ``consumer_header`` is set; default:
+            the broker's configured and stored consumers.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        settings: ProxySettings,
+        *,
+        consumers: ConsumerRegistry | None = None,
+    ) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.routes = RouteTable(Route(spec, broker, settings) for spec in settings.routes)
+        header = settings.consumer_header
+        self.key_header = frozenset({header.lower().encode()}) if header else frozenset()
+        self.consumers: ConsumerRegistry | None = None
+        if header:
+            self.consumers = consumers or ConsumerRegistry.load(
+                broker.settings.consumers, broker.store.consumers()
+            )
+        self.connections: set[ClientConnection] = set()
+        self.responses: dict[int, int] = {}
+        self.rejected: dict[str, int] = {}
+        self.started = time.time()
+        self.metrics = ProxyMetrics(self)
+        self._servers: list[asyncio.Server] = []
+        self._tick: asyncio.Task[None] | None = None
+        self.url = ""
+        self.health_url = ""
+
+    async def start(self, *, health: bool = True) -> None:
+        """Listen on ``listen`` (and ``health_listen``) and start the maintenance tick."""
+        loop = asyncio.get_running_loop()
+        host, port = _split(self.settings.listen)
+        server = await loop.create_server(
+            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
+        )
+        self._servers.append(server)
+        self.url = _url(server)
+        if health and self.settings.health_listen:
+            host, port = _split(self.settings.health_listen)
+            probe = await loop.create_server(
+                lambda: HealthConnection(self), host, port, reuse_address=True
+            )
+            self._servers.append(probe)
+            self.health_url = _url(probe)
+        self._tick = loop.create_task(self._maintain())
+
+    async def warm(self, progress: Progress | None = None) -> dict[str, ProviderError]:
+        """Log in every account of every pool route, a few at a time.
+
+        Args:
+            progress: Called as ``progress(done, total)`` over all pool accounts.
+
+        Returns:
+            Failed accounts (``provider/account``) and their errors.
+        """
+        pools = [route.pool for route in self.routes.routes if route.pool is not None]
+        total = sum(pool.stats().total for pool in pools)
+        done_before = 0
+        failures: dict[str, ProviderError] = {}
+        for pool in pools:
+            offset = done_before
+
+            def report(done: int, _: int, offset: int = offset) -> None:
+                if progress is not None:
+                    progress(offset + done, total)
+
+            failed = await pool.warm(concurrency=self.settings.login_concurrency, progress=report)
+            failures.update({f"{pool.provider}/{name}": exc for name, exc in failed.items()})
+            done_before += pool.stats().total
+        return failures
+
+    def pool_stats(self) -> list[tuple[Route, PoolStats]]:
+        """Each pool route with a snapshot of its pool."""
+        return [(r, r.pool.stats()) for r in self.routes.routes if r.pool is not None]
+
+    def ready(self) -> bool:
+        """Every pool route has a token free or leasable, and the proxy listens."""
+        if not self._servers:
+            return False
+        return all(stats.available > 0 for _, stats in self.pool_stats())
+
+    def health(self) -> dict[str, Any]:
+        """The ``/health`` document: totals over the pools and each route; no secrets."""
+        pools = self.pool_stats()
+        total = {"total": 0, "in_use": 0, "available": 0, "waiting": 0}
+        for _, stats in pools:
+            total["total"] += stats.total
+            total["in_use"] += stats.in_use
+            total["available"] += stats.available
+            total["waiting"] += stats.waiting
+        routes = []
+        for route in self.routes.routes:
+            entry: dict[str, Any] = {
+                "prefix": route.spec.prefix,
+                "provider": route.provider,
+                "mode": route.spec.mode,
+                "upstream_connections_idle": route.upstream.idle,
+            }
+            if route.pool is not None:
+                stats = route.pool.stats()
+                entry["pool"] = {
+                    "total": stats.total,
+                    "in_use": stats.in_use,
+                    "available": stats.available,
+                    "waiting": stats.waiting,
+                    "credentials": [
+                        {
+                            "account": c.account,
+                            "state": c.state.value,
+                            "uses": c.uses,
+                            "errors": c.errors,
+                            "refreshes": c.refreshes,
+                        }
+                        for c in stats.credentials
+                    ],
+                }
+            routes.append(entry)
+        return {
+            "status": "ok" if self.ready() else "degraded",
+            "pool": total,
+            "connections": len(self.connections),
+            "routes": routes,
+        }
+
+    def count_status(self, status: int) -> None:
+        """Count one response to a client by status."""
+        self.responses[status] = self.responses.get(status, 0) + 1
+
+    def count_rejected(self, route: Route) -> None:
+        """Count one upstream 401 that was retried with a new token."""
+        self.rejected[route.provider] = self.rejected.get(route.provider, 0) + 1
+
+    async def close(self) -> None:
+        """Stop listening, close client connections and pools (not the broker)."""
+        if self._tick is not None:
+            self._tick.cancel()
+        for server in self._servers:
+            server.close()
+        for connection in list(self.connections):
+            connection.close()
+        for route in self.routes.routes:
+            route.upstream.close()
+            if route.pool is not None:
+                route.pool.close()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        self.metrics.close()
+
+    async def _maintain(self) -> None:
+        """Keep tokens warm, reap idle leases, close stale upstream connections."""
+        every = self.settings.refresh_check_seconds
+        while True:
+            await asyncio.sleep(min(every, 1.0))
+            try:
+                self.broker.refresh_due()
+                for route in self.routes.routes:
+                    route.upstream.sweep()
+                    if route.pool is not None and route.pool.reap():
+                        for connection in list(self.connections):
+                            if connection.holds_expired_lease():
+                                connection.close()
+            except Exception:
+                logger.exception("proxy maintenance tick failed")
+
+    def __repr__(self) -> str:
+        return f"<ProxyServer url={self.url!r} routes={len(self.routes.routes)}>"
+
+
+def _url(server: asyncio.Server) -> str:
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"http://{host}:{port}"
