@@ -57,7 +57,6 @@ class ClientConnection(asyncio.Protocol):
         self._leases: dict[Route, Lease] = {}
         self.write_paused = False
         self.closed = False
-        self._eof = False
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -84,9 +83,9 @@ class ClientConnection(asyncio.Protocol):
                 self._reject(400, "bad_request", "malformed HTTP request")
 
     def eof_received(self) -> bool:
-        self._eof = True
-        # keep the socket half-open to finish the requests in hand, then close
-        return self._current is not None
+        # A client that stops sending has left, as nginx assumes: stop waiting for a
+        # token or an upstream on its behalf and close (False closes the transport).
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -238,8 +237,6 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._queue:
             self._start(self._queue.popleft())
-        elif self._eof:
-            self.close()
         else:
             self.resume_reading("pipeline")
 

@@ -87,6 +87,7 @@ class Exchange:
         self.streaming = False
         self.responded = False
         self.can_retry = False
+        self.done = False
         self.status = 0
         self._chunked_out = False
         self._body_waiter: asyncio.Future[None] | None = None
@@ -96,6 +97,8 @@ class Exchange:
 
     def request_body(self, data: bytes) -> None:
         """A piece of the request body arrived from the client."""
+        if self.done:  # answered early; the rest of the body is read and dropped
+            return
         upstream = self.upstream
         if self.streaming and upstream is not None:
             upstream.send(chunk(data) if self.chunked_in else data)
@@ -164,6 +167,8 @@ class Exchange:
                 upstream.abort()
             if lease is not None and lease.in_flight:
                 lease.end()
+            self.done = True
+            self.body.clear()
             conn.finished(self)
 
     async def _relay(self, route: Route, token: Token, lease: Lease | None) -> None:
@@ -201,6 +206,8 @@ class Exchange:
                 upstream.detach()
                 upstream.close()
             if result is Outcome.RELAYED:
+                if not self.body_done:  # answered before the whole body came: don't reuse
+                    self.close_after = True
                 return
             rejected = True  # a 401 swallowed once: drop that token, send again with the next
             conn.server.count_rejected(route)
