@@ -32,6 +32,8 @@ __all__ = [
     "ConfigProblem",
     "EncryptionKeyError",
     "InvalidTokenError",
+    "LeaseExpiredError",
+    "PoolExhaustedError",
     "ProviderError",
     "ProviderMisconfiguredError",
     "ProviderUnavailableError",
@@ -187,6 +189,23 @@ class ProviderUnavailableError(ProviderError):
         super().__init__(message, provider=provider, status_code=status_code, error_code=error_code)
         self.retry_after = retry_after
         self.sent = sent
+
+
+class PoolExhaustedError(ProviderUnavailableError):
+    """No pool credential became free within the wait timeout (or the pool closed).
+
+    A :class:`ProviderUnavailableError`, so HTTP layers answer 503 with
+    ``Retry-After: retry_after``.
+    """
+
+    code = "pool_exhausted"
+
+
+class LeaseExpiredError(TokenBrokerError):
+    """A pool lease was reaped (idle or too old) and its credential went back to the pool.
+
+    The caller should close its client connection or acquire a new lease.
+    """
 
 
 class InvalidTokenError(ProviderUnavailableError):

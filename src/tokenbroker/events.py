@@ -14,6 +14,7 @@ from dataclasses import dataclass
 __all__ = [
     "Event",
     "EventBus",
+    "LeaseGranted",
     "RefreshTokenRotated",
     "TokenAcquired",
     "TokenInvalidated",
@@ -76,6 +77,17 @@ class TokenInvalidated(Event):
 @dataclass(frozen=True, slots=True)
 class RefreshTokenRotated(Event):
     """The provider issued a new refresh token and it was handed to the store."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseGranted(Event):
+    """A pool lease got a credential (``key`` is ``account=<name>``).
+
+    Attributes:
+        wait: Seconds the acquirer waited in the queue (0 when one was free).
+    """
+
+    wait: float
 
 
 Subscriber = Callable[[Event], None]

@@ -41,8 +41,8 @@ from dataclasses import dataclass
 
 from .broker import Broker
 from .clock import Clock, SystemClock
-from .errors import ProviderError, ProviderUnavailableError, TokenBrokerError
-from .events import Event, EventBus, TokenAcquired
+from .errors import LeaseExpiredError, PoolExhaustedError, ProviderError
+from .events import Event, EventBus, LeaseGranted, TokenAcquired
 from .token import Token
 
 __all__ = [
@@ -60,21 +60,6 @@ __all__ = [
 logger = logging.getLogger("tokenbroker.pool")
 
 Progress = Callable[[int, int], None]
-
-
-class PoolExhaustedError(ProviderUnavailableError):
-    """No credential became free within the wait timeout (or the pool closed).
-
-    A :class:`~tokenbroker.errors.ProviderUnavailableError`, so the HTTP layer
-    answers 503 with ``Retry-After: retry_after``.
-    """
-
-
-class LeaseExpiredError(TokenBrokerError):
-    """The lease was reaped (idle or too old) and its credential went back to the pool.
-
-    The caller should close its client connection or acquire a new lease.
-    """
 
 
 class LeaseState(enum.Enum):
@@ -95,17 +80,6 @@ class CredentialState(enum.Enum):
     LEASED = "leased"
     REFRESHING = "refreshing"
     FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseGranted(Event):
-    """A lease got a credential (``key`` is ``account=<name>``).
-
-    Attributes:
-        wait: Seconds the acquirer waited in the queue (0 when one was free).
-    """
-
-    wait: float
 
 
 @dataclass(frozen=True, slots=True)
