@@ -29,7 +29,17 @@ __all__ = ["ClientConnection"]
 logger = logging.getLogger("tokenbroker.proxy")
 
 MAX_HEAD_BYTES = 65_536
-_DROP = HOP_BY_HOP | {b"authorization", b"host", b"content-length", b"expect"}
+# Replaced by the proxy: credentials, framing, and forwarding headers (rebuilt, not appended).
+_DROP = HOP_BY_HOP | {
+    b"authorization",
+    b"host",
+    b"content-length",
+    b"expect",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+}
 
 
 class ClientConnection(asyncio.Protocol):
@@ -65,7 +75,9 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
-            self.forwarded = b"x-forwarded-for: %b\r\n\r\n" % str(peer[0]).encode()
+            self.forwarded = (
+                b"x-forwarded-for: %b\r\nx-forwarded-proto: http\r\n\r\n" % str(peer[0]).encode()
+            )
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:

@@ -36,10 +36,11 @@ HOP_BY_HOP = frozenset(
 
 LAST_CHUNK = b"0\r\n\r\n"
 
-# Traversal and ambiguity: encoded dots, slashes, backslashes and NULs, raw backslash
-# and NUL, and dot segments. Refused on every route, so a prefix cannot be escaped
-# by the upstream decoding what we did not.
-_UNSAFE = re.compile(rb"%(?:2e|2f|5c|00)|\\|\x00|(?:^|/)\.{1,2}(?:/|$)", re.IGNORECASE)
+# Traversal and ambiguity: encoded dots, slashes, backslashes and NULs, raw backslash,
+# NUL and '#', dot segments (also with ';' parameters, as Tomcat reads them) and a
+# leading '//'. Refused on every route, so a prefix cannot be escaped by an upstream
+# that decodes or normalises what we did not.
+_UNSAFE = re.compile(rb"%(?:2e|2f|5c|00)|[\\\x00#]|(?:^|/)\.{1,2}(?:[/;]|$)|^//", re.IGNORECASE)
 
 
 def is_unsafe_path(path: bytes) -> bool:
