@@ -156,6 +156,8 @@ class ClientConnection(asyncio.Protocol):
                 content_length = int(value)
             elif lower == b"transfer-encoding":
                 chunked = value.lower().strip().endswith(b"chunked")
+                if not chunked:  # RFC 9112 §6.3: the body length cannot be known
+                    raise _BadFraming
             elif lower == b"expect":
                 expect = value.lower() == b"100-continue"
             elif lower == b"connection":
@@ -284,6 +286,10 @@ class ClientConnection(asyncio.Protocol):
 
     def __repr__(self) -> str:
         return f"<ClientConnection peer={self.peer} leases={len(self._leases)}>"
+
+
+class _BadFraming(Exception):
+    """A request ``Transfer-Encoding`` that does not end in ``chunked``."""
 
 
 class _HeadTooLarge(Exception):

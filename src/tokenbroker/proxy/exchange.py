@@ -221,7 +221,8 @@ class Exchange:
     def _route(self) -> Route | None:
         """The route for this request, or None after answering with an error."""
         path, _, _ = self.target.partition(b"?")
-        if not path.startswith(b"/"):
+        if not path.startswith(b"/"):  # absolute-form or '*': not for a reverse proxy
+            self.close_after = True
             self._fail(400, "bad_request", "the request target must be an absolute path")
             return None
         if is_unsafe_path(path):

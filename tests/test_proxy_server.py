@@ -1,0 +1,380 @@
+"""The proxy's health port, metrics, CLI (proxy, pool status, serve), config checks and secrecy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from conftest import BrokerFactory
+from support import client_credentials, login
+from tokenbroker import Broker, ConfigError, parse_settings
+from tokenbroker.cli import main
+from tokenbroker.config import ProxySettings
+from tokenbroker.proxy.http import is_unsafe_path
+from tokenbroker.proxy.routes import Route
+from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
+
+
+@pytest.fixture
+def upstream(auth_server: AuthorizationServer) -> Iterator[RecordingUpstream]:
+    """An upstream that accepts only tokens the authorization server currently accepts."""
+    with RecordingUpstream(auth_server) as served:
+        yield served
+
+
+def _proxy_settings(upstream: RecordingUpstream, **extra: Any) -> ProxySettings:
+    return ProxySettings.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "routes": [
+                {"prefix": "/", "upstream": upstream.url, "provider": "db", "mode": "pool"},
+                {
+                    "prefix": "/svc/",
+                    "upstream": upstream.url + "/api/",
+                    "provider": "svc",
+                    "mode": "shared",
+                },
+            ],
+            **extra,
+        }
+    )
+
+
+@pytest.fixture
+def broker(auth_server: AuthorizationServer, make_broker: BrokerFactory) -> Broker:
+    """Login provider ``db`` (alice, bob) and client-credentials provider ``svc``."""
+    return make_broker({"db": login(auth_server), "svc": client_credentials(auth_server)})
+
+
+def test_health_probes_follow_the_pool(broker: Broker, upstream: RecordingUpstream) -> None:
+    """/health counts leases; /readyz is 503 while every token is held; /livez stays 200."""
+    with (
+        ServedProxy(broker, _proxy_settings(upstream)) as proxy,
+        httpx.Client(base_url=proxy.health_url) as probe,
+    ):
+        health = probe.get("/health").json()
+        assert health["status"] == "ok"
+        assert health["pool"] == {"total": 2, "in_use": 0, "available": 2, "waiting": 0}
+        assert probe.get("/readyz").status_code == 200
+        holders = [httpx.Client(base_url=proxy.url) for _ in range(2)]
+        try:
+            for client in holders:  # one keep-alive connection each: each holds a token
+                assert client.get("/api/echo").status_code == 200
+            health = probe.get("/health").json()
+            assert health["pool"]["in_use"] == 2
+            assert health["pool"]["available"] == 0
+            assert health["status"] == "degraded"
+            assert probe.get("/readyz").status_code == 503
+            assert probe.get("/livez").status_code == 200
+            assert probe.get("/healthz").status_code == 200
+            accounts = {c["account"]: c for c in health["routes"][1]["pool"]["credentials"]}
+            assert set(accounts) == {"alice", "bob"}
+            assert all(c["uses"] == 1 and c["state"] == "leased" for c in accounts.values())
+        finally:
+            for client in holders:
+                client.close()
+        _until(lambda: probe.get("/health").json()["pool"]["available"] == 2)
+        assert probe.get("/readyz").status_code == 200
+        assert probe.get("/nope").status_code == 404
+        assert probe.post("/health").status_code == 405
+
+
+def test_metrics_expose_pool_and_responses_never_a_token(
+    broker: Broker, upstream: RecordingUpstream, auth_server: AuthorizationServer
+) -> None:
+    """/metrics has pool gauges, the lease-wait histogram, per-account counters, statuses."""
+    with ServedProxy(broker, _proxy_settings(upstream)) as proxy:
+        with httpx.Client(base_url=proxy.url) as client:
+            for _ in range(3):
+                assert client.get("/api/echo").status_code == 200
+            assert client.get("/svc/echo").status_code == 200
+            assert client.get("/api/status/418").status_code == 418
+        text = httpx.get(proxy.health_url + "/metrics").text
+    assert 'tokenbroker_pool_tokens{route="/",state="total"} 2.0' in text
+    assert 'tokenbroker_pool_waiting{route="/"} 0.0' in text
+    assert 'tokenbroker_pool_lease_wait_seconds_count{provider="db"} 1.0' in text
+    uses = [line for line in text.splitlines() if "pool_credential_uses_total{" in line]
+    assert sorted(float(line.rsplit(" ", 1)[1]) for line in uses) == [0.0, 4.0]
+    assert 'tokenbroker_pool_credential_refreshes_total{account="alice"' in text
+    assert 'tokenbroker_proxy_responses_total{status="200"} 4.0' in text
+    assert 'tokenbroker_proxy_responses_total{status="418"} 1.0' in text
+    issued = auth_server.issued_login_tokens + auth_server.issued_access_tokens
+    assert issued
+    assert not any(token in text for token in issued)
+
+
+def test_shared_route_maps_prefix_to_the_upstream_path(
+    broker: Broker, upstream: RecordingUpstream, auth_server: AuthorizationServer
+) -> None:
+    """/svc/echo?x=1 reaches /api/echo?x=1 with the client-credentials token, not a pool one."""
+    with ServedProxy(broker, _proxy_settings(upstream)) as proxy:
+        reply = httpx.get(proxy.url + "/svc/echo?x=1", headers={"Authorization": "Basic Zm9v"})
+        assert reply.status_code == 200
+        assert reply.json()["path"] == "/api/echo"
+        assert reply.json()["query"] == "x=1"
+        assert proxy.stats().in_use == 0  # the shared route took no lease
+    (record,) = upstream.records()
+    assert record.token in auth_server.issued_access_tokens
+
+
+def test_login_failure_at_start_is_reported_and_the_route_answers_503(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, upstream: RecordingUpstream
+) -> None:
+    """An account whose password is wrong is FAILED; the others still serve."""
+    creds = [{"username": "alice", "password": "wrong"}, {"username": "bob", "password": "bob-pw"}]
+    broker = make_broker({"db": login(auth_server, credentials=creds)}, defaults={"retries": 0})
+    settings = ProxySettings.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "routes": [{"prefix": "/", "upstream": upstream.url, "provider": "db"}],
+        }
+    )
+    with ServedProxy(broker, settings) as proxy:
+        states = {c.account: c.state.value for c in proxy.stats().credentials}
+        assert states == {"alice": "failed", "bob": "available"}
+        assert httpx.get(proxy.url + "/api/echo").status_code == 200
+
+
+def test_unsafe_paths() -> None:
+    """Every traversal and ambiguity form is refused; ordinary paths are not."""
+    for path in [
+        b"/a/../b",
+        b"/..",
+        b"/a/./b",
+        b"/%2e%2e/x",
+        b"/%2E%2e/x",
+        b"/a%2fb",
+        b"/a%2Fb",
+        b"/a%5cb",
+        b"/..;x=y/a",
+        b"//evil",
+        b"/a#frag",
+        b"/a\\b",
+        b"/a%00b",
+        b"/a\x00b",
+        b"/.",
+    ]:
+        assert is_unsafe_path(path), path
+    for path in [b"/", b"/api/echo", b"/a..b/c", b"/.well-known/x", b"/a%20b", b"/v1.2/x"]:
+        assert not is_unsafe_path(path), path
+
+
+def test_route_targets(broker: Broker) -> None:
+    """Prefixes map onto the upstream's base path, with or without trailing slashes."""
+
+    def route(prefix: str, upstream: str) -> Route:
+        spec = {"prefix": prefix, "upstream": upstream, "provider": "svc", "mode": "shared"}
+        settings = ProxySettings.model_validate({"routes": [spec]})
+        return Route(settings.routes[0], broker, settings)
+
+    assert route("/", "http://h:1").target(b"/a/b") == b"/a/b"
+    assert route("/db/", "http://h:1/api/").target(b"/db/x") == b"/api/x"
+    assert route("/db", "http://h:1/api").target(b"/db/x") == b"/api/x"
+    assert route("/db", "http://h:1/api").target(b"/db") == b"/api/"
+    assert not route("/db", "http://h:1").matches(b"/dbx")
+    assert route("/db", "http://h:1").matches(b"/db/y")
+    assert route("/db", "http://h:1").host == b"h:1"
+
+
+@pytest.mark.parametrize(
+    ("proxy", "problem"),
+    [
+        ({"routes": []}, "proxy.routes"),
+        ({"routes": [{"prefix": "/", "upstream": "http://h", "provider": "nope"}]}, "no provider"),
+        ({"routes": [{"prefix": "/", "upstream": "http://h", "provider": "svc"}]}, "mode pool"),
+        (
+            {
+                "routes": [
+                    {"prefix": "/", "upstream": "http://h", "provider": "db", "mode": "shared"}
+                ]
+            },
+            "mode pool",
+        ),
+        ({"routes": [{"prefix": "a", "upstream": "http://h", "provider": "db"}]}, "prefix"),
+        ({"routes": [{"prefix": "/%2e/", "upstream": "http://h", "provider": "db"}]}, "prefix"),
+        ({"routes": [{"prefix": "/", "upstream": "ftp://h", "provider": "db"}]}, "upstream"),
+        ({"routes": [{"prefix": "/", "upstream": "http://u:p@h", "provider": "db"}]}, "upstream"),
+        (
+            {
+                "listen": "nohost",
+                "routes": [{"prefix": "/", "upstream": "http://h", "provider": "db"}],
+            },
+            "listen",
+        ),
+        (
+            {"routes": [{"prefix": "/", "upstream": "http://h", "provider": "db"}] * 2},
+            "same prefix",
+        ),
+    ],
+)
+def test_bad_proxy_config_is_named(
+    auth_server: AuthorizationServer, proxy: dict[str, Any], problem: str
+) -> None:
+    """Each bad proxy setting is refused with the field or reason named."""
+    config = {
+        "store": "memory",
+        "providers": {"db": login(auth_server), "svc": client_credentials(auth_server)},
+        "proxy": proxy,
+    }
+    with pytest.raises(ConfigError, match=problem):
+        parse_settings(yaml.safe_dump(config), {})
+
+
+def _config(tmp_path: Path, auth_server: AuthorizationServer, upstream: RecordingUpstream) -> Path:
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "store": "memory",
+                "providers": {"db": login(auth_server)},
+                "proxy": {
+                    "listen": "127.0.0.1:0",
+                    "health_listen": "127.0.0.1:0",
+                    "routes": [{"prefix": "/", "upstream": upstream.url, "provider": "db"}],
+                },
+                "telemetry": {"log_level": "info"},
+            }
+        )
+    )
+    return path
+
+
+def test_proxy_command_serves_and_pool_status_reads_it(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: RecordingUpstream
+) -> None:
+    """`tokenbroker proxy` logs in, announces its ports, serves, and stops on SIGTERM;
+    `tokenbroker pool status --url` prints the pool; no token reaches its output or logs."""
+    path = _config(tmp_path, auth_server, upstream)
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "proxy", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert process.stdout is not None
+        proxy_line = process.stdout.readline()
+        health_line = process.stdout.readline()
+        assert proxy_line.startswith("proxy listening on http://127.0.0.1:")
+        assert health_line.startswith("health listening on http://127.0.0.1:")
+        proxy_url, health_url = proxy_line.split()[-1], health_line.split()[-1]
+        assert auth_server.count("login") == 2  # both accounts logged in before listening
+        with httpx.Client(base_url=proxy_url) as client:
+            assert client.get("/api/echo").status_code == 200
+            status = CliRunner().invoke(main, ["pool", "status", "--url", health_url])
+        assert status.exit_code == 0, status.output
+        assert "1 of 2 tokens in use" in status.output
+        assert "alice" in status.output
+        assert "bob" in status.output
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    secrets = auth_server.issued_login_tokens + ["alice-pw", "bob-pw"]
+    assert not any(s in out + err + status.output for s in secrets)
+
+
+def test_proxy_command_without_a_proxy_section_fails_clearly(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """Exit 2 naming the missing section."""
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(yaml.safe_dump({"store": "memory", "providers": {"db": login(auth_server)}}))
+    result = CliRunner().invoke(main, ["proxy", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "proxy: is required" in result.output
+
+
+def test_pool_status_needs_a_health_port(tmp_path: Path, auth_server: AuthorizationServer) -> None:
+    """Without --url and without proxy.health_listen, pool status says which field is missing."""
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(yaml.safe_dump({"store": "memory", "providers": {"db": login(auth_server)}}))
+    result = CliRunner().invoke(main, ["pool", "status", "--config", str(path)])
+    assert result.exit_code == 2
+    assert "proxy.health_listen" in result.output
+    down = CliRunner().invoke(main, ["pool", "status", "--url", "http://127.0.0.1:9"])
+    assert down.exit_code == 1
+    assert "cannot read" in down.output
+
+
+def _until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def test_health_json_is_plain_json(broker: Broker, upstream: RecordingUpstream) -> None:
+    """The health document parses and lists every route with its mode."""
+    with ServedProxy(broker, _proxy_settings(upstream)) as proxy:
+        body = httpx.get(proxy.health_url + "/health").content
+    routes = {r["prefix"]: r["mode"] for r in json.loads(body)["routes"]}
+    assert routes == {"/": "pool", "/svc/": "shared"}
+
+
+BAD_REQUESTS = {
+    "content-length with transfer-encoding": b"POST /api/echo HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two content-lengths": b"POST /api/echo HTTP/1.1\r\nHost: x\r\n"
+    b"Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+    "transfer-encoding not ending in chunked": b"POST /api/echo HTTP/1.1\r\nHost: x\r\n"
+    b"Transfer-Encoding: gzip\r\n\r\nGET /api/echo HTTP/1.1\r\n\r\n",
+    "chunked then gzip": b"POST /api/echo HTTP/1.1\r\nHost: x\r\n"
+    b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "obs-fold": b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n",
+    "NUL in a value": b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "CR in a value": b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX-A: a\rb\r\n\r\n",
+    "bare LF": b"GET /api/echo HTTP/1.1\nHost: x\n\n",
+    "space in a name": b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX A: a\r\n\r\n",
+    "absolute-form target": b"GET http://evil.example/api/echo HTTP/1.1\r\nHost: x\r\n\r\n",
+    "asterisk target": b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_REQUESTS))
+def test_smuggling_and_bad_bytes_get_400_and_nothing_is_forwarded(
+    broker: Broker, upstream: RecordingUpstream, name: str
+) -> None:
+    """Checklist C4: ambiguous framing and bad header bytes are refused before any forwarding."""
+    with ServedProxy(broker, _proxy_settings(upstream)) as proxy:
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(BAD_REQUESTS[name])
+            reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+    assert b"connection: close" in reply.lower()
+    assert upstream.records() == []
+
+
+def test_oversized_head_gets_431(broker: Broker, upstream: RecordingUpstream) -> None:
+    """Checklist C2: a request head over 64 KiB is refused with 431 and not forwarded."""
+    with ServedProxy(broker, _proxy_settings(upstream)) as proxy:
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"GET /api/echo HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+            reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 431 ")
+    assert upstream.records() == []
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """Read until the proxy closes the connection."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
