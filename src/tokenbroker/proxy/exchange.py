@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING
 from ..errors import ProviderError, ReauthorizationRequiredError
 from ..pool import Lease, PoolExhaustedError
 from ..token import Token
-from .http import HOP_BY_HOP, LAST_CHUNK, chunk, error_reply, is_unsafe_path, status_line
+from .http import (
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    chunk,
+    connection_tokens,
+    error_reply,
+    is_unsafe_path,
+    status_line,
+)
 from .upstream import Outcome, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
@@ -32,6 +40,9 @@ logger = logging.getLogger("tokenbroker.proxy")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS = (204, 304)
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
+# RFC 9110 §9.2.2: only these are sent again after a connection failed under them.
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
 class Exchange:
@@ -75,6 +86,7 @@ class Exchange:
         self.expect_continue = expect_continue
         self.key = key
         self.head_only = method == b"HEAD"
+        self.idempotent = method in _IDEMPOTENT
         self.body: list[bytes] = []
         self.buffered = 0
         self.body_done = not chunked and not content_length
@@ -89,6 +101,7 @@ class Exchange:
         self.can_retry = False
         self.done = False
         self.status = 0
+        self.framed = True
         self._chunked_out = False
         self._body_waiter: asyncio.Future[None] | None = None
         self.task: asyncio.Task[None] | None = None
@@ -114,8 +127,11 @@ class Exchange:
     def request_end(self) -> None:
         """The request body is complete."""
         self.body_done = True
-        if self.streaming and self.upstream is not None and self.chunked_in:
-            self.upstream.send(LAST_CHUNK)
+        upstream = self.upstream
+        if self.streaming and upstream is not None:
+            if self.chunked_in:
+                upstream.send(LAST_CHUNK)
+            upstream.sent()
         waiter = self._body_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -188,13 +204,16 @@ class Exchange:
                 self.streaming = True
                 conn.resume_reading("buffer")
             outcome = upstream.start(self, data, timeout)
+            if self.body_done:
+                upstream.sent()
             if conn.write_paused:
                 upstream.pause_reading()
             try:
                 result = await outcome
             except UpstreamError as exc:
                 self.upstream = None
-                if exc.replayable and self.replayable and not stale and not self.responded:
+                retry = exc.replayable and self.idempotent and self.replayable
+                if retry and not stale and not self.responded:
                     stale = True
                     continue
                 raise
@@ -278,30 +297,34 @@ class Exchange:
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         """Relay the upstream's status and end-to-end headers (re-framed for the client)."""
+        lines = [status_line(status, self.version)]
+        length = chunked = False
+        listed: set[bytes] | None = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                if lower == b"transfer-encoding":
+                    chunked = True
+                elif lower == b"connection":
+                    listed = connection_tokens(value) - _CONNECTION_OPTIONS
+                continue
+            if lower == b"content-length":
+                length = True
+            lines.append(b"%b: %b\r\n" % (name, value))
+        self.framed = length or chunked
         if status == 401 and self.can_retry:
             return False
+        if listed:  # rare: drop the headers the upstream's Connection header names
+            lines = [line for line in lines if line.split(b":", 1)[0].lower() not in listed]
         self.status = status
         self.responded = True
         self.conn.server.count_status(status)
-        listed: set[bytes] = set()
-        for name, value in headers:
-            if name.lower() == b"connection":
-                listed.update(t.strip().lower() for t in value.split(b","))
-        lines = [status_line(status, self.version)]
-        framed = False
-        for name, value in headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP or lower in listed:
-                continue
-            if lower == b"content-length":
-                framed = True
-            lines.append(b"%b: %b\r\n" % (name, value))
-        if not framed and not self.head_only and status not in _NO_BODY_STATUS:
-            if self.version == b"1.1":
+        if (chunked or not length) and not self.head_only and status not in _NO_BODY_STATUS:
+            if self.version == b"1.1":  # re-chunk what we relay piece by piece
                 self._chunked_out = True
                 lines.append(b"transfer-encoding: chunked\r\n")
             else:
-                self.close_after = True
+                self.close_after = True  # HTTP/1.0: the close delimits the body
         if self.close_after:
             lines.append(b"connection: close\r\n\r\n")
         elif self.version == b"1.0":

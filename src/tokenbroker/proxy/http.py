@@ -59,11 +59,17 @@ def chunk(data: bytes) -> bytes:
 
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+_LINES: dict[tuple[int, bytes], bytes] = {}
 
 
 def status_line(status: int, version: bytes = b"1.1") -> bytes:
     """``HTTP/1.1 200 OK\\r\\n`` (the reason phrase is informational only)."""
-    return b"HTTP/%b %d %b\r\n" % (version, status, _REASONS.get(status, b"Unknown"))
+    line = _LINES.get((status, version))
+    if line is None:
+        line = b"HTTP/%b %d %b\r\n" % (version, status, _REASONS.get(status, b"Unknown"))
+        if len(_LINES) < 1024:
+            _LINES[(status, version)] = line
+    return line
 
 
 def error_reply(

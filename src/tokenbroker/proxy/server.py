@@ -64,6 +64,7 @@ class ProxyServer:
         self.metrics = ProxyMetrics(self)
         self._servers: list[asyncio.Server] = []
         self._tick: asyncio.Task[None] | None = None
+        self._timeouts: asyncio.Task[None] | None = None
         self.url = ""
         self.health_url = ""
 
@@ -84,6 +85,7 @@ class ProxyServer:
             self._servers.append(probe)
             self.health_url = _url(probe)
         self._tick = loop.create_task(self._maintain())
+        self._timeouts = loop.create_task(self._expire())
 
     async def warm(self, progress: Progress | None = None) -> dict[str, ProviderError]:
         """Log in every account of every pool route, a few at a time.
@@ -173,8 +175,9 @@ class ProxyServer:
 
     async def close(self) -> None:
         """Stop listening, close client connections and pools (not the broker)."""
-        if self._tick is not None:
-            self._tick.cancel()
+        for task in (self._tick, self._timeouts):
+            if task is not None:
+                task.cancel()
         for server in self._servers:
             server.close()
         for connection in list(self.connections):
@@ -203,6 +206,14 @@ class ProxyServer:
                                 connection.close()
             except Exception:
                 logger.exception("proxy maintenance tick failed")
+
+    async def _expire(self) -> None:
+        """Answer 504 for upstreams that did not answer in time (checked 10 times a second)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(0.1)
+            for route in self.routes.routes:
+                route.upstream.expire(loop.time())
 
     def __repr__(self) -> str:
         return f"<ProxyServer url={self.url!r} routes={len(self.routes.routes)}>"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ class ResponseSink(Protocol):
     """The receiving end of a response (the client side of an exchange)."""
 
     head_only: bool
+    framed: bool  # set by response_head: the response has Content-Length or chunking
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
         """Status and headers arrived; return False to swallow this response (then retry)."""
@@ -76,7 +78,12 @@ class UpstreamConnection(asyncio.Protocol):
         self._swallow = False
         self._framed = True
         self._received = False
-        self._timer: asyncio.TimerHandle | None = None
+        # Inactivity timeout: armed once the whole request is sent, pushed back by every
+        # response read, suspended while the client is too slow to take the response.
+        self.deadline = math.inf
+        self._timeout = 30.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._paused_deadline = math.inf
         self._write_paused = False
         self._drained: list[Callable[[], None]] = []
         self.reusable = True
@@ -95,6 +102,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self._received = True
+        if self.deadline != math.inf:
+            self.deadline = self._time() + self._timeout
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -107,7 +116,6 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
-        self._cancel_timer()
         self._pool.forget(self)
         sink = self._sink
         if sink is None:
@@ -139,7 +147,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._cancel_timer()
         status = self._parser.get_status_code()
         if status < 200:  # 100 Continue, 103 Early Hints: not for the client
             self._informational = True
@@ -149,15 +156,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.reusable = self.reusable and self._parser.should_keep_alive()
         sink = self._sink
         assert sink is not None
-        self._framed = (
-            sink.head_only
-            or status in (204, 304)
-            or any(
-                name.lower() in (b"content-length", b"transfer-encoding")
-                for name, _ in self._headers
-            )
-        )
         self._swallow = not sink.response_head(status, self._headers)
+        self._framed = sink.head_only or status in (204, 304) or sink.framed
         if sink.head_only:
             # llhttp cannot know the request was HEAD and would wait for the body
             # that Content-Length announces: end here and parse afresh.
@@ -192,7 +192,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._framed = True
         self._received = False
         self.used += 1
-        self._timer = loop.call_later(timeout, self._timed_out)
+        self._loop = loop
+        self._timeout = timeout
+        self.deadline = math.inf
+        self._pool.watch(self)
         self.transport.writelines(data)
         return outcome
 
@@ -213,27 +216,40 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             callback()
 
+    def sent(self) -> None:
+        """The whole request is sent: from now on the upstream must keep answering."""
+        self.deadline = self._time() + self._timeout
+
     def pause_reading(self) -> None:
-        """Stop reading the response (the client is slow)."""
+        """Stop reading the response (the client is slow; that is not the upstream's fault)."""
+        self._paused_deadline = self.deadline
+        self.deadline = math.inf
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         """Read the response again."""
+        if self._paused_deadline != math.inf:
+            self.deadline = self._time() + self._timeout
+        self._paused_deadline = math.inf
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+
+    def _time(self) -> float:
+        loop = self._loop
+        return loop.time() if loop is not None else 0.0
 
     def detach(self) -> None:
         """The exchange is over; drop references to it."""
         self._sink = None
         self._outcome = None
         self._drained = []
-        self._cancel_timer()
+        self.deadline = math.inf
+        self._pool.unwatch(self)
 
     def close(self) -> None:
         """Close the connection (it will not be reused)."""
         self.reusable = False
-        self._cancel_timer()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True
@@ -241,7 +257,6 @@ class UpstreamConnection(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection at once (the exchange was abandoned mid-way)."""
         self.reusable = False
-        self._cancel_timer()
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.closed = True
@@ -265,14 +280,9 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.closed:
             self.abort()
 
-    def _timed_out(self) -> None:
-        self._timer = None
+    def timed_out(self) -> None:
+        """No response head came in time: fail the exchange (504) and drop the connection."""
         self._fail(UpstreamError("the upstream did not answer in time", timeout=True))
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def __repr__(self) -> str:
         return f"<UpstreamConnection {self._pool.host}:{self._pool.port} used={self.used}>"
@@ -308,6 +318,7 @@ class UpstreamPool:
         self._idle_seconds = idle_seconds
         self._connect_timeout = connect_timeout
         self._idle: list[UpstreamConnection] = []
+        self._waiting: set[UpstreamConnection] = set()
         self.opened = 0
 
     async def acquire(self, *, fresh: bool = False) -> UpstreamConnection:
@@ -347,8 +358,26 @@ class UpstreamPool:
         else:
             connection.close()
 
+    def watch(self, connection: UpstreamConnection) -> None:
+        """``connection`` carries an exchange: :meth:`expire` checks its deadline."""
+        self._waiting.add(connection)
+
+    def unwatch(self, connection: UpstreamConnection) -> None:
+        """``connection``'s exchange ended."""
+        self._waiting.discard(connection)
+
+    def expire(self, now: float) -> int:
+        """Fail exchanges whose upstream went quiet past their deadline (checked by a
+        ticker: no timer per request). Returns how many."""
+        late = [c for c in self._waiting if c.deadline <= now]
+        for connection in late:
+            self._waiting.discard(connection)
+            connection.timed_out()
+        return len(late)
+
     def forget(self, connection: UpstreamConnection) -> None:
         """A connection closed; drop it from the idle list."""
+        self._waiting.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
 

@@ -16,11 +16,24 @@ from tokenbroker.testing.clientauth import decode_client_secret_basic
 from tokenbroker.testing.faults import Fault
 from tokenbroker.testing.messages import Headers
 from tokenbroker.testing.recording import RequestRecord
+from tokenbroker.testing.upstream_server import RecordingUpstream, UpstreamRecord
 
 __all__ = [
     "AuthorizationServer",
     "Fault",
     "Headers",
+    "RecordingUpstream",
     "RequestRecord",
+    "ServedProxy",
+    "UpstreamRecord",
     "decode_client_secret_basic",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``ServedProxy`` is imported on first use: it needs the 'server' extra."""
+    if name == "ServedProxy":
+        from tokenbroker.testing.served_proxy import ServedProxy  # noqa: PLC0415
+
+        return ServedProxy
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
