@@ -32,13 +32,21 @@ pytest: install
 
 test: lint typecheck pytest
 
+# Debian's wrk (the load generator) and nginx (upstream and the reference proxy of
+# bench/proxy.py, which runs its own instances; a service the package starts is not used).
 bench-deps:
-	command -v wrk || (apt-get update && apt-get install -y wrk)
+	@missing=""; \
+	command -v wrk >/dev/null || missing="$$missing wrk"; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	if [ -n "$$missing" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y$$missing; \
+	fi
 
 bench: install bench-deps
 	$(BIN)/python bench/hot_path.py
 	$(BIN)/python bench/stampede.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/proxy.py
 
 clean:
 	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache

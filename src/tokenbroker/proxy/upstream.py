@@ -121,7 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:
             return
         if not self._in_head and not self._framed:  # a close-delimited body ends here
-            self._finish(Outcome.RELAYED, eof=True)
+            self._finish(Outcome.REJECTED if self._swallow else Outcome.RELAYED, eof=True)
             sink.flush()
             return
         self._fail(
