@@ -183,6 +183,19 @@ class Broker(AuthAdapters):
                 raise
             return await self._cache.aget((provider, _joined(scope), account))
 
+    def peek_token(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> Token | None:
+        """The cached token if it is fresh, else None; never fetches, never blocks.
+
+        For event-loop code that wants a synchronous fast path before awaiting
+        :meth:`aget_token`.
+        """
+        try:
+            return self._cache.peek((provider, scope, account))
+        except TypeError:  # an unhashable scope
+            return None
+
     def invalidate(
         self,
         provider: str,

@@ -204,6 +204,20 @@ class TokenCache(Generic[K]):
         except FutureTimeout:
             raise self._stuck(slot) from None
 
+    def peek(self, raw: Hashable) -> Token | None:
+        """The token for ``raw`` if it is cached and not yet due for refresh; never fetches.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            The token, or None (then call :meth:`get` or :meth:`aget`).
+        """
+        entry = self._hot.get(raw)
+        if entry is not None and self._now() < entry.refresh_at:
+            return entry.token
+        return None
+
     async def aget(self, raw: Hashable) -> Token:
         """Like :meth:`get`, awaiting instead of blocking; a hit never yields to the loop.
 

@@ -24,7 +24,9 @@ refresh or a re-login after :meth:`Lease.report_rejected` applies to the next
 request.
 
 The pool is driven from one event loop; only :meth:`TokenPool.stats` and the
-broker's event callbacks may run on other threads (e.g. a metrics scrape).
+broker's event callbacks may run on other threads (e.g. a metrics scrape). A
+request's :meth:`Lease.begin` and :meth:`Lease.end` on an active lease only bump
+counters that the loop alone writes, so they skip the lock.
 """
 
 from __future__ import annotations
@@ -183,6 +185,16 @@ class Lease:
             self._pool._fetch_failed(account, exc)
             raise
 
+    def token_nowait(self) -> Token | None:
+        """The leased account's token if it is cached and fresh, else None (never fetches).
+
+        The synchronous fast path of :meth:`token`; None also when the lease holds nothing.
+        """
+        credential = self._credential
+        if credential is None or self.state is not LeaseState.ACTIVE:
+            return None
+        return self._pool._broker.peek_token(self._pool.provider, account=credential.account)
+
     def report_rejected(self, access_token: str) -> bool:
         """Report that the upstream rejected ``access_token`` (e.g. a 401).
 
@@ -210,11 +222,23 @@ class Lease:
             LeaseExpiredError: The lease was reaped; acquire a new one.
             RuntimeError: The lease is closed or not yet granted.
         """
-        self._pool._begin(self)
+        credential = self._credential
+        if self.state is LeaseState.ACTIVE and credential is not None:
+            # Counters only, written by the pool's event loop alone: no lock on the
+            # per-request path (stats() may read them a moment stale).
+            self._in_flight += 1
+            self._active_at = self._pool._clock.monotonic()
+            credential.uses += 1
+            return
+        self._pool._begin(self)  # raises the right error under the lock
 
     def end(self) -> None:
         """Mark a request begun with :meth:`begin` as finished."""
-        self._pool._end(self)
+        if self.state is LeaseState.ACTIVE and self._in_flight > 0:
+            self._in_flight -= 1
+            self._active_at = self._pool._clock.monotonic()
+            return
+        self._pool._end(self)  # the last request of a closing lease releases it
 
     @contextmanager
     def request(self) -> Iterator[Lease]:

@@ -72,6 +72,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # Looked up once: asyncio.get_running_loop() costs a getpid() system call each time.
+        self.loop = asyncio.get_running_loop()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -104,8 +106,8 @@ class ClientConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         queued, self._queue = self._queue, deque()
         current = self._current
-        if current is not None and current.task is not None:
-            current.task.cancel()
+        if current is not None and not current.done:
+            current.abandon()
         for exchange in queued:
             exchange.close_after = True
         for lease in self._leases.values():
@@ -125,11 +127,6 @@ class ClientConnection(asyncio.Protocol):
             current.upstream.resume_reading()
 
     # -- httptools callbacks -------------------------------------------------------------------
-
-    def on_message_begin(self) -> None:
-        self._url = b""
-        self._headers = []
-        self._head_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -177,6 +174,9 @@ class ClientConnection(asyncio.Protocol):
             expect_continue=expect,
             key=key,
         )
+        self._url = b""  # ready for the next request (no on_message_begin callback: cheaper)
+        self._headers = []
+        self._head_bytes = 0
         self._parsing = exchange
         if self._current is None:
             self._start(exchange)
@@ -208,6 +208,11 @@ class ClientConnection(asyncio.Protocol):
         self._leases[route] = lease
         return lease
 
+    def held_lease(self, route: Route) -> Lease | None:
+        """This connection's active lease on ``route``'s pool, if it holds one."""
+        lease = self._leases.get(route)
+        return lease if lease is not None and lease.state is LeaseState.ACTIVE else None
+
     def holds_expired_lease(self) -> bool:
         """True when a lease was reaped and no request is being served."""
         return self._current is None and any(
@@ -224,7 +229,10 @@ class ClientConnection(asyncio.Protocol):
         if out:
             self._out = []
             if self.transport is not None and not self.closed:
-                self.transport.writelines(out)
+                if len(out) == 1:
+                    self.transport.write(out[0])
+                else:
+                    self.transport.writelines(out)
 
     def pause_reading(self, reason: str) -> None:
         """Stop reading from the client for ``reason`` (until :meth:`resume_reading`)."""
@@ -270,7 +278,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, exchange: Exchange) -> None:
         self._current = exchange
-        exchange.task = asyncio.get_running_loop().create_task(exchange.run())
+        exchange.begin()
 
     def _reject(self, status: int, code: str, message: str) -> None:
         """Answer a request that cannot be parsed, then close."""

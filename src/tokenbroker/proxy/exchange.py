@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["Exchange"]
 
+_Resume = tuple["Route", Token, Lease | None, "Outcome | UpstreamError"]
+
 logger = logging.getLogger("tokenbroker.proxy")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -43,6 +45,21 @@ _NO_BODY_STATUS = (204, 304)
 _CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
 # RFC 9110 §9.2.2: only these are sent again after a connection failed under them.
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
+
+
+_AUTH_LINES: dict[str, bytes] = {}
+
+
+def _authorization(token: Token) -> bytes:
+    """The ``authorization`` header line for ``token``, encoded once per token."""
+    line = _AUTH_LINES.get(token.access_token)
+    if line is None:
+        if len(_AUTH_LINES) >= 4096:  # tokens rotate: keep the memo small
+            _AUTH_LINES.clear()
+        line = _AUTH_LINES[token.access_token] = b"authorization: %b\r\n" % (
+            token.authorization.encode()
+        )
+    return line
 
 
 class Exchange:
@@ -60,6 +77,39 @@ class Exchange:
         expect_continue: The client waits for ``100 Continue`` before its body.
         key: The consumer key header's value, if any.
     """
+
+    __slots__ = (
+        "_body_waiter",
+        "_chunked_out",
+        "_fast_state",
+        "_lease",
+        "_waiter",
+        "bodiless",
+        "body",
+        "body_done",
+        "buffered",
+        "can_retry",
+        "chunked_in",
+        "close_after",
+        "conn",
+        "content_length",
+        "done",
+        "expect_continue",
+        "framed",
+        "head_only",
+        "header_lines",
+        "idempotent",
+        "key",
+        "method",
+        "replayable",
+        "responded",
+        "status",
+        "streaming",
+        "target",
+        "task",
+        "upstream",
+        "version",
+    )
 
     def __init__(
         self,
@@ -89,7 +139,8 @@ class Exchange:
         self.idempotent = method in _IDEMPOTENT
         self.body: list[bytes] = []
         self.buffered = 0
-        self.body_done = not chunked and not content_length
+        self.bodiless = not chunked and not content_length
+        self.body_done = self.bodiless
         self.replayable = self.body_done or (
             not chunked
             and content_length is not None
@@ -104,6 +155,9 @@ class Exchange:
         self.framed = True
         self._chunked_out = False
         self._body_waiter: asyncio.Future[None] | None = None
+        self._waiter: asyncio.Future[Outcome | UpstreamError] | None = None
+        self._fast_state: tuple[Route, Token, Lease | None] | None = None
+        self._lease: Lease | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- request body, fed by the client connection ------------------------------------------
@@ -138,27 +192,94 @@ class Exchange:
 
     # -- the exchange -----------------------------------------------------------------------
 
-    async def run(self) -> None:
-        """Serve the request; always ends by handing the connection its next request."""
+    def begin(self) -> None:
+        """Start serving: at once when everything is at hand, else as a task.
+
+        The fast path (no body, a held lease or shared route, a fresh cached token, an
+        idle upstream connection) sends the request without a task or a future; the
+        response completes it from the upstream's callbacks. Anything else, and any
+        outcome but a relayed response, goes through :meth:`run`.
+        """
+        if not (self.bodiless and self._fast()):
+            self.task = self.conn.loop.create_task(self.run())
+
+    def _fast(self) -> bool:
         conn = self.conn
-        lease: Lease | None = None
+        server = conn.server
+        path = self.target.partition(b"?")[0]
+        if server.consumers is not None or not path.startswith(b"/") or is_unsafe_path(path):
+            return False
+        route = server.routes.match(path)
+        if route is None:
+            return False
+        lease = None
+        if route.pool is not None:
+            lease = conn.held_lease(route)
+            token = lease.token_nowait() if lease is not None else None
+        else:
+            token = server.broker.peek_token(route.provider, route.scope)
+        if token is None:
+            return False
+        upstream = route.upstream.take_idle()
+        if upstream is None:
+            return False
+        if lease is not None:
+            lease.begin()
+        self._fast_state = (route, token, lease)
+        self.can_retry = True
+        self.upstream = upstream
+        upstream.start(
+            self, [self._head(route, token)], server.settings.upstream_timeout_seconds, sent=True
+        )
+        if conn.write_paused:
+            upstream.pause_reading()
+        return True
+
+    def _fast_done(self, result: Outcome | UpstreamError) -> None:
+        assert self._fast_state is not None
+        route, token, lease = self._fast_state
+        if result is not Outcome.RELAYED:  # a 401 to retry or a failure: the general path
+            self.task = self.conn.loop.create_task(self.run(resume=(route, token, lease, result)))
+            return
+        self._settle(route)
+        if lease is not None:
+            lease.end()
+        self.done = True
+        self.conn.finished(self)
+
+    def abandon(self) -> None:
+        """The client left: stop the exchange (a task is cancelled; a fast path ends here)."""
+        if self.task is not None:
+            self.task.cancel()
+            return
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.detach()
+            upstream.abort()
+        if self._fast_state is not None:
+            lease = self._fast_state[2]
+            if lease is not None and lease.in_flight:
+                lease.end()
+        self.done = True
+
+    async def run(self, resume: _Resume | None = None) -> None:
+        """Serve the request; always ends by handing the connection its next request.
+
+        Args:
+            resume: Route, token, lease and upstream outcome of a fast-path attempt
+                that did not end in a relayed response.
+        """
+        conn = self.conn
         try:
-            route = self._route()
-            if route is None:
-                return
-            if route.pool is not None:
-                lease = await conn.lease(route)
-                lease.begin()
-                token = await lease.token()
+            if resume is None:
+                prepared = await self._prepare()
+                if prepared is None:
+                    return
+                route, token = prepared
+                await self._relay(route, token, None)
             else:
-                token = await conn.server.broker.aget_token(route.provider, route.scope)
-            if self.expect_continue and not self.body_done:
-                conn.write(_CONTINUE)
-                conn.flush()
-            if self.replayable and not self.body_done:
-                self._body_waiter = asyncio.get_running_loop().create_future()
-                await self._body_waiter
-            await self._relay(route, token, lease)
+                route, token, self._lease, result = resume
+                await self._relay(route, token, result)
         except PoolExhaustedError as exc:
             self._fail(503, "pool_exhausted", str(exc), retry_after=math.ceil(exc.retry_after or 1))
         except ReauthorizationRequiredError:
@@ -181,61 +302,100 @@ class Exchange:
                 self.upstream = None
                 upstream.detach()
                 upstream.abort()
+            lease = self._lease
             if lease is not None and lease.in_flight:
                 lease.end()
             self.done = True
             self.body.clear()
             conn.finished(self)
 
-    async def _relay(self, route: Route, token: Token, lease: Lease | None) -> None:
+    async def _prepare(self) -> tuple[Route, Token] | None:
+        """Route, lease and token, and the whole body when it is to be kept for a resend."""
+        route = self._route()
+        if route is None:
+            return None
         conn = self.conn
-        timeout = conn.server.settings.upstream_timeout_seconds
+        if route.pool is not None:
+            lease = self._lease = await conn.lease(route)
+            lease.begin()
+            token = await lease.token()
+        else:
+            token = await conn.server.broker.aget_token(route.provider, route.scope)
+        if self.expect_continue and not self.body_done:
+            conn.write(_CONTINUE)
+            conn.flush()
+        if self.replayable and not self.body_done:
+            self._body_waiter = self.conn.loop.create_future()
+            await self._body_waiter
+        return route, token
+
+    async def _relay(
+        self, route: Route, token: Token, result: Outcome | UpstreamError | None
+    ) -> None:
+        """Send until a response is relayed: once more after a swallowed 401, once more
+        on a fresh connection when a reused one died before answering an idempotent request."""
         rejected = stale = False
         while True:
-            self.can_retry = self.replayable and not rejected
-            upstream = await route.upstream.acquire(fresh=stale)
-            self.upstream = upstream
-            data = [self._head(route, token)]
-            data.extend([chunk(piece) for piece in self.body] if self.chunked_in else self.body)
-            if self.body_done and self.chunked_in:
-                data.append(LAST_CHUNK)
-            if not self.replayable:
-                self.body.clear()
-                self.streaming = True
-                conn.resume_reading("buffer")
-            outcome = upstream.start(self, data, timeout)
-            if self.body_done:
-                upstream.sent()
-            if conn.write_paused:
-                upstream.pause_reading()
-            try:
-                result = await outcome
-            except UpstreamError as exc:
-                self.upstream = None
-                retry = exc.replayable and self.idempotent and self.replayable
+            if result is None:
+                self.can_retry = self.replayable and not rejected
+                upstream = await route.upstream.acquire(fresh=stale)
+                result = await self._send(route, upstream, token)
+            self._settle(route)
+            if isinstance(result, UpstreamError):
+                retry = result.replayable and self.idempotent and self.replayable
                 if retry and not stale and not self.responded:
-                    stale = True
+                    stale, result = True, None
                     continue
-                raise
-            self.upstream = None
-            self.streaming = False
-            if self.body_done and upstream.reusable:
-                route.upstream.release(upstream)
-            else:
-                upstream.detach()
-                upstream.close()
+                raise result
             if result is Outcome.RELAYED:
-                if not self.body_done:  # answered before the whole body came: don't reuse
-                    self.close_after = True
                 return
-            rejected = True  # a 401 swallowed once: drop that token, send again with the next
+            rejected, result = True, None  # a 401 swallowed once: drop that token, resend
+            conn = self.conn
             conn.server.count_rejected(route)
+            lease = self._lease
             if lease is not None:
                 lease.report_rejected(token.access_token)
                 token = await lease.token()
             else:
                 conn.server.broker.invalidate(route.provider, token.access_token, route.scope)
                 token = await conn.server.broker.aget_token(route.provider, route.scope)
+
+    async def _send(
+        self, route: Route, upstream: UpstreamConnection, token: Token
+    ) -> Outcome | UpstreamError:
+        conn = self.conn
+        self.upstream = upstream
+        data = [self._head(route, token)]
+        data.extend([chunk(piece) for piece in self.body] if self.chunked_in else self.body)
+        if self.body_done and self.chunked_in:
+            data.append(LAST_CHUNK)
+        if not self.replayable:
+            self.body.clear()
+            self.streaming = True
+            conn.resume_reading("buffer")
+        waiter = self._waiter = conn.loop.create_future()
+        upstream.start(
+            self, data, conn.server.settings.upstream_timeout_seconds, sent=self.body_done
+        )
+        if conn.write_paused:
+            upstream.pause_reading()
+        result: Outcome | UpstreamError = await waiter
+        return result
+
+    def _settle(self, route: Route) -> None:
+        """Return the upstream connection to its pool if it can carry another exchange."""
+        upstream = self.upstream
+        self.upstream = None
+        self.streaming = False
+        if upstream is None:
+            return
+        if self.body_done and upstream.reusable:
+            route.upstream.release(upstream)
+        else:
+            upstream.detach()
+            upstream.close()
+        if not self.body_done:  # answered before the whole body came: don't reuse
+            self.close_after = True
 
     def _route(self) -> Route | None:
         """The route for this request, or None after answering with an error."""
@@ -264,10 +424,14 @@ class Exchange:
     def _head(self, route: Route, token: Token) -> bytes:
         path, sep, query = self.target.partition(b"?")
         lines = [
-            b"%b %b%b%b HTTP/1.1\r\nhost: %b\r\n"
-            % (self.method, route.target(path), sep, query, route.host),
+            self.method,
+            b" ",
+            route.target(path),
+            sep,
+            query,
+            route.request_suffix,  # " HTTP/1.1\r\nhost: ...\r\n"
             *self.header_lines,
-            b"authorization: %b\r\n" % token.authorization.encode(),
+            _authorization(token),
         ]
         if self.chunked_in:
             lines.append(b"transfer-encoding: chunked\r\n")
@@ -346,6 +510,16 @@ class Exchange:
     def flush(self) -> None:
         """Write out what one upstream read produced."""
         self.conn.flush()
+
+    def outcome(self, result: Outcome | UpstreamError) -> None:
+        """The upstream exchange ended: wake :meth:`_send`, or finish the fast path."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(result)
+        else:
+            self._fast_done(result)
 
     def __repr__(self) -> str:
         return f"<Exchange {self.method.decode()} status={self.status}>"

@@ -34,6 +34,7 @@ class Route:
         base = (parts.path or "/").encode()
         self._base = base if base.endswith(b"/") else base + b"/"
         self.host = parts.netloc.encode()
+        self.request_suffix = b" HTTP/1.1\r\nhost: %b\r\n" % self.host
         tls = parts.scheme == "https"
         self.upstream = UpstreamPool(
             parts.hostname or "127.0.0.1",

@@ -62,6 +62,9 @@ class ResponseSink(Protocol):
     def flush(self) -> None:
         """Write out what the callbacks of one read produced."""
 
+    def outcome(self, result: Outcome | UpstreamError) -> None:
+        """The exchange on the upstream connection ended (called once, last)."""
+
 
 class UpstreamConnection(asyncio.Protocol):
     """One TCP (or TLS) connection to an upstream, carrying one exchange at a time."""
@@ -71,7 +74,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._sink: ResponseSink | None = None
-        self._outcome: asyncio.Future[Outcome] | None = None
         self._headers: list[tuple[bytes, bytes]] = []
         self._in_head = True
         self._informational = False
@@ -95,6 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid()
 
     def data_received(self, data: bytes) -> None:
         sink = self._sink
@@ -178,26 +181,26 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- driven by the exchange ------------------------------------------------------------
 
-    def start(
-        self, sink: ResponseSink, data: list[bytes], timeout: float
-    ) -> asyncio.Future[Outcome]:
-        """Send a request head (and any body bytes) and return the future of its outcome."""
+    def start(self, sink: ResponseSink, data: list[bytes], timeout: float, *, sent: bool) -> None:
+        """Send a request head (and any body bytes); ``sink.outcome`` hears how it ended.
+
+        ``sent``: the whole request is in ``data`` (else call :meth:`sent` when it is).
+        """
         assert self.transport is not None
-        loop = asyncio.get_running_loop()
         self._sink = sink
-        self._outcome = outcome = loop.create_future()
         self._headers = []
         self._in_head = True
         self._swallow = False
         self._framed = True
         self._received = False
         self.used += 1
-        self._loop = loop
         self._timeout = timeout
-        self.deadline = math.inf
+        self.deadline = self._time() + timeout if sent else math.inf
         self._pool.watch(self)
-        self.transport.writelines(data)
-        return outcome
+        if len(data) == 1:
+            self.transport.write(data[0])
+        else:
+            self.transport.writelines(data)
 
     def send(self, data: bytes) -> None:
         """Send more request body bytes."""
@@ -242,7 +245,6 @@ class UpstreamConnection(asyncio.Protocol):
     def detach(self) -> None:
         """The exchange is over; drop references to it."""
         self._sink = None
-        self._outcome = None
         self._drained = []
         self.deadline = math.inf
         self._pool.unwatch(self)
@@ -264,21 +266,25 @@ class UpstreamConnection(asyncio.Protocol):
     # -- internals -------------------------------------------------------------------------
 
     def _finish(self, outcome: Outcome, *, eof: bool = False) -> None:
-        sink, future = self._sink, self._outcome
-        if sink is not None and outcome is Outcome.RELAYED:
-            sink.response_end(eof=eof)
+        sink = self._sink
+        if sink is None:
+            return
         self._sink = None
-        if future is not None and not future.done():
-            future.set_result(outcome)
+        self.deadline = math.inf
+        self._pool.unwatch(self)
+        if outcome is Outcome.RELAYED:
+            sink.response_end(eof=eof)
+        sink.outcome(outcome)
 
     def _fail(self, error: UpstreamError) -> None:
         self.reusable = False
-        future = self._outcome
+        sink = self._sink
         self._sink = None
-        if future is not None and not future.done():
-            future.set_exception(error)
+        self._pool.unwatch(self)
         if not self.closed:
             self.abort()
+        if sink is not None:
+            sink.outcome(error)
 
     def timed_out(self) -> None:
         """No response head came in time: fail the exchange (504) and drop the connection."""
@@ -327,10 +333,9 @@ class UpstreamPool:
         Raises:
             UpstreamError: The connection could not be made.
         """
-        idle = self._idle
-        while idle and not fresh:
-            connection = idle.pop()
-            if not connection.closed:
+        if not fresh:
+            connection = self.take_idle()
+            if connection is not None:
                 return connection
         loop = asyncio.get_running_loop()
         try:
@@ -348,6 +353,15 @@ class UpstreamPool:
             raise UpstreamError(f"cannot connect to the upstream ({exc.strerror})") from None
         self.opened += 1
         return protocol
+
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle connection without waiting, or None."""
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if not connection.closed:
+                return connection
+        return None
 
     def release(self, connection: UpstreamConnection) -> None:
         """Take back a connection whose exchange is complete; keep it if it can be reused."""
