@@ -469,7 +469,7 @@ class Exchange:
             if lower in HOP_BY_HOP:
                 if lower == b"transfer-encoding":
                     chunked = True
-                elif lower == b"connection":
+                elif lower == b"connection" and value.lower() not in _CONNECTION_OPTIONS:
                     listed = connection_tokens(value) - _CONNECTION_OPTIONS
                 continue
             if lower == b"content-length":

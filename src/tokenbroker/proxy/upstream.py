@@ -13,7 +13,6 @@ import asyncio
 import enum
 import math
 import ssl
-import time
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -238,6 +237,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
+    def now(self) -> float:
+        """The event loop's clock."""
+        return self._time()
+
     def _time(self) -> float:
         loop = self._loop
         return loop.time() if loop is not None else 0.0
@@ -367,7 +370,7 @@ class UpstreamPool:
         """Take back a connection whose exchange is complete; keep it if it can be reused."""
         connection.detach()
         if connection.reusable and not connection.closed and len(self._idle) < self._keepalive:
-            connection.idle_since = time.monotonic()
+            connection.idle_since = connection.now()
             self._idle.append(connection)
         else:
             connection.close()
@@ -397,7 +400,7 @@ class UpstreamPool:
 
     def sweep(self) -> int:
         """Close connections idle longer than ``idle_seconds``; return how many."""
-        cutoff = time.monotonic() - self._idle_seconds
+        cutoff = asyncio.get_running_loop().time() - self._idle_seconds
         old = [c for c in self._idle if c.idle_since < cutoff]
         for connection in old:
             connection.close()
