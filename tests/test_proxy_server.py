@@ -378,3 +378,89 @@ def _read_all(sock: socket.socket) -> bytes:
     while chunk := sock.recv(65536):
         data += chunk
     return data
+
+
+def test_serve_runs_the_api_and_the_proxy_and_stops_cleanly(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: RecordingUpstream
+) -> None:
+    """`tokenbroker serve` with a proxy: section serves both; SIGTERM ends it with status 0."""
+    path = _config(tmp_path, auth_server, upstream)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        api_port = probe.getsockname()[1]
+    process = subprocess.Popen(  # noqa: S603
+        [
+            sys.executable,
+            "-m",
+            "tokenbroker.cli",
+            "serve",
+            "--config",
+            str(path),
+            "--listen",
+            f"127.0.0.1:{api_port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        proxy_url = process.stdout.readline().split()[-1]
+        process.stdout.readline()
+        _until(lambda: _answers(f"http://127.0.0.1:{api_port}/healthz"))
+        assert httpx.get(proxy_url + "/api/echo").status_code == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+
+
+def test_proxy_stops_at_once_while_logging_in(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: RecordingUpstream
+) -> None:
+    """SIGTERM during a slow pool warm-up ends the process promptly, with status 0."""
+    accounts = [{"username": f"user{i}", "password": "pw"} for i in range(20)]
+    for account in accounts:
+        auth_server.add_account(account["username"], account["password"])
+    auth_server.latency = 0.5  # 20 logins one at a time: 10 s unless interrupted
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "store": "memory",
+                "providers": {"db": login(auth_server, credentials=accounts)},
+                "proxy": {
+                    "listen": "127.0.0.1:0",
+                    "login_concurrency": 1,
+                    "routes": [{"prefix": "/", "upstream": upstream.url, "provider": "db"}],
+                },
+            }
+        )
+    )
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "proxy", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _until(lambda: auth_server.count("login") >= 1)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert "listening" not in out
+    assert elapsed < 3.0
+    assert auth_server.count("login") < 20
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -87,4 +87,6 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         root.removeHandler(_installed)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # httpx logs every request at info; tokenbroker's own lines already say what matters
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
     _installed = handler

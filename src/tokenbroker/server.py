@@ -8,6 +8,7 @@ event loop and one broker, whose tokens a ticker keeps warm.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import threading
@@ -93,10 +94,22 @@ def serve(
     )
 
     async def main() -> None:
+        # uvicorn re-raises the signal that stopped it once it has shut down; with this
+        # as the handler it restores, that only ends the loop, and the proxy and the
+        # broker still close cleanly.
+        serving = False
+
+        def on_signal(signum: int, frame: object) -> None:
+            if not serving:  # still logging in the pool: stop right away
+                raise KeyboardInterrupt
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
         proxy = None
         if broker.settings.proxy is not None:
             proxy = await _start_proxy(broker, broker.settings.proxy, progress, announce)
         try:
+            serving = True
             await uvicorn.Server(config).serve()
         finally:
             if proxy is not None:
@@ -107,6 +120,8 @@ def serve(
     ticker.start()
     try:
         uvloop.run(main())
+    except KeyboardInterrupt:
+        logger.info("stopped before serving")
     finally:
         stop.set()
         broker.close()
@@ -144,9 +159,17 @@ def run_proxy(
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stopping.set)
-        proxy = await _start_proxy(broker, settings, progress, announce)
+        starting = asyncio.ensure_future(_start_proxy(broker, settings, progress, announce))
+        signalled = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # stopped while logging in the pool
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            return
+        proxy = starting.result()
         try:
-            await stopping.wait()
+            await signalled
         finally:
             await proxy.close()
 
