@@ -20,13 +20,13 @@ from ..errors import ProviderError, ReauthorizationRequiredError
 from ..pool import Lease, PoolExhaustedError
 from ..token import Token
 from .http import (
-    HOP_BY_HOP,
+    HOP_LINE,
     LAST_CHUNK,
     chunk,
-    connection_tokens,
     error_reply,
     is_unsafe_path,
     status_line,
+    strip_hop_by_hop,
 )
 from .upstream import Outcome, UpstreamConnection, UpstreamError
 
@@ -459,30 +459,39 @@ class Exchange:
 
     # -- ResponseSink -------------------------------------------------------------------------
 
-    def response_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-        """Relay the upstream's status and end-to-end headers (re-framed for the client)."""
-        lines = [status_line(status, self.version)]
-        length = chunked = False
-        listed: set[bytes] | None = None
-        for name, value in headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP:
-                if lower == b"transfer-encoding":
-                    chunked = True
-                elif lower == b"connection" and value.lower() not in _CONNECTION_OPTIONS:
-                    listed = connection_tokens(value) - _CONNECTION_OPTIONS
-                continue
-            if lower == b"content-length":
-                length = True
-            lines.append(b"%b: %b\r\n" % (name, value))
+    def response_head(self, status: int, head: bytes) -> bool:
+        """Relay the upstream's status and end-to-end headers (re-framed for the client).
+
+        ``head`` is the upstream's head as received. The common case (HTTP/1.1 with a
+        Content-Length and no hop-by-hop header but ``Connection: keep-alive``) is
+        relayed as it is; otherwise hop-by-hop lines (and any the upstream's
+        ``Connection`` names) are cut and the framing is rebuilt.
+        """
+        low = head.lower()
+        length = b"\ncontent-length:" in low
+        chunked = b"\ntransfer-encoding:" in low
         self.framed = length or chunked
         if status == 401 and self.can_retry:
             return False
-        if listed:  # rare: drop the headers the upstream's Connection header names
-            lines = [line for line in lines if line.split(b":", 1)[0].lower() not in listed]
         self.status = status
         self.responded = True
         self.conn.server.count_status(status)
+        if length and not chunked and not self.close_after and self.version == b"1.1":
+            hop = HOP_LINE.search(low)
+            if hop is None or (
+                hop.group(1) == b"connection"
+                and hop.group(2).strip() == b"keep-alive"
+                and HOP_LINE.search(low, hop.end() - 1) is None
+                and low.startswith(b"http/1.1 ")
+            ):
+                self.conn.write(head)
+                return True
+        first = head.find(b"\r\n")
+        block, listed = strip_hop_by_hop(head[first + 2 : len(head) - 2])
+        lines = [status_line(status, self.version), block]
+        if listed:  # rare: drop the headers the upstream's Connection header names
+            kept = block.splitlines(keepends=True)
+            lines[1] = b"".join(x for x in kept if x.split(b":", 1)[0].lower() not in listed)
         if (chunked or not length) and not self.head_only and status not in _NO_BODY_STATUS:
             if self.version == b"1.1":  # re-chunk what we relay piece by piece
                 self._chunked_out = True

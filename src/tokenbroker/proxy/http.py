@@ -12,11 +12,13 @@ from http import HTTPStatus
 
 __all__ = [
     "HOP_BY_HOP",
+    "HOP_LINE",
     "chunk",
     "connection_tokens",
     "error_reply",
     "is_unsafe_path",
     "status_line",
+    "strip_hop_by_hop",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -46,6 +48,40 @@ _UNSAFE = re.compile(rb"%(?:2e|2f|5c|00)|[\\\x00#]|(?:^|/)\.{1,2}(?:[/;]|$)|^//"
 def is_unsafe_path(path: bytes) -> bool:
     """True for a request path with a traversal or ambiguity form (``/../``, ``%2f``, ``\\``…)."""
     return _UNSAFE.search(path) is not None
+
+
+# A hop-by-hop line in lowercased header lines, each preceded by "\n": name and value.
+HOP_LINE = re.compile(rb"\n(" + b"|".join(sorted(HOP_BY_HOP)) + rb"):([^\n]*)\n")
+_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
+
+
+def strip_hop_by_hop(block: bytes) -> tuple[bytes, set[bytes]]:
+    """Cut hop-by-hop lines out of raw header lines (``Name: value\\r\\n`` each).
+
+    Args:
+        block: Header lines as received (llhttp validated them: no space before ':').
+
+    Returns:
+        The remaining lines, and the other header names a ``Connection`` line listed
+        (lowercased; ``keep-alive`` and ``close`` left out).
+    """
+    probe = b"\n" + block.lower()  # a line at probe[i + 1:] is at block[i:]
+    found = HOP_LINE.search(probe)
+    listed: set[bytes] = set()
+    if found is None:
+        return block, listed
+    kept, at = [], 0
+    while found is not None:
+        end = found.end() - 1  # the line's own "\n" ends it and starts the next
+        kept.append(block[at : found.start()])
+        at = end
+        if found.group(1) == b"connection":
+            value = found.group(2).strip()
+            if value not in _CONNECTION_OPTIONS:
+                listed |= connection_tokens(value) - _CONNECTION_OPTIONS
+        found = HOP_LINE.search(probe, end)
+    kept.append(block[at:])
+    return b"".join(kept), listed
 
 
 def connection_tokens(value: bytes) -> set[bytes]:
