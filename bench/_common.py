@@ -7,6 +7,9 @@ compared with fetch the same tokens from the same endpoint.
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -119,3 +122,20 @@ def compared(ratio: float, other: str) -> str:
     if ratio <= 1 / 1.1:
         return f"{times(1 / ratio)} slower than {other}"
     return f"on par with {other} ({times(ratio)})"
+
+
+def can_pin(*cores: int) -> bool:
+    """Whether ``taskset`` is there and this process may use all of ``cores``."""
+    return shutil.which("taskset") is not None and set(cores) <= os.sched_getaffinity(0)
+
+
+def pinned(core: int, pin: bool) -> list[str]:
+    """The ``taskset`` prefix that pins a command to ``core`` (empty when not ``pin``)."""
+    return ["taskset", "-c", str(core)] if pin else []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

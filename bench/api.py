@@ -43,7 +43,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,9 @@ from _common import (
     PROVIDER,
     SCOPE,
     authorization_server,
+    can_pin,
+    free_port,
+    pinned,
     render_table,
 )
 from tokenbroker.consumers import hash_key, new_key
@@ -104,24 +106,6 @@ class Result:
     p99_ms: float
     requests: int
     cpu_us: float | None = None
-
-
-def can_pin() -> bool:
-    """Whether ``taskset`` is there and this process may use both cores."""
-    cores = os.sched_getaffinity(0)
-    return shutil.which("taskset") is not None and {WRK_CORE, SERVER_CORE} <= cores
-
-
-def pinned(core: int, pin: bool) -> list[str]:
-    """The ``taskset`` prefix that pins a command to ``core`` (empty when not ``pin``)."""
-    return ["taskset", "-c", str(core)] if pin else []
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def config_yaml(token_url: str, key_digest: str) -> str:
@@ -252,7 +236,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run `make bench-deps` (apt-get install wrk)")
     started, load_before = time.monotonic(), os.getloadavg()[0]
-    pin = can_pin()
+    pin = can_pin(WRK_CORE, SERVER_CORE)
     if pin:
         # This process (and the authorization server's threads) stay off the server's core.
         os.sched_setaffinity(0, {WRK_CORE})

@@ -64,7 +64,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -77,7 +76,16 @@ from typing import IO, Any
 
 import httpx
 
-from _common import CLIENT_ID, CLIENT_SECRET, SCOPE, authorization_server, render_table
+from _common import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    SCOPE,
+    authorization_server,
+    can_pin,
+    free_port,
+    pinned,
+    render_table,
+)
 from _proxy_upstream import (
     BODY,
     ECHO_PATH,
@@ -162,24 +170,6 @@ class Proxy:
     urls: dict[str, str] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
-
-
-def can_pin() -> bool:
-    """Whether ``taskset`` is there and this process may use both cores."""
-    cores = os.sched_getaffinity(0)
-    return shutil.which("taskset") is not None and {LOAD_CORE, PROXY_CORE} <= cores
-
-
-def pinned(core: int, pin: bool) -> list[str]:
-    """The ``taskset`` prefix that pins a command to ``core`` (empty when not ``pin``)."""
-    return ["taskset", "-c", str(core)] if pin else []
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def proxy_available() -> bool:
@@ -510,7 +500,7 @@ def main() -> None:
         raise SystemExit("wrk or nginx is missing: run `make bench-deps` (apt-get install)")
     has_proxy = proxy_available()
     started, load_before = time.monotonic(), os.getloadavg()[0]
-    pin = can_pin()
+    pin = can_pin(LOAD_CORE, PROXY_CORE)
     if pin:
         # This process (and the authorization server's threads) stay off the proxy's core.
         os.sched_setaffinity(0, {LOAD_CORE})
