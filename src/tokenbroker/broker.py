@@ -196,6 +196,12 @@ class Broker(AuthAdapters):
         except TypeError:  # an unhashable scope
             return None
 
+    def peeker(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> Callable[[], Token | None]:
+        """:meth:`peek_token` bound to one key, for a caller that asks very often."""
+        return functools.partial(self._cache.peek, (provider, scope, account))
+
     def invalidate(
         self,
         provider: str,

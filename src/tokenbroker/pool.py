@@ -125,8 +125,9 @@ class PoolStats:
 class _Credential:
     """One account's state and counters; mutated only under the pool's lock."""
 
-    def __init__(self, account: str, order: int) -> None:
+    def __init__(self, account: str, order: int, peek: Callable[[], Token | None]) -> None:
         self.account = account
+        self.peek = peek  # the broker's cached token for this account, without fetching
         self.state = CredentialState.AVAILABLE
         self.broken = False
         self.idle_since = order
@@ -193,7 +194,7 @@ class Lease:
         credential = self._credential
         if credential is None or self.state is not LeaseState.ACTIVE:
             return None
-        return self._pool._broker.peek_token(self._pool.provider, account=credential.account)
+        return credential.peek()
 
     def report_rejected(self, access_token: str) -> bool:
         """Report that the upstream rejected ``access_token`` (e.g. a 401).
@@ -302,7 +303,10 @@ class TokenPool:
         self._retry_after = retry_after
         self._clock: Clock = clock or SystemClock()
         self._lock = threading.Lock()
-        self._credentials = {name: _Credential(name, i) for i, name in enumerate(accounts)}
+        self._credentials = {
+            name: _Credential(name, i, broker.peeker(provider, account=name))
+            for i, name in enumerate(accounts)
+        }
         self._waiters: deque[Lease] = deque()
         self._leases: set[Lease] = set()
         self._released = len(accounts)

@@ -67,6 +67,8 @@ class ClientConnection(asyncio.Protocol):
         self._leases: dict[Route, Lease] = {}
         self.write_paused = False
         self.closed = False
+        self.last_path = b""  # the last path that passed the checks, and its route
+        self.last_route: Route | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 

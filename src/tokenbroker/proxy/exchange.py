@@ -206,12 +206,17 @@ class Exchange:
     def _fast(self) -> bool:
         conn = self.conn
         server = conn.server
+        if server.consumers is not None:
+            return False
         path = self.target.partition(b"?")[0]
-        if server.consumers is not None or not path.startswith(b"/") or is_unsafe_path(path):
-            return False
-        route = server.routes.match(path)
-        if route is None:
-            return False
+        route = conn.last_route
+        if route is None or path != conn.last_path:  # clients repeat paths: check once
+            if not path.startswith(b"/") or is_unsafe_path(path):
+                return False
+            route = server.routes.match(path)
+            if route is None:
+                return False
+            conn.last_route, conn.last_path = route, path
         lease = None
         if route.pool is not None:
             lease = conn.held_lease(route)
