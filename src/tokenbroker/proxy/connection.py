@@ -148,10 +148,13 @@ class ClientConnection(asyncio.Protocol):
         chunked = expect = False
         key: str | None = None
         drop = self._drop
-        key_header = self.server.key_header
-        for name, value in self._headers:
+        lines: list[bytes] = []
+        listed: set[bytes] | None = None
+        for name, value in self._headers:  # one pass: take what we need, keep the rest
             lower = name.lower()
-            if lower == b"content-length":
+            if lower not in drop:
+                lines.append(b"%b: %b\r\n" % (name, value))
+            elif lower == b"content-length":
                 content_length = int(value)
             elif lower == b"transfer-encoding":
                 chunked = value.lower().strip().endswith(b"chunked")
@@ -160,16 +163,19 @@ class ClientConnection(asyncio.Protocol):
             elif lower == b"expect":
                 expect = value.lower() == b"100-continue"
             elif lower == b"connection":
-                drop = drop | connection_tokens(value)
-            elif lower in key_header:
+                listed = (listed or set()) | connection_tokens(value)
+            elif lower in self.server.key_header:
                 key = value.decode("latin-1")
-        lines = [b"%b: %b\r\n" % (n, v) for n, v in self._headers if n.lower() not in drop]
+        if listed:  # rare: headers the client's Connection header names are hop-by-hop too
+            listed -= _DROP
+            lines = [line for line in lines if line.split(b":", 1)[0].lower() not in listed]
+        version = parser.get_http_version()
         exchange = Exchange(
             self,
             parser.get_method(),
             self._url,
             lines,
-            parser.get_http_version().encode(),
+            b"1.1" if version == "1.1" else version.encode(),
             keep_alive=parser.should_keep_alive(),
             content_length=content_length,
             chunked=chunked,

@@ -480,7 +480,8 @@ class Exchange:
             return False
         self.status = status
         self.responded = True
-        self.conn.server.count_status(status)
+        responses = self.conn.server.responses  # (count_status, inlined: per request)
+        responses[status] = responses.get(status, 0) + 1
         if length and not chunked and not self.close_after and self.version == b"1.1":
             hop = HOP_LINE.search(low)
             if hop is None or (

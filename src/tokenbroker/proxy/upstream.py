@@ -84,7 +84,7 @@ class UpstreamConnection(asyncio.Protocol):
         # response read, suspended while the client is too slow to take the response.
         self.deadline = math.inf
         self._timeout = 30.0
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid()
         self._paused_deadline = math.inf
         self._write_paused = False
         self._drained: list[Callable[[], None]] = []
@@ -97,7 +97,6 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid()
 
     def data_received(self, data: bytes) -> None:
         sink = self._sink
@@ -108,7 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._in_head:
             self._raw = self._raw + data if self._raw else data
         if self.deadline != math.inf:
-            self.deadline = self._time() + self._timeout
+            self.deadline = self._loop.time() + self._timeout
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError:
@@ -203,7 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.used += 1
         self._timeout = timeout
         self.deadline = self._time() + timeout if sent else math.inf
-        self._pool.watch(self)
+        self._pool._waiting.add(self)  # (watch, inlined: per request)
         if len(data) == 1:
             self.transport.write(data[0])
         else:
@@ -250,8 +249,7 @@ class UpstreamConnection(asyncio.Protocol):
         return self._time()
 
     def _time(self) -> float:
-        loop = self._loop
-        return loop.time() if loop is not None else 0.0
+        return self._loop.time()
 
     def detach(self) -> None:
         """The exchange is over; drop references to it."""
@@ -282,7 +280,7 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self._sink = None
         self.deadline = math.inf
-        self._pool.unwatch(self)
+        self._pool._waiting.discard(self)
         if outcome is Outcome.RELAYED:
             sink.response_end(eof=eof)
         sink.outcome(outcome)
@@ -378,7 +376,7 @@ class UpstreamPool:
         """Take back a connection whose exchange is complete; keep it if it can be reused."""
         connection.detach()
         if connection.reusable and not connection.closed and len(self._idle) < self._keepalive:
-            connection.idle_since = connection.now()
+            connection.idle_since = connection._time()
             self._idle.append(connection)
         else:
             connection.close()
