@@ -64,7 +64,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self._out: list[bytes] = []
         self._pauses: set[str] = set()
-        self._leases: dict[Route, Lease] = {}
+        self._leases: dict[Route, Lease] = {}  # read by Exchange._fast too
         self.write_paused = False
         self.closed = False
         self.last_path = b""  # the last path that passed the checks, and its route
@@ -215,11 +215,6 @@ class ClientConnection(asyncio.Protocol):
             raise asyncio.CancelledError
         self._leases[route] = lease
         return lease
-
-    def held_lease(self, route: Route) -> Lease | None:
-        """This connection's active lease on ``route``'s pool, if it holds one."""
-        lease = self._leases.get(route)
-        return lease if lease is not None and lease.state is LeaseState.ACTIVE else None
 
     def holds_expired_lease(self) -> bool:
         """True when a lease was reaped and no request is being served."""

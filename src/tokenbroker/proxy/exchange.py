@@ -219,7 +219,7 @@ class Exchange:
             conn.last_route, conn.last_path = route, path
         lease = None
         if route.pool is not None:
-            lease = conn.held_lease(route)
+            lease = conn._leases.get(route)
             token = lease.token_nowait() if lease is not None else None
         else:
             token = server.broker.peek_token(route.provider, route.scope)
@@ -515,7 +515,7 @@ class Exchange:
 
     def response_body(self, data: bytes) -> None:
         """Relay a piece of the response body."""
-        self.conn.write(chunk(data) if self._chunked_out else data)
+        self.conn._out.append(chunk(data) if self._chunked_out else data)  # (write, inlined)
 
     def response_end(self, *, eof: bool) -> None:
         """The response is complete."""

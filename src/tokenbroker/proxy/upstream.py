@@ -201,7 +201,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._received = False
         self.used += 1
         self._timeout = timeout
-        self.deadline = self._time() + timeout if sent else math.inf
+        self.deadline = self._loop.time() + timeout if sent else math.inf
         self._pool._waiting.add(self)  # (watch, inlined: per request)
         if len(data) == 1:
             self.transport.write(data[0])
@@ -244,10 +244,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
 
-    def now(self) -> float:
-        """The event loop's clock."""
-        return self._time()
-
     def _time(self) -> float:
         return self._loop.time()
 
@@ -256,7 +252,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink = None
         self._drained = []
         self.deadline = math.inf
-        self._pool.unwatch(self)
+        self._pool._waiting.discard(self)  # (unwatch, inlined: per request)
 
     def close(self) -> None:
         """Close the connection (it will not be reused)."""
@@ -376,7 +372,7 @@ class UpstreamPool:
         """Take back a connection whose exchange is complete; keep it if it can be reused."""
         connection.detach()
         if connection.reusable and not connection.closed and len(self._idle) < self._keepalive:
-            connection.idle_since = connection._time()
+            connection.idle_since = connection._loop.time()
             self._idle.append(connection)
         else:
             connection.close()
