@@ -102,13 +102,17 @@ def test_keygen_prints_32_random_bytes() -> None:
 
 def test_dev_demo_prints_tokens_and_background_refreshes() -> None:
     """dev prints a token per demo provider, curl lines it has checked itself (token read,
-    upstream call, delegated redirect and download), and refresh lines without tokens."""
+    upstream call, delegated redirect and download, two requests through the token proxy
+    and its health), and refresh lines without tokens."""
     result = CliRunner().invoke(main, ["dev", "--duration", "4", "--lifetime", "3", "--port", "0"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     token_lines = [line for line in lines if "demo resource says 200" in line]
     assert len(token_lines) == 4
-    assert "checked: token read 200, upstream 200, redirect 302 → download 200" in lines
+    assert (
+        "checked: token read 200, upstream 200, redirect 302 → download 200, "
+        "proxy 200 200 (health 200)"
+    ) in lines
     assert any(line.startswith("  export TB_KEY=tbk_") for line in lines)
     assert any("refreshed demo-api" in line for line in lines)
     refresh_lines = [line for line in lines if "refreshed" in line]

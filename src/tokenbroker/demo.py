@@ -5,9 +5,10 @@ Starts, all on 127.0.0.1: the bundled authorization server
 token, and the broker's HTTP API on an encrypted SQLite store in a temporary
 folder (generated key) with three providers — client credentials (which also
 mints delegated download tokens), a single-use rotating refresh token, and two
-username/password logins. It creates a consumer key, prints curl lines that
-work as pasted, checks them itself, then prints one line per background refresh
-— with the remaining lifetime, never the token — until interrupted.
+username/password logins, which the token proxy pools in front of the upstream.
+It creates a consumer key, prints curl lines that work as pasted, checks them
+itself, then prints one line per background refresh — with the remaining
+lifetime, never the token — until interrupted.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .crypto import generate_key
 from .events import Event, TokenAcquired, TokenRequestFailed
 from .testing import AuthorizationServer
 from .testing.asgi import ServedApp
+from .testing.served_proxy import ServedProxy
 from .testing.upstream import demo_upstream
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
@@ -64,6 +66,10 @@ providers:
       - {username: bob, password: "${BOB_PASSWORD}"}
 redirects:
   downloads: {provider: demo-api, audience: demo-downloads, url: "${DOWNLOAD_URL}"}
+proxy:
+  listen: ${PROXY_LISTEN}
+  routes:
+    - {prefix: /, upstream: "${UPSTREAM_URL}", provider: demo-db, mode: pool}
 """
 
 AUDIENCE = "demo-downloads"
@@ -122,6 +128,8 @@ def run_demo(
             "BOB_PASSWORD": "bob-password",
             "LIFETIME": str(lifetime),
             "DOWNLOAD_URL": f"{upstream.url}/download",
+            "UPSTREAM_URL": upstream.url,
+            "PROXY_LISTEN": f"127.0.0.1:{_port(8080)}",
         }
         settings = parse_settings(DEMO_CONFIG, env)
         with Broker(settings) as broker:
@@ -142,10 +150,14 @@ def run_demo(
                     echo(f"[{stamp}] refresh of {_label(event)} failed: {event.code}")
 
             broker.subscribe(on_event)
-            with ServedApp(create_app(broker), port=int(api_url.rsplit(":", 1)[1])):
-                _introduce(echo, idp, upstream.url, api_url, env["STORE_PATH"], key)
+            assert settings.proxy is not None
+            with (
+                ServedApp(create_app(broker), port=int(api_url.rsplit(":", 1)[1])),
+                ServedProxy(broker, settings.proxy) as proxy,
+            ):
+                _introduce(echo, idp, upstream.url, api_url, env["STORE_PATH"], key, proxy)
                 _show_tokens(echo, broker, idp)
-                _check_curl_lines(echo, api_url, upstream.url, key)
+                _check_curl_lines(echo, api_url, upstream.url, key, proxy)
                 echo("watching background refreshes (Ctrl-C to stop)")
                 stop_at = None if duration is None else time.monotonic() + duration
                 while stop_at is None or time.monotonic() < stop_at:
@@ -161,11 +173,14 @@ def _introduce(
     api: str,
     store: str,
     key: str,
+    proxy: ServedProxy,
 ) -> None:
     echo("tokenbroker dev")
     echo(f"  authorization server  {idp.url}")
     echo(f"  demo upstream         {upstream}  (GET /api/data needs a valid token)")
     echo(f"  broker API            {api}  (store {store}, encrypted with a generated key)")
+    echo(f"  token proxy           {proxy.url}  (pool of alice and bob, one per connection)")
+    echo(f"  proxy health          {proxy.health_url}")
     echo(f"  consumer key          {key}")
     echo("")
     echo("paste these:")
@@ -179,6 +194,8 @@ def _introduce(
     echo(
         f'  curl -sL -H "Authorization: Bearer $TB_KEY" {api}/v1/redirects/downloads/reports/q3.pdf'
     )
+    echo(f"  curl -s {proxy.url}/api/data {proxy.url}/api/data   # one connection, one account")
+    echo(f"  curl -s {proxy.health_url}/health")
     echo("")
 
 
@@ -197,7 +214,9 @@ def _show_tokens(echo: Callable[[str], None], broker: Broker, idp: Authorization
             )
 
 
-def _check_curl_lines(echo: Callable[[str], None], api: str, upstream: str, key: str) -> None:
+def _check_curl_lines(
+    echo: Callable[[str], None], api: str, upstream: str, key: str, proxy: ServedProxy
+) -> None:
     """Do what the printed curl lines do, so the demo proves they work."""
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(timeout=10) as client:
@@ -205,9 +224,13 @@ def _check_curl_lines(echo: Callable[[str], None], api: str, upstream: str, key:
         data = client.get(f"{upstream}/api/data", headers={"Authorization": f"Bearer {token}"})
         hop = client.get(f"{api}/v1/redirects/downloads/reports/q3.pdf", headers=headers)
         download = client.get(hop.headers["location"]) if hop.status_code == 302 else hop
+    with httpx.Client(timeout=10) as client:  # one connection through the proxy
+        proxied = [client.get(f"{proxy.url}/api/data") for _ in range(2)]
+    health = httpx.get(f"{proxy.health_url}/health", timeout=10)
     echo(
         f"checked: token read 200, upstream {data.status_code}, redirect {hop.status_code} "
-        f"→ download {download.status_code}"
+        f"→ download {download.status_code}, proxy {' '.join(str(r.status_code) for r in proxied)} "
+        f"(health {health.status_code})"
     )
 
 
