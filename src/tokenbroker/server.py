@@ -62,6 +62,9 @@ async def _start_proxy(
     # the collector's scans so a full collection cannot stall requests (a p99 matter).
     gc.collect()
     gc.freeze()
+    # Requests make short-lived objects that reference counting frees; collect the
+    # young generation less often (the default, every 700 allocations, costs ~2%).
+    gc.set_threshold(50_000, 20, 100)
     announce(f"proxy listening on {proxy.url}")
     if proxy.health_url:
         announce(f"health listening on {proxy.health_url}")

@@ -262,7 +262,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._queue:
             self._start(self._queue.popleft())
-        else:
+        elif self._pauses:
             self.resume_reading("pipeline")
 
     def close(self) -> None:

@@ -246,7 +246,10 @@ class Exchange:
         if result is not Outcome.RELAYED:  # a 401 to retry or a failure: the general path
             self.task = self.conn.loop.create_task(self.run(resume=(route, token, lease, result)))
             return
-        self._settle(route)
+        upstream = self.upstream  # (_settle, inlined: the body was complete from the start)
+        self.upstream = None
+        if upstream is not None:
+            route.upstream.release(upstream)
         if lease is not None:
             lease.end()
         self.done = True

@@ -370,7 +370,8 @@ class UpstreamPool:
 
     def release(self, connection: UpstreamConnection) -> None:
         """Take back a connection whose exchange is complete; keep it if it can be reused."""
-        connection.detach()
+        if connection._sink is not None or connection._drained:  # else _finish detached it
+            connection.detach()
         if connection.reusable and not connection.closed and len(self._idle) < self._keepalive:
             connection.idle_since = connection._loop.time()
             self._idle.append(connection)
