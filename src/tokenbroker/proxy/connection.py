@@ -187,7 +187,8 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._parsing = exchange
         if self._current is None:
-            self._start(exchange)
+            self._current = exchange  # (_start, inlined: per request)
+            exchange.begin()
         else:
             self._queue.append(exchange)
             self.pause_reading("pipeline")

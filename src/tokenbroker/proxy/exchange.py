@@ -526,8 +526,9 @@ class Exchange:
             self.conn.write(LAST_CHUNK)
 
     def flush(self) -> None:
-        """Write out what one upstream read produced."""
-        self.conn.flush()
+        """Write out what one upstream read produced (if the completion has not already)."""
+        if self.conn._out:
+            self.conn.flush()
 
     def outcome(self, result: Outcome | UpstreamError) -> None:
         """The upstream exchange ended: wake :meth:`_send`, or finish the fast path."""
