@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -464,3 +466,38 @@ def _answers(url: str) -> bool:
         return httpx.get(url).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_login_progress_bar_on_a_terminal(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: RecordingUpstream
+) -> None:
+    """With stderr on a terminal, `tokenbroker proxy` shows the pool log-in as a progress
+    bar that reaches 100% before it announces its ports; no password is shown."""
+    path = _config(tmp_path, auth_server, upstream)
+    main_fd, terminal_fd = pty.openpty()
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "proxy", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=terminal_fd,
+        text=True,
+    )
+    os.close(terminal_fd)
+    shown = b""
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().startswith("proxy listening on")
+        while select.select([main_fd], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(main_fd, 65536)
+            except OSError:  # the terminal closed
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+        os.close(main_fd)
+    assert b"logging in" in shown
+    assert b"100%" in shown
+    assert b"alice-pw" not in shown
