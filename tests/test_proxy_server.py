@@ -501,3 +501,34 @@ def test_login_progress_bar_on_a_terminal(
     assert b"logging in" in shown
     assert b"100%" in shown
     assert b"alice-pw" not in shown
+
+
+def test_a_background_refresh_applies_to_the_next_request_on_the_same_connection(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, upstream: RecordingUpstream
+) -> None:
+    """Tokens refreshed on TTL by the proxy's ticker are used by the very next request of a
+    connection that stays open; no request fails and no request waits for a login."""
+    broker = make_broker({"db": login(auth_server, ttl_seconds=2)}, defaults={"skew_seconds": 0})
+    settings = ProxySettings.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "refresh_check_seconds": 0.1,
+            "routes": [{"prefix": "/", "upstream": upstream.url, "provider": "db"}],
+        }
+    )
+    with ServedProxy(broker, settings) as proxy, httpx.Client(base_url=proxy.url) as client:
+        assert client.get("/api/echo", headers={"X-Client": "one"}).status_code == 200
+        logins = auth_server.count("login")
+        _until(lambda: auth_server.count("login") > logins)  # refreshed in the background
+        statuses = []
+        deadline = time.monotonic() + 10
+        while len({r.token for r in upstream.records()}) < 2 and time.monotonic() < deadline:
+            statuses.append(client.get("/api/echo", headers={"X-Client": "one"}).status_code)
+        uses = sorted(c.uses for c in proxy.stats().credentials)
+    assert set(statuses) == {200}
+    assert uses[0] == 0  # one connection, one account all along
+    records = upstream.records()
+    assert {r.client for r in records} == {"one"}
+    first, last = records[0].token, records[-1].token
+    assert first != last
+    assert last in auth_server.issued_login_tokens
