@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import threading
-from types import TracebackType
 from typing import Any
 
 import uvicorn
 
+from tokenbroker.testing.background import Background
+
 __all__ = ["ServedApp"]
 
 
-class ServedApp:
+class ServedApp(Background):
     """An ASGI app served by uvicorn on a loopback port until :meth:`stop`.
 
     Args:
@@ -52,14 +53,3 @@ class ServedApp:
         """Stop serving and wait for the thread."""
         self._server.should_exit = True
         self._thread.join(10)
-
-    def __enter__(self) -> ServedApp:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -20,9 +20,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from types import TracebackType
 from typing import Self
 
+from tokenbroker.testing.background import Background
 from tokenbroker.testing.clientauth import TOKEN_AUTH_METHODS, PublicKey, load_public_key
 from tokenbroker.testing.faults import Fault, FaultQueue
 from tokenbroker.testing.messages import Reply, Request
@@ -40,7 +40,7 @@ RESOURCE_PATH = "/api/resource"
 _ROUTES = {TOKEN_PATH: ("POST",), LOGIN_PATH: ("POST",), RESOURCE_PATH: ("GET", "POST")}
 
 
-class AuthorizationServer:
+class AuthorizationServer(Background):
     """An OAuth 2.0 authorization server and protected resource for tests.
 
     Configure it (clients, accounts, seeded refresh tokens) before or while it runs; use
@@ -211,17 +211,6 @@ class AuthorizationServer:
             server, self._server = self._server, None
         if server is not None:
             server.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

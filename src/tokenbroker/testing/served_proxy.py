@@ -6,10 +6,11 @@ import asyncio
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
-from types import TracebackType
 from typing import TypeVar
 
 import uvloop
+
+from tokenbroker.testing.background import Background
 
 from ..broker import Broker
 from ..config import ProxySettings
@@ -21,7 +22,7 @@ __all__ = ["ServedProxy"]
 _T = TypeVar("_T")
 
 
-class ServedProxy:
+class ServedProxy(Background):
     """A :class:`~tokenbroker.proxy.ProxyServer` serving until :meth:`stop`.
 
     Listens on ``settings.listen`` (use port 0) and always on a health port
@@ -85,17 +86,6 @@ class ServedProxy:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
         self._loop.close()
-
-    def __enter__(self) -> ServedProxy:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"ServedProxy(url={self.url!r})"

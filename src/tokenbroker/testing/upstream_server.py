@@ -49,13 +49,13 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 
 from tokenbroker.testing.authserver import AuthorizationServer
+from tokenbroker.testing.background import Background
 
 __all__ = ["RecordingUpstream", "UpstreamRecord"]
 
@@ -194,7 +194,7 @@ def _reason(status: int) -> str:
 Handler = Callable[[_Request, _Exchange], Awaitable[None]]
 
 
-class RecordingUpstream:
+class RecordingUpstream(Background):
     """An upstream API for proxy tests that records every request (see the module docs).
 
     Use it as a context manager or call :meth:`start` and :meth:`stop`. The recording
@@ -271,17 +271,6 @@ class RecordingUpstream:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(stopping.set)
         thread.join(10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:
