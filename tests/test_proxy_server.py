@@ -85,6 +85,7 @@ def test_health_probes_follow_the_pool(broker: Broker, upstream: RecordingUpstre
             accounts = {c["account"]: c for c in health["routes"][1]["pool"]["credentials"]}
             assert set(accounts) == {"alice", "bob"}
             assert all(c["uses"] == 1 and c["state"] == "leased" for c in accounts.values())
+            assert all(0 <= c["idle_seconds"] < 10 for c in accounts.values())
         finally:
             for client in holders:
                 client.close()
@@ -280,6 +281,8 @@ def test_proxy_command_serves_and_pool_status_reads_it(
             status = CliRunner().invoke(main, ["pool", "status", "--url", health_url])
         assert status.exit_code == 0, status.output
         assert "1 of 2 tokens in use" in status.output
+        assert " s ago" in status.output  # the account in use
+        assert "never" in status.output  # the other one
         assert "alice" in status.output
         assert "bob" in status.output
     finally:

@@ -193,11 +193,15 @@ def _pool_table(health: dict[str, Any]) -> str:
             f"route {route['prefix']} -> {route['provider']} (pool): total {pool['total']}, "
             f"in use {pool['in_use']}, available {pool['available']}, waiting {pool['waiting']}"
         )
-        lines.append(f"  {'ACCOUNT':<24} {'STATE':<12} {'USES':>8} {'ERRORS':>8} {'LOGINS':>8}")
+        lines.append(
+            f"  {'ACCOUNT':<24} {'STATE':<12} {'USES':>8} {'ERRORS':>8} {'LOGINS':>8}  LAST USE"
+        )
         for c in pool["credentials"]:
+            idle = c.get("idle_seconds")
+            last = "never" if idle is None else f"{idle:.0f} s ago"
             lines.append(
                 f"  {c['account']:<24} {c['state']:<12} {c['uses']:>8} {c['errors']:>8} "
-                f"{c['refreshes']:>8}"
+                f"{c['refreshes']:>8}  {last}"
             )
     return "\n".join(lines)
 

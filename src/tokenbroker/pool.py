@@ -94,6 +94,7 @@ class CredentialStats:
         uses: Requests begun on it.
         errors: Rejections reported plus failed logins.
         refreshes: Tokens obtained for it (logins).
+        idle_seconds: Seconds since a request last began on it (None: never used).
     """
 
     account: str
@@ -101,6 +102,7 @@ class CredentialStats:
     uses: int
     errors: int
     refreshes: int
+    idle_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +136,7 @@ class _Credential:
         self.uses = 0
         self.errors = 0
         self.refreshes = 0
+        self.last_used: float | None = None  # the pool clock's monotonic reading
 
     def __repr__(self) -> str:
         return f"<Credential [{self.state.name}] account={self.account!r}>"
@@ -228,7 +231,7 @@ class Lease:
             # Counters only, written by the pool's event loop alone: no lock on the
             # per-request path (stats() may read them a moment stale).
             self._in_flight += 1
-            self._active_at = self._pool._clock.monotonic()
+            self._active_at = credential.last_used = self._pool._clock.monotonic()
             credential.uses += 1
             return
         self._pool._begin(self)  # raises the right error under the lock
@@ -427,9 +430,17 @@ class TokenPool:
 
     def stats(self) -> PoolStats:
         """A consistent snapshot of counts and per-account counters; thread-safe."""
+        now = self._clock.monotonic()
         with self._lock:
             credentials = tuple(
-                CredentialStats(c.account, c.state, c.uses, c.errors, c.refreshes)
+                CredentialStats(
+                    c.account,
+                    c.state,
+                    c.uses,
+                    c.errors,
+                    c.refreshes,
+                    None if c.last_used is None else max(0.0, now - c.last_used),
+                )
                 for c in self._credentials.values()
             )
             waiting = sum(1 for lease in self._waiters if lease.state is LeaseState.WAITING)
@@ -539,7 +550,7 @@ class TokenPool:
             if lease.state is not LeaseState.ACTIVE or lease._credential is None:
                 raise RuntimeError(f"cannot begin a request on {lease!r}")
             lease._in_flight += 1
-            lease._active_at = self._clock.monotonic()
+            lease._active_at = lease._credential.last_used = self._clock.monotonic()
             lease._credential.uses += 1
 
     def _end(self, lease: Lease) -> None:

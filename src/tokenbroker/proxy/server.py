@@ -153,6 +153,9 @@ class ProxyServer:
                             "uses": c.uses,
                             "errors": c.errors,
                             "refreshes": c.refreshes,
+                            "idle_seconds": None
+                            if c.idle_seconds is None
+                            else round(c.idle_seconds, 3),
                         }
                         for c in stats.credentials
                     ],
