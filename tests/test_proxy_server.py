@@ -535,3 +535,28 @@ def test_a_background_refresh_applies_to_the_next_request_on_the_same_connection
     first, last = records[0].token, records[-1].token
     assert first != last
     assert last in auth_server.issued_login_tokens
+
+
+@pytest.mark.parametrize("size", [100, 1 << 20], ids=["kept-body", "streamed-body"])
+def test_a_stalled_request_body_is_timed_out_and_frees_the_token(
+    broker: Broker, upstream: RecordingUpstream, size: int
+) -> None:
+    """A client that stops sending its body gets 408 after client_body_timeout_seconds,
+    and its pool token goes back to the pool (kept and streamed bodies alike)."""
+    settings = _proxy_settings(upstream, client_body_timeout_seconds=0.3, refresh_check_seconds=0.1)
+    with ServedProxy(broker, settings) as proxy:
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                f"PUT /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
+                + b"0123456789"
+            )
+            _until(lambda: proxy.stats().in_use == 1)
+            started = time.monotonic()
+            reply = _read_all(sock)  # until the proxy closes the connection
+            waited = time.monotonic() - started
+        _until(lambda: proxy.stats().available == proxy.stats().total)
+    assert waited < 5
+    assert reply.startswith(b"HTTP/1.1 408 ")  # nothing had been answered yet
+    if size == 100:  # a body small enough to keep for a resend is sent only when complete
+        assert upstream.records() == []

@@ -348,6 +348,7 @@ class ProxySettings(_Frozen):
     login_concurrency: int = Field(8, ge=1, le=256)
     refresh_check_seconds: float = Field(1.0, gt=0)
     retry_after_seconds: float = Field(1.0, gt=0)
+    client_body_timeout_seconds: float = Field(60.0, gt=0)
 
     @field_validator("listen", "health_listen")
     @classmethod

@@ -67,6 +67,7 @@ class ClientConnection(asyncio.Protocol):
         self._leases: dict[Route, Lease] = {}  # read by Exchange._fast too
         self.write_paused = False
         self.closed = False
+        self.body_moved = 0.0
         self.last_path = b""  # the last path that passed the checks, and its route
         self.last_route: Route | None = None
 
@@ -87,6 +88,8 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
+            if self._parsing is not None:  # a body is still coming: note when it last moved
+                self.body_moved = self.loop.time()
         except httptools.HttpParserUpgrade:
             if self._parsing is not None:  # upgrades are not relayed: answer, then close
                 self._parsing.close_after = True
@@ -222,6 +225,27 @@ class ClientConnection(asyncio.Protocol):
         return self._current is None and any(
             lease.state is LeaseState.EXPIRED for lease in self._leases.values()
         )
+
+    def body_stalled(self, now: float, limit: float) -> bool:
+        """A request body stopped arriving for ``limit`` seconds while we were reading."""
+        return (
+            self._parsing is not None
+            and not self._pauses
+            and self._parsing.content_length != 0
+            and now - self.body_moved > limit
+        )
+
+    def time_out_body(self) -> None:
+        """Give up on a client whose request body stalled (408 if nothing was answered)."""
+        exchange = self._parsing or self._current
+        if exchange is not None and not exchange.responded:
+            self.write(error_reply(408, "request_timeout", "the request body stalled", close=True))
+            self.server.count_status(408)
+            self.close()
+        else:
+            self.abort()
+        if self._current is not None and not self._current.done:
+            self._current.abandon()
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the client (sent by :meth:`flush`)."""

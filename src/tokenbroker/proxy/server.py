@@ -195,11 +195,17 @@ class ProxyServer:
         self.metrics.close()
 
     async def _maintain(self) -> None:
-        """Keep tokens warm, reap idle leases, close stale upstream connections."""
+        """Keep tokens warm, reap idle leases, close stale upstream connections, and drop
+        clients whose request body stalled."""
         every = self.settings.refresh_check_seconds
         while True:
             await asyncio.sleep(min(every, 1.0))
             try:
+                now = asyncio.get_running_loop().time()
+                limit = self.settings.client_body_timeout_seconds
+                for connection in list(self.connections):
+                    if connection.body_stalled(now, limit):
+                        connection.time_out_body()
                 self.broker.refresh_due()
                 for route in self.routes.routes:
                     route.upstream.sweep()
