@@ -42,7 +42,6 @@ logger = logging.getLogger("tokenbroker.proxy")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NO_BODY_STATUS = (204, 304)
-_CONNECTION_OPTIONS = frozenset({b"keep-alive", b"close"})
 # RFC 9110 §9.2.2: only these are sent again after a connection failed under them.
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
@@ -230,6 +229,7 @@ class Exchange:
             return False
         if lease is not None:
             lease.begin()
+            self._lease = lease
         self._fast_state = (route, token, lease)
         self.can_retry = True
         self.upstream = upstream
@@ -260,14 +260,18 @@ class Exchange:
         if self.task is not None:
             self.task.cancel()
             return
+        self._stop()
+
+    def _stop(self) -> None:
+        """End the exchange: drop an upstream exchange left unfinished, end the request
+        on the lease."""
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             upstream.detach()
             upstream.abort()
-        if self._fast_state is not None:
-            lease = self._fast_state[2]
-            if lease is not None and lease.in_flight:
-                lease.end()
+        lease = self._lease
+        if lease is not None and lease.in_flight:
+            lease.end()
         self.done = True
 
     async def run(self, resume: _Resume | None = None) -> None:
@@ -305,15 +309,7 @@ class Exchange:
             else:
                 self._fail(502, "upstream_unavailable", str(exc))
         finally:
-            upstream = self.upstream
-            if upstream is not None:  # abandoned mid-way (cancelled)
-                self.upstream = None
-                upstream.detach()
-                upstream.abort()
-            lease = self._lease
-            if lease is not None and lease.in_flight:
-                lease.end()
-            self.done = True
+            self._stop()
             self.body.clear()
             conn.finished(self)
 
