@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from support import CLIENT_ID, CLIENT_SECRET, client_credentials
+from support import CLIENT_ID, CLIENT_SECRET, client_credentials, login
 from tokenbroker import Broker, parse_settings
 from tokenbroker.testing import AuthorizationServer
 
@@ -51,3 +51,14 @@ def make_broker(auth_server: AuthorizationServer) -> Iterator[BrokerFactory]:
     yield factory
     for broker in made:
         broker.close()
+
+
+POOL_ACCOUNTS = [("alice", "alice-pw"), ("bob", "bob-pw"), ("carol", "carol-pw")]
+
+
+@pytest.fixture
+def pool_broker(auth_server: AuthorizationServer, make_broker: BrokerFactory) -> Broker:
+    """A broker with a login provider ``db`` over the accounts alice, bob and carol."""
+    auth_server.add_account("carol", "carol-pw")
+    credentials = [{"username": u, "password": p} for u, p in POOL_ACCOUNTS]
+    return make_broker({"db": login(auth_server, credentials=credentials)})

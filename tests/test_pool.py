@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from conftest import BrokerFactory
+from conftest import POOL_ACCOUNTS, BrokerFactory
 from support import login
 from tokenbroker import Broker, ClientAuthenticationError, ManualClock, ProviderUnavailableError
 from tokenbroker.events import Event
@@ -24,15 +24,13 @@ from tokenbroker.pool import (
 )
 from tokenbroker.testing import AuthorizationServer
 
-ACCOUNTS = [("alice", "alice-pw"), ("bob", "bob-pw"), ("carol", "carol-pw")]
+ACCOUNTS = POOL_ACCOUNTS
 
 
 @pytest.fixture
-def broker(auth_server: AuthorizationServer, make_broker: BrokerFactory) -> Broker:
+def broker(pool_broker: Broker) -> Broker:
     """A broker with a login provider ``db`` over the accounts alice, bob and carol."""
-    auth_server.add_account("carol", "carol-pw")
-    credentials = [{"username": u, "password": p} for u, p in ACCOUNTS]
-    return make_broker({"db": login(auth_server, credentials=credentials)})
+    return pool_broker
 
 
 @pytest.fixture

@@ -26,13 +26,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from conftest import BrokerFactory
-from support import login
+from conftest import POOL_ACCOUNTS
 from tokenbroker import Broker
 from tokenbroker.config import ProxySettings
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
 
-ACCOUNTS = [("alice", "alice-pw"), ("bob", "bob-pw"), ("carol", "carol-pw")]
+ACCOUNTS = POOL_ACCOUNTS
 DEADLINE = 10.0
 
 
@@ -128,11 +127,9 @@ def proxy_settings(upstream: RecordingUpstream, **overrides: Any) -> ProxySettin
 
 
 @pytest.fixture
-def broker(auth_server: AuthorizationServer, make_broker: BrokerFactory) -> Broker:
+def broker(pool_broker: Broker) -> Broker:
     """A broker with a login provider ``db`` over the accounts alice, bob and carol."""
-    auth_server.add_account("carol", "carol-pw")
-    credentials = [{"username": u, "password": p} for u, p in ACCOUNTS]
-    return make_broker({"db": login(auth_server, credentials=credentials)})
+    return pool_broker
 
 
 @pytest.fixture

@@ -613,11 +613,7 @@ async def _body_pieces(reader: asyncio.StreamReader, request: _Request) -> Async
                     if not line:
                         raise asyncio.IncompleteReadError(b"", None)
                 return
-            while left:
-                piece = await reader.read(min(left, PIECE))
-                if not piece:
-                    raise asyncio.IncompleteReadError(b"", left)
-                left -= len(piece)
+            async for piece in _pieces(reader, left):
                 yield piece
             await reader.readexactly(2)
     length = request.header("content-length")
@@ -625,7 +621,12 @@ async def _body_pieces(reader: asyncio.StreamReader, request: _Request) -> Async
         return
     if not length.isdigit():
         raise _BadRequestError("bad content-length")
-    left = int(length)
+    async for piece in _pieces(reader, int(length)):
+        yield piece
+
+
+async def _pieces(reader: asyncio.StreamReader, left: int) -> AsyncIterator[bytes]:
+    """Exactly ``left`` bytes from ``reader``, in pieces of at most :data:`PIECE`."""
     while left:
         piece = await reader.read(min(left, PIECE))
         if not piece:
