@@ -124,8 +124,8 @@ def serve(
                 await proxy.close()
 
     stop = threading.Event()
-    ticker = threading.Thread(target=_keep_warm, args=(broker, stop), daemon=True)
-    ticker.start()
+    if broker.settings.proxy is None:  # (the proxy's own tick keeps tokens warm otherwise)
+        threading.Thread(target=_keep_warm, args=(broker, stop), daemon=True).start()
     try:
         uvloop.run(main())
     except KeyboardInterrupt:
