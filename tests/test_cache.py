@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import Hashable
 
@@ -341,6 +342,26 @@ def test_cancelled_async_waiter_does_not_cancel_the_flight() -> None:
 
     assert asyncio.run(main()) == "token-1"
     assert fetcher.calls == 1
+
+
+def test_waiters_left_by_a_shutdown_report_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    """Stopping the loop while callers wait for a fetch leaves no 'exception was never
+    retrieved' errors behind (SIGTERM while pool logins are pending)."""
+    cache, fetcher, _ = make()
+
+    async def main() -> None:
+        fetcher.gate.clear()
+        for _ in range(3):
+            asyncio.ensure_future(cache.aget("k"))
+        for _ in range(500):
+            if fetcher.entered.is_set():
+                break
+            await asyncio.sleep(0.001)
+
+    asyncio.run(main())  # cancels the waiters and the fetch together
+    gc.collect()
+    assert fetcher.entered.is_set()
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 def test_events_report_acquisitions_without_tokens() -> None:

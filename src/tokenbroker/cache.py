@@ -32,7 +32,7 @@ from collections.abc import Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .clock import Clock, SystemClock
 from .errors import ProviderError, ProviderUnavailableError, ReauthorizationRequiredError
@@ -46,6 +46,12 @@ logger = logging.getLogger("tokenbroker.cache")
 
 K = TypeVar("K", bound=Hashable)
 _MAX_BACKOFF = 60.0
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's exception as seen (its waiter may have gone)."""
+    if not future.cancelled():
+        future.exception()
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,9 +248,13 @@ class TokenCache(Generic[K]):
             return token
         assert flight is not None
         timeout = self._fetcher.timing(slot.key).deadline + 5.0
+        waiter = asyncio.wrap_future(flight)
+        # A caller that gives up (cancelled, or the loop shutting down) must not leave
+        # the shared fetch's failure behind as an "exception was never retrieved" error.
+        waiter.add_done_callback(_retrieve)
         try:
             async with asyncio.timeout(timeout):
-                done = await asyncio.shield(asyncio.wrap_future(flight))
+                done = await asyncio.shield(waiter)
         except TimeoutError:
             raise self._stuck(slot) from None
         return done.token
