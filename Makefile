@@ -3,9 +3,11 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# A non-editable install whose proxy modules are compiled by mypyc (hatch_build.py).
+COMPILED := .venv-compiled
 UV := $(PY) -m uv
 
-.PHONY: run test lint typecheck pytest bench bench-deps install install-run clean
+.PHONY: run test lint typecheck pytest compiled pytest-compiled bench bench-deps install install-run clean
 
 $(BIN)/python:
 	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install -q uv==0.13.8
@@ -21,8 +23,8 @@ run: install-run
 	$(BIN)/tokenbroker dev $(ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench hatch_build.py
+	$(BIN)/ruff format --check src tests bench hatch_build.py
 
 typecheck: install
 	$(BIN)/mypy src
@@ -30,7 +32,18 @@ typecheck: install
 pytest: install
 	$(BIN)/pytest --cov --cov-report=term -p no:cacheprovider $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+# The proxy's tests again, on the compiled build (the speed of bench/proxy.py's figures).
+compiled: $(BIN)/python
+	$(UV) venv -q --allow-existing --python $(PY) $(COMPILED)
+	HATCH_BUILD_HOOK_ENABLE_CUSTOM=1 $(UV) pip install -q --python $(COMPILED)/bin/python \
+		--reinstall-package tokenbroker '.[dev]'
+
+pytest-compiled: compiled
+	TOKENBROKER_EXPECT_COMPILED=1 $(COMPILED)/bin/pytest -p no:cacheprovider \
+		tests/test_proxy_http.py tests/test_proxy_pool.py tests/test_proxy_server.py \
+		tests/test_proxy_streaming.py
+
+test: lint typecheck pytest pytest-compiled
 
 # Debian's wrk (the load generator) and nginx (upstream and the reference proxy of
 # bench/proxy.py, which runs its own instances; a service the package starts is not used).
@@ -46,7 +59,8 @@ bench: install bench-deps
 	$(BIN)/python bench/hot_path.py
 	$(BIN)/python bench/stampede.py
 	$(BIN)/python bench/api.py
-	$(BIN)/python bench/proxy.py
+	$(MAKE) compiled
+	$(COMPILED)/bin/python bench/proxy.py
 
 clean:
-	rm -rf $(VENV) .coverage .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(COMPILED) build .coverage .mypy_cache .ruff_cache

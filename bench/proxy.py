@@ -96,6 +96,7 @@ from _proxy_upstream import (
     start_nginx,
     upstream_http,
 )
+from tokenbroker.proxy import compiled as proxy_compiled
 
 CONNECTIONS = (16, 64)
 WARMUP_SECONDS = 2
@@ -111,6 +112,9 @@ IDLE_SECONDS = 10.0
 BUSY_SHARE = 0.2
 BENCH_PATH = "/bench"
 PROXY_COMMAND = (sys.executable, "-m", "tokenbroker.cli", "proxy")
+# The proxy runs on this interpreter: `make bench` uses the mypyc-compiled install
+# (`make compiled`); `.venv/bin/python bench/proxy.py` measures the pure-Python sources.
+BUILD = "compiled with mypyc" if proxy_compiled() else "pure Python"
 DIRECT, NGINX, POOL, SHARED = "direct", "nginx", "tokenbroker pool", "tokenbroker shared"
 OURS = (POOL, SHARED)
 HEADER = (
@@ -595,7 +599,7 @@ def report(
     print(
         f"proxy: wrk -t1, {args.duration} s per run after a {args.warmup} s warm-up; "
         f"{pinning if pin else 'not pinned'}; {nginx_version(nginx)} with 1 worker; "
-        f"CPython {platform.python_version()}, {os.cpu_count()} CPUs"
+        f"CPython {platform.python_version()}, {os.cpu_count()} CPUs; tokenbroker {BUILD}"
     )
     print(render_table(HEADER, rows))
     print()
@@ -653,7 +657,7 @@ def report(
     busy = max(r.others or 0.0 for r in [reference, *ours.values()])
     if busy > BUSY_SHARE:
         verdict += f" (machine busy: others took up to {busy:.0%} of the cores)"
-    print(f"proxy: tokenbroker {', '.join(parts)}; {verdict}")
+    print(f"proxy: tokenbroker ({BUILD}) {', '.join(parts)}; {verdict}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from support import client_credentials, login
 from tokenbroker import Broker, ConfigError, parse_settings
 from tokenbroker.cli import main
 from tokenbroker.config import ProxySettings
+from tokenbroker.proxy import compiled
 from tokenbroker.proxy.http import is_unsafe_path
 from tokenbroker.proxy.routes import Route
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
@@ -560,3 +561,10 @@ def test_a_stalled_request_body_is_timed_out_and_frees_the_token(
     assert reply.startswith(b"HTTP/1.1 408 ")  # nothing had been answered yet
     if size == 100:  # a body small enough to keep for a resend is sent only when complete
         assert upstream.records() == []
+
+
+def test_the_build_under_test_is_the_one_expected() -> None:
+    """`make test` runs these tests twice: on the editable sources, and (with
+    TOKENBROKER_EXPECT_COMPILED=1) on a wheel built with mypyc, so both builds are tested."""
+    expected = os.environ.get("TOKENBROKER_EXPECT_COMPILED") == "1"
+    assert compiled() is expected

@@ -24,7 +24,7 @@ from .broker import Broker
 from .config import ProxySettings
 from .errors import ConfigError, ConfigProblem
 from .logs import configure
-from .proxy import ProxyServer
+from .proxy import ProxyServer, compiled
 
 __all__ = ["run_proxy", "serve"]
 
@@ -65,6 +65,7 @@ async def _start_proxy(
     # Requests make short-lived objects that reference counting frees; collect the
     # young generation less often (the default, every 700 allocations, costs ~2%).
     gc.set_threshold(50_000, 20, 100)
+    logger.info("proxy request path %s", "compiled (mypyc)" if compiled() else "pure Python")
     announce(f"proxy listening on {proxy.url}")
     if proxy.health_url:
         announce(f"health listening on {proxy.health_url}")

@@ -7,6 +7,16 @@ current token. Built on ``asyncio.Protocol`` and httptools (llhttp) for
 connection-level control; run it on uvloop.
 """
 
+from . import connection, exchange, http, upstream
 from .server import ProxyServer
 
-__all__ = ["ProxyServer"]
+__all__ = ["ProxyServer", "compiled"]
+
+
+def compiled() -> bool:
+    """True when the per-request modules run compiled by mypyc (a wheel built with
+    ``make compiled``; see ``hatch_build.py``), False for the pure-Python sources."""
+    return all(
+        not (module.__file__ or ".py").endswith(".py")
+        for module in (connection, exchange, http, upstream)
+    )

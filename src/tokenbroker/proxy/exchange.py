@@ -496,7 +496,7 @@ class Exchange:
         lines = [status_line(status, self.version), block]
         if listed:  # rare: drop the headers the upstream's Connection header names
             kept = block.splitlines(keepends=True)
-            lines[1] = b"".join(x for x in kept if x.split(b":", 1)[0].lower() not in listed)
+            lines[1] = b"".join([x for x in kept if x.split(b":", 1)[0].lower() not in listed])
         if (chunked or not length) and not self.head_only and status not in _NO_BODY_STATUS:
             if self.version == b"1.1":  # re-chunk what we relay piece by piece
                 self._chunked_out = True
