@@ -41,7 +41,11 @@ class CustomBuildHook(BuildHookInterface):  # type: ignore[type-arg]
         os.chdir(src)  # mypyc names modules by their path from the import root
         try:
             extensions = mypycify(
-                ["--config-file", str(Path(self.root) / "pyproject.toml"), *MODULES],
+                [
+                    *("--config-file", str(Path(self.root) / "pyproject.toml")),
+                    *("--cache-dir", str(work.parent / "mypy-cache")),  # not in src/
+                    *MODULES,
+                ],
                 opt_level="3",
                 target_dir=str(work / "c"),
                 group_name="tokenbroker",
