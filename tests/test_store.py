@@ -32,9 +32,9 @@ from tokenbroker import (
     Token,
     parse_settings,
 )
-from tokenbroker import store as store_module
 from tokenbroker.crypto import Keyring, generate_key
 from tokenbroker.store import Lease, SQLiteStore, StoredToken
+from tokenbroker.store_schema import MIGRATIONS
 from tokenbroker.testing import AuthorizationServer
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_migration_is_idempotent(db_path: Path, key: str) -> None:
     finally:
         second.close()
     with raw_db(db_path) as db:
-        latest = str(len(store_module._MIGRATIONS))
+        latest = str(len(MIGRATIONS))
         assert db.execute("SELECT name, value FROM tb_meta").fetchall() == [
             ("schema_version", latest)
         ]

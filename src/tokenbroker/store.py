@@ -10,7 +10,8 @@ in the same transaction as the tokens it carries.
 ``store: sqlite:///path`` is a file in WAL mode with ``synchronous=FULL``;
 ``store: memory`` is the same schema in process memory. Every secret column is
 AES-GCM ciphertext bound to its row, column and version (:mod:`tokenbroker.crypto`).
-The SQL is kept portable; the database clock is one expression (``_NOW``).
+The SQL is kept portable; the schema and the database clock are in :mod:`.store_schema`,
+the row types in :mod:`.store_rows`.
 """
 
 from __future__ import annotations
@@ -21,172 +22,17 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .crypto import Keyring
 from .errors import StoreCorruptError, StoreError
 from .secret import Secret
+from .store_rows import Attempt, CredentialRow, Lease, StoredToken
+from .store_schema import MIGRATIONS, NOW, OPEN_STATUSES
 from .token import Token
 
 __all__ = ["Attempt", "CredentialRow", "Lease", "SQLiteStore", "StoredToken"]
-
-_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-
-_MIGRATIONS = [
-    """
-    CREATE TABLE tb_credential (
-        id TEXT PRIMARY KEY,
-        provider TEXT NOT NULL,
-        fingerprint TEXT NOT NULL DEFAULT '',
-        at_ct BLOB,
-        at_version INTEGER NOT NULL DEFAULT 0,
-        at_obtained_at REAL,
-        at_expires_at REAL,
-        at_lifetime REAL,
-        rt_ct BLOB,
-        rt_version INTEGER NOT NULL DEFAULT 0,
-        seed_digest TEXT,
-        state TEXT NOT NULL DEFAULT 'active',
-        last_error TEXT,
-        last_refresh REAL,
-        updated_at REAL,
-        lease_owner TEXT,
-        lease_fence INTEGER NOT NULL DEFAULT 0,
-        lease_expires_at REAL
-    );
-    CREATE TABLE tb_attempt (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        credential_id TEXT NOT NULL REFERENCES tb_credential(id),
-        from_version INTEGER NOT NULL,
-        to_version INTEGER,
-        fence INTEGER NOT NULL,
-        started_at REAL NOT NULL,
-        finished_at REAL,
-        status TEXT NOT NULL,
-        recovery INTEGER NOT NULL DEFAULT 0,
-        raw_ct BLOB,
-        error TEXT
-    );
-    CREATE INDEX tb_attempt_open ON tb_attempt(credential_id, status);
-    """,
-    """
-    CREATE TABLE tb_consumer (
-        name TEXT PRIMARY KEY,
-        key_sha256 TEXT NOT NULL UNIQUE,
-        allow TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-    """
-    CREATE TABLE tb_signing_key (
-        kid TEXT PRIMARY KEY,
-        algorithm TEXT NOT NULL,
-        private_ct BLOB NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-]
-
-#: Attempt statuses that may have reached the provider without a stored outcome.
-OPEN_STATUSES = ("intent", "in_doubt")
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class StoredToken:
-    """A stored access token.
-
-    Attributes:
-        token: The token as consumers get it.
-        lifetime: Its full lifetime in seconds.
-        obtained_at: Wall-clock time it was requested.
-        fingerprint: Fingerprint of the settings it was issued under.
-    """
-
-    token: Token
-    lifetime: float
-    obtained_at: float
-    fingerprint: str
-
-    def __repr__(self) -> str:
-        return f"StoredToken(expires_at={self.token.expires_at:.0f}, lifetime={self.lifetime})"
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class CredentialRow:
-    """One credential row, decrypted.
-
-    Attributes:
-        id: Row id (see the broker's key scheme).
-        provider: Provider name.
-        token: The stored access token, if any.
-        refresh_token: The stored refresh token, if any.
-        rt_version: Increments with every applied refresh.
-        seed_digest: SHA-256 of the configured seed the refresh token chain started from.
-        state: ``active``, ``refreshing``, ``in_doubt`` or ``reauthorization_required``.
-        last_error: Class name of the last failure.
-        last_refresh: Wall-clock time of the last applied token.
-        lease_owner: Who holds the lease, if anyone.
-        lease_fence: The fence counter.
-        lease_expires_at: Database-clock expiry of the lease.
-    """
-
-    id: str
-    provider: str
-    token: StoredToken | None
-    refresh_token: Secret | None
-    rt_version: int
-    seed_digest: str | None
-    state: str
-    last_error: str | None
-    last_refresh: float | None
-    lease_owner: str | None
-    lease_fence: int
-    lease_expires_at: float | None
-
-    def __repr__(self) -> str:
-        return f"CredentialRow(id={self.id!r}, state={self.state!r}, rt_version={self.rt_version})"
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    """A held lease: proof of the right to refresh one credential.
-
-    Attributes:
-        id: The credential row.
-        owner: Our owner id.
-        fence: The fence value our writes must carry.
-        rt_version: The refresh-token version when the lease was taken.
-        expires_at: Database-clock expiry.
-    """
-
-    id: str
-    owner: str
-    fence: int
-    rt_version: int
-    expires_at: float
-
-
-@dataclass(frozen=True, slots=True)
-class Attempt:
-    """A recorded refresh attempt.
-
-    Attributes:
-        id: Attempt id.
-        from_version: The refresh-token version it presented.
-        fence: The fence it ran under.
-        started_at: Database-clock start.
-        status: ``intent``, ``in_doubt``, ``succeeded``, ``orphaned``, ``failed``, ``superseded``.
-        recovery: Whether it was a recovery of an earlier in-doubt attempt.
-    """
-
-    id: int
-    from_version: int
-    fence: int
-    started_at: float
-    status: str
-    recovery: bool
 
 
 def _translate(exc: sqlite3.Error) -> StoreError:
@@ -279,7 +125,7 @@ class SQLiteStore:
     def now(self) -> float:
         """The database clock, Unix seconds."""
         with self._guard():
-            value: float = self._db.execute(f"SELECT {_NOW}").fetchone()[0]
+            value: float = self._db.execute(f"SELECT {NOW}").fetchone()[0]
             return value
 
     def load(self, row_id: str) -> CredentialRow | None:
@@ -330,13 +176,13 @@ class SQLiteStore:
         with self._tx():
             self._db.execute(
                 "INSERT INTO tb_credential (id, provider, updated_at) VALUES (?, ?, "
-                f"{_NOW}) ON CONFLICT (id) DO NOTHING",
+                f"{NOW}) ON CONFLICT (id) DO NOTHING",
                 (row_id, provider),
             )
             row = self._db.execute(
                 f"UPDATE tb_credential SET lease_owner = ?, lease_fence = lease_fence + 1,"
-                f" lease_expires_at = {_NOW} + ? WHERE id = ? AND (lease_owner IS NULL"
-                f" OR lease_expires_at < {_NOW} OR lease_owner = ?)"
+                f" lease_expires_at = {NOW} + ? WHERE id = ? AND (lease_owner IS NULL"
+                f" OR lease_expires_at < {NOW} OR lease_owner = ?)"
                 " RETURNING lease_fence, rt_version, lease_expires_at",
                 (owner, ttl, row_id, steal_from or owner),
             ).fetchone()
@@ -364,7 +210,7 @@ class SQLiteStore:
         with self._tx():
             changed = self._db.execute(
                 "UPDATE tb_credential SET state = 'refreshing', updated_at = "
-                + _NOW
+                + NOW
                 + " WHERE id = ? AND lease_fence = ? AND rt_version = ?",
                 (lease.id, lease.fence, lease.rt_version),
             ).rowcount
@@ -372,7 +218,7 @@ class SQLiteStore:
                 return None
             cursor = self._db.execute(
                 "INSERT INTO tb_attempt (credential_id, from_version, fence, started_at, status,"
-                f" recovery) VALUES (?, ?, ?, {_NOW}, 'intent', ?)",
+                f" recovery) VALUES (?, ?, ?, {NOW}, 'intent', ?)",
                 (lease.id, lease.rt_version, lease.fence, int(recovery)),
             )
             attempt_id = cursor.lastrowid
@@ -398,7 +244,7 @@ class SQLiteStore:
                 return False
             for attempt_id in ids:
                 self._db.execute(
-                    f"UPDATE tb_attempt SET status = ?, finished_at = {_NOW}"
+                    f"UPDATE tb_attempt SET status = ?, finished_at = {NOW}"
                     " WHERE id = ? AND credential_id = ?",
                     (status, attempt_id, lease.id),
                 )
@@ -419,12 +265,12 @@ class SQLiteStore:
             if attempt_id is not None:
                 raw_ct = self._seal(raw, "tb_attempt", str(attempt_id), "raw")
                 self._db.execute(
-                    f"UPDATE tb_attempt SET status = ?, error = ?, raw_ct = ?, finished_at = {_NOW}"
+                    f"UPDATE tb_attempt SET status = ?, error = ?, raw_ct = ?, finished_at = {NOW}"
                     " WHERE id = ?",
                     (status, error, raw_ct, attempt_id),
                 )
             self._db.execute(
-                f"UPDATE tb_credential SET state = ?, last_error = ?, updated_at = {_NOW}"
+                f"UPDATE tb_credential SET state = ?, last_error = ?, updated_at = {NOW}"
                 " WHERE id = ? AND lease_fence = ?",
                 (state, error, lease.id, lease.fence),
             )
@@ -493,13 +339,13 @@ class SQLiteStore:
             applied = self._db.execute(
                 "UPDATE tb_credential SET fingerprint = ?, at_ct = ?, at_version = ?,"
                 " at_obtained_at = ?, at_expires_at = ?, at_lifetime = ?, last_refresh = ?,"
-                f" state = 'active', last_error = NULL, updated_at = {_NOW}{rt_sql}"
+                f" state = 'active', last_error = NULL, updated_at = {NOW}{rt_sql}"
                 " WHERE id = ? AND lease_fence = ? AND rt_version = ?",
                 params,
             ).rowcount
             if attempt_id is not None:
                 self._db.execute(
-                    f"UPDATE tb_attempt SET status = ?, to_version = ?, finished_at = {_NOW}"
+                    f"UPDATE tb_attempt SET status = ?, to_version = ?, finished_at = {NOW}"
                     " WHERE id = ?",
                     (
                         "succeeded" if applied else "orphaned",
@@ -518,7 +364,7 @@ class SQLiteStore:
         with self._tx():
             return (
                 self._db.execute(
-                    f"UPDATE tb_credential SET state = ?, last_error = ?, updated_at = {_NOW}"
+                    f"UPDATE tb_credential SET state = ?, last_error = ?, updated_at = {NOW}"
                     " WHERE id = ? AND lease_fence = ?",
                     (state, error, lease.id, lease.fence),
                 ).rowcount
@@ -536,13 +382,13 @@ class SQLiteStore:
         with self._tx():
             changed = self._db.execute(
                 "UPDATE tb_credential SET rt_ct = ?, rt_version = ?, seed_digest = ?, at_ct = NULL,"
-                f" state = 'active', last_error = NULL, updated_at = {_NOW}"
+                f" state = 'active', last_error = NULL, updated_at = {NOW}"
                 " WHERE id = ? AND lease_fence = ? AND rt_version = ?",
                 (rt_ct, version, digest, lease.id, lease.fence, lease.rt_version),
             ).rowcount
             if changed:
                 self._db.execute(
-                    f"UPDATE tb_attempt SET status = 'superseded', finished_at = {_NOW}"
+                    f"UPDATE tb_attempt SET status = 'superseded', finished_at = {NOW}"
                     " WHERE credential_id = ? AND status IN ('intent', 'in_doubt')",
                     (lease.id,),
                 )
@@ -564,7 +410,7 @@ class SQLiteStore:
                 raise StoreError(f"a consumer named {name!r} exists already")
             self._db.execute(
                 "INSERT INTO tb_consumer (name, key_sha256, allow, created_at)"
-                f" VALUES (?, ?, ?, {_NOW})",
+                f" VALUES (?, ?, ?, {NOW})",
                 (name, key_sha256, json.dumps(allow)),
             )
 
@@ -604,7 +450,7 @@ class SQLiteStore:
         with self._tx():
             self._db.execute(
                 "INSERT INTO tb_signing_key (kid, algorithm, private_ct, created_at)"
-                f" VALUES (?, ?, ?, {_NOW}) ON CONFLICT (kid) DO NOTHING",
+                f" VALUES (?, ?, ?, {NOW}) ON CONFLICT (kid) DO NOTHING",
                 (kid, algorithm, blob),
             )
 
@@ -677,12 +523,12 @@ class SQLiteStore:
                 "SELECT value FROM tb_meta WHERE name = 'schema_version'"
             ).fetchone()
             version = int(row[0]) if row else 0
-            if version > len(_MIGRATIONS):
+            if version > len(MIGRATIONS):
                 raise StoreError(
                     f"the store has schema version {version}; "
-                    f"this tokenbroker knows up to {len(_MIGRATIONS)}"
+                    f"this tokenbroker knows up to {len(MIGRATIONS)}"
                 )
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                 for statement in filter(str.strip, script.split(";")):
                     self._db.execute(statement)
                 self._db.execute(

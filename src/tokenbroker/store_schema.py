@@ -1,0 +1,69 @@
+"""The store's schema: the database clock expression and the versioned migrations.
+
+Migration *n* brings a database from ``PRAGMA user_version`` *n - 1* to *n*; they are
+only ever appended. The SQL is kept portable; the database clock is one expression.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MIGRATIONS", "NOW", "OPEN_STATUSES"]
+
+NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+
+MIGRATIONS = [
+    """
+    CREATE TABLE tb_credential (
+        id TEXT PRIMARY KEY,
+        provider TEXT NOT NULL,
+        fingerprint TEXT NOT NULL DEFAULT '',
+        at_ct BLOB,
+        at_version INTEGER NOT NULL DEFAULT 0,
+        at_obtained_at REAL,
+        at_expires_at REAL,
+        at_lifetime REAL,
+        rt_ct BLOB,
+        rt_version INTEGER NOT NULL DEFAULT 0,
+        seed_digest TEXT,
+        state TEXT NOT NULL DEFAULT 'active',
+        last_error TEXT,
+        last_refresh REAL,
+        updated_at REAL,
+        lease_owner TEXT,
+        lease_fence INTEGER NOT NULL DEFAULT 0,
+        lease_expires_at REAL
+    );
+    CREATE TABLE tb_attempt (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        credential_id TEXT NOT NULL REFERENCES tb_credential(id),
+        from_version INTEGER NOT NULL,
+        to_version INTEGER,
+        fence INTEGER NOT NULL,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        status TEXT NOT NULL,
+        recovery INTEGER NOT NULL DEFAULT 0,
+        raw_ct BLOB,
+        error TEXT
+    );
+    CREATE INDEX tb_attempt_open ON tb_attempt(credential_id, status);
+    """,
+    """
+    CREATE TABLE tb_consumer (
+        name TEXT PRIMARY KEY,
+        key_sha256 TEXT NOT NULL UNIQUE,
+        allow TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+    """
+    CREATE TABLE tb_signing_key (
+        kid TEXT PRIMARY KEY,
+        algorithm TEXT NOT NULL,
+        private_ct BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+]
+
+#: Attempt statuses that may have reached the provider without a stored outcome.
+OPEN_STATUSES = ("intent", "in_doubt")
