@@ -201,6 +201,15 @@ def test_malformed_200_is_retried(mode: str) -> None:
 
 
 @MODES
+def test_last_unusable_2xx_reply_rides_on_the_error(mode: str) -> None:
+    """The latest 2xx body without a usable token is kept on the final error (for the refresh
+    protocol's record), even when a later attempt failed otherwise; a plain 5xx keeps none."""
+    script = Script(respond(200, b"<html>maintenance</html>"), respond(503, {}))
+    assert run_error(mode, script, cc_grant()).unusable_reply == b"<html>maintenance</html>"
+    assert run_error(mode, Script(respond(503, {})), cc_grant()).unusable_reply is None
+
+
+@MODES
 @pytest.mark.parametrize(
     ("make_grant", "status", "body", "expected"),
     [

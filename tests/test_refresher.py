@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,7 +20,8 @@ from tokenbroker import (
     ReauthorizationRequiredError,
     parse_settings,
 )
-from tokenbroker.crypto import generate_key
+from tokenbroker.crypto import Keyring, generate_key
+from tokenbroker.secret import Secret
 from tokenbroker.testing import AuthorizationServer, Fault
 
 KEY = generate_key()
@@ -309,3 +311,40 @@ def test_dead_credential_never_serves_its_stored_token(tmp_path: Path) -> None:
         ):
             fresh.get_token("rt")
         assert server.count("refresh_token") == before
+
+
+def test_malformed_200_on_refresh_is_kept_encrypted_and_in_doubt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A5: a 200 that holds no usable token reply: no crash; the attempt is in_doubt and the
+    reply is stored encrypted on it (the provider may have rotated in it); no log line, error
+    message or repr carries its bytes."""
+    server = AuthorizationServer(rotation="grace", reuse_grace_seconds=86400)
+    server.add_client("rt-client", None, auth_method="none")
+    canary = "CANARY-A5-" + generate_key()[:12]
+    body = f'{{"access_token": "{canary}", "refresh_token": "{canary}'.encode()  # cut short
+    caplog.set_level("DEBUG")
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        provider = refresh_token(
+            server, seed, rotation={"single_use": True, "reuse_grace_seconds": 86400}
+        )
+        server.inject(Fault(status=200, body=body), times=None)
+        with file_broker(tmp_path / "tb.db", {"rt": provider}) as broker:
+            with pytest.raises(ProviderUnavailableError) as raised:
+                broker.get_token("rt")
+            attempts = broker.store.attempts("rt")
+            row = broker.store.load("rt")
+    assert [a.status for a in attempts] == ["in_doubt"]
+    assert row is not None and row.state == "in_doubt"
+    with sqlite3.connect(tmp_path / "tb.db") as db:
+        (raw_ct,) = db.execute(
+            "SELECT raw_ct FROM tb_attempt WHERE id = ?", (attempts[0].id,)
+        ).fetchone()
+    assert canary.encode() not in raw_ct
+    keyring = Keyring([Secret(KEY)])
+    assert keyring.decrypt(raw_ct, f"tb_attempt|{attempts[0].id}|raw".encode()) == body
+    seen = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
+    assert seen  # the failure was logged
+    assert not [line for line in seen if canary in line]
+    assert canary not in str(raised.value) and canary not in repr(raised.value)

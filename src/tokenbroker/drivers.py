@@ -25,6 +25,8 @@ from .grants import Grant, Reply, TokenResponse
 __all__ = ["RetryPolicy", "Sleep", "send_async", "send_sync", "token_flow"]
 
 _MAX_BACKOFF = 30.0
+# What is kept of a 2xx reply without a usable token (for the refresh protocol's record).
+_KEPT_REPLY_BYTES = 65_536
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,7 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
     started = time.monotonic()
     give_up_at = started + policy.deadline
     attempt = doubtful = 0
+    unusable: bytes | None = None
     while True:
         attempt += 1
         request = grant.build_request()
@@ -104,6 +107,10 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
             sent = getattr(error, "sent", False)
             doubtful += 1 if sent else 0
             error.doubtful_sends = doubtful
+            if isinstance(outcome, Reply) and 200 <= outcome.status_code < 300:
+                unusable = outcome.content[:_KEPT_REPLY_BYTES]  # the latest such reply
+            if error.unusable_reply is None:
+                error.unusable_reply = unusable
             if not error.retryable or attempt > policy.retries:
                 raise
             if sent and policy.max_resends is not None and doubtful > policy.max_resends:

@@ -127,6 +127,10 @@ class ProviderError(TokenBrokerError):
     #: How many requests of the failed exchange the provider may have processed (set by the
     #: retry loop); the refresh protocol uses it to decide what a single-use token may risk.
     doubtful_sends = 0
+    #: The body of a 2xx reply that held no usable token (set by the retry loop, at most
+    #: 64 KiB). The refresh protocol keeps it encrypted on the attempt: a single-use
+    #: provider may have rotated in it. Never part of the message or the repr.
+    unusable_reply: bytes | None = None
 
     def __init__(
         self,

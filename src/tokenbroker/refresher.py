@@ -317,7 +317,9 @@ class Refresher:
         else:
             status, state = "failed", "active"
         with contextlib.suppress(StoreError):
-            self.store.finish_attempt(lease, attempt, status=status, state=state, error=error)
+            self.store.finish_attempt(
+                lease, attempt, status=status, state=state, error=error, raw=exc.unusable_reply
+            )
         if state == "reauthorization_required" and not isinstance(
             exc, ReauthorizationRequiredError
         ):
