@@ -75,7 +75,11 @@ def test_thousand_tasks_cold_then_expired_one_request_each(
 def test_refresh_ahead_under_load_never_makes_a_caller_wait(
     auth_server: AuthorizationServer, make_broker: BrokerFactory
 ) -> None:
-    """Across 5 token lifetimes with 200 ms provider latency, the slowest warm get_token is < 20 ms."""
+    """Across 5 token lifetimes with 400 ms provider latency, no warm get_token waits for the provider.
+
+    A caller that waited for a refresh would take at least the provider's 400 ms; the bound
+    of 200 ms leaves room for a loaded 2-core machine's scheduling without hiding a wait.
+    """
     server = AuthorizationServer(expires_in=2)
     server.add_client("c", "s", scopes=["read"])
     with server:
@@ -84,7 +88,7 @@ def test_refresh_ahead_under_load_never_makes_a_caller_wait(
             defaults={"skew_seconds": 0.5, "refresh_ahead": 0.5},
         )
         broker.get_token("svc")
-        server.latency = 0.2
+        server.latency = 0.4
         stop_at = time.monotonic() + 10.0
         worst: list[float] = []
         expired: list[float] = []
@@ -106,7 +110,7 @@ def test_refresh_ahead_under_load_never_makes_a_caller_wait(
         for t in threads:
             t.join(30)
         refreshes = server.count("client_credentials")
-    assert max(worst) < 0.020, f"slowest get_token took {max(worst) * 1000:.1f} ms"
+    assert max(worst) < 0.200, f"slowest get_token took {max(worst) * 1000:.1f} ms"
     assert not expired
     assert 5 <= refreshes <= 15
 
