@@ -5,18 +5,20 @@ VENV := .venv
 BIN := $(VENV)/bin
 # A non-editable install whose proxy modules are compiled by mypyc (hatch_build.py).
 COMPILED := .venv-compiled
-UV := $(PY) -m uv
+# uv lives in the project's own venv: nothing is installed outside this folder.
+UV := $(BIN)/uv
 
 .PHONY: run test lint typecheck pytest compiled pytest-compiled bench bench-deps install install-run clean
 
-$(BIN)/python:
-	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install -q uv==0.13.8
-	$(UV) venv -q --python $(PY) $(VENV)
+$(BIN)/uv:
+	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
+	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(BIN)/python -m ensurepip >/dev/null
+	$(BIN)/python -m pip install -q --disable-pip-version-check uv==0.13.8
 
-install-run: $(BIN)/python
+install-run: $(BIN)/uv
 	$(UV) pip install -q --python $(BIN)/python -e '.[testing,server]'
 
-install: $(BIN)/python
+install: $(BIN)/uv
 	$(UV) pip install -q --python $(BIN)/python -e '.[dev]'
 
 run: install-run
@@ -33,7 +35,7 @@ pytest: install
 	$(BIN)/pytest --cov --cov-report=term -p no:cacheprovider $(PYTEST_ARGS)
 
 # The proxy's tests again, on the compiled build (the speed of bench/proxy.py's figures).
-compiled: $(BIN)/python
+compiled: $(BIN)/uv
 	$(UV) venv -q --allow-existing --python $(PY) $(COMPILED)
 	HATCH_BUILD_HOOK_ENABLE_CUSTOM=1 $(UV) pip install -q --python $(COMPILED)/bin/python \
 		--reinstall-package tokenbroker '.[dev]'
