@@ -7,6 +7,7 @@ Only this module configures logging handlers. Every command takes
 from __future__ import annotations
 
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -394,6 +395,12 @@ def dev(duration: float | None, lifetime: int, port: int) -> None:
     """Run a local demo: authorization server, demo upstream, broker API, curl lines."""
     from .demo import run_demo  # noqa: PLC0415 - needs the 'testing' and 'server' extras
 
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (a service manager, `kill`) stops the demo as Ctrl-C does: servers closed,
+    # temporary folder removed, "stopped" printed.
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         run_demo(duration=duration, lifetime=lifetime, port=port, echo=click.echo)
     except KeyboardInterrupt:

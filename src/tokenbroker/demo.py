@@ -13,6 +13,7 @@ lifetime, never the token — until interrupted.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import tempfile
 import threading
@@ -208,8 +209,10 @@ def _show_tokens(echo: Callable[[str], None], broker: Broker, idp: Authorization
             status = httpx.get(
                 idp.resource_url, auth=broker.httpx_auth(provider, account=account)
             ).status_code
+            # A fingerprint, never the token: terminals are scrolled back, shared and logged.
+            fingerprint = hashlib.sha256(token.access_token.encode()).hexdigest()[:12]
             echo(
-                f"{provider}{who}: {token.token_type} {token.access_token} "
+                f"{provider}{who}: {token.token_type} token sha256:{fingerprint} "
                 f"(expires in {token.expires_in} s; demo resource says {status})"
             )
 
