@@ -41,3 +41,31 @@ def test_core_modules_never_import_the_cli_library() -> None:
         and re.search(r"^\s*(from|import)\s+(click|typer|rich)\b", path.read_text(), re.M)
     ]
     assert offenders == []
+
+
+def test_library_prints_nothing_when_logging_is_not_configured() -> None:
+    """A failing fetch in a program that configured no logging writes nothing to stderr
+    (no fallback 'last resort' handler output from the library)."""
+    code = (
+        "import tokenbroker\n"
+        "from tokenbroker import Broker, parse_settings\n"
+        "from tokenbroker.errors import TokenBrokerError\n"
+        "config = '''\n"
+        "store: memory\n"
+        "defaults: {retries: 1, backoff_seconds: 0.01, deadline_seconds: 2}\n"
+        "providers:\n"
+        "  svc: {grant: client_credentials, token_url: 'http://127.0.0.1:1/token',\n"
+        "        client_id: c, client_secret: s}\n"
+        "'''\n"
+        "broker = Broker(parse_settings(config, {}))\n"
+        "try:\n"
+        "    broker.get_token('svc')\n"
+        "except TokenBrokerError as exc:\n"
+        "    print(type(exc).__name__)\n"
+        "broker.close()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "ProviderUnavailableError"
+    assert done.stderr == ""

@@ -4,6 +4,8 @@ The library API is re-exported here. Server parts (HTTP API, metrics, CLI)
 are separate sub-modules and are never imported by ``import tokenbroker``.
 """
 
+import logging as _logging
+
 from .auth import BrokerAuth
 from .broker import Broker, open_store
 from .cache import SlotState, Timing, TokenCache
@@ -41,6 +43,10 @@ from .store import SQLiteStore
 from .token import Token
 
 __version__ = "0.1.0"
+
+# A library never configures handlers (STYLE 9); this one keeps Python's fallback
+# handler from printing the library's warnings to stderr when the program set up none.
+_logging.getLogger("tokenbroker").addHandler(_logging.NullHandler())
 
 __all__ = [
     "Broker",
