@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,3 +226,35 @@ def test_consumers_add_prints_the_key_once_and_stores_only_its_hash(
     assert (
         runner.invoke(main, ["consumers", "remove", "etl", "--config", str(config)]).exit_code == 3
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "missing", "extra"),
+    [
+        (["serve"], "uvicorn", "server"),
+        (["proxy"], "fastapi", "server"),
+        (["dev", "--duration", "0"], "authlib", "testing"),
+    ],
+)
+def test_a_missing_extra_names_the_pip_install_line(
+    tmp_path: Path, command: list[str], missing: str, extra: str
+) -> None:
+    """Without an optional dependency, a command says which ``pip install 'tokenbroker[…]'`` to
+    run (exit 2), not a traceback."""
+    code = (
+        "import sys\n"
+        f"sys.modules[{missing!r}] = None  # as if the package were not installed\n"
+        "from tokenbroker.cli import main\n"
+        f"main({command!r} + ['--config', 'tb.yaml'] * ({command[0]!r} != 'dev'))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"pip install 'tokenbroker[{extra}]'" in done.stderr

@@ -35,6 +35,19 @@ from .store import SQLiteStore
 __all__ = ["main"]
 
 _EXIT = {ConfigError: 2, UnknownProviderError: 3, ProviderError: 4}
+#: The optional extras and the top-level modules each one brings.
+_EXTRAS = {
+    "server": {
+        "fastapi",
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "prometheus_client",
+        "limits",
+    },
+    "testing": {"authlib"},
+}
 
 config_option = click.option(
     "--config",
@@ -69,6 +82,24 @@ def main(log_level: str, log_format: str) -> None:
     configure(log_level, log_format)
 
 
+@contextmanager
+def _extra(*extras: str) -> Iterator[None]:
+    """Turn a missing optional dependency of ``extras`` into the pip line that installs it."""
+    try:
+        yield
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").partition(".")[0]
+        for extra in extras:
+            if top in _EXTRAS[extra]:
+                click.echo(
+                    f"error: this command needs {top}, from the '{extra}' extra: "
+                    f"pip install 'tokenbroker[{extra}]'",
+                    err=True,
+                )
+                raise SystemExit(2) from None
+        raise
+
+
 def _fail(exc: TokenBrokerError) -> None:
     code = next((c for kind, c in _EXIT.items() if isinstance(exc, kind)), 1)
     click.echo(f"error: {exc}", err=True)
@@ -98,7 +129,8 @@ def check(config_path: Path) -> None:
 )
 def serve_command(config_path: Path, listen: str | None) -> None:
     """Serve the HTTP API, and the token proxy when configured (needs the 'server' extra)."""
-    from .server import serve  # noqa: PLC0415 - needs the optional 'server' extra
+    with _extra("server"):
+        from .server import serve  # noqa: PLC0415 - needs the optional 'server' extra
 
     try:
         with _login_progress() as progress:
@@ -112,7 +144,8 @@ def serve_command(config_path: Path, listen: str | None) -> None:
 @click.option("--listen", default=None, help="host:port (default: proxy.listen).")
 def proxy_command(config_path: Path, listen: str | None) -> None:
     """Run the token-injecting reverse proxy (the config's proxy: section)."""
-    from .server import run_proxy  # noqa: PLC0415 - needs the optional 'server' extra
+    with _extra("server"):
+        from .server import run_proxy  # noqa: PLC0415 - needs the optional 'server' extra
 
     try:
         with _login_progress() as progress:
@@ -393,7 +426,8 @@ def keygen() -> None:
 )
 def dev(duration: float | None, lifetime: int, port: int) -> None:
     """Run a local demo: authorization server, demo upstream, broker API, curl lines."""
-    from .demo import run_demo  # noqa: PLC0415 - needs the 'testing' and 'server' extras
+    with _extra("testing", "server"):
+        from .demo import run_demo  # noqa: PLC0415 - needs the 'testing' and 'server' extras
 
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
