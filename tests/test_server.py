@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import yaml
 
-from support import client_credentials
+from support import client_credentials, login
 from tokenbroker.consumers import hash_key, new_key
-from tokenbroker.testing import AuthorizationServer
+from tokenbroker.testing import AuthorizationServer, Fault
 
 KEY = new_key()
 
@@ -114,3 +114,50 @@ def test_a_refused_scope_does_not_make_the_broker_unready(
         assert health["status"] == "ok"
         assert health["providers"] == {"svc": "valid"}
     assert any(r.form.get("scope") == "admin" for r in auth_server.requests)
+
+
+def test_proxy_fetches_required_providers_at_start(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """`tokenbroker proxy` fetches a required provider nobody asked for, after one token request;
+    its /readyz waits for that token as well as for the pool."""
+    auth_server.inject(Fault(delay=2.0))  # the token request, still under way once listening
+    path = tmp_path / "tokenbroker.yaml"
+    config = {
+        "store": "memory",
+        "providers": {
+            "db": login(auth_server),
+            "svc": client_credentials(auth_server, required=True),
+        },
+        "proxy": {
+            "listen": "127.0.0.1:0",
+            "health_listen": "127.0.0.1:0",
+            "login_concurrency": 2,
+            "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:9", "provider": "db"}],
+        },
+        "telemetry": {"log_level": "warning"},
+    }
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "proxy", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()
+        health_url = process.stdout.readline().split()[-1]
+        assert _status(health_url + "/readyz") == 503  # the pool is in, the token is not yet
+        _until(lambda: _status(health_url + "/readyz") == 200)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, err = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, err
+    assert auth_server.count("client_credentials") == 1
+    assert auth_server.count("login") == 2
