@@ -443,8 +443,7 @@ class TokenCache(Generic[K]):
         """Settle a flight that will never run, so its waiters do not wait for nothing."""
         provider, _ = self._fetcher.describe(slot.key)
         with slot.lock:
-            if slot.flight is flight:
-                slot.flight = None
+            slot.flight = None  # (no other flight can have started: this one was open)
         flight.set_exception(
             ProviderUnavailableError(f"{provider}: the token cache is closed", provider=provider)
         )
