@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+import sqlite3
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.routing import APIRoute
 
@@ -13,7 +18,10 @@ from support import Served, client_credentials, refresh_token, stampede
 from tokenbroker import Broker
 from tokenbroker.app import PUBLIC_PATHS, create_app
 from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
+from tokenbroker.crypto import Keyring, generate_key
 from tokenbroker.ratelimit import RateLimits
+from tokenbroker.secret import Secret
+from tokenbroker.store import SQLiteStore
 from tokenbroker.testing import AuthorizationServer, Fault
 
 KEY = new_key()
@@ -294,3 +302,59 @@ def test_json_logs_carry_request_ids_and_no_secrets(
     assert "token read consumer=etl provider=secret-svc scope=None outcome=not_found" in audits
     text = json.dumps(lines)
     assert token not in text and KEY not in text
+
+
+def test_health_checks_the_store_off_the_event_loop(
+    tmp_path: Path, auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """With the store file write-locked by another connection, a refresh waits out the busy
+    timeout holding the store and /health waits for it too, but in a worker thread: cache-hit
+    token reads on the same server keep answering within 0.5 s."""
+    path = tmp_path / "tokenbroker.db"
+    store = SQLiteStore.from_url(
+        f"sqlite:///{path}", Keyring([Secret(generate_key())]), busy_timeout=2.0
+    )
+    broker = make_broker({"svc": client_credentials(auth_server)}, store=store)
+    registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("svc")])])
+    served = Served(create_app(broker, registry, limits=RateLimits(auth_failures="1000/minute")))
+    health_took: list[float] = []
+    misses: list[int] = []
+    try:
+        with served as client:
+            assert client.get("/v1/tokens/svc", headers=auth()).status_code == 200
+            locker = sqlite3.connect(path, isolation_level=None)
+            locker.execute("BEGIN IMMEDIATE")
+            try:
+
+                def miss() -> None:  # a new key: its fetch blocks on the store's write lock
+                    with httpx.Client(base_url=served.url, timeout=30) as other:
+                        reply = other.get(
+                            "/v1/tokens/svc", params={"scope": "write"}, headers=auth()
+                        )
+                    misses.append(reply.status_code)
+
+                def health() -> None:
+                    with httpx.Client(base_url=served.url, timeout=30) as other:
+                        while not misses:
+                            began = time.perf_counter()
+                            other.get("/health")
+                            health_took.append(time.perf_counter() - began)
+
+                threads = [threading.Thread(target=miss), threading.Thread(target=health)]
+                for thread in threads:
+                    thread.start()
+                worst = 0.0
+                while not misses:
+                    began = time.perf_counter()
+                    assert client.get("/v1/tokens/svc", headers=auth()).status_code == 200
+                    worst = max(worst, time.perf_counter() - began)
+                for thread in threads:
+                    thread.join(30)
+            finally:
+                locker.execute("ROLLBACK")
+                locker.close()
+    finally:
+        store.close()
+    assert misses == [503]
+    assert max(health_took) > 1.0  # the store really was stalled while /health asked
+    assert worst < 0.5, f"a cache hit waited {worst:.2f} s behind /health"

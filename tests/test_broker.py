@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -113,6 +114,118 @@ def test_refresh_ahead_under_load_never_makes_a_caller_wait(
     assert max(worst) < 0.200, f"slowest get_token took {max(worst) * 1000:.1f} ms"
     assert not expired
     assert 5 <= refreshes <= 15
+
+
+REFRESH_CONCURRENCY = 8  # the default of defaults.refresh_concurrency
+
+
+def _broker_threads(ignore: set[threading.Thread]) -> int:
+    """Threads alive in this process, less ``ignore`` and the authorization server's
+    connection threads (socketserver names them after their target)."""
+    return sum(
+        1
+        for t in threading.enumerate()
+        if t not in ignore and "process_request_thread" not in t.name
+    )
+
+
+def test_two_hundred_due_keys_refresh_through_a_bounded_executor(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """200 due keys: at most 8 token requests in flight and 8 more threads at any time, yet
+    every key refreshes, and each keeps serving its current token meanwhile."""
+    accounts = [{"username": f"user{i}", "password": f"pw{i}"} for i in range(200)]
+    for account in accounts:
+        auth_server.add_account(account["username"], account["password"])
+    clock = ManualClock()
+    broker = make_broker({"db": login(auth_server, credentials=accounts)}, clock=clock)
+    names = [a["username"] for a in accounts]
+    first = {name: broker.get_token("db", account=name).access_token for name in names}
+    assert auth_server.count("login") == 200
+    auth_server.reset_counts()
+    auth_server.latency = 0.05
+    clock.advance(3000)  # past 80% of the 3600 s lifetime, before the skew window
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _broker_threads(ignore))
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    ignore = {threading.current_thread(), watcher}
+    baseline = _broker_threads(ignore)
+    peak = [baseline]
+    watcher.start()
+    try:
+        assert broker.refresh_due() == 200
+        began = time.perf_counter()
+        served = [broker.get_token("db", account=name).access_token for name in names]
+        waited = time.perf_counter() - began
+        deadline = time.monotonic() + 30
+        while auth_server.count("login") < 200 or auth_server.in_flight:
+            assert time.monotonic() < deadline, "the refreshes did not finish in time"
+            time.sleep(0.01)
+    finally:
+        done.set()
+        watcher.join(10)
+    assert auth_server.max_in_flight <= REFRESH_CONCURRENCY, auth_server.max_in_flight
+    assert peak[0] - baseline <= REFRESH_CONCURRENCY, peak[0] - baseline
+    assert auth_server.count("login") == 200
+    assert waited < 1.0  # 200 cache hits, none waiting for its queued refresh
+    assert all(
+        s == first[n] or s in auth_server.issued_login_tokens
+        for n, s in zip(names, served, strict=True)
+    )
+    for _ in range(1000):  # the last replies may still be settling in the cache
+        fresh = [broker.peek_token("db", account=name) for name in names]
+        if all(token is not None for token in fresh):
+            break
+        time.sleep(0.01)
+    assert all(
+        t is not None and t.access_token != first[n] for n, t in zip(names, fresh, strict=True)
+    )
+    assert auth_server.count("login") == 200
+
+
+def test_refresh_due_fetches_required_providers_and_retries_them(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """refresh_due() fetches a required provider nobody asked for, retries it after a failure's
+    backoff (not before), and readiness follows only its configured scopes."""
+    clock = ManualClock()
+    broker = make_broker(
+        {
+            "svc": client_credentials(auth_server, required=True),
+            "other": client_credentials(auth_server),
+        },
+        defaults={"retries": 0},
+        clock=clock,
+    )
+    assert broker.required() == ["svc"]
+    assert broker.unready() == ["svc"]
+    auth_server.inject(Fault(status=500, body=""))
+    assert broker.refresh_due() == 1
+    _until(lambda: broker.provider_states()["svc"] == "failing")
+    assert broker.unready() == ["svc"]
+    assert broker.refresh_due() == 0  # backing off
+    clock.advance(2)
+    assert broker.refresh_due() == 1
+    _until(lambda: not broker.unready())
+    assert broker.provider_states() == {"svc": "valid", "other": "empty"}
+    with pytest.raises(ProviderMisconfiguredError):
+        broker.get_token("svc", scope="admin")  # the server refuses that scope
+    assert broker.unready() == []
+    assert broker.provider_states()["svc"] == "valid"
+    assert broker.refresh_due() == 0
+    assert auth_server.count("client_credentials") == 3
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
 
 
 def test_compare_and_invalidate_fifty_callers_one_refresh(

@@ -185,7 +185,8 @@ def test_refresh_ahead_serves_current_token_while_one_background_fetch_runs() ->
 
 
 def test_async_refresh_ahead_runs_in_background_task() -> None:
-    """An async caller past refresh_ahead gets the current token and one background task refreshes."""
+    """An async caller past refresh_ahead gets the current token; one background refresh runs,
+    and aclose() waits for it."""
     cache, fetcher, clock = make()
 
     async def main() -> tuple[str, str]:
@@ -325,6 +326,61 @@ def test_refresh_due_refreshes_idle_keys_in_background() -> None:
         threading.Event().wait(0.01)
     assert fetcher.calls == 4
     assert cache.refresh_due() == 0
+
+
+def test_queued_refreshes_keep_serving_and_close_drops_them() -> None:
+    """With one refresh worker, due keys queue behind a held refresh and keep serving their
+    token without waiting; close() drops the queued ones, the running one still lands."""
+    clock = ManualClock()
+    fetcher = ScriptedFetcher()
+    cache: TokenCache[str] = TokenCache(fetcher, clock=clock, concurrency=1)
+    for key in "abc":
+        cache.get(key)
+    clock.advance(85)
+    fetcher.gate.clear()
+    fetcher.entered.clear()
+    assert cache.refresh_due() == 3
+    assert fetcher.entered.wait(5)
+    assert [cache.get(key).access_token for key in "abc"] == ["token-1", "token-2", "token-3"]
+    assert [s.state for s in cache.states()] == ["refreshing"] * 3
+    cache.close()
+    assert [s.state for s in cache.states()] == ["refreshing", "valid", "valid"]
+    assert cache.get("b").access_token == "token-2"  # a refresh it cannot start: still served
+    fetcher.gate.set()
+    for _ in range(500):
+        if cache.get("a").access_token == "token-4":
+            break
+        threading.Event().wait(0.01)
+    assert cache.get("a").access_token == "token-4"
+    assert fetcher.calls == 4
+
+
+def test_prefetch_state_and_usable() -> None:
+    """prefetch() fetches a key in the background once, not while it is fresh or in flight;
+    state() and usable() report a key without creating or fetching it."""
+    cache, fetcher, clock = make()
+    assert cache.state("k") is None
+    assert not cache.usable("k")
+    assert cache.states() == []
+    fetcher.gate.clear()
+    assert cache.prefetch("k")
+    assert not cache.prefetch("k")  # in flight
+    state = cache.state("k")
+    assert state is not None and state.state == "refreshing"
+    assert not cache.usable("k")
+    fetcher.gate.set()
+    for _ in range(500):
+        if cache.usable("k"):
+            break
+        threading.Event().wait(0.01)
+    assert cache.usable("k")
+    assert not cache.prefetch("k")  # fresh
+    assert fetcher.calls == 1
+    clock.advance(95)  # past the skew window: no longer usable, due again
+    assert not cache.usable("k")
+    assert cache.prefetch("k")
+    assert cache.get("k").access_token == "token-2"
+    assert fetcher.calls == 2
 
 
 def test_cancelled_async_waiter_does_not_cancel_the_flight() -> None:

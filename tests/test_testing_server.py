@@ -524,6 +524,22 @@ def test_fault_delay_and_latency(client: httpx.Client) -> None:
     assert slow_for >= 0.2
 
 
+def test_in_flight_gauge_counts_concurrent_requests() -> None:
+    """max_in_flight is the peak of requests answered at once; reset_counts restarts it."""
+    with make_server() as server:
+        server.latency = 0.3
+        with ThreadPoolExecutor(3) as pool:
+            replies = list(pool.map(lambda _: httpx.get(server.resource_url), range(3)))
+        assert [r.status_code for r in replies] == [401] * 3
+        assert server.max_in_flight == 3
+        assert server.in_flight == 0
+        server.reset_counts()
+        assert server.max_in_flight == 0
+        server.latency = 0
+        httpx.get(server.resource_url)
+        assert server.max_in_flight == 1
+
+
 def test_fault_malformed_2xx(client: httpx.Client) -> None:
     """A 200 fault with a non-JSON body is delivered verbatim."""
     with make_server() as server:

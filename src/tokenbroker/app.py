@@ -415,6 +415,8 @@ def _add_token_routes(
 
 
 def _add_probes(app: FastAPI, broker: Broker, meter: Metrics) -> None:
+    store = _StoreCheck(broker)
+
     @app.get("/livez", response_model=Status, tags=["probes"])
     async def livez() -> Status:
         """Always 200 while the process serves requests."""
@@ -422,19 +424,16 @@ def _add_probes(app: FastAPI, broker: Broker, meter: Metrics) -> None:
 
     @app.get("/readyz", response_model=Status, tags=["probes"], responses={503: {"model": Status}})
     async def readyz() -> JSONResponse:
-        """200 when the store answers and every ``required: true`` provider has a valid token."""
-        health = _health(broker)
-        ready = health.store == "ok" and all(
-            health.providers is not None and health.providers.get(name) == "valid"
-            for name, settings in broker.settings.providers.items()
-            if settings.required
-        )
+        """200 when the store answers and every ``required: true`` provider has a token for its
+        configured scopes (tokens consumers asked for with other scopes do not count)."""
+        health = await _health(broker, store)
+        ready = health.store == "ok" and not broker.unready()
         return JSONResponse(health.model_dump(), status_code=200 if ready else 503)
 
     @app.get("/health", response_model=Status, tags=["probes"])
     async def health() -> Status:
         """Status with per-provider state; ``degraded`` names what is wrong."""
-        return _health(broker)
+        return await _health(broker, store)
 
     app.add_api_route("/healthz", health, methods=["GET"], response_model=Status, tags=["probes"])
 
@@ -542,16 +541,37 @@ def _int(value: float | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _health(broker: Broker) -> Status:
-    try:
-        broker.store.now()
-        store = "ok"
-    except StoreError:
-        store = "error"
-    providers = dict.fromkeys(broker.settings.providers, "empty")
-    for slot in broker.states():
-        providers[slot.provider] = slot.state
-    bad = store != "ok" or any(
-        state in ("failing", "reauthorization_required") for state in providers.values()
+class _StoreCheck:
+    """Asks the store for its clock in a worker thread, never on the event loop (a store
+    waiting out a lock would stall every request); probes arriving meanwhile share one check."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._running: asyncio.Future[str] | None = None
+
+    async def __call__(self) -> str:
+        running = self._running
+        if running is None:
+            running = self._running = asyncio.ensure_future(asyncio.to_thread(self._check))
+            running.add_done_callback(self._done)
+        return await asyncio.shield(running)
+
+    def _done(self, running: asyncio.Future[str]) -> None:
+        self._running = None
+
+    def _check(self) -> str:
+        try:
+            self._broker.store.now()
+        except StoreError:
+            return "error"
+        return "ok"
+
+
+async def _health(broker: Broker, store: _StoreCheck) -> Status:
+    """The store's answer and each provider's state for its configured scopes."""
+    state = await store()
+    providers = broker.provider_states()
+    bad = state != "ok" or any(
+        value in ("failing", "reauthorization_required") for value in providers.values()
     )
-    return Status(status="degraded" if bad else "ok", store=store, providers=providers)
+    return Status(status="degraded" if bad else "ok", store=state, providers=providers)

@@ -124,7 +124,12 @@ class Broker(AuthAdapters):
             follow_redirects=False,
             trust_env=False,
         )
-        self._cache: TokenCache[_Key] = TokenCache(self, clock=clock, events=self.events)
+        self._cache: TokenCache[_Key] = TokenCache(
+            self,
+            clock=clock,
+            events=self.events,
+            concurrency=settings.defaults.refresh_concurrency,
+        )
         self._signers: dict[str, Signer] = {}
 
     @classmethod
@@ -328,12 +333,41 @@ class Broker(AuthAdapters):
         return self.events.subscribe(subscriber)
 
     def refresh_due(self) -> int:
-        """Start background refreshes for every token past its refresh-ahead point.
+        """Keep tokens warm: start background refreshes for every token past its refresh-ahead
+        point, and fetches for ``required: true`` providers that have no token for their
+        configured scopes (the first call fetches them; later calls retry after a failure's
+        backoff). Never blocks: at most ``defaults.refresh_concurrency`` run at once.
 
         Returns:
             How many refreshes were started.
         """
-        return self._cache.refresh_due()
+        started = self._cache.refresh_due()
+        for name in self.required():
+            started += self._cache.prefetch((name, None, None))
+        return started
+
+    def required(self) -> list[str]:
+        """The names of the ``required: true`` providers, sorted."""
+        return sorted(name for name, p in self.settings.providers.items() if p.required)
+
+    def unready(self) -> list[str]:
+        """The required providers without a token to hand out for their configured scopes
+        (login providers: their first account); tokens consumers asked for with other
+        scopes or accounts do not count. Never fetches.
+
+        Returns:
+            Their names, sorted; empty when the broker is ready.
+        """
+        return [name for name in self.required() if not self._cache.usable((name, None, None))]
+
+    def provider_states(self) -> dict[str, str]:
+        """Each provider's state for its configured scopes (login providers: first account),
+        ``empty`` until the cache has seen that key; never fetches, never a secret."""
+        out = {}
+        for name in self.settings.providers:
+            state = self._cache.state((name, None, None))
+            out[name] = state.state if state is not None else "empty"
+        return out
 
     def states(self) -> list[SlotState]:
         """What the cache knows per provider key (never a secret)."""
@@ -351,7 +385,9 @@ class Broker(AuthAdapters):
         return []
 
     def close(self) -> None:
-        """Close the HTTP client and the store (if the broker opened it)."""
+        """Drop queued background refreshes, close the HTTP client and the store (if the
+        broker opened it)."""
+        self._cache.close()
         self._http.close()
         if self._owns_store:
             self.store.close()

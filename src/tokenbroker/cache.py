@@ -6,6 +6,9 @@ in-flight fetch (a *flight*). The rules:
 * A hit is a dict lookup and one clock compare — no lock, no event loop.
 * Past ``refresh_ahead`` of a token's lifetime, the first caller starts one
   background refresh and everyone keeps getting the current token.
+* Background refreshes run on a bounded pool of worker threads (``concurrency``):
+  200 keys due at once make at most that many token requests at a time, and a key
+  whose refresh is still queued keeps serving its current token.
 * Within ``skew`` of expiry a token is never handed out; callers wait for the
   one flight (threads block on it, asyncio tasks await it) and all get the
   winner's token or the winner's error.
@@ -23,13 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import logging
 import math
 import random
 import threading
 from collections.abc import Hashable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -155,6 +159,7 @@ class TokenCache(Generic[K]):
         fetcher: Resolves keys and fetches tokens.
         clock: Time source; tests inject :class:`~tokenbroker.clock.ManualClock`.
         events: Where :class:`~tokenbroker.events.Event` objects go.
+        concurrency: Most background refreshes running at once (worker threads).
     """
 
     def __init__(
@@ -163,7 +168,10 @@ class TokenCache(Generic[K]):
         *,
         clock: Clock | None = None,
         events: EventBus | None = None,
+        concurrency: int = 8,
     ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
         self._fetcher = fetcher
         self._clock = clock or SystemClock()
         self._now = self._clock.monotonic
@@ -173,6 +181,9 @@ class TokenCache(Generic[K]):
         self._slots: dict[K, _Slot[K]] = {}
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        # Threads start on demand, up to ``concurrency``; queued refreshes wait their turn.
+        self._workers = ThreadPoolExecutor(concurrency, thread_name_prefix="tokenbroker-refresh")
+        self._background: set[Future[None]] = set()
         self._rng = random.Random()  # noqa: S311 - jitter, not security
 
     def __repr__(self) -> str:
@@ -198,9 +209,7 @@ class TokenCache(Generic[K]):
         token, flight, leader = self._decide(slot)
         if token is not None:
             if leader and flight is not None:
-                threading.Thread(
-                    target=self._run_sync, args=(slot, flight, True), daemon=True
-                ).start()
+                self._submit(slot, flight)
             return token
         assert flight is not None
         if leader:
@@ -239,11 +248,12 @@ class TokenCache(Generic[K]):
         slot = self._slot(raw)
         token, flight, leader = self._decide(slot)
         if leader and flight is not None:
-            task = asyncio.get_running_loop().create_task(
-                self._run_async(slot, flight, token is not None)
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            if token is not None:
+                self._submit(slot, flight)
+            else:
+                task = asyncio.get_running_loop().create_task(self._run_async(slot, flight))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
         if token is not None:
             return token
         assert flight is not None
@@ -298,7 +308,8 @@ class TokenCache(Generic[K]):
         """Start a background refresh for every key past its refresh-ahead point.
 
         Callers trigger refresh-ahead themselves; a service calls this from a
-        ticker so tokens stay warm even when nobody asks for a while.
+        ticker so tokens stay warm even when nobody asks for a while. Never blocks:
+        the refreshes queue for the bounded pool of refresh workers.
 
         Returns:
             How many refreshes were started.
@@ -313,9 +324,56 @@ class TokenCache(Generic[K]):
                 if slot.flight is not None or now < slot.retry_at or slot.entry is not entry:
                     continue
                 flight = self._new_flight(slot)
-            threading.Thread(target=self._run_sync, args=(slot, flight, True), daemon=True).start()
+            self._submit(slot, flight)
             started += 1
         return started
+
+    def prefetch(self, raw: Hashable) -> bool:
+        """Start a background fetch for ``raw`` unless it has a token not yet due for refresh,
+        a fetch in flight, or a remembered failure still backing off. Never blocks.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            True if a fetch was started.
+        """
+        slot = self._slot(raw)
+        with slot.lock:
+            now = self._now()
+            entry = slot.entry
+            if entry is not None and now < entry.refresh_at:
+                return False
+            if slot.flight is not None or now < slot.retry_at:
+                return False
+            flight = self._new_flight(slot)
+        self._submit(slot, flight)
+        return True
+
+    def usable(self, raw: Hashable) -> bool:
+        """Whether ``raw`` has a token that may still be handed out; never fetches.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            True if a caller would get a token without waiting for a fetch.
+        """
+        slot = self._find(raw)
+        entry = slot.entry if slot is not None else None
+        return entry is not None and self._now() < entry.hard_expiry
+
+    def state(self, raw: Hashable) -> SlotState | None:
+        """What the cache knows about one key; never fetches.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            Its state, or None if the cache has not seen the key.
+        """
+        slot = self._find(raw)
+        return None if slot is None else self._state(slot, self._now())
 
     def states(self) -> list[SlotState]:
         """A snapshot of every key the cache has seen.
@@ -324,36 +382,71 @@ class TokenCache(Generic[K]):
             One :class:`SlotState` per canonical key.
         """
         now = self._now()
-        out = []
-        for slot in list(self._slots.values()):
-            provider, key = self._fetcher.describe(slot.key)
-            entry, error = slot.entry, slot.error
-            if isinstance(error, ReauthorizationRequiredError):
-                state = "reauthorization_required"
-            elif slot.flight is not None:
-                state = "refreshing"
-            elif entry is not None and now < entry.hard_expiry:
-                state = "failing" if error is not None else "valid"
-            else:
-                state = "failing" if error is not None else "empty"
-            out.append(
-                SlotState(
-                    provider=provider,
-                    key=key,
-                    state=state,
-                    valid_until=entry.token.expires_at if entry else None,
-                    last_refresh=slot.last_refresh,
-                    last_error=type(error).__name__ if error is not None else None,
-                )
-            )
-        return out
+        return [self._state(slot, now) for slot in list(self._slots.values())]
 
     async def aclose(self) -> None:
-        """Wait for background refreshes started from async callers to finish."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait for the fetches and background refreshes under way to finish."""
+        waiting: list[asyncio.Future[None]] = [*self._tasks]
+        waiting += [asyncio.wrap_future(f) for f in list(self._background)]
+        if waiting:
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    def close(self) -> None:
+        """Drop queued background refreshes (their waiters get an error); running ones finish."""
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _find(self, raw: Hashable) -> _Slot[K] | None:
+        """The slot for ``raw`` if the cache has one; never creates one."""
+        slot = self._aliases.get(raw)
+        if slot is None:
+            slot = self._slots.get(self._fetcher.resolve(raw))
+        return slot
+
+    def _state(self, slot: _Slot[K], now: float) -> SlotState:
+        provider, key = self._fetcher.describe(slot.key)
+        entry, error = slot.entry, slot.error
+        if isinstance(error, ReauthorizationRequiredError):
+            state = "reauthorization_required"
+        elif slot.flight is not None:
+            state = "refreshing"
+        elif entry is not None and now < entry.hard_expiry:
+            state = "failing" if error is not None else "valid"
+        else:
+            state = "failing" if error is not None else "empty"
+        return SlotState(
+            provider=provider,
+            key=key,
+            state=state,
+            valid_until=entry.token.expires_at if entry else None,
+            last_refresh=slot.last_refresh,
+            last_error=type(error).__name__ if error is not None else None,
+        )
+
+    def _submit(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
+        """Queue a background refresh of ``slot`` (whose ``flight`` the caller just opened)."""
+        try:
+            job = self._workers.submit(self._run_sync, slot, flight, True)
+        except RuntimeError:  # closed: nobody refreshes any more
+            self._abandon(slot, flight)
+            return
+        self._background.add(job)
+        job.add_done_callback(functools.partial(self._finished, slot, flight))
+
+    def _finished(self, slot: _Slot[K], flight: Future[_Entry], job: Future[None]) -> None:
+        self._background.discard(job)
+        if job.cancelled():  # dropped from the queue by close()
+            self._abandon(slot, flight)
+
+    def _abandon(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
+        """Settle a flight that will never run, so its waiters do not wait for nothing."""
+        provider, _ = self._fetcher.describe(slot.key)
+        with slot.lock:
+            slot.flight = None  # (no other flight can have started: this one was open)
+        flight.set_exception(
+            ProviderUnavailableError(f"{provider}: the token cache is closed", provider=provider)
+        )
 
     def _slot(self, raw: Hashable) -> _Slot[K]:
         slot = self._aliases.get(raw)
@@ -404,16 +497,16 @@ class TokenCache(Generic[K]):
         else:
             self._settle(slot, flight, response, started, wall, background)
 
-    async def _run_async(self, slot: _Slot[K], flight: Future[_Entry], background: bool) -> None:
+    async def _run_async(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
         started, wall = self._now(), self._clock.time()
         try:
             response = await self._fetcher.afetch(slot.key, slot.stale())
         except BaseException as exc:
-            self._settle_error(slot, flight, exc, started, background)
+            self._settle_error(slot, flight, exc, started, False)
             if not isinstance(exc, Exception):
                 raise
         else:
-            self._settle(slot, flight, response, started, wall, background)
+            self._settle(slot, flight, response, started, wall, False)
 
     def _settle(
         self,

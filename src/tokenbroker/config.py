@@ -80,6 +80,7 @@ class Defaults(_Frozen):
     max_response_bytes: int = Field(1 << 20, ge=1024)
     lease_seconds: float | None = Field(None, gt=0)
     store_busy_timeout_seconds: float = Field(5.0, gt=0)
+    refresh_concurrency: int = Field(8, ge=1, le=256)
 
 
 class JwtDelegation(_Frozen):

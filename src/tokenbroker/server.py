@@ -37,12 +37,22 @@ Announce = Callable[[str], None]
 
 
 def _keep_warm(broker: Broker, stop: threading.Event, every: float = 1.0) -> None:
-    """Start refresh-ahead for idle tokens, so no consumer ever waits once warm."""
+    """Start refresh-ahead for idle tokens, so no consumer ever waits once warm (and retry
+    required providers that could not be fetched yet)."""
     while not stop.wait(every):
         try:
             broker.refresh_due()
         except Exception:
             logger.exception("keep-warm tick failed")
+
+
+def _fetch_required(broker: Broker) -> None:
+    """Start fetching the ``required: true`` providers' tokens now, in the background: a
+    failure does not stop the process, ``/readyz`` stays 503 until they arrive, and the
+    keep-warm tick retries them."""
+    started = broker.refresh_due()
+    if started:
+        logger.info("fetching %d required provider token(s)", started)
 
 
 def _configure_logs(broker: Broker) -> None:
@@ -124,6 +134,7 @@ def serve(
             if proxy is not None:
                 await proxy.close()
 
+    _fetch_required(broker)
     stop = threading.Event()
     if broker.settings.proxy is None:  # (the proxy's own tick keeps tokens warm otherwise)
         threading.Thread(target=_keep_warm, args=(broker, stop), daemon=True).start()
@@ -162,6 +173,7 @@ def run_proxy(
     if listen:
         settings = settings.model_copy(update={"listen": listen})
     _configure_logs(broker)
+    _fetch_required(broker)
 
     async def main() -> None:
         stopping = asyncio.Event()

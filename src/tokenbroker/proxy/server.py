@@ -117,8 +117,9 @@ class ProxyServer:
         return [(r, r.pool.stats()) for r in self.routes.routes if r.pool is not None]
 
     def ready(self) -> bool:
-        """Every pool route has a token free or leasable, and the proxy listens."""
-        if not self._servers:
+        """The proxy listens, every pool route has a token free or leasable, and every
+        ``required: true`` provider has a token for its configured scopes."""
+        if not self._servers or self.broker.unready():
             return False
         return all(stats.available > 0 for _, stats in self.pool_stats())
 

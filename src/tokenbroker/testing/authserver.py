@@ -104,6 +104,9 @@ class AuthorizationServer(Background):
         self._recorder = Recorder()
         self._faults = FaultQueue()
         self._latency = 0.0
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._gauge = threading.Lock()
         self._host = host
         self._port = port
         self._lock = threading.Lock()
@@ -295,8 +298,20 @@ class AuthorizationServer(Background):
         return self._recorder.resource_count()
 
     def reset_counts(self) -> None:
-        """Zero :meth:`count` and :meth:`resource_count`."""
+        """Zero :meth:`count`, :meth:`resource_count` and :attr:`max_in_flight`."""
         self._recorder.reset_counts()
+        with self._gauge:
+            self._max_in_flight = self._in_flight
+
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered right now."""
+        return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most requests answered at the same time since the last :meth:`reset_counts`."""
+        return self._max_in_flight
 
     def reset_records(self) -> None:
         """Forget counts, presented refresh tokens and :attr:`requests`."""
@@ -353,6 +368,16 @@ class AuthorizationServer(Background):
     # -- serving -------------------------------------------------------------------------
 
     def _serve(self, request: Request) -> Reply | None:
+        with self._gauge:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        try:
+            return self._answer(request)
+        finally:
+            with self._gauge:
+                self._in_flight -= 1
+
+    def _answer(self, request: Request) -> Reply | None:
         self._record(request)
         fault = self._faults.take(request.path)
         delay = self._latency + (fault.delay if fault is not None else 0.0)

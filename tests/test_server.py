@@ -1,0 +1,163 @@
+"""`tokenbroker serve` start-up: required providers are fetched at once, and readiness follows
+only their configured scopes; a real `serve` process against the real authorization server."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from support import client_credentials, login
+from tokenbroker.consumers import hash_key, new_key
+from tokenbroker.testing import AuthorizationServer, Fault
+
+KEY = new_key()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+def _status(url: str) -> int | None:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+@contextmanager
+def serving(tmp_path: Path, providers: dict[str, Any]) -> Iterator[httpx.Client]:
+    """Run `tokenbroker serve` on a free port; yield a client for it; SIGTERM it afterwards."""
+    port = _free_port()
+    path = tmp_path / "tokenbroker.yaml"
+    config = {
+        "store": "memory",
+        "defaults": {"retries": 0},
+        "providers": providers,
+        "consumers": {"app": {"api_key_sha256": hash_key(KEY), "allow": ["svc"]}},
+        "server": {"listen": f"127.0.0.1:{port}"},
+        "telemetry": {"log_level": "warning"},
+    }
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _until(lambda: _status(url + "/livez") == 200)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            yield client
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, err = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, err
+
+
+def test_required_provider_is_fetched_at_start(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """With a required provider, /readyz turns 200 without any consumer asking, after exactly
+    one token request."""
+    providers = {"svc": client_credentials(auth_server, required=True)}
+    with serving(tmp_path, providers) as client:
+        _until(lambda: client.get("/readyz").status_code == 200)
+        assert client.get("/readyz").json()["providers"] == {"svc": "valid"}
+    assert auth_server.count("client_credentials") == 1
+
+
+def test_a_refused_scope_does_not_make_the_broker_unready(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """A consumer allowed any scope asks for one the server refuses (invalid_scope): that
+    consumer gets an error, /readyz and /health stay as they were."""
+    providers = {"svc": client_credentials(auth_server, required=True)}
+    with serving(tmp_path, providers) as client:
+        # Readiness first through the configured scope (this works with or without start-up
+        # fetching), then the refused one.
+        assert client.get("/v1/tokens/svc", headers={"Authorization": f"Bearer {KEY}"}).is_success
+        _until(lambda: client.get("/readyz").status_code == 200)
+        refused = client.get(
+            "/v1/tokens/svc", params={"scope": "admin"}, headers={"Authorization": f"Bearer {KEY}"}
+        )
+        assert refused.status_code == 500
+        assert refused.json()["error"]["code"] == "provider_misconfigured"
+        assert client.get("/readyz").status_code == 200
+        health = client.get("/health").json()
+        assert health["status"] == "ok"
+        assert health["providers"] == {"svc": "valid"}
+    assert any(r.form.get("scope") == "admin" for r in auth_server.requests)
+
+
+def test_proxy_fetches_required_providers_at_start(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """`tokenbroker proxy` fetches a required provider nobody asked for, after one token request;
+    its /readyz waits for that token as well as for the pool."""
+    auth_server.inject(Fault(delay=2.0))  # the token request, still under way once listening
+    path = tmp_path / "tokenbroker.yaml"
+    config = {
+        "store": "memory",
+        "providers": {
+            "db": login(auth_server),
+            "svc": client_credentials(auth_server, required=True),
+        },
+        "proxy": {
+            "listen": "127.0.0.1:0",
+            "health_listen": "127.0.0.1:0",
+            "login_concurrency": 2,
+            "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:9", "provider": "db"}],
+        },
+        "telemetry": {"log_level": "warning"},
+    }
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "proxy", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        process.stdout.readline()
+        health_url = process.stdout.readline().split()[-1]
+        assert _status(health_url + "/readyz") == 503  # the pool is in, the token is not yet
+        _until(lambda: _status(health_url + "/readyz") == 200)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            _, err = process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert process.returncode == 0, err
+    assert auth_server.count("client_credentials") == 1
+    assert auth_server.count("login") == 2
