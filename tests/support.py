@@ -89,3 +89,46 @@ class Served:
     def __exit__(self, *exc: object) -> None:
         self.client.close()
         self._served.stop()
+
+
+class Lines:
+    """The stdout lines of a subprocess, read by a thread so a test can wait with a bound."""
+
+    def __init__(self, stream: Any) -> None:
+        import queue
+
+        self.seen: list[str] = []
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for line in stream:
+            self._queue.put(line.rstrip("\n"))
+
+    def until(self, marker: str, timeout: float = 30.0) -> str:
+        """The first line (from now on) containing ``marker``; AssertionError after ``timeout``."""
+        import queue
+        import time
+
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if marker in line:
+                return line
+        raise AssertionError(f"no {marker!r} within {timeout} s; got {self.seen}")
+
+    def rest(self, timeout: float = 10.0) -> list[str]:
+        """Every line seen, after the stream has ended (waits up to ``timeout`` for it)."""
+        import queue
+
+        self._thread.join(timeout)
+        while True:
+            try:
+                self.seen.append(self._queue.get_nowait())
+            except queue.Empty:
+                return self.seen

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import yaml
 
-from support import client_credentials, login
+from support import Lines, client_credentials, login
 from tokenbroker.consumers import hash_key, new_key
 from tokenbroker.testing import AuthorizationServer, Fault
 
@@ -161,3 +161,34 @@ def test_proxy_fetches_required_providers_at_start(
     assert process.returncode == 0, err
     assert auth_server.count("client_credentials") == 1
     assert auth_server.count("login") == 2
+
+
+def test_serve_announces_the_address_it_listens_on(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """`serve --listen 127.0.0.1:0` prints `API listening on http://127.0.0.1:PORT` with the real
+    port, and that URL answers."""
+    path = tmp_path / "tokenbroker.yaml"
+    config = {"store": "memory", "providers": {"svc": client_credentials(auth_server)}}
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)]
+        + ["--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        line = Lines(process.stdout).until("listening", timeout=30)
+        assert line.startswith("API listening on http://127.0.0.1:"), line
+        url = line.rsplit(" ", 1)[1]
+        assert not url.endswith(":0")
+        assert _status(url + "/livez") == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.communicate(timeout=20)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
-import time
 
 import httpx
 import yaml
 
+from support import Lines
 from tokenbroker import Broker, parse_settings
-
-
-def _read_until(lines: queue.Queue[str], marker: str, timeout: float = 20.0) -> list[str]:
-    """Lines from ``lines`` up to and including the one containing ``marker``."""
-    seen: list[str] = []
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            line = lines.get(timeout=left)
-        except queue.Empty:
-            break
-        seen.append(line.rstrip("\n"))
-        if marker in line:
-            return seen
-    raise AssertionError(f"no {marker!r} within {timeout} s; got {seen}")
 
 
 def test_printed_providers_work_as_a_config_and_sigterm_stops_it() -> None:
@@ -41,12 +24,10 @@ def test_printed_providers_work_as_a_config_and_sigterm_stops_it() -> None:
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert proc.stdout is not None
-    out: queue.Queue[str] = queue.Queue()
-    reader = threading.Thread(target=lambda: [out.put(line) for line in proc.stdout or ()])
-    reader.start()
+    out = Lines(proc.stdout)
     try:
-        lines = _read_until(out, "Ctrl-C to stop")
+        out.until("Ctrl-C to stop")
+        lines = out.seen
         token_url = next(line.split()[-1] for line in lines if "token endpoint:" in line)
         assert token_url.startswith("http://127.0.0.1:")
         start = next(i for i, line in enumerate(lines) if line.startswith("providers:"))
@@ -66,12 +47,12 @@ def test_printed_providers_work_as_a_config_and_sigterm_stops_it() -> None:
             broker.close()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
-        assert _read_until(out, "stopped")
+        assert "stopped" in out.rest()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        reader.join(10)
-        proc.stdout.close()
+        assert proc.stdout is not None
         assert proc.stderr is not None
+        proc.stdout.close()
         proc.stderr.close()

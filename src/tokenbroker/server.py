@@ -12,6 +12,7 @@ import contextlib
 import gc
 import logging
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -82,6 +83,22 @@ async def _start_proxy(
     return proxy
 
 
+class _AnnouncingServer(uvicorn.Server):
+    """uvicorn's server, announcing each address it listens on once it does."""
+
+    def __init__(self, config: uvicorn.Config, announce: Announce) -> None:
+        super().__init__(config)
+        self._announce = announce
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        for server in self.servers if self.started else ():
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                self._announce(f"API listening on http://{shown}:{port}")
+
+
 def serve(
     config_path: Path,
     listen: str | None = None,
@@ -129,7 +146,7 @@ def serve(
             proxy = await _start_proxy(broker, broker.settings.proxy, progress, announce)
         try:
             serving = True
-            await uvicorn.Server(config).serve()
+            await _AnnouncingServer(config, announce).serve()
         finally:
             if proxy is not None:
                 await proxy.close()

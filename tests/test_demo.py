@@ -1,0 +1,50 @@
+"""``tokenbroker dev`` as a process: no full token on screen, SIGTERM stops it like Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from support import Lines
+
+
+def test_dev_shows_no_token_and_sigterm_stops_it_and_removes_its_folder() -> None:
+    """The demo's output holds no access token it hands out; SIGTERM prints 'stopped', exits 0
+    and removes the temporary folder, as Ctrl-C does."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenbroker.cli", "dev", "--port", "0", "--lifetime", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out = Lines(proc.stdout)
+    seen = out.seen
+    try:
+        out.until("watching background refreshes", 60)
+        key = next(line.split("=", 1)[1] for line in seen if "export TB_KEY=" in line)
+        api_line = next(line for line in seen if "broker API" in line)
+        api = api_line.split()[2]
+        store = Path(api_line.split("store ")[1].split(",")[0])
+        assert store.parent.is_dir()
+        shown = httpx.get(
+            f"{api}/v1/tokens/demo-api", headers={"Authorization": f"Bearer {key}"}
+        ).json()["access_token"]
+        assert len(shown) >= 16
+        assert not [line for line in seen if shown in line]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert "stopped" in out.rest()
+        assert not store.parent.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
