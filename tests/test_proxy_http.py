@@ -524,6 +524,51 @@ def test_a_malformed_chunked_body_gets_400_and_a_close(
     assert reply.header("connection") == "close"
 
 
+def test_a_malformed_body_behind_pipelined_requests_is_refused_after_their_answers(
+    proxy: ServedProxy, upstream: RecordingUpstream
+) -> None:
+    """Requests pipelined before a malformed chunked body are answered in order, then the
+    400, then the close; the malformed request never reaches the upstream."""
+    with Client(proxy.url) as client:
+        client.send(
+            raw("GET", "/api/slow?seconds=0.3")
+            + raw("GET", "/api/echo?i=2")
+            + raw("POST", "/api/upload", "Transfer-Encoding: chunked", body=b"zz\r\nhello\r\n")
+        )
+        replies = [client.read() for _ in range(3)]
+        assert client.closed_by_peer()
+    assert [r.status for r in replies] == [200, 200, 400]
+    assert_error_body(replies[2], 400, "bad_request")
+    assert [r.path for r in upstream.records()] == ["/api/slow", "/api/echo"]
+
+
+def test_a_body_breaking_off_under_a_begun_response_drops_both_connections(
+    broker: Broker,
+) -> None:
+    """When the upstream has begun its answer before the request body turns out malformed,
+    the client's connection is dropped (the response cannot complete) and so is the
+    upstream's."""
+    with hand_driven_upstream() as listener:
+        port = listener.getsockname()[1]
+        with serve(broker, route(f"http://127.0.0.1:{port}")) as proxy, Client(proxy.url) as c:
+            c.send(raw("POST", "/early", "Transfer-Encoding: chunked") + b"5\r\nhello\r\n")
+            conn, _ = listener.accept()
+            with conn:
+                read_head(conn)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                assert c.file.readline().startswith(b"HTTP/1.1 200 ")
+                c.send(b"zz\r\n")
+                conn.settimeout(TIMEOUT)
+                with contextlib.suppress(ConnectionResetError):
+                    while conn.recv(65536):
+                        pass  # the rest of the first chunk, then the close
+                received = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while piece := c.file.read1(65536):  # until the proxy drops it
+                        received += piece
+    assert len(received.partition(b"\r\n\r\n")[2]) < 100
+
+
 def test_request_trailers_never_reach_the_next_request(
     proxy: ServedProxy, upstream: RecordingUpstream
 ) -> None:
