@@ -49,6 +49,22 @@ def login(server: AuthorizationServer, **overrides: Any) -> dict[str, Any]:
     }
 
 
+# A chunked request whose body breaks off after a first good chunk (proxy tests): the
+# Transfer-Encoding value, and the bytes that follow that chunk.
+CHUNKED_HEAD = (
+    b"POST /api/upload HTTP/1.1\r\nHost: x\r\nX-Client: broken\r\n"
+    b"Transfer-Encoding: %s\r\n\r\n5\r\nhello\r\n"
+)
+BROKEN_BODIES = {
+    "bad-hex-size": (b"chunked", b"zz\r\nhello\r\n"),
+    "size-overflow": (b"chunked", b"ffffffffffffffffffff\r\nhello\r\n"),
+    "lf-only": (b"chunked", b"5\nhello\n0\n\n"),
+    "bad-extension": (b"chunked", b'5;ext="open\r\nhello\r\n'),
+    "xchunked": (b"xchunked", b"0\r\n\r\n"),
+    "eof": (b"chunked", b""),  # the client just hangs up mid-body
+}
+
+
 def stampede(count: int, call: Callable[[], object]) -> list[object]:
     """Release ``count`` threads at once (a barrier) on ``call``; return each result or exception."""
     results: list[object] = [None] * count

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
+import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import BrokerFactory
-from support import client_credentials, stampede
+from support import BROKEN_BODIES, CHUNKED_HEAD, client_credentials, stampede
 from tokenbroker import Broker, parse_settings
 from tokenbroker.config import ProxySettings
 from tokenbroker.consumers import hash_key, new_key
@@ -459,6 +461,218 @@ def test_the_upstream_pool_keeps_at_most_upstream_keepalive_connections(
         assert stampede(6, slow) == [200] * 6
         second = {r.connection for r in upstream.records()[6:]}
     assert len(first & second) <= 2
+
+
+# -- broken requests, trailers and versions --------------------------------------------------------
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def open_fds() -> int:
+    """File descriptors this process (the proxy runs in it) holds now."""
+    gc.collect()
+    return len(os.listdir("/proc/self/fd"))
+
+
+def send_broken_body(client: Client, upstream: RecordingUpstream, name: str) -> None:
+    """Send a chunked POST that breaks off (see BROKEN_BODIES) once the upstream has read its
+    head and waits for the body."""
+    coding, rest = BROKEN_BODIES[name]
+    client.send(CHUNKED_HEAD % coding)
+    if coding == b"chunked":  # (xchunked is refused before anything is forwarded)
+        wait_for(lambda: len(upstream.records()) == 1, "the upstream to read the head")
+    client.send(rest)
+
+
+@pytest.mark.parametrize("name", list(BROKEN_BODIES))
+def test_a_client_leaving_a_broken_request_body_leaves_no_socket_behind(
+    proxy: ServedProxy, upstream: RecordingUpstream, token: str, name: str
+) -> None:
+    """A client that hangs up after a malformed chunked body (or in the middle of one) ends
+    the exchange at once: the half-sent upstream connection is closed and the process holds no
+    more descriptors than before (nothing left in CLOSE-WAIT)."""
+    before = open_fds()
+    with Client(proxy.url) as client:
+        send_broken_body(client, upstream, name)
+    broken = {r.connection for r in upstream.records()}
+    wait_for(lambda: not broken & upstream.open_connections, "the upstream connection to close")
+    wait_for(lambda: open_fds() <= before, f"descriptors back to {before}")
+
+
+@pytest.mark.parametrize("name", [name for name in BROKEN_BODIES if name != "eof"])
+def test_a_malformed_chunked_body_gets_400_and_a_close(
+    proxy: ServedProxy, upstream: RecordingUpstream, token: str, name: str
+) -> None:
+    """A malformed chunked body is answered 400 with ``Connection: close`` at once, though the
+    upstream still waits for the body, and the proxy then closes the connection."""
+    with Client(proxy.url) as client:
+        client.sock.settimeout(5)
+        send_broken_body(client, upstream, name)
+        try:
+            reply = client.read("POST")
+        except TimeoutError:
+            pytest.fail("no answer to a malformed chunked body")
+        assert client.closed_by_peer()
+    assert_error_body(reply, 400, "bad_request")
+    assert reply.header("connection") == "close"
+
+
+def test_a_malformed_body_behind_pipelined_requests_is_refused_after_their_answers(
+    proxy: ServedProxy, upstream: RecordingUpstream
+) -> None:
+    """Requests pipelined before a malformed chunked body are answered in order, then the
+    400, then the close; the malformed request never reaches the upstream."""
+    with Client(proxy.url) as client:
+        client.send(
+            raw("GET", "/api/slow?seconds=0.3")
+            + raw("GET", "/api/echo?i=2")
+            + raw("POST", "/api/upload", "Transfer-Encoding: chunked", body=b"zz\r\nhello\r\n")
+        )
+        replies = [client.read() for _ in range(3)]
+        assert client.closed_by_peer()
+    assert [r.status for r in replies] == [200, 200, 400]
+    assert_error_body(replies[2], 400, "bad_request")
+    assert [r.path for r in upstream.records()] == ["/api/slow", "/api/echo"]
+
+
+def test_a_body_breaking_off_under_a_begun_response_drops_both_connections(
+    broker: Broker,
+) -> None:
+    """When the upstream has begun its answer before the request body turns out malformed,
+    the client's connection is dropped (the response cannot complete) and so is the
+    upstream's."""
+    with hand_driven_upstream() as listener:
+        port = listener.getsockname()[1]
+        with serve(broker, route(f"http://127.0.0.1:{port}")) as proxy, Client(proxy.url) as c:
+            c.send(raw("POST", "/early", "Transfer-Encoding: chunked") + b"5\r\nhello\r\n")
+            conn, _ = listener.accept()
+            with conn:
+                read_head(conn)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                assert c.file.readline().startswith(b"HTTP/1.1 200 ")
+                c.send(b"zz\r\n")
+                conn.settimeout(TIMEOUT)
+                with contextlib.suppress(ConnectionResetError):
+                    while conn.recv(65536):
+                        pass  # the rest of the first chunk, then the close
+                received = b""
+                with contextlib.suppress(ConnectionResetError):
+                    while piece := c.file.read1(65536):  # until the proxy drops it
+                        received += piece
+    assert len(received.partition(b"\r\n\r\n")[2]) < 100
+
+
+def test_request_trailers_never_reach_the_next_request(
+    proxy: ServedProxy, upstream: RecordingUpstream
+) -> None:
+    """Trailer fields of a chunked request are dropped: they do not become header fields of
+    the request that follows on the same connection (pipelined or not)."""
+    body = b"5\r\nhello\r\n0\r\nX-Leak: trailer\r\nX-Client: smuggled\r\n\r\n"
+    with Client(proxy.url) as client:
+        client.send(
+            raw("POST", "/api/echo?i=1", "Transfer-Encoding: chunked", "X-Client: one", body=body)
+            + raw("GET", "/api/echo?i=2", "X-Client: two")
+        )
+        first, second = client.read("POST"), client.read()
+        third = client.request("GET", "/api/echo?i=3", "X-Client: three")
+    assert (first.status, second.status, third.status) == (200, 200, 200)
+    assert first.json()["body_bytes"] == 5
+    assert [r.client for r in upstream.records()] == ["one", "two", "three"]
+    for record in upstream.records():
+        names = [name for name, _ in record.headers]
+        assert "x-leak" not in names
+        assert names.count("x-client") == 1
+        assert "trailer" not in json.dumps(record.headers)
+
+
+def test_an_upgrade_request_is_answered_then_the_connection_closes(
+    proxy: ServedProxy, upstream: RecordingUpstream
+) -> None:
+    """Upgrades are not relayed: the request is answered with ``Connection: close`` and the
+    connection closes; what followed it on the wire is never parsed as a request."""
+    with Client(proxy.url) as client:
+        client.send(
+            raw("GET", "/api/echo", "Connection: upgrade", "Upgrade: websocket")
+            + raw("GET", "/api/echo?smuggled=1")
+        )
+        reply = client.read()
+        assert client.closed_by_peer()
+    assert reply.status == 200
+    assert reply.header("connection") == "close"
+    assert [r.path for r in upstream.records()] == ["/api/echo"]
+
+
+def head_of(reply: bytes) -> tuple[bytes, dict[bytes, bytes]]:
+    """The status line and the (lowercased) header fields of a raw response."""
+    head = reply.partition(b"\r\n\r\n")[0].split(b"\r\n")
+    fields = dict(line.lower().split(b": ", 1) for line in head[1:])
+    return head[0], fields
+
+
+def read_until_closed(client: Client) -> bytes:
+    data = b""
+    while piece := client.file.read1(65536):
+        data += piece
+    return data
+
+
+def test_an_http_1_0_client_gets_http_1_1_status_lines_and_1_0_framing(proxy: ServedProxy) -> None:
+    """Responses to an HTTP/1.0 request carry the proxy's own version (RFC 9110 §2.5, as nginx
+    and Envoy answer), relayed or the proxy's own, and are framed for a 1.0 client: a length
+    or the close, never chunked."""
+    for target, status, length in [
+        ("/api/echo", b"200", True),
+        ("/api/download?bytes=300&chunked=1", b"200", False),
+        ("/api/%2e%2e/echo", b"400", True),
+    ]:
+        with Client(proxy.url) as client:
+            client.send(raw("GET", target, version="HTTP/1.0"))
+            line, fields = head_of(read_until_closed(client))
+        assert line.startswith(b"HTTP/1.1 " + status + b" "), (target, line)
+        assert b"transfer-encoding" not in fields
+        assert (b"content-length" in fields) is length
+
+
+@pytest.mark.parametrize("version", ["HTTP/0.9", "HTTP/2.0"])
+def test_other_http_versions_get_505_and_nothing_is_forwarded(
+    proxy: ServedProxy, upstream: RecordingUpstream, version: str
+) -> None:
+    """A request line with a version other than HTTP/1.0 or 1.1 gets the proxy's HTTP/1.1 505
+    and a close; nothing reaches the upstream."""
+    with Client(proxy.url) as client:
+        client.send(raw("GET", "/api/echo", version=version))
+        reply = read_until_closed(client)
+    line, fields = head_of(reply)
+    assert line.startswith(b"HTTP/1.1 505 "), line
+    assert fields[b"connection"] == b"close"
+    assert upstream.records() == []
+
+
+def test_a_relayed_http_1_0_upstream_answer_gets_the_proxy_s_status_line(broker: Broker) -> None:
+    """An upstream answering ``HTTP/1.0`` is relayed under the proxy's own ``HTTP/1.1`` status
+    line (the version names the hop, not the message)."""
+    with hand_driven_upstream() as listener:
+        port = listener.getsockname()[1]
+        with serve(broker, route(f"http://127.0.0.1:{port}")) as proxy, Client(proxy.url) as c:
+            c.send(raw("GET", "/old"))
+            conn, _ = listener.accept()
+            with conn:
+                read_head(conn)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                head = b""
+                while not head.endswith(b"\r\n\r\n"):
+                    head += c.file.readline()
+                line, fields = head_of(head)
+                body = c.file.read(int(fields[b"content-length"]))
+    assert line == b"HTTP/1.1 200 OK"
+    assert body == b"ok"
 
 
 # -- upstream failures -----------------------------------------------------------------------------

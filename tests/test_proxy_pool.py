@@ -26,7 +26,8 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from conftest import POOL_ACCOUNTS
+from conftest import POOL_ACCOUNTS, BrokerFactory
+from support import BROKEN_BODIES, CHUNKED_HEAD, login
 from tokenbroker import Broker
 from tokenbroker.config import ProxySettings
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
@@ -451,3 +452,51 @@ def test_upstream_401_on_a_body_over_the_replay_limit_is_passed_through(
         assert auth_server.count("login") == logins + 1
         a.close()
         wait_for(lambda: idle(proxy), "every account back in the pool")
+
+
+# -- a request body that breaks off --------------------------------------------------------
+
+
+def send_broken_body(url: str, upstream: RecordingUpstream, name: str) -> None:
+    """Send a chunked POST whose body breaks off (see BROKEN_BODIES), then hang up: the
+    upstream has the head and waits for the rest of the body when the bad bytes come."""
+    coding, rest = BROKEN_BODIES[name]
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=DEADLINE) as sock:
+        sock.sendall(CHUNKED_HEAD % coding)
+        if coding == b"chunked":  # (xchunked is refused before anything is forwarded)
+            wait_for(lambda: len(upstream.records()) == 1, "the upstream to read the head")
+        sock.sendall(rest)
+
+
+@pytest.mark.parametrize("name", list(BROKEN_BODIES))
+def test_a_broken_request_body_frees_the_account_and_the_upstream_connection(
+    auth_server: AuthorizationServer,
+    upstream: RecordingUpstream,
+    make_broker: BrokerFactory,
+    name: str,
+) -> None:
+    """With one account, a client whose chunked body is malformed (or ends with the connection)
+    and who then hangs up neither keeps the account nor the upstream connection: the next
+    client is served at once, and the upstream sees the half-sent request's connection close."""
+    one = make_broker(
+        {"db": login(auth_server, credentials=[{"username": "alice", "password": "alice-pw"}])}
+    )
+    with ServedProxy(one, proxy_settings(upstream)) as proxy:
+        send_broken_body(proxy.url, upstream, name)
+        after = Client(proxy.url, "after")
+        after.http.sock.settimeout(5)
+        try:
+            reply = after.call()
+        except TimeoutError:
+            pytest.fail("the next client waited: the broken request kept the only account")
+        finally:
+            after.close()
+        assert reply.status == 200
+        broken = [r.connection for r in upstream.records() if r.client == "broken"]
+        wait_for(
+            lambda: not set(broken) & upstream.open_connections,
+            "the upstream to see the broken request's connection close",
+        )
+        wait_for(lambda: idle(proxy), "the account back in the pool")
+    assert [r.client for r in upstream.records()] == ["broken"] * len(broken) + ["after"]

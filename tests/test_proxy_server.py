@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
 import os
 import pty
@@ -561,6 +563,44 @@ def test_a_stalled_request_body_is_timed_out_and_frees_the_token(
     assert reply.startswith(b"HTTP/1.1 408 ")  # nothing had been answered yet
     if size == 100:  # a body small enough to keep for a resend is sent only when complete
         assert upstream.records() == []
+
+
+@pytest.mark.parametrize("trickle", [False, True], ids=["stalled", "trickling"])
+def test_a_slow_request_head_gets_408_and_never_holds_a_token(
+    broker: Broker, upstream: RecordingUpstream, trickle: bool
+) -> None:
+    """A client that does not finish its request head within client_header_timeout_seconds
+    (stalled, or sending a byte at a time) gets 408 and a close, and never takes a pool token;
+    a kept-alive connection idle between requests is not cut off by that timeout."""
+    settings = _proxy_settings(
+        upstream, client_header_timeout_seconds=0.5, refresh_check_seconds=0.1
+    )
+    head = b"GET /api/echo HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 200
+    with ServedProxy(broker, settings) as proxy:
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        idle = http.client.HTTPConnection(host, int(port), timeout=10)
+        idle.connect()
+        idle.auto_open = 0  # a closed connection raises instead of redialling
+        with contextlib.closing(idle), socket.create_connection((host, int(port)), 10) as slow:
+            idle.request("GET", "/api/echo", headers={"X-Client": "idle"})
+            assert idle.getresponse().read()
+            started = time.monotonic()
+            in_use, sent = set(), 0
+            while not select.select([slow], [], [], 0.05)[0]:
+                in_use.add(proxy.stats().in_use)
+                assert time.monotonic() - started < 5, "the slow head was never cut off"
+                if trickle or not sent:
+                    slow.sendall(head[sent : sent + 1])
+                    sent += 1
+            waited = time.monotonic() - started
+            reply = _read_all(slow)
+            idle.request("GET", "/api/echo", headers={"X-Client": "idle"})
+            assert idle.getresponse().status == 200
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in reply.lower()
+    assert 0.4 < waited < 3
+    assert in_use == {1}  # the idle connection's token only
+    assert [r.client for r in upstream.records()] == ["idle", "idle"]
 
 
 def test_the_build_under_test_is_the_one_expected() -> None:

@@ -350,6 +350,7 @@ class ProxySettings(_Frozen):
     refresh_check_seconds: float = Field(1.0, gt=0)
     retry_after_seconds: float = Field(1.0, gt=0)
     client_body_timeout_seconds: float = Field(60.0, gt=0)
+    client_header_timeout_seconds: float = Field(10.0, gt=0)
 
     @field_validator("listen", "health_listen")
     @classmethod

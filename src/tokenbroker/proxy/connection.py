@@ -5,12 +5,19 @@ connection closes — which the per-connection token lease needs and ASGI server
 do not expose. Requests are answered strictly in order (pipelining): a request
 parsed while another is being served waits, and reading pauses meanwhile.
 Leases taken for pool routes are kept for the connection's life and closed with it.
+
+A client that breaks its request (bytes llhttp refuses, a head that does not finish
+in time, a body that stalls) is refused in one place, :meth:`ClientConnection.refuse`:
+nothing more is parsed, a request whose body broke off ends at once, and the
+connection closes. Reading goes on (the bytes are dropped) so that a client hanging
+up is always seen and the connection's resources are freed with it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections import deque
 from typing import TYPE_CHECKING, cast
 
@@ -59,6 +66,10 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._head_since = math.inf  # when the head being read began to arrive
+        self._refused = False  # a broken request: nothing more is parsed
+        self._refusal: tuple[int, bytes] | None = None  # its status and error reply
+        self._closing = False
         self._parsing: Exchange | None = None
         self._current: Exchange | None = None
         self._queue: deque[Exchange] = deque()
@@ -77,6 +88,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         # Looked up once: asyncio.get_running_loop() costs a getpid() system call each time.
         self.loop = asyncio.get_running_loop()
+        self._head_since = self.loop.time()  # the first head is timed from the accept
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -86,20 +98,34 @@ class ClientConnection(asyncio.Protocol):
         self.server.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._refused:  # read and dropped: reading on is how a hang-up is seen
+            return
+        if self._parsing is None and self._head_since == math.inf:
+            # The first bytes of a head (cleared when the head is complete). The rest of a
+            # read that completes a request is not timed until more bytes come: such a
+            # connection holds no more than one idle between requests does.
+            self._head_since = self.loop.time()
         try:
             self._parser.feed_data(data)
             if self._parsing is not None:  # a body is still coming: note when it last moved
                 self.body_moved = self.loop.time()
         except httptools.HttpParserUpgrade:
-            if self._parsing is not None:  # upgrades are not relayed: answer, then close
-                self._parsing.close_after = True
-                self._parsing.request_end()
-            self.pause_reading("upgrade")
-        except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _HeadTooLarge):
-                self._reject(431, "headers_too_large", "the request head is too large")
+            # Upgrades are not relayed: the request (complete: llhttp ended it) is
+            # answered, then the connection closes; what follows is another protocol.
+            self._refused = True
+            last = self._queue[-1] if self._queue else self._current
+            if last is not None:
+                last.close_after = True
             else:
-                self._reject(400, "bad_request", "malformed HTTP request")
+                self.close()
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, _HeadTooLarge):
+                self.refuse(431, "headers_too_large", "the request head is too large")
+            elif isinstance(cause, _BadVersion):
+                self.refuse(505, "version_not_supported", "only HTTP/1.0 and 1.1 are served")
+            else:
+                self.refuse(400, "bad_request", "malformed HTTP request")
 
     def eof_received(self) -> bool:
         # A client that stops sending has left, as nginx assumes: stop waiting for a
@@ -140,10 +166,13 @@ class ClientConnection(asyncio.Protocol):
             raise _HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
             raise _HeadTooLarge
+        if self._parsing is None:
+            self._headers.append((name, value))
+        # else a trailer field of a chunked body (RFC 9112 §7.1.2): counted, dropped, never
+        # forwarded and never a header of the next request
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -160,7 +189,7 @@ class ClientConnection(asyncio.Protocol):
             elif lower == b"content-length":
                 content_length = int(value)
             elif lower == b"transfer-encoding":
-                chunked = value.lower().strip().endswith(b"chunked")
+                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
                 if not chunked:  # RFC 9112 §6.3: the body length cannot be known
                     raise _BadFraming
             elif lower == b"expect":
@@ -173,21 +202,24 @@ class ClientConnection(asyncio.Protocol):
             listed -= _DROP
             lines = [line for line in lines if line.split(b":", 1)[0].lower() not in listed]
         version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):  # llhttp also takes 0.9 and 2.0 lines
+            raise _BadVersion
         exchange = Exchange(
             self,
             parser.get_method(),
             self._url,
             lines,
-            b"1.1" if version == "1.1" else version.encode(),
+            b"1.1" if version == "1.1" else b"1.0",
             keep_alive=parser.should_keep_alive(),
             content_length=content_length,
             chunked=chunked,
-            expect_continue=expect,
+            expect_continue=expect and version == "1.1",  # RFC 9110 §10.1.1
             key=key,
         )
         self._url = b""  # ready for the next request (no on_message_begin callback: cheaper)
         self._headers = []
         self._head_bytes = 0
+        self._head_since = math.inf
         self._parsing = exchange
         if self._current is None:
             self._current = exchange  # (_start, inlined: per request)
@@ -202,6 +234,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         exchange, self._parsing = self._parsing, None
+        self._head_bytes = 0  # (trailer fields were counted)
         if exchange is not None:
             exchange.request_end()
 
@@ -235,17 +268,49 @@ class ClientConnection(asyncio.Protocol):
             and now - self.body_moved > limit
         )
 
+    def head_stalled(self, now: float, limit: float) -> bool:
+        """A request head has been arriving for ``limit`` seconds and is not complete
+        (while nothing is being served: the client may wait for a response first)."""
+        return self._current is None and now - self._head_since > limit
+
     def time_out_body(self) -> None:
         """Give up on a client whose request body stalled (408 if nothing was answered)."""
-        exchange = self._parsing or self._current
-        if exchange is not None and not exchange.responded:
-            self.write(error_reply(408, "request_timeout", "the request body stalled", close=True))
-            self.server.count_status(408)
-            self.close()
-        else:
-            self.abort()
-        if self._current is not None and not self._current.done:
-            self._current.abandon()
+        self.refuse(408, "request_timeout", "the request body stalled")
+
+    def time_out_head(self) -> None:
+        """Give up on a client whose request head did not arrive in time (408)."""
+        self.refuse(408, "request_timeout", "the request head took too long")
+
+    def refuse(self, status: int, code: str, message: str) -> None:
+        """End a request the client broke, and then the connection: the one place for a
+        request that cannot be parsed or did not arrive in time.
+
+        Nothing more is parsed (bytes are still read, and dropped, so that a hang-up is
+        seen). A request whose body broke off ends at once: its upstream connection is
+        dropped and its request ended on the lease. Requests complete before the broken
+        one are answered first. Then the error reply goes out (unless a response had
+        begun: then the connection is dropped) and the connection closes, which closes
+        its leases.
+        """
+        if self._refused or self._closing:
+            return
+        self._refused = True
+        self._head_since = math.inf
+        broken, self._parsing = self._parsing, None
+        self._refusal = (status, error_reply(status, code, message, close=True))
+        current = self._current
+        if broken is not None and broken is not current:  # queued behind current: never begun
+            self._queue.remove(broken)
+        elif broken is not None:  # the request being served broke off
+            self._current = None
+            broken.abandon()
+            if broken.responded:
+                self.abort()
+                return
+            current = None
+        if current is None:
+            self._send_refusal()
+        # else the refusal goes out in order, once the requests before it are answered
 
     def write(self, data: bytes) -> None:
         """Queue bytes for the client (sent by :meth:`flush`)."""
@@ -256,7 +321,7 @@ class ClientConnection(asyncio.Protocol):
         out = self._out
         if out:
             self._out = []
-            if self.transport is not None and not self.closed:
+            if self.transport is not None and not self.closed and not self._closing:
                 if len(out) == 1:
                     self.transport.write(out[0])
                 else:
@@ -279,26 +344,31 @@ class ClientConnection(asyncio.Protocol):
     def finished(self, exchange: Exchange) -> None:
         """``exchange`` is over: start the next pipelined request, or close."""
         self.flush()
-        self._current = None
-        if self.closed:
+        if self._current is exchange:
+            self._current = None
+        if self.closed or self._closing:
             return
         if exchange.close_after:
             self.close()
             return
         if self._queue:
             self._start(self._queue.popleft())
+        elif self._refusal is not None:
+            self._send_refusal()
         elif self._pauses:
             self.resume_reading("pipeline")
 
     def close(self) -> None:
         """Close after sending what is queued."""
         self.flush()
+        self._closing = True
         if self.transport is not None and not self.closed:
             self.transport.close()
 
     def abort(self) -> None:
         """Drop the connection at once (a response failed after it had begun)."""
         self._out = []
+        self._closing = True
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
@@ -308,15 +378,10 @@ class ClientConnection(asyncio.Protocol):
         self._current = exchange
         exchange.begin()
 
-    def _reject(self, status: int, code: str, message: str) -> None:
-        """Answer a request that cannot be parsed, then close."""
-        self.pause_reading("error")
-        if self._current is not None:  # answer in order: after the current one
-            if self._parsing is not None and self._parsing is not self._current:
-                self._queue.remove(self._parsing)
-            self._current.close_after = True
-            return
-        self.write(error_reply(status, code, message, close=True))
+    def _send_refusal(self) -> None:
+        assert self._refusal is not None
+        status, reply = self._refusal
+        self.write(reply)
         self.server.count_status(status)
         self.close()
 
@@ -326,6 +391,10 @@ class ClientConnection(asyncio.Protocol):
 
 class _BadFraming(Exception):
     """A request ``Transfer-Encoding`` that does not end in ``chunked``."""
+
+
+class _BadVersion(Exception):
+    """A request line with an HTTP version other than 1.0 and 1.1."""
 
 
 class _HeadTooLarge(Exception):

@@ -256,11 +256,15 @@ class Exchange:
         self.conn.finished(self)
 
     def abandon(self) -> None:
-        """The client left: stop the exchange (a task is cancelled; a fast path ends here)."""
+        """End the exchange at once: the client left, or broke its request off.
+
+        Whatever it was doing, the upstream connection is dropped and the request ended
+        on the lease now; a task is cancelled too (it then only hands the connection on,
+        and its own clean-up finds nothing left to do).
+        """
+        self._stop()
         if self.task is not None:
             self.task.cancel()
-            return
-        self._stop()
 
     def _stop(self) -> None:
         """End the exchange: drop an upstream exchange left unfinished, end the request
@@ -469,7 +473,9 @@ class Exchange:
         ``head`` is the upstream's head as received. The common case (HTTP/1.1 with a
         Content-Length and no hop-by-hop header but ``Connection: keep-alive``) is
         relayed as it is; otherwise hop-by-hop lines (and any the upstream's
-        ``Connection`` names) are cut and the framing is rebuilt.
+        ``Connection`` names) are cut, the status line is the proxy's own
+        (``HTTP/1.1``, for 1.0 clients too, as nginx and Envoy answer), and the framing
+        is rebuilt for the client's version (never chunked toward HTTP/1.0).
         """
         low = head.lower()
         length = b"\ncontent-length:" in low
@@ -481,19 +487,24 @@ class Exchange:
         self.responded = True
         responses = self.conn.server.responses  # (count_status, inlined: per request)
         responses[status] = responses.get(status, 0) + 1
-        if length and not chunked and not self.close_after and self.version == b"1.1":
+        if (
+            length
+            and not chunked
+            and not self.close_after
+            and self.version == b"1.1"
+            and low.startswith(b"http/1.1 ")
+        ):
             hop = HOP_LINE.search(low)
             if hop is None or (
                 hop.group(1) == b"connection"
                 and hop.group(2).strip() == b"keep-alive"
                 and HOP_LINE.search(low, hop.end() - 1) is None
-                and low.startswith(b"http/1.1 ")
             ):
                 self.conn.write(head)
                 return True
         first = head.find(b"\r\n")
         block, listed = strip_hop_by_hop(head[first + 2 : len(head) - 2])
-        lines = [status_line(status, self.version), block]
+        lines = [status_line(status), block]
         if listed:  # rare: drop the headers the upstream's Connection header names
             kept = block.splitlines(keepends=True)
             lines[1] = b"".join([x for x in kept if x.split(b":", 1)[0].lower() not in listed])

@@ -95,16 +95,17 @@ def chunk(data: bytes) -> bytes:
 
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-_LINES: dict[tuple[int, bytes], bytes] = {}
+_LINES: dict[int, bytes] = {}
 
 
-def status_line(status: int, version: bytes = b"1.1") -> bytes:
-    """``HTTP/1.1 200 OK\\r\\n`` (the reason phrase is informational only)."""
-    line = _LINES.get((status, version))
+def status_line(status: int) -> bytes:
+    """``HTTP/1.1 200 OK\\r\\n``: always the proxy's own version (RFC 9110 §2.5), whatever
+    the client's or the upstream's; the reason phrase is informational only."""
+    line = _LINES.get(status)
     if line is None:
-        line = b"HTTP/%b %d %b\r\n" % (version, status, _REASONS.get(status, b"Unknown"))
+        line = b"HTTP/1.1 %d %b\r\n" % (status, _REASONS.get(status, b"Unknown"))
         if len(_LINES) < 1024:
-            _LINES[(status, version)] = line
+            _LINES[status] = line
     return line
 
 

@@ -197,16 +197,19 @@ class ProxyServer:
 
     async def _maintain(self) -> None:
         """Keep tokens warm, reap idle leases, close stale upstream connections, and drop
-        clients whose request body stalled."""
+        clients whose request head or body did not arrive in time."""
         every = self.settings.refresh_check_seconds
         while True:
             await asyncio.sleep(min(every, 1.0))
             try:
                 now = asyncio.get_running_loop().time()
                 limit = self.settings.client_body_timeout_seconds
+                head_limit = self.settings.client_header_timeout_seconds
                 for connection in list(self.connections):
                     if connection.body_stalled(now, limit):
                         connection.time_out_body()
+                    elif connection.head_stalled(now, head_limit):
+                        connection.time_out_head()
                 self.broker.refresh_due()
                 for route in self.routes.routes:
                     route.upstream.sweep()

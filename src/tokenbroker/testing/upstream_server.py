@@ -212,6 +212,7 @@ class RecordingUpstream(Background):
         self._lock = threading.Lock()
         self._records: list[UpstreamRecord] = []
         self._accepted = 0
+        self._open: set[int] = set()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -315,6 +316,13 @@ class RecordingUpstream(Background):
         with self._lock:
             return self._accepted
 
+    @property
+    def open_connections(self) -> frozenset[int]:
+        """Ids (as in :attr:`UpstreamRecord.connection`) of the TCP connections open now;
+        one leaves the set once the upstream has seen it close."""
+        with self._lock:
+            return frozenset(self._open)
+
     def _record(self, request: _Request, connection: int) -> None:
         record = UpstreamRecord(
             client=request.header("x-client"),
@@ -373,6 +381,7 @@ class RecordingUpstream(Background):
         connection = next(self._ids)
         with self._lock:
             self._accepted += 1
+            self._open.add(connection)
         exchange: _Exchange | None = None
         try:
             while True:
@@ -411,6 +420,8 @@ class RecordingUpstream(Background):
             writer.transport.abort()
             raise
         finally:
+            with self._lock:
+                self._open.discard(connection)
             if not (exchange is not None and exchange.aborted):
                 await _close(writer)
 
