@@ -15,6 +15,7 @@ from .errors import (
     ConfigError,
     ConfigProblem,
     EncryptionKeyError,
+    InvalidScopeError,
     InvalidTokenError,
     LeaseExpiredError,
     PoolExhaustedError,
@@ -25,6 +26,7 @@ from .errors import (
     StoreCorruptError,
     StoreError,
     TokenBrokerError,
+    TooManyScopesError,
     UnknownProviderError,
 )
 from .events import (
@@ -53,6 +55,7 @@ __all__ = [
     "EncryptionKeyError",
     "Event",
     "EventBus",
+    "InvalidScopeError",
     "InvalidTokenError",
     "LeaseExpiredError",
     "LeaseGranted",
@@ -77,6 +80,7 @@ __all__ = [
     "TokenCache",
     "TokenInvalidated",
     "TokenRequestFailed",
+    "TooManyScopesError",
     "UnknownProviderError",
     "__version__",
     "load_settings",
