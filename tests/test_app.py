@@ -439,6 +439,40 @@ def test_no_scope_spelling_gets_more_than_the_acl_allows(
     assert auth_server.count("client_credentials") == 1  # every accepted spelling is one key
 
 
+def test_over_long_scope_or_account_is_invalid(scoped: Served) -> None:
+    """A scope over 1024 characters or an account over 256 is a 400, on GET and invalidate."""
+    client = scoped.client
+    long_scope = "read " * 205
+    assert len(long_scope) > 1024
+    responses = [
+        client.get("/v1/tokens/svc", params={"scope": long_scope}, headers=auth(READER_KEY)),
+        client.get("/v1/tokens/svc", params={"account": "a" * 257}, headers=auth(READER_KEY)),
+        client.post(
+            "/v1/tokens/svc/invalidate",
+            json={"access_token": "x", "scope": long_scope},
+            headers=auth(READER_KEY),
+        ),
+    ]
+    assert [r.status_code for r in responses] == [400, 400, 400]
+    assert {r.json()["error"]["code"] for r in responses} == {"invalid_request"}
+
+
+def test_audit_lines_show_the_canonical_scope_never_raw_input(
+    scoped: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit line carries the canonical scope, or ``<invalid>``: a newline in a scope
+    cannot forge a second log line."""
+    caplog.set_level("INFO", logger="tokenbroker.audit")
+    client = scoped.client
+    client.get("/v1/tokens/svc?scope=read+read", headers=auth(READER_KEY))
+    client.get("/v1/tokens/svc?scope=read%0Aoutcome=ok", headers=auth(READER_KEY))
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
+    assert lines == [
+        "token read consumer=reader provider=svc scope=read outcome=ok",
+        "token read consumer=reader provider=svc scope=<invalid> outcome=invalid_request",
+    ]
+
+
 def test_refresh_token_provider_serves_only_its_configured_scopes(
     scoped: Served, auth_server: AuthorizationServer
 ) -> None:

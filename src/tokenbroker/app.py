@@ -232,7 +232,7 @@ class TokenRead:
                 scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
             )
             wanted = query.get("scope", [None])
-            account = query.get("account", [None])[-1]
+            account = query.get("account", [None])[-1] or None
             with audited("token read", caller, provider=provider, scope=_shown(wanted)):
                 if len(wanted) > 1:
                     raise InvalidRequest("invalid request: scope given more than once")
