@@ -358,3 +358,224 @@ def test_health_checks_the_store_off_the_event_loop(
     assert misses == [503]
     assert max(health_took) > 1.0  # the store really was stalled while /health asked
     assert worst < 0.5, f"a cache hit waited {worst:.2f} s behind /health"
+
+
+# -- scopes: one canonical value for the ACL, the cache key and the token request -------------
+
+READER_KEY = new_key()
+ANY_KEY = new_key()
+
+#: Query strings for GET /v1/tokens/svc (raw, so every encoding is tried as sent).
+SCOPE_QUERIES = [
+    "",
+    "scope",
+    "scope=",
+    "scope=%20",
+    "scope=+++",
+    "scope=%09",
+    "scope=%0A",
+    "scope=%0D%0A",
+    "scope=%00",
+    "scope=read",
+    "scope=+read+",
+    "scope=read+read",
+    "scope=read%20%20read",
+    "scope=READ",
+    "scope=Read",
+    "scope=write",
+    "scope=read+write",
+    "scope=write+read",
+    "scope=read%09write",
+    "scope=read%0Awrite",
+    "scope=read%0Bwrite",
+    "scope=read%0Cwrite",
+    "scope=read,write",
+    "scope=read%C2%A0write",
+    "scope=read&scope=write",
+    "scope=write&scope=read",
+    "scope=&scope=read",
+    "scope=read&scope=",
+    "scope[]=read&scope[]=write",
+]
+#: ``scope`` values for POST /v1/tokens/svc/invalidate (absent, null, strings, lists).
+SCOPE_BODIES: list[object] = [
+    ...,
+    None,
+    "",
+    " ",
+    "   ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\x00",
+    "read",
+    " read ",
+    "read read",
+    "READ",
+    "write",
+    "read write",
+    "read\twrite",
+    "read\nwrite",
+    "read\u00a0write",
+    [],
+    [""],
+    ["read"],
+    ["read", "write"],
+    ["read write"],
+    {"scope": "read"},
+    0,
+    False,
+]
+
+
+@pytest.fixture
+def scoped(auth_server: AuthorizationServer, make_broker: BrokerFactory) -> Iterator[Served]:
+    """svc (configured scope ``read``; its client may get ``read write``, which a request with
+    no scope is granted) and rt2 (configured ``read write``), served to ``reader`` (allowed
+    ``svc:read`` and ``rt2:read``) and ``any`` (allowed ``svc``)."""
+    auth_server.add_client("rt2-client", None, auth_method="none", scopes=["read", "write"])
+    seed = auth_server.issue_refresh_token("rt2-client")
+    broker = make_broker(
+        {
+            "svc": client_credentials(auth_server, scopes=["read"]),
+            "rt2": refresh_token(
+                auth_server, seed, client_id="rt2-client", scopes=["read", "write"]
+            ),
+        }
+    )
+    registry = ConsumerRegistry(
+        [
+            ("reader", hash_key(READER_KEY), [parse_rule("svc:read"), parse_rule("rt2:read")]),
+            ("any", hash_key(ANY_KEY), [parse_rule("svc")]),
+        ]
+    )
+    served = Served(create_app(broker, registry, limits=RateLimits(auth_failures="1000/minute")))
+    with served:
+        yield served
+
+
+def _granted(response: object) -> set[str]:
+    body = response.json()  # type: ignore[attr-defined]
+    return set((body.get("scope") or "").split())
+
+
+def _token_requests_within(auth_server: AuthorizationServer, allowed: set[str]) -> None:
+    """Every token request the server saw named its scope, and only scopes in ``allowed``."""
+    for record in auth_server.requests:
+        if record.grant not in ("client_credentials", "refresh_token"):
+            continue
+        scope = record.form.get("scope")
+        assert scope, f"a {record.grant} request with no scope: the IdP grants every scope"
+        assert set(scope.split()) <= allowed, f"asked the IdP for {scope!r}"
+
+
+def test_no_scope_spelling_gets_more_than_the_acl_allows(
+    scoped: Served, auth_server: AuthorizationServer
+) -> None:
+    """A consumer allowed only svc:read, trying every spelling of scope on GET and invalidate,
+    never gets a token granted more than ``read`` and never makes the broker send a token
+    request with fewer restrictions (no scope, or more) than the ACL checked."""
+    client = scoped.client
+    statuses = {}
+    for query in SCOPE_QUERIES:
+        response = client.get(f"/v1/tokens/svc?{query}", headers=auth(READER_KEY))
+        if response.status_code == 200:
+            assert _granted(response) <= {"read"}, (query, response.json()["scope"])
+        statuses[query] = response.status_code
+    for value in SCOPE_BODIES:
+        body = {"access_token": "rejected-token"}
+        if value is not ...:
+            body["scope"] = value  # type: ignore[assignment]
+        response = client.post("/v1/tokens/svc/invalidate", json=body, headers=auth(READER_KEY))
+        if response.status_code == 200:
+            assert _granted(response) <= {"read"}, (value, response.json()["scope"])
+        statuses[repr(value)] = response.status_code
+    _token_requests_within(auth_server, {"read"})
+    ok = {"", "scope", "scope=", "scope=%20", "scope=+++", "scope=read", "scope=+read+"}
+    ok |= {"scope=read+read", "scope=read%20%20read", "scope[]=read&scope[]=write"}
+    ok |= {repr(v) for v in (..., None, "", " ", "   ", "read", " read ", "read read")}
+    for spelling, status in statuses.items():
+        assert (status == 200) if spelling in ok else (status in (400, 404)), (spelling, status)
+    malformed = ["scope=%09", "scope=read%0Awrite", "scope=read%C2%A0write", "scope=read&scope="]
+    assert {q: statuses[q] for q in malformed} == dict.fromkeys(malformed, 400)
+    # Case-sensitive, and a comma is a scope-token character: all are scopes not allowed.
+    assert statuses["scope=READ"] == statuses["scope=write"] == statuses["scope=read,write"] == 404
+    assert auth_server.count("client_credentials") == 1  # every accepted spelling is one key
+
+
+def test_over_long_scope_or_account_is_invalid(scoped: Served) -> None:
+    """A scope over 1024 characters or an account over 256 is a 400, on GET and invalidate."""
+    client = scoped.client
+    long_scope = "read " * 205
+    assert len(long_scope) > 1024
+    responses = [
+        client.get("/v1/tokens/svc", params={"scope": long_scope}, headers=auth(READER_KEY)),
+        client.get("/v1/tokens/svc", params={"account": "a" * 257}, headers=auth(READER_KEY)),
+        client.post(
+            "/v1/tokens/svc/invalidate",
+            json={"access_token": "x", "scope": long_scope},
+            headers=auth(READER_KEY),
+        ),
+    ]
+    assert [r.status_code for r in responses] == [400, 400, 400]
+    assert {r.json()["error"]["code"] for r in responses} == {"invalid_request"}
+
+
+def test_audit_lines_show_the_canonical_scope_never_raw_input(
+    scoped: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The audit line carries the canonical scope, or ``<invalid>``: a newline in a scope
+    cannot forge a second log line."""
+    caplog.set_level("INFO", logger="tokenbroker.audit")
+    client = scoped.client
+    client.get("/v1/tokens/svc?scope=read+read", headers=auth(READER_KEY))
+    client.get("/v1/tokens/svc?scope=read%0Aoutcome=ok", headers=auth(READER_KEY))
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
+    assert lines == [
+        "token read consumer=reader provider=svc scope=read outcome=ok",
+        "token read consumer=reader provider=svc scope=<invalid> outcome=invalid_request",
+    ]
+
+
+def test_refresh_token_provider_serves_only_its_configured_scopes(
+    scoped: Served, auth_server: AuthorizationServer
+) -> None:
+    """A refresh-token credential is one grant with one scope: a consumer allowed rt2:read
+    asking for ``read`` gets a 404, not a token granted the configured ``read write``."""
+    client = scoped.client
+    for query in ("scope=read", "scope=read+write", "scope=", ""):
+        response = client.get(f"/v1/tokens/rt2?{query}", headers=auth(READER_KEY))
+        if response.status_code == 200:
+            assert _granted(response) <= {"read"}, (query, response.json()["scope"])
+        assert response.status_code == 404, query
+    assert auth_server.count("refresh_token") == 0
+
+
+def test_distinct_scope_sets_are_bounded(scoped: Served, auth_server: AuthorizationServer) -> None:
+    """A consumer allowed any scope asking for 200 bogus scopes: at most ``max_scopes`` (16)
+    token requests and stored rows; the rest get 400 too_many_scopes without a request."""
+    client = scoped.client
+    codes = []
+    for i in range(200):
+        response = client.get(f"/v1/tokens/svc?scope=bogus{i}", headers=auth(ANY_KEY))
+        codes.append((response.status_code, response.json()["error"]["code"]))
+    assert auth_server.count("client_credentials") <= 16
+    assert codes[-1] == (400, "too_many_scopes")
+    assert codes.count((400, "too_many_scopes")) >= 200 - 16
+    assert client.get("/v1/tokens/svc", headers=auth(ANY_KEY)).status_code == 200
+
+
+def test_invalidate_has_a_cooldown(scoped: Served, auth_server: AuthorizationServer) -> None:
+    """Ten reports of each successive current token within the cooldown force one new token
+    request; the others get the current token back with ``invalidated: false``."""
+    client = scoped.client
+    current = client.get("/v1/tokens/svc", headers=auth(READER_KEY)).json()["access_token"]
+    dropped = []
+    for _ in range(10):
+        body = client.post(
+            "/v1/tokens/svc/invalidate", json={"access_token": current}, headers=auth(READER_KEY)
+        ).json()
+        dropped.append(body["invalidated"])
+        current = body["access_token"]
+    assert auth_server.count("client_credentials") == 2
+    assert dropped == [True] + [False] * 9

@@ -134,3 +134,21 @@ def test_adapters_reject_unknown_provider_up_front(make_broker: BrokerFactory) -
         broker.httpx_auth("nope")
     with pytest.raises(UnknownProviderError):
         broker.requests_auth("nope")
+
+
+def test_upstream_that_always_answers_401_forces_one_fetch_per_cooldown(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """An upstream rejecting every token: 20 requests through the httpx and requests adapters
+    within the invalidate cooldown cause one forced token request, not one per 401."""
+    broker = make_broker()
+    auth_server.inject(Fault401(), times=None, path="/api/resource")
+    with httpx.Client(auth=broker.httpx_auth("svc")) as client:
+        statuses = [client.get(auth_server.resource_url).status_code for _ in range(10)]
+    with requests.Session() as session:
+        auth = broker.requests_auth("svc")
+        statuses += [
+            session.get(auth_server.resource_url, auth=auth).status_code for _ in range(10)
+        ]
+    assert statuses == [401] * 20
+    assert auth_server.count("client_credentials") == 2

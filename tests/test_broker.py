@@ -14,12 +14,14 @@ from conftest import BrokerFactory
 from support import client_credentials, login, refresh_token, stampede
 from tokenbroker import (
     ClientAuthenticationError,
+    InvalidScopeError,
     InvalidTokenError,
     ManualClock,
     ProviderMisconfiguredError,
     ProviderUnavailableError,
     ReauthorizationRequiredError,
     Token,
+    TooManyScopesError,
     UnknownProviderError,
 )
 from tokenbroker.testing import AuthorizationServer, Fault
@@ -403,6 +405,129 @@ def test_scopes_are_normalised_to_one_cache_entry(
     assert a.access_token == b.access_token == c.access_token
     assert d.access_token != a.access_token
     assert auth_server.count("client_credentials") == 2
+
+
+def test_blank_scope_spellings_mean_the_configured_scopes(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """None, "", blanks and empty lists all mean the configured ``read``: one token, asked for
+    with ``scope=read`` (never with no scope, which this server answers with every scope)."""
+    broker = make_broker()
+    tokens = {
+        broker.get_token("svc", spelling).access_token  # type: ignore[arg-type]
+        for spelling in (None, "", " ", "   ", [], (), "read", " read  read ", ["read"])
+    }
+    assert len(tokens) == 1
+    assert auth_server.count("client_credentials") == 1
+    (request,) = [r for r in auth_server.requests if r.grant == "client_credentials"]
+    assert request.form["scope"] == "read"
+    assert broker.get_token("svc", "").scope == "read"
+
+
+def test_malformed_scopes_are_refused_without_a_request(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """Tabs, newlines, non-ASCII, list items that are not one scope-token, non-strings and
+    over-long scopes raise InvalidScopeError (an UnknownProviderError); nothing is sent."""
+    broker = make_broker()
+    for spelling in (
+        "\t",
+        "\n",
+        "read\twrite",
+        "read\nwrite",
+        "read\r\nwrite",
+        "read\x00",
+        "read\u00a0write",
+        "r\u00e9ad",
+        'read"',
+        "read\\",
+        ["read write"],
+        [""],
+        [" "],
+        ["read", 1],
+        [b"read"],
+        b"read",
+        7,
+        "read " * 300,
+    ):
+        with pytest.raises(InvalidScopeError):
+            broker.get_token("svc", spelling)  # type: ignore[arg-type]
+        with pytest.raises(InvalidScopeError):
+            broker.invalidate("svc", "some-token", spelling)  # type: ignore[arg-type]
+    assert auth_server.requests == []
+    assert broker.store.states() == []
+
+
+def test_distinct_scope_sets_are_bounded_per_provider(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """1000 bogus scopes: at most max_scopes (default 16, the configured set included) token
+    requests and stored rows; the rest raise TooManyScopesError before any request."""
+    broker = make_broker()
+    broker.get_token("svc")
+    errors = []
+    for i in range(1000):
+        with pytest.raises(UnknownProviderError if i >= 15 else ProviderMisconfiguredError) as e:
+            broker.get_token("svc", f"bogus{i}")
+        errors.append(type(e.value))
+    assert auth_server.count("client_credentials") == 16
+    assert len(broker.store.states()) <= 16
+    assert errors[15:] == [TooManyScopesError] * 985
+    assert broker.get_token("svc", "read").access_token == broker.get_token("svc").access_token
+    assert auth_server.count("client_credentials") == 16
+
+
+def test_max_scopes_is_configurable(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """``max_scopes: 2`` on a provider admits the configured set and one more."""
+    broker = make_broker({"svc": client_credentials(auth_server, max_scopes=2)})
+    broker.get_token("svc", "read write")
+    with pytest.raises(TooManyScopesError):
+        broker.get_token("svc", "write")
+    broker.get_token("svc")
+    assert auth_server.count("client_credentials") == 2
+
+
+def test_invalidate_cooldown_bounds_forced_fetches(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """Invalidating each successive current token ten times within the cooldown (default 5 s)
+    forces one new token request; after the cooldown the next invalidation works again."""
+    clock = ManualClock()
+    broker = make_broker(clock=clock)
+    current = broker.get_token("svc").access_token
+    dropped = []
+    for _ in range(10):
+        dropped.append(broker.invalidate("svc", current))
+        current = broker.get_token("svc").access_token
+        clock.advance(0.4)
+    assert dropped == [True] + [False] * 9
+    assert auth_server.count("client_credentials") == 2
+    clock.advance(1.0)
+    assert broker.invalidate("svc", current)
+    assert broker.get_token("svc").access_token != current
+    assert auth_server.count("client_credentials") == 3
+
+
+def test_invalidate_cooldown_is_configurable_per_provider(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """``invalidate_cooldown_seconds: 0`` on a provider turns the cooldown off for it alone."""
+    broker = make_broker(
+        {
+            "svc": client_credentials(auth_server, invalidate_cooldown_seconds=0),
+            "db": login(auth_server),
+        },
+        defaults={"invalidate_cooldown_seconds": 60},
+        clock=ManualClock(),
+    )
+    for provider in ("svc", "db"):
+        for _ in range(3):
+            broker.invalidate(provider, broker.get_token(provider).access_token)
+            broker.get_token(provider)
+    assert auth_server.count("client_credentials") == 4
+    assert auth_server.count("login") == 2
 
 
 def test_rotating_refresh_token_is_replaced_and_never_reused(

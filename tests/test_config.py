@@ -190,6 +190,8 @@ def test_defaults_apply_and_overrides_stay_per_provider(full_env: dict[str, str]
     assert settings.defaults.skew_seconds == 30.0
     assert settings.defaults.refresh_ahead == 0.8
     assert settings.defaults.max_response_bytes == 1 << 20
+    assert settings.defaults.invalidate_cooldown_seconds == 5.0
+    assert settings.defaults.max_scopes == 16
     assert settings.providers["api"].retries == 1
     assert settings.providers["jwt"].retries is None
     assert settings.providers["jwt"].timeout_seconds is None
@@ -225,6 +227,37 @@ def test_minimal_provider_defaults() -> None:
     assert db.token_path == "token"
     assert db.token_type == "Bearer"
     assert db.ttl_seconds == 3600
+
+
+def test_scope_bounds_and_proxy_route_scopes_are_checked() -> None:
+    """max_scopes and invalidate_cooldown_seconds are range-checked; a proxy route's scope
+    is stored canonical (blank as none) and a malformed one is named."""
+    provider = {"grant": "client_credentials", "token_url": "https://i/t", "client_id": "c"}
+    provider["client_secret"] = "s"
+    route = {"prefix": "/", "upstream": "http://127.0.0.1:1", "provider": "cc", "mode": "shared"}
+
+    def config(scope: str, **extra: Any) -> str:
+        routes = [{**route, "scope": scope}]
+        return yaml.safe_dump(
+            {"providers": {"cc": {**provider, **extra}}, "proxy": {"routes": routes}}
+        )
+
+    settings = parse_settings(config(" write read read ", max_scopes=2), {})
+    assert settings.proxy is not None and settings.proxy.routes[0].scope == "read write"
+    assert parse_settings(config("  "), {}).proxy.routes[0].scope is None  # type: ignore[union-attr]
+    bad = [
+        (config("read\twrite"), "proxy.routes.0.scope"),
+        (config("read", max_scopes=0), "providers.cc.max_scopes"),
+        (
+            config("read", invalidate_cooldown_seconds=-1),
+            "providers.cc.invalidate_cooldown_seconds",
+        ),
+        (config("read", scopes=["a" * 600, "b" * 600]), "providers.cc.scopes"),
+    ]
+    for text, path in bad:
+        with pytest.raises(ConfigError) as caught:
+            parse_settings(text, {})
+        assert path in [p.path for p in caught.value.problems]
 
 
 def test_empty_document_gives_defaults() -> None:

@@ -1008,6 +1008,44 @@ def test_consumer_key_header_is_required_and_never_forwarded(
     assert key not in repr(record.headers)
 
 
+def test_consumer_acl_checks_the_route_scope(
+    auth_server: AuthorizationServer, upstream: RecordingUpstream
+) -> None:
+    """The proxy's ACL checks the scopes the route's tokens are asked for (configured ``read``
+    when the route names none): svc:read may use the ``read`` route, not the ``read write``
+    one; svc:write may use neither; the token requests ask for exactly those scopes."""
+    keys = {"reader": new_key(), "writer": new_key()}
+    allow = {"reader": "svc:read", "writer": "svc:write"}
+    config = {
+        "store": "memory",
+        "providers": {"svc": client_credentials(auth_server)},
+        "consumers": {
+            name: {"api_key_sha256": hash_key(key), "allow": [allow[name]]}
+            for name, key in keys.items()
+        },
+    }
+    narrow = route(f"{upstream.url}/api/", "/narrow/")
+    wide = {**route(f"{upstream.url}/api/", "/wide/"), "scope": " write read "}
+    statuses = {}
+    with (
+        Broker(parse_settings(yaml.safe_dump(config), {})) as broker,
+        serve(broker, narrow, wide, consumer_header="X-Key") as proxy,
+    ):
+        for name, key in keys.items():
+            for path in ("/narrow/echo", "/wide/echo"):
+                with Client(proxy.url) as client:
+                    statuses[name, path] = client.request("GET", path, f"X-Key: {key}").status
+    assert statuses == {
+        ("reader", "/narrow/echo"): 200,
+        ("reader", "/wide/echo"): 404,
+        ("writer", "/narrow/echo"): 404,
+        ("writer", "/wide/echo"): 404,
+    }
+    assert len(upstream.records()) == 1
+    asked = [r.form.get("scope") for r in auth_server.requests if r.grant == "client_credentials"]
+    assert asked == ["read"]
+
+
 # -- curl ------------------------------------------------------------------------------------------
 
 

@@ -500,3 +500,24 @@ def test_a_broken_request_body_frees_the_account_and_the_upstream_connection(
         )
         wait_for(lambda: idle(proxy), "the account back in the pool")
     assert [r.client for r in upstream.records()] == ["broken"] * len(broken) + ["after"]
+
+
+def test_upstream_401s_relog_an_account_at_most_once_per_cooldown(
+    proxy: ServedProxy,
+    upstream: RecordingUpstream,
+    auth_server: AuthorizationServer,
+    clients: Callable[[str, str], Client],
+) -> None:
+    """Each new token of one account revoked at once: within the invalidate cooldown the proxy
+    re-logs that account in once; the later 401s reach the client instead of more logins."""
+    a = clients(proxy.url, "a")
+    assert a.call().status == 200
+    logins = auth_server.count("login")
+    statuses = []
+    for _ in range(5):
+        auth_server.revoke_access_token(last_token(upstream, "a"))
+        statuses.append(a.call().status)
+    assert statuses == [200, 401, 401, 401, 401]
+    assert auth_server.count("login") == logins + 1
+    a.close()
+    wait_for(lambda: idle(proxy), "every account back in the pool")

@@ -17,6 +17,7 @@ from .errors import (
     ConfigError,
     ConfigProblem,
     EncryptionKeyError,
+    InvalidScopeError,
     InvalidTokenError,
     LeaseExpiredError,
     PoolExhaustedError,
@@ -27,6 +28,7 @@ from .errors import (
     StoreCorruptError,
     StoreError,
     TokenBrokerError,
+    TooManyScopesError,
     UnknownProviderError,
 )
 from .events import (
@@ -59,6 +61,7 @@ __all__ = [
     "EncryptionKeyError",
     "Event",
     "EventBus",
+    "InvalidScopeError",
     "InvalidTokenError",
     "LeaseExpiredError",
     "LeaseGranted",
@@ -83,6 +86,7 @@ __all__ = [
     "TokenCache",
     "TokenInvalidated",
     "TokenRequestFailed",
+    "TooManyScopesError",
     "UnknownProviderError",
     "__version__",
     "load_settings",

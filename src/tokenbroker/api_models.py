@@ -9,6 +9,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
+    "SCOPE_PATTERN",
     "DelegationIn",
     "DelegationOut",
     "ErrorBody",
@@ -20,6 +21,10 @@ __all__ = [
     "Status",
     "TokenOut",
 ]
+
+#: A request's scope: RFC 6749 §3.3 scope-tokens separated by spaces; blank for the configured
+#: scopes (:mod:`tokenbroker.scopes` normalises it).
+SCOPE_PATTERN = r"^[\x20\x21\x23-\x5b\x5d-\x7e]*$"
 
 
 class ErrorBody(BaseModel):
@@ -53,7 +58,7 @@ class InvalidateIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     access_token: str = Field(min_length=1, max_length=16384)
-    scope: str | None = Field(None, max_length=1024)
+    scope: str | None = Field(None, max_length=1024, pattern=SCOPE_PATTERN)
     account: str | None = Field(None, max_length=256)
 
 

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 
 from . import __version__
 from .api_models import (
+    SCOPE_PATTERN,
     DelegationIn,
     DelegationOut,
     ErrorResponse,
@@ -44,16 +45,19 @@ from .broker import Broker
 from .cache import SlotState
 from .consumers import Consumer, ConsumerRegistry
 from .errors import (
+    InvalidScopeError,
     ProviderMisconfiguredError,
     ProviderUnavailableError,
     ReauthorizationRequiredError,
     StoreError,
     TokenBrokerError,
+    TooManyScopesError,
     UnknownProviderError,
 )
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import RequestContext
 from .ratelimit import RateLimits
+from .scopes import canonical_scopes, scope_string
 from .token import Token
 
 __all__ = ["ERROR_STATUS", "create_app"]
@@ -99,6 +103,7 @@ ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
     (RateLimited, 429, "rate_limited"),
     (InvalidRequest, 400, "invalid_request"),
     (NotFound, 404, "not_found"),
+    (TooManyScopesError, 400, "too_many_scopes"),
     (UnknownProviderError, 404, "not_found"),
     (ReauthorizationRequiredError, 409, "reauthorization_required"),
     (ProviderMisconfiguredError, 500, "provider_misconfigured"),
@@ -110,6 +115,7 @@ _MESSAGES = {
     "rate_limited": "too many requests; retry later",
     "not_found": "no such provider",
     "invalid_request": "invalid request",
+    "too_many_scopes": "the provider serves no more distinct scope sets",
     "reauthorization_required": "the provider's refresh token is dead; authorise again",
     "provider_misconfigured": "the provider rejected the broker's client configuration",
     "provider_unavailable": "the provider is unavailable; retry later",
@@ -152,17 +158,44 @@ def authenticate(
     return found
 
 
-def check_allowed(broker: Broker, caller: Consumer, provider: str, scope: str | None) -> None:
-    """Refuse, as an unknown provider, what ``caller`` may not have.
+def requested_scope(scope: object) -> str | None:
+    """The canonical spelling of a request's scope (None when absent or blank).
+
+    Checked before the provider is looked up, so a malformed scope gets the same 400
+    for every provider name.
 
     Raises:
+        InvalidRequest: The scope is not RFC 6749 scope-tokens separated by spaces.
+    """
+    try:
+        return scope_string(scope)
+    except InvalidScopeError:
+        raise InvalidRequest("invalid request: scope") from None
+
+
+def check_allowed(broker: Broker, caller: Consumer, provider: str, scope: str | None) -> str:
+    """Refuse, as an unknown provider, what ``caller`` may not have.
+
+    The scope is normalised once (:func:`tokenbroker.scopes.canonical_scopes`: absent or
+    blank means the configured scopes); the ACL checks that value and the caller passes
+    the returned spelling of it to the broker, so the token request asks for exactly what
+    was checked.
+
+    Returns:
+        The scopes checked, space-separated ("" only when none are asked for or configured).
+
+    Raises:
+        InvalidRequest: A malformed scope.
         NotFound: Unknown provider, or not allowed (indistinguishable on purpose).
     """
+    wanted = requested_scope(scope)
     settings = broker.settings.providers.get(provider)
-    # No scope asked for means the provider's configured ones.
-    wanted = scope.split(" ") if scope else list(getattr(settings, "scopes", ()))
-    if settings is None or not caller.allows(provider, [w for w in wanted if w]):
+    if settings is None:
         raise NotFound("no such provider")
+    scopes = canonical_scopes(wanted, getattr(settings, "scopes", ()))
+    if not caller.allows(provider, scopes):
+        raise NotFound("no such provider")
+    return " ".join(scopes)
 
 
 class TokenRead:
@@ -195,14 +228,18 @@ class TokenRead:
         try:
             caller = self._caller(scope)
             provider: str = scope["path_params"]["provider"]
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            wanted = query.get("scope", [None])[-1]
-            account = query.get("account", [None])[-1]
-            with audited("token read", caller, provider=provider, scope=wanted):
-                if (wanted and len(wanted) > 1024) or (account and len(account) > 256):
-                    raise InvalidRequest("invalid request: scope or account too long")
-                check_allowed(self.broker, caller, provider, wanted)
-                token = await self.broker.aget_token(provider, wanted, account=account)
+            query = parse_qs(
+                scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
+            )
+            wanted = query.get("scope", [None])
+            account = query.get("account", [None])[-1] or None
+            with audited("token read", caller, provider=provider, scope=_shown(wanted)):
+                if len(wanted) > 1:
+                    raise InvalidRequest("invalid request: scope given more than once")
+                if account and len(account) > 256:
+                    raise InvalidRequest("invalid request: account too long")
+                checked = check_allowed(self.broker, caller, provider, wanted[0])
+                token = await self.broker.aget_token(provider, checked, account=account)
         except TokenBrokerError as exc:
             await error_response(exc)(scope, receive, send)
             return
@@ -327,7 +364,7 @@ def _add_token_routes(
     async def get_token(
         provider: str,
         caller: Caller,
-        scope: Annotated[str | None, Query(max_length=1024)] = None,
+        scope: Annotated[str | None, Query(max_length=1024, pattern=SCOPE_PATTERN)] = None,
         account: Annotated[str | None, Query(max_length=256)] = None,
     ) -> JSONResponse:
         """A valid access token for ``provider`` (never a refresh token)."""
@@ -337,12 +374,10 @@ def _add_token_routes(
     async def invalidate(provider: str, body: InvalidateIn, caller: Caller) -> JSONResponse:
         """Report a rejected token: it is dropped only if still current, then the current
         token is returned (one refresh however many consumers report it)."""
-        with audited("token invalidate", caller, provider=provider, scope=body.scope):
-            check_allowed(broker, caller, provider, body.scope)
-            dropped = broker.invalidate(
-                provider, body.access_token, body.scope, account=body.account
-            )
-            token = await broker.aget_token(provider, body.scope, account=body.account)
+        with audited("token invalidate", caller, provider=provider, scope=_shown([body.scope])):
+            checked = check_allowed(broker, caller, provider, body.scope)
+            dropped = broker.invalidate(provider, body.access_token, checked, account=body.account)
+            token = await broker.aget_token(provider, checked, account=body.account)
         return JSONResponse({**_token_json(token), "invalidated": dropped}, headers=NO_STORE)
 
     @app.post("/v1/delegations", response_model=DelegationOut, responses=errors)
@@ -521,6 +556,15 @@ def _token_json(token: Token) -> dict[str, Any]:
         "expires_in": token.expires_in,
         "scope": token.scope,
     }
+
+
+def _shown(values: list[str | None]) -> str | None:
+    """A request's scope for the audit line: canonical, or ``<invalid>`` (never raw input,
+    which could carry a newline into the log)."""
+    try:
+        return " | ".join(str(scope_string(value)) for value in values)
+    except InvalidScopeError:
+        return "<invalid>"
 
 
 def _any_scope(caller: Consumer, provider: str) -> bool:

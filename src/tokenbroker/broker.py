@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import re
-from collections.abc import Callable, Hashable, Iterable
+import threading
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import httpx
@@ -40,10 +40,16 @@ from .delegation import (
     settings_for,
 )
 from .drivers import RetryPolicy, send_sync, token_flow
-from .errors import ClientAuthenticationError, EncryptionKeyError, UnknownProviderError
+from .errors import (
+    ClientAuthenticationError,
+    EncryptionKeyError,
+    TooManyScopesError,
+    UnknownProviderError,
+)
 from .events import Event, EventBus, RefreshTokenRotated
 from .grants import ClientCredentialsGrant, Grant, LoginGrant, RefreshTokenGrant, TokenResponse
 from .refresher import Job, Refresher, fingerprint
+from .scopes import canonical_scopes, parse_scope, scope_string
 from .secret import Secret
 from .store import SQLiteStore
 from .token import Token
@@ -54,7 +60,6 @@ if TYPE_CHECKING:
 __all__ = ["Broker", "open_store"]
 
 _T = TypeVar("_T", int, float)
-_SCOPE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+\Z")
 
 
 def open_store(settings: Settings) -> SQLiteStore:
@@ -131,6 +136,9 @@ class Broker(AuthAdapters):
             concurrency=settings.defaults.refresh_concurrency,
         )
         self._signers: dict[str, Signer] = {}
+        # Scope sets admitted per provider (bounded by max_scopes), and the lock guarding them.
+        self._scope_sets: dict[str, set[tuple[str, ...]]] = {}
+        self._scope_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: object) -> Broker:
@@ -160,7 +168,8 @@ class Broker(AuthAdapters):
 
         Args:
             provider: The provider's configured name.
-            scope: Scopes (space-separated); default: the provider's configured scopes.
+            scope: Scopes, space-separated or as a list; absent or blank means the
+                provider's configured scopes (see :mod:`tokenbroker.scopes`).
             account: For login providers, which account; default: the first.
 
         Returns:
@@ -168,25 +177,18 @@ class Broker(AuthAdapters):
 
         Raises:
             ProviderError: Classified failure when no valid token could be obtained.
-            UnknownProviderError: Unknown provider, account, or a scope it cannot serve.
+            UnknownProviderError: Unknown provider, account, or a scope it cannot serve;
+                :class:`~tokenbroker.errors.InvalidScopeError` for a malformed scope,
+                :class:`~tokenbroker.errors.TooManyScopesError` for a new scope set beyond
+                the provider's ``max_scopes``.
         """
-        try:
-            return self._cache.get((provider, scope, account))
-        except TypeError:  # an unhashable scope list: retry with its string form
-            if scope is None or isinstance(scope, str):
-                raise
-            return self._cache.get((provider, _joined(scope), account))
+        return self._cache.get((provider, _hashable(scope), account))
 
     async def aget_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
     ) -> Token:
         """Async :meth:`get_token`; a cache hit never yields to the event loop."""
-        try:
-            return await self._cache.aget((provider, scope, account))
-        except TypeError:
-            if scope is None or isinstance(scope, str):
-                raise
-            return await self._cache.aget((provider, _joined(scope), account))
+        return await self._cache.aget((provider, _hashable(scope), account))
 
     def peek_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
@@ -224,11 +226,11 @@ class Broker(AuthAdapters):
             account: As for :meth:`get_token`.
 
         Returns:
-            True if it was current and was dropped (the next call fetches a new one).
+            True if it was current and was dropped (the next call fetches a new one);
+            False if it was not current, or if a token of this key was dropped less than
+            ``invalidate_cooldown_seconds`` ago (the current token stays).
         """
-        if scope is not None and not isinstance(scope, str):
-            scope = _joined(scope)
-        return self._cache.invalidate((provider, scope, account), access_token)
+        return self._cache.invalidate((provider, _hashable(scope), account), access_token)
 
     def delegate(
         self,
@@ -416,6 +418,9 @@ class Broker(AuthAdapters):
             skew=_pick(settings.skew_seconds, defaults.skew_seconds),
             refresh_ahead=_pick(settings.refresh_ahead, defaults.refresh_ahead),
             deadline=_pick(settings.deadline_seconds, defaults.deadline_seconds),
+            invalidate_cooldown=_pick(
+                settings.invalidate_cooldown_seconds, defaults.invalidate_cooldown_seconds
+            ),
         )
 
     def fetch(self, key: _Key, stale: str | None) -> TokenResponse:
@@ -473,23 +478,51 @@ class Broker(AuthAdapters):
 
     def _resolve(self, raw: Hashable) -> _Key:
         provider: str
-        scope: str | Iterable[str] | None
+        scope: object
         account: str | None
         provider, scope, account = raw  # type: ignore[misc]
         settings = self._provider(provider)
-        scopes = _scopes(scope, settings)
         if isinstance(settings, LoginProvider):
+            parse_scope(scope)  # malformed is refused; a login has no scopes
             names = [c.username for c in settings.credentials]
             if account is None:
                 account = names[0]
             elif account not in names:
                 raise UnknownProviderError(f"provider {provider!r} has no account {account!r}")
             return _Key(provider, (), account)
+        # The one canonical value: the ACL checked it, the cache keys on it, the grant sends it.
+        scopes = canonical_scopes(scope, settings.scopes)
         if account is not None:
             raise UnknownProviderError(f"provider {provider!r} has no accounts")
-        if isinstance(settings, RefreshTokenProvider) and not set(scopes) <= set(settings.scopes):
+        configured = canonical_scopes(None, settings.scopes)
+        if isinstance(settings, RefreshTokenProvider) and scopes != configured:
+            # One refresh token, one grant: its refresh request always asks for the configured
+            # scopes, so a token for any other set would carry more (or less) than asked for.
             raise UnknownProviderError(f"provider {provider!r} cannot serve that scope")
-        return _Key(provider, scopes if scope is not None else settings.scopes, None)
+        self._admit(provider, scopes, configured, settings.max_scopes)
+        return _Key(provider, scopes, None)
+
+    def _admit(
+        self,
+        provider: str,
+        scopes: tuple[str, ...],
+        configured: tuple[str, ...],
+        limit: int | None,
+    ) -> None:
+        """Count ``scopes`` among the provider's scope sets, refusing one beyond ``max_scopes``.
+
+        Raises:
+            TooManyScopesError: A new set when the provider already has ``max_scopes``.
+        """
+        with self._scope_lock:
+            known = self._scope_sets.setdefault(provider, {configured})
+            if scopes in known:
+                return
+            if len(known) >= _pick(limit, self.settings.defaults.max_scopes):
+                raise TooManyScopesError(
+                    f"provider {provider!r} already serves its maximum number of scope sets"
+                )
+            known.add(scopes)
 
     def _policy(self, settings: Provider) -> RetryPolicy:
         defaults = self.settings.defaults
@@ -527,15 +560,12 @@ def _max_resends(settings: Provider) -> int | None:
     return 1 if strict else None
 
 
-def _joined(scope: Iterable[str]) -> str:
-    return " ".join(str(item) for item in scope)
+def _hashable(scope: object) -> str | None:
+    """A cache alias for ``scope``: a string or None as it is, a collection in canonical form.
 
-
-def _scopes(scope: str | Iterable[str] | None, settings: Provider) -> tuple[str, ...]:
-    if scope is None:
-        return ()
-    items = [s for s in scope.split(" ") if s] if isinstance(scope, str) else list(scope)
-    for item in items:
-        if not isinstance(item, str) or not _SCOPE.match(item):
-            raise UnknownProviderError("scope must be RFC 6749 scope-tokens separated by spaces")
-    return tuple(sorted(set(items)))
+    Raises:
+        InvalidScopeError: Neither a string nor a collection of scope-tokens.
+    """
+    if scope is None or isinstance(scope, str):
+        return scope
+    return scope_string(scope)

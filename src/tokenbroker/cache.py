@@ -16,7 +16,10 @@ in-flight fetch (a *flight*). The rules:
   with no valid token get that error without another request to the provider
   (a reauthorization error is remembered until :meth:`TokenCache.reset`).
 * :meth:`TokenCache.invalidate` drops a token only if it is still the current
-  one, so many consumers reporting the same rejected token cause one fetch.
+  one, so many consumers reporting the same rejected token cause one fetch; and
+  after it has dropped one, it drops none for that key during the key's
+  ``invalidate_cooldown`` (an upstream that rejects every token cannot make the
+  cache log in, or rotate a single-use refresh token, once per rejection).
 
 Sync and async callers share the same slots and flights: a flight is a
 :class:`concurrent.futures.Future` that a thread or a task completes.
@@ -66,11 +69,14 @@ class Timing:
         skew: Seconds before real expiry after which a token is not handed out.
         refresh_ahead: Fraction of the lifetime after which a background refresh starts.
         deadline: Upper bound, in seconds, of one fetch (waiters give up after it).
+        invalidate_cooldown: Seconds after an invalidation dropped a token during which
+            further invalidations of the key are refused (the current token stays).
     """
 
     skew: float = 30.0
     refresh_ahead: float = 0.8
     deadline: float = 30.0
+    invalidate_cooldown: float = 0.0
 
 
 class Fetcher(Protocol[K]):
@@ -127,6 +133,7 @@ class _Slot(Generic[K]):
         "error",
         "failures",
         "flight",
+        "forced_at",
         "key",
         "last_refresh",
         "lock",
@@ -145,6 +152,7 @@ class _Slot(Generic[K]):
         self.failures = 0
         self.last_refresh: float | None = None
         self.rejected: str | None = None
+        self.forced_at = -math.inf
 
     def stale(self) -> str | None:
         """The access token a new fetch must replace: the current one, or the last rejected."""
@@ -270,25 +278,37 @@ class TokenCache(Generic[K]):
         return done.token
 
     def invalidate(self, raw: Hashable, access_token: str) -> bool:
-        """Drop the current token, but only if it is ``access_token`` (compare-and-invalidate).
+        """Drop the current token, but only if it is ``access_token`` (compare-and-invalidate)
+        and the key's ``invalidate_cooldown`` has passed since it last dropped one.
 
         Args:
             raw: The caller's key.
             access_token: The token the caller found rejected.
 
         Returns:
-            True if it was the current token and was dropped.
+            True if it was the current token and was dropped; False if it was not current,
+            or if it was kept because of the cooldown.
         """
         slot = self._slot(raw)
+        cooldown = self._fetcher.timing(slot.key).invalidate_cooldown
         with slot.lock:
             entry = slot.entry
             if entry is None or not hmac.compare_digest(
                 entry.token.access_token.encode(), access_token.encode()
             ):
                 return False
-            self._install(slot, None)
-            slot.rejected = access_token
+            now = self._now()
+            held = now < slot.forced_at + cooldown
+            if not held:
+                self._install(slot, None)
+                slot.rejected = access_token
+                slot.forced_at = now
         provider, key = self._fetcher.describe(slot.key)
+        if held:
+            logger.debug(
+                "token invalidation within the cooldown ignored provider=%s %s", provider, key
+            )
+            return False
         logger.info("token invalidated provider=%s %s", provider, key)
         self._events.emit(TokenInvalidated(provider, key))
         return True

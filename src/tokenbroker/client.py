@@ -43,6 +43,7 @@ from .cache import Timing, TokenCache
 from .clock import Clock
 from .errors import (
     ClientAuthenticationError,
+    InvalidScopeError,
     ProviderError,
     ProviderMisconfiguredError,
     ProviderUnavailableError,
@@ -51,6 +52,7 @@ from .errors import (
     UnknownProviderError,
 )
 from .grants import TokenResponse, retry_after, validate_token_value
+from .scopes import scope_string
 from .secret import Secret
 from .token import Token
 
@@ -73,10 +75,8 @@ STATUS_ERRORS: dict[int, tuple[type[TokenBrokerError], str]] = {
 }
 
 _PROVIDER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
-_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+\Z")  # RFC 6749 §3.3 scope-token
 _API_KEY = re.compile(r"[\x21-\x7e]{1,4096}\Z")
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
-_MAX_SCOPE = 1024
 _MAX_ACCOUNT = 256
 _MAX_BODY = 1 << 20
 
@@ -234,13 +234,10 @@ class BrokerClient(AuthAdapters):
         provider, scope, account = raw  # type: ignore[misc]
         if not isinstance(provider, str) or not _PROVIDER.match(provider):
             raise UnknownProviderError("a provider name is 1-64 of a-z, 0-9, '_' and '-'")
-        if scope is not None:
-            if not isinstance(scope, str) or len(scope) > _MAX_SCOPE:
-                raise UnknownProviderError(f"{provider}: scope must be at most {_MAX_SCOPE} chars")
-            items = {item for item in scope.split(" ") if item}
-            if not all(_SCOPE_TOKEN.match(item) for item in items):
-                raise UnknownProviderError(f"{provider}: scope must be RFC 6749 scope-tokens")
-            scope = " ".join(sorted(items))
+        try:
+            scope = scope_string(scope)  # blank means the broker's configured scopes, as None
+        except InvalidScopeError as exc:
+            raise InvalidScopeError(f"{provider}: {exc}") from None
         if account is not None and (
             not isinstance(account, str) or not 0 < len(account) <= _MAX_ACCOUNT
         ):
@@ -337,9 +334,10 @@ class BrokerClient(AuthAdapters):
 
 
 def _joined(scope: str | Iterable[str] | None) -> str | None:
+    """A cache alias for ``scope``: a string or None as it is, a collection in canonical form."""
     if scope is None or isinstance(scope, str):
         return scope
-    return " ".join(str(item) for item in scope)
+    return scope_string(scope)
 
 
 def _parse(provider: str, status: int, headers: httpx.Headers, body: bytes) -> TokenResponse:

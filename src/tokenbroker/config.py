@@ -32,7 +32,8 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError, ConfigProblem
+from .errors import ConfigError, ConfigProblem, InvalidScopeError
+from .scopes import MAX_SCOPE_LENGTH, SCOPE_TOKEN, scope_string
 from .secret import Secret
 
 __all__ = [
@@ -81,6 +82,10 @@ class Defaults(_Frozen):
     lease_seconds: float | None = Field(None, gt=0)
     store_busy_timeout_seconds: float = Field(5.0, gt=0)
     refresh_concurrency: int = Field(8, ge=1, le=256)
+    #: After an invalidation forces a new token, further ones for that key are refused this long.
+    invalidate_cooldown_seconds: float = Field(5.0, ge=0, le=3600)
+    #: Distinct scope sets (the configured one included) a provider serves.
+    max_scopes: int = Field(16, ge=1, le=1024)
 
 
 class JwtDelegation(_Frozen):
@@ -143,6 +148,7 @@ class _ProviderBase(_Frozen):
     backoff_seconds: float | None = Field(None, ge=0)
     default_expires_in: float = Field(3600.0, gt=0)
     required: bool = False
+    invalidate_cooldown_seconds: float | None = Field(None, ge=0, le=3600)
 
 
 def _check_url(value: str, *, https_only: bool) -> str:
@@ -174,6 +180,7 @@ class _OAuthProvider(_ProviderBase):
     signing_alg: Literal["RS256", "ES256", "EdDSA", "PS256"] | None = None
     assertion_audience: str | None = None
     scopes: tuple[str, ...] = ()
+    max_scopes: int | None = Field(None, ge=1, le=1024)
     audience: str | None = None
 
     @field_validator("token_url")
@@ -185,8 +192,10 @@ class _OAuthProvider(_ProviderBase):
     @classmethod
     def _scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for scope in value:
-            if not re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e]+", scope):
+            if not SCOPE_TOKEN.match(scope):
                 raise ValueError("each scope must be a non-empty RFC 6749 scope-token")
+        if sum(len(scope) + 1 for scope in value) > MAX_SCOPE_LENGTH:
+            raise ValueError(f"the scopes must be at most {MAX_SCOPE_LENGTH} characters in all")
         return value
 
     @model_validator(mode="after")
@@ -325,6 +334,14 @@ class ProxyRoute(_Frozen):
     wait_timeout_seconds: float | None = Field(None, gt=0)
     idle_timeout_seconds: float | None = Field(None, gt=0)
     max_lease_seconds: float | None = Field(None, gt=0)
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, value: str | None) -> str | None:
+        try:
+            return scope_string(value)
+        except InvalidScopeError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("upstream")
     @classmethod

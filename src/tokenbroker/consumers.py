@@ -7,7 +7,9 @@ presented key and looks the digest up; the digest, not the key, is what is
 compared, with :func:`hmac.compare_digest`, so timing reveals nothing useful.
 
 An ``allow`` rule is ``provider`` (any scope) or ``provider:scope1 scope2`` (those
-scopes only; a request's scopes must be a subset).
+scopes only; a request's scopes must be a subset). The scopes checked are the request's
+canonical ones (:func:`tokenbroker.scopes.canonical_scopes`: absent or blank means the
+provider's configured scopes; case-sensitive), the very set the token request asks for.
 """
 
 from __future__ import annotations
@@ -91,7 +93,9 @@ class Consumer:
 
         Args:
             provider: The provider name.
-            scopes: The requested scopes (empty: the provider's default).
+            scopes: The canonical scopes the token will be asked for. Empty means no scope
+                restriction at all (the provider's own default, often every scope), which
+                only a rule without scopes covers.
 
         Returns:
             True if some rule covers the request.

@@ -6,6 +6,8 @@
     ├── ConfigError                     bad configuration; lists every problem with its field path
     │   └── EncryptionKeyError          a key is malformed, or stored secrets need a key we lack
     ├── UnknownProviderError            no such provider (or scope/account not valid for it)
+    │   ├── InvalidScopeError           a scope that is not RFC 6749 scope-tokens
+    │   └── TooManyScopesError          a new scope set beyond the provider's ``max_scopes``
     ├── StoreError                      the durable store failed (locked, disk full, read-only)
     │   └── StoreCorruptError           a stored row or ciphertext is damaged or was moved
     └── ProviderError                   the identity provider could not give us a token
@@ -31,6 +33,7 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "EncryptionKeyError",
+    "InvalidScopeError",
     "InvalidTokenError",
     "LeaseExpiredError",
     "PoolExhaustedError",
@@ -41,6 +44,7 @@ __all__ = [
     "StoreCorruptError",
     "StoreError",
     "TokenBrokerError",
+    "TooManyScopesError",
     "UnknownProviderError",
 ]
 
@@ -108,6 +112,14 @@ class StoreCorruptError(StoreError):
 
 class UnknownProviderError(TokenBrokerError):
     """The provider, scope or account asked for is not configured."""
+
+
+class InvalidScopeError(UnknownProviderError):
+    """A scope is not RFC 6749 §3.3 scope-tokens separated by spaces (or is too long)."""
+
+
+class TooManyScopesError(UnknownProviderError):
+    """A new scope set would exceed the provider's ``max_scopes``; nothing was sent or stored."""
 
 
 class ProviderError(TokenBrokerError):

@@ -423,7 +423,7 @@ class Exchange:
             if consumer is None:
                 self._fail(401, "unauthorized", "a valid consumer key is required")
                 return None
-            if route is not None and not consumer.allows(route.provider):
+            if route is not None and not consumer.allows(route.provider, route.scopes):
                 route = None
         if route is None:
             self._fail(404, "no_route", "no route serves this path")

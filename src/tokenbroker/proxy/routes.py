@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from ..broker import Broker
 from ..config import ProxyRoute, ProxySettings
 from ..pool import TokenPool
+from ..scopes import canonical_scopes
 from .upstream import UpstreamPool
 
 __all__ = ["Route", "RouteTable"]
@@ -22,12 +23,17 @@ class Route:
         upstream: The keep-alive connection pool to its upstream.
         pool: The token pool (``mode: pool``), else None.
         host: The ``Host`` header value sent upstream.
+        scope: The route's scope as configured (canonical; None for the provider's).
+        scopes: The scopes its tokens are asked for, which the consumer ACL checks.
     """
 
     def __init__(self, spec: ProxyRoute, broker: Broker, settings: ProxySettings) -> None:
         self.spec = spec
         self.provider = spec.provider
         self.scope = spec.scope
+        self.scopes = canonical_scopes(
+            spec.scope, getattr(broker.settings.providers[spec.provider], "scopes", ())
+        )
         self.prefix = spec.prefix.encode()
         self._dir = self.prefix if self.prefix.endswith(b"/") else self.prefix + b"/"
         parts = urlsplit(spec.upstream)
