@@ -376,7 +376,7 @@ def consumers_list(config_path: Path) -> None:
         _fail(exc)
         return
     for name, spec in sorted(settings.consumers.items()):
-        click.echo(f"{name}\tconfig\t{', '.join(map(str, spec.get('allow', [])))}")
+        click.echo(f"{name}\tconfig\t{', '.join(spec.allow)}")
     for name, _, rules in stored:
         click.echo(f"{name}\tstore\t{', '.join(rules)}")
 
