@@ -19,9 +19,9 @@ import click
 import httpx
 
 from .broker import Broker, open_store
-from .config import load_settings, startup_problems
+from .config import config_warnings, load_settings, startup_problems
 from .consumers import hash_key, new_key, parse_rule
-from .crypto import generate_key
+from .crypto import Keyring, generate_key
 from .errors import (
     ConfigError,
     ConfigProblem,
@@ -30,7 +30,7 @@ from .errors import (
     UnknownProviderError,
 )
 from .logs import configure
-from .store import SQLiteStore
+from .store import SQLiteStore, probe
 
 __all__ = ["main"]
 
@@ -109,10 +109,17 @@ def _fail(exc: TokenBrokerError) -> None:
 @main.command()
 @config_option
 def check(config_path: Path) -> None:
-    """Validate the configuration; name every problem, never print a secret."""
+    """Validate the configuration and the store; name every problem, never print a secret.
+
+    Settings nothing reads yet are warnings. The store is only read, never created or migrated.
+    """
     try:
         settings = load_settings(config_path)
+        for warning in config_warnings(settings):
+            click.echo(f"warning: {warning}", err=True)
         problems = startup_problems(settings)
+        keys = settings.encryption_keys
+        problems += probe(settings.store, Keyring(keys) if keys else None)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
