@@ -1269,3 +1269,18 @@ def test_unused_settings_are_warnings() -> None:
     assert all("not used" in w.message for w in warnings)
     assert_no_canary(repr(warnings), REDIS_CANARY)
     assert config_warnings(parse_settings("", {})) == []
+
+
+def test_typed_sections_still_read_like_mappings() -> None:
+    """Code written when server, telemetry and consumers were dicts (`.get(name)`) still works."""
+    config = yaml.safe_load(one_provider())
+    config |= {
+        "server": {"listen": "127.0.0.1:9"},
+        "consumers": {"etl": {"api_key_sha256": DIGEST, "allow": ["p"]}},
+    }
+    settings = parse_settings(yaml.safe_dump(config), {})
+    assert settings.server.get("listen") == "127.0.0.1:9"
+    assert settings.server.get("rate_limit") is None
+    assert settings.server.get("no_such_field", 5) == 5
+    assert settings.telemetry.get("log_format") == "json"
+    assert settings.consumers["etl"].get("allow") == ("p",)

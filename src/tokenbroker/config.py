@@ -419,7 +419,15 @@ def _origin(value: str) -> str:
     return value
 
 
-class ServerSettings(_Frozen):
+class _Section(_Frozen):
+    """A section that used to be a plain mapping: ``section.get(name)`` still reads a field."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The field ``name``, or ``default`` when there is no such field (as ``dict.get``)."""
+        return getattr(self, name, default) if name in type(self).model_fields else default
+
+
+class ServerSettings(_Section):
     """The HTTP API (``tokenbroker serve``)."""
 
     listen: str = "127.0.0.1:8750"
@@ -439,7 +447,7 @@ class ServerSettings(_Frozen):
         return value
 
 
-class TelemetrySettings(_Frozen):
+class TelemetrySettings(_Section):
     """Logs (and, later, OpenTelemetry export)."""
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -460,7 +468,7 @@ def _allow_rule(value: str, info: ValidationInfo) -> str:
     return value
 
 
-class ConsumerSettings(_Frozen):
+class ConsumerSettings(_Section):
     """A consumer defined in the config: its key's SHA-256 and what it may ask for."""
 
     api_key_sha256: str
