@@ -388,3 +388,14 @@ def test_check_reports_a_store_folder_it_cannot_write(tmp_path: Path, where: str
     )
     assert check(fresh)[0] == 0
     assert not (tmp_path / "new.db").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "proxy"])
+def test_a_bad_listen_flag_is_a_usage_error(tmp_path: Path, command: str) -> None:
+    """serve/proxy --listen without HOST:PORT is a usage error naming the option (exit 2),
+    before anything starts."""
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text("store: memory\n")
+    result = CliRunner().invoke(main, [command, "--listen", "nowhere", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "--listen" in result.output and "HOST:PORT" in result.output

@@ -17,9 +17,10 @@ from typing import Any
 
 import click
 import httpx
+from pydantic import ValidationError
 
 from .broker import Broker, open_store
-from .config import config_warnings, load_settings, startup_problems
+from .config import ServerSettings, config_warnings, load_settings, startup_problems
 from .consumers import hash_key, new_key, parse_rule
 from .crypto import Keyring, generate_key
 from .errors import (
@@ -100,6 +101,17 @@ def _extra(*extras: str) -> Iterator[None]:
         raise
 
 
+def _listen(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--listen`` is checked as ``server.listen`` is: a usage error (exit 2), not a traceback."""
+    if value is not None:
+        try:
+            ServerSettings(listen=value)
+        except ValidationError as exc:
+            reason = exc.errors(include_input=False)[0]["msg"]
+            raise click.BadParameter(reason.removeprefix("Value error, ")) from None
+    return value
+
+
 def _fail(exc: TokenBrokerError) -> None:
     code = next((c for kind, c in _EXIT.items() if isinstance(exc, kind)), 1)
     click.echo(f"error: {exc}", err=True)
@@ -132,7 +144,10 @@ def check(config_path: Path) -> None:
 @main.command("serve")
 @config_option
 @click.option(
-    "--listen", default=None, help="host:port (default: server.listen, else 127.0.0.1:8750)."
+    "--listen",
+    default=None,
+    callback=_listen,
+    help="host:port (default: server.listen, else 127.0.0.1:8750).",
 )
 def serve_command(config_path: Path, listen: str | None) -> None:
     """Serve the HTTP API, and the token proxy when configured (needs the 'server' extra)."""
@@ -148,7 +163,7 @@ def serve_command(config_path: Path, listen: str | None) -> None:
 
 @main.command("proxy")
 @config_option
-@click.option("--listen", default=None, help="host:port (default: proxy.listen).")
+@click.option("--listen", default=None, callback=_listen, help="host:port (default: proxy.listen).")
 def proxy_command(config_path: Path, listen: str | None) -> None:
     """Run the token-injecting reverse proxy (the config's proxy: section)."""
     with _extra("server"):
