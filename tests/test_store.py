@@ -1079,3 +1079,22 @@ def test_probe_reports_a_store_that_would_not_open(tmp_path: Path, how: str, wor
     assert problem.path == "store" and words in problem.message
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tb.db"]
+
+
+def test_probe_reads_a_store_another_process_has_open(tmp_path: Path) -> None:
+    """With the store open elsewhere (its WAL file present), probe reads it read-only and still
+    sees the key a secret written a moment ago is under."""
+    from tokenbroker.store import probe
+
+    keyring, other = Keyring([Secret(generate_key())]), Keyring([Secret(generate_key())])
+    path = tmp_path / "tb.db"
+    store = SQLiteStore(str(path), keyring)
+    try:
+        store.add_signing_key("kid", "EdDSA", b"pem")
+        assert (tmp_path / "tb.db-wal").exists()
+        assert probe(f"sqlite:///{path}", keyring) == []
+        (problem,) = probe(f"sqlite:///{path}", other)
+        assert problem.path == "encryption_keys" and keyring.primary_id in problem.message
+        store.add_signing_key("kid-2", "EdDSA", b"pem")
+    finally:
+        store.close()
