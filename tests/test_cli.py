@@ -258,3 +258,144 @@ def test_a_missing_extra_names_the_pip_install_line(
     assert done.returncode == 2, done.stderr
     assert "Traceback" not in done.stderr
     assert f"pip install 'tokenbroker[{extra}]'" in done.stderr
+
+
+# -- check finds what serve, proxy and token would refuse (operator experience, item 1) -----
+
+
+def check(path: Path) -> tuple[int, str]:
+    """Run ``tokenbroker check`` on ``path``: exit code and everything printed."""
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    return result.exit_code, result.output
+
+
+def test_check_lists_every_problem_in_one_run(tmp_path: Path) -> None:
+    """A config with problems in every section gets all of them, with field paths, in one run
+    (exit 2), and no value from the file."""
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(
+        "store: memory\n"
+        f"encryption_keys: [{CANARY}]\n"
+        "defaults: {deadline_seconds: 10, lease_seconds: 5}\n"
+        "providers:\n"
+        "  svc: {grant: client_credentials, token_url: 'https://i/t', client_id: c,"
+        f" client_secret: {CANARY}}}\n"
+        "server: {listen: nowhere, rate_limit: lots, cors_origins: 'https://a.example'}\n"
+        "telemetry: {log_level: loud, log_format: xml}\n"
+        f"consumers: {{etl: {{api_key_sha256: {CANARY}, allow: [ghost]}}}}\n"
+    )
+    code, output = check(path)
+    assert code == 2
+    for where in (
+        "encryption_keys.0:",
+        "defaults.lease_seconds:",
+        "server.listen:",
+        "server.rate_limit:",
+        "server.cors_origins:",
+        "telemetry.log_level:",
+        "telemetry.log_format:",
+        "consumers.etl.api_key_sha256:",
+        "consumers.etl.allow.0: no provider named 'ghost'",
+    ):
+        assert where in output, output
+    assert CANARY not in output
+
+
+def test_check_prints_warnings_and_passes(tmp_path: Path) -> None:
+    """Settings nothing reads yet (redis, telemetry.otlp_endpoint) are warnings: check says so,
+    without the redis URL's password, and still exits 0."""
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(
+        f"store: memory\nredis: redis://:{CANARY}@cache:6379/0\n"
+        "telemetry: {otlp_endpoint: 'http://otel:4317'}\n"
+    )
+    code, output = check(path)
+    assert code == 0, output
+    assert "warning: redis: is not used yet" in output
+    assert "warning: telemetry.otlp_endpoint: is not used yet" in output
+    assert CANARY not in output
+
+
+@pytest.mark.parametrize(
+    "server",
+    [{"listen": "nowhere"}, {"listen": "127.0.0.1:0", "cors_origins": "https://a.example"}],
+)
+def test_serve_refuses_bad_server_settings_without_a_traceback(
+    tmp_path: Path, server: dict[str, object]
+) -> None:
+    """serve with a bad server.listen or a string cors_origins exits 2 with check's message
+    naming the field, not a traceback (and does not start serving)."""
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(yaml.safe_dump({"store": "memory", "server": server}))
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    field = "server.listen" if server["listen"] == "nowhere" else "server.cors_origins"
+    assert f"{field}: " in done.stderr
+
+
+def test_check_reports_a_store_under_another_key(tmp_path: Path) -> None:
+    """check opens the store read-only and says a stored secret is under a key that is not in
+    encryption_keys (by key id, never a key), changing nothing in the folder."""
+    import hashlib
+
+    from tokenbroker.crypto import Keyring, decode_key, generate_key
+    from tokenbroker.secret import Secret
+    from tokenbroker.store import SQLiteStore
+
+    old, new = generate_key(), generate_key()
+    store = SQLiteStore(str(tmp_path / "tb.db"), Keyring([Secret(old)]))
+    store.add_signing_key("kid-1", "EdDSA", b"private key bytes")
+    store.close()
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(yaml.safe_dump({"store": "sqlite:///tb.db", "encryption_keys": [new]}))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    code, output = check(path)
+    assert code == 2, output
+    key_id = hashlib.sha256(decode_key(old)).digest()[:8].hex()
+    assert f"encryption_keys: 1 stored secret(s) are encrypted with key {key_id}" in output
+    assert old not in output and new not in output
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    path.write_text(yaml.safe_dump({"store": "sqlite:///tb.db", "encryption_keys": [new, old]}))
+    assert check(path) == (0, f"{path}: ok (0 providers: none)\n")
+
+
+@pytest.mark.parametrize("where", ["missing/tb.db", "a-file/tb.db"])
+def test_check_reports_a_store_folder_it_cannot_write(tmp_path: Path, where: str) -> None:
+    """check says when the store's folder does not exist or cannot take new files (serve could
+    not create the store or its journal there), and creates nothing."""
+    from tokenbroker.crypto import generate_key
+
+    (tmp_path / "a-file").write_text("not a folder")
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(
+        yaml.safe_dump({"store": f"sqlite:///{where}", "encryption_keys": [generate_key()]})
+    )
+    code, output = check(path)
+    assert code == 2, output
+    assert f"store: cannot create files in {(tmp_path / where).parent}" in output
+    assert not (tmp_path / "missing").exists()
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(
+        yaml.safe_dump({"store": "sqlite:///new.db", "encryption_keys": [generate_key()]})
+    )
+    assert check(fresh)[0] == 0
+    assert not (tmp_path / "new.db").exists()
+
+
+@pytest.mark.parametrize("command", ["serve", "proxy"])
+def test_a_bad_listen_flag_is_a_usage_error(tmp_path: Path, command: str) -> None:
+    """serve/proxy --listen without HOST:PORT is a usage error naming the option (exit 2),
+    before anything starts."""
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text("store: memory\n")
+    result = CliRunner().invoke(main, [command, "--listen", "nowhere", "--config", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "--listen" in result.output and "HOST:PORT" in result.output

@@ -29,7 +29,7 @@ from tokenbroker.secret import Secret
 CS_CANARY = "CANARY_CS_5d1e0f2a"
 RT_CANARY = "CANARY_RT_77b3c9d4"
 PW_CANARY = "CANARY_PW_0a9e6b13"
-EK_CANARY = "CANARY_EK_c2f48e01"
+EK_CANARY = "Q0FOQVJZX0VLX2MyZjQ4ZTAxX19fX19fX19fX19fX18="  # a valid key: CANARY_EK_c2f48e01___…
 REDIS_CANARY = "CANARY_REDIS_19fa2b"
 ENV_CANARY = "CANARY_ENV_3e8d1c70"
 
@@ -1112,3 +1112,208 @@ def test_secret_type_in_settings(full_env: dict[str, str]) -> None:
     assert isinstance(tesla.refresh_token, Secret)  # type: ignore[union-attr]
     assert all(isinstance(c.password, Secret) for c in dolphin.credentials)  # type: ignore[union-attr]
     assert all(isinstance(k, Secret) for k in settings.encryption_keys)
+
+
+# -- every section typed, every problem in one pass (operator experience, item 1) -----------
+
+DIGEST = "ab" * 32
+
+
+@pytest.mark.parametrize(
+    ("section", "path", "words"),
+    [
+        ({"listen": "8750"}, "server.listen", "HOST:PORT"),
+        ({"listen": "127.0.0.1:99999"}, "server.listen", "HOST:PORT"),
+        ({"rate_limit": "lots"}, "server.rate_limit", "50/second"),
+        ({"rate_limit": "10/second;100/minute"}, "server.rate_limit", "50/second"),
+        ({"cors_origins": "https://app.example"}, "server.cors_origins", "must be a list"),
+        ({"cors_origins": ["https://app.example/"]}, "server.cors_origins.0", "origin"),
+        ({"lisen": "127.0.0.1:1"}, "server.lisen", "did you mean 'listen'"),
+    ],
+)
+def test_server_section_is_typed(section: dict[str, Any], path: str, words: str) -> None:
+    """A bad server.listen, rate_limit or cors_origins, or a misspelt server key, is refused by
+    parse_settings at its field path (serve would otherwise crash on it, or ignore it)."""
+    problem = only(problems_of(yaml.safe_dump({"server": section})), path)
+    assert words in problem.message
+
+
+@pytest.mark.parametrize(
+    ("section", "path", "words"),
+    [
+        ({"log_level": "loud"}, "telemetry.log_level", "'debug', 'info', 'warning' or 'error'"),
+        ({"log_format": "xml"}, "telemetry.log_format", "'json' or 'text'"),
+        ({"log_levle": "info"}, "telemetry.log_levle", "did you mean 'log_level'"),
+    ],
+)
+def test_telemetry_section_is_typed(section: dict[str, Any], path: str, words: str) -> None:
+    """A bad telemetry.log_level or log_format, or a misspelt key, is refused at its path."""
+    problem = only(problems_of(yaml.safe_dump({"telemetry": section})), path)
+    assert words in problem.message
+
+
+def test_telemetry_level_is_case_insensitive() -> None:
+    """log_level INFO (which worked before it was typed) still works."""
+    settings = parse_settings("telemetry: {log_level: INFO, log_format: text}\n", {})
+    assert (settings.telemetry.log_level, settings.telemetry.log_format) == ("info", "text")
+
+
+@pytest.mark.parametrize(
+    ("consumer", "path", "words"),
+    [
+        ({"api_key_sha256": CS_CANARY, "allow": ["p"]}, "consumers.etl.api_key_sha256", "64 hex"),
+        ({"allow": ["p"]}, "consumers.etl.api_key_sha256", "is required"),
+        ({"api_key_sha256": DIGEST, "allow": ["nope"]}, "consumers.etl.allow.0", "no provider"),
+        (
+            {"api_key_sha256": DIGEST, "allow": ["p:bad\\scope"]},
+            "consumers.etl.allow.0",
+            "PROVIDER:SCOPE",
+        ),
+        ({"api_key_sha256": DIGEST, "allow": "p"}, "consumers.etl.allow", "must be a list"),
+        ({"api_key_sha256": DIGEST, "alow": ["p"]}, "consumers.etl.alow", "did you mean 'allow'"),
+    ],
+)
+def test_consumers_section_is_typed(consumer: dict[str, Any], path: str, words: str) -> None:
+    """A consumer with a bad key digest, an unknown provider, a bad scope rule or a misspelt
+    field is refused at its path, without echoing the value."""
+    config = yaml.safe_load(one_provider())
+    config["consumers"] = {"etl": consumer}
+    error = problems_of(yaml.safe_dump(config))
+    assert words in only(error, path).message
+    assert_no_canary(repr(error), CS_CANARY)
+
+
+def test_consumer_names_are_checked() -> None:
+    """A consumer name the store would refuse is refused in the config too."""
+    config = {"consumers": {"has space": {"api_key_sha256": DIGEST}}}
+    assert paths(problems_of(yaml.safe_dump(config))) == ["consumers.has space"]
+
+
+def test_typed_sections_keep_their_values() -> None:
+    """Valid server, telemetry and consumers sections come back typed, digests lower-cased."""
+    config = yaml.safe_load(one_provider())
+    config |= {
+        "server": {"listen": "[::1]:0", "rate_limit": "50 per 2 seconds", "cors_origins": ["*"]},
+        "telemetry": {"log_level": "debug", "log_format": "text"},
+        "consumers": {"etl": {"api_key_sha256": DIGEST.upper(), "allow": ["p", "p:read write"]}},
+    }
+    settings = parse_settings(yaml.safe_dump(config), {})
+    assert settings.server.listen == "[::1]:0"
+    assert settings.server.cors_origins == ("*",)
+    assert settings.telemetry.log_level == "debug"
+    assert settings.consumers["etl"].api_key_sha256 == DIGEST
+    assert settings.consumers["etl"].allow == ("p", "p:read write")
+    assert parse_settings("", {}).server.listen == "127.0.0.1:8750"
+
+
+@pytest.mark.parametrize(
+    "limit", ["1/second", "50/second", "50 per 2 seconds", "10/Minute", " 5 / hour ", "1/day"]
+)
+def test_rate_limits_accepted_are_the_ones_limits_parses(limit: str) -> None:
+    """Every rate_limit the config accepts is one the `limits` library parses to that rate."""
+    from limits import parse
+
+    settings = parse_settings(yaml.safe_dump({"server": {"rate_limit": limit}}), {})
+    assert settings.server.rate_limit == limit
+    assert parse(limit).amount >= 1
+
+
+@pytest.mark.parametrize("position", [0, 1])
+def test_encryption_keys_must_be_32_bytes(position: int) -> None:
+    """A malformed encryption key is refused at encryption_keys.N, its value never shown."""
+    keys = [EK_CANARY, EK_CANARY]
+    keys[position] = "CANARY_not_a_key"
+    problems = problems_of(yaml.safe_dump({"encryption_keys": keys}))
+    assert "32 bytes" in only(problems, f"encryption_keys.{position}").message
+    assert_no_canary(repr(problems), "CANARY_not_a_key", EK_CANARY)
+
+
+def test_lease_below_twice_the_deadline_is_refused() -> None:
+    """lease_seconds below 2 × deadline + 2 is refused (it used to be raised silently), for the
+    default deadline and for a provider's own deadline."""
+    defaults = problems_of("defaults: {deadline_seconds: 10, lease_seconds: 21}\n")
+    assert "at least 22" in only(defaults, "defaults.lease_seconds").message
+    text = one_provider(deadline_seconds=40).replace(
+        "providers:", "defaults: {lease_seconds: 70}\nproviders:"
+    )
+    message = only(problems_of(text), "providers.p.deadline_seconds").message
+    assert "defaults.lease_seconds" in message and "82" in message
+    assert parse_settings("defaults: {deadline_seconds: 10, lease_seconds: 22}\n", {})
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "line"),
+    [
+        ("store: memory\nstore: sqlite:///x.db\n", "store", 2),
+        ("server:\n  listen: a:1\n  cors_origins: []\n  listen: b:2\n", "listen", 4),
+    ],
+)
+def test_duplicate_yaml_keys_are_refused(text: str, key: str, line: int) -> None:
+    """A key given twice in one mapping is an error naming the key and its line (YAML would
+    silently keep the last one)."""
+    (problem,) = problems_of(text)
+    assert f"'{key}'" in problem.message and f"line {line}" in problem.message
+
+
+def test_yaml_errors_say_why_and_where() -> None:
+    """A YAML syntax error gives the parser's reason with its line and column."""
+    (problem,) = problems_of("store: memory\nproviders:\n\tp: 1\n")
+    assert "found character '\\t' that cannot start any token" in problem.message
+    assert "line 3, column 1" in problem.message
+
+
+def test_every_problem_is_listed_in_one_pass() -> None:
+    """Missing variables, bad fields in every section and cross-field problems are all
+    reported together by one parse."""
+    text = dedent(
+        """
+        encryption_keys: [short]
+        defaults: {deadline_seconds: 10, lease_seconds: 5}
+        providers:
+          p: {grant: client_credentials, token_url: "https://i/t", client_id: c, client_secret: "${NOPE}"}
+        server: {listen: nowhere, cors_origins: x}
+        telemetry: {log_level: loud}
+        consumers:
+          etl: {api_key_sha256: "12", allow: [ghost]}
+        """
+    )
+    found = paths(problems_of(text))
+    for path in (
+        "encryption_keys.0",
+        "defaults.lease_seconds",
+        "providers.p.client_secret",
+        "server.listen",
+        "server.cors_origins",
+        "telemetry.log_level",
+        "consumers.etl.api_key_sha256",
+        "consumers.etl.allow.0",
+    ):
+        assert path in found, found
+
+
+def test_unused_settings_are_warnings() -> None:
+    """redis and telemetry.otlp_endpoint load, but config_warnings says nothing reads them yet,
+    without showing the redis URL."""
+    from tokenbroker.config import config_warnings
+
+    text = "redis: redis://:${RP}@cache:6379/0\ntelemetry: {otlp_endpoint: http://otel:4317}\n"
+    warnings = config_warnings(parse_settings(text, {"RP": REDIS_CANARY}))
+    assert paths(warnings) == ["redis", "telemetry.otlp_endpoint"]
+    assert all("not used" in w.message for w in warnings)
+    assert_no_canary(repr(warnings), REDIS_CANARY)
+    assert config_warnings(parse_settings("", {})) == []
+
+
+def test_typed_sections_still_read_like_mappings() -> None:
+    """Code written when server, telemetry and consumers were dicts (`.get(name)`) still works."""
+    config = yaml.safe_load(one_provider())
+    config |= {
+        "server": {"listen": "127.0.0.1:9"},
+        "consumers": {"etl": {"api_key_sha256": DIGEST, "allow": ["p"]}},
+    }
+    settings = parse_settings(yaml.safe_dump(config), {})
+    assert settings.server.get("listen") == "127.0.0.1:9"
+    assert settings.server.get("rate_limit") is None
+    assert settings.server.get("no_such_field", 5) == 5
+    assert settings.telemetry.get("log_format") == "json"
+    assert settings.consumers["etl"].get("allow") == ("p",)

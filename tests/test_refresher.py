@@ -274,7 +274,7 @@ def test_live_lease_holder_makes_others_wait_then_give_up(
     rt_server: AuthorizationServer, tmp_path: Path
 ) -> None:
     """A lease held by a live process is respected: the caller waits, then fails without sending."""
-    defaults = {"deadline_seconds": 0.3, "lease_seconds": 1}
+    defaults = {"deadline_seconds": 0.3, "lease_seconds": 2.6}
     with file_broker(tmp_path / "tb.db", {"cc": cc(rt_server)}, defaults) as broker:
         broker.get_token("cc")
         row_id = broker.store.states()[0]["id"]

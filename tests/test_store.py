@@ -1039,3 +1039,62 @@ def test_rotated_refresh_token_survives_a_failed_commit(
         assert not auth_server.reused_refresh_tokens()
     finally:
         broker.close()
+
+
+def damage(path: Path, how: str) -> None:
+    """Make the store at ``path`` unopenable in one of the ways probe must report."""
+    if how == "not a database":
+        path.write_bytes(b"this is not SQLite" * 100)
+        return
+    with sqlite3.connect(path, isolation_level=None) as db:
+        if how == "schema too new":
+            db.execute(f"UPDATE tb_meta SET value = '{len(MIGRATIONS) + 1}'")
+        else:
+            db.execute("UPDATE tb_signing_key SET private_ct = x'00'")
+    db.close()
+
+
+@pytest.mark.parametrize(
+    ("how", "words"),
+    [
+        ("not a database", "damaged"),
+        ("schema too new", f"schema version {len(MIGRATIONS) + 1}"),
+        ("bad ciphertext", "not a valid ciphertext"),
+    ],
+)
+def test_probe_reports_a_store_that_would_not_open(tmp_path: Path, how: str, words: str) -> None:
+    """probe (what `tokenbroker check` runs) reports a damaged file, a newer schema or a bad
+    ciphertext at `store`, reading only; a store it can open has no problems."""
+    from tokenbroker.store import probe
+
+    keyring = Keyring([Secret(generate_key())])
+    path = tmp_path / "tb.db"
+    store = SQLiteStore(str(path), keyring)
+    store.add_signing_key("kid", "EdDSA", b"pem")
+    store.close()
+    assert probe(f"sqlite:///{path}", keyring) == []
+    damage(path, how)
+    before = path.read_bytes()
+    (problem,) = probe(f"sqlite:///{path}", keyring)
+    assert problem.path == "store" and words in problem.message
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tb.db"]
+
+
+def test_probe_reads_a_store_another_process_has_open(tmp_path: Path) -> None:
+    """With the store open elsewhere (its WAL file present), probe reads it read-only and still
+    sees the key a secret written a moment ago is under."""
+    from tokenbroker.store import probe
+
+    keyring, other = Keyring([Secret(generate_key())]), Keyring([Secret(generate_key())])
+    path = tmp_path / "tb.db"
+    store = SQLiteStore(str(path), keyring)
+    try:
+        store.add_signing_key("kid", "EdDSA", b"pem")
+        assert (tmp_path / "tb.db-wal").exists()
+        assert probe(f"sqlite:///{path}", keyring) == []
+        (problem,) = probe(f"sqlite:///{path}", other)
+        assert problem.path == "encryption_keys" and keyring.primary_id in problem.message
+        store.add_signing_key("kid-2", "EdDSA", b"pem")
+    finally:
+        store.close()

@@ -301,8 +301,8 @@ def create_app(
         redoc_url=None,
         responses={401: {"model": ErrorResponse}},
     )
-    app.state.limits = limits or RateLimits(server.get("rate_limit"))
-    origins = list(server.get("cors_origins") or [])
+    app.state.limits = limits or RateLimits(server.rate_limit)
+    origins = list(server.cors_origins)
     if origins:
         app.add_middleware(
             CORSMiddleware,

@@ -17,11 +17,12 @@ from typing import Any
 
 import click
 import httpx
+from pydantic import ValidationError
 
 from .broker import Broker, open_store
-from .config import load_settings, startup_problems
+from .config import ServerSettings, config_warnings, load_settings, startup_problems
 from .consumers import hash_key, new_key, parse_rule
-from .crypto import generate_key
+from .crypto import Keyring, generate_key
 from .errors import (
     ConfigError,
     ConfigProblem,
@@ -30,7 +31,7 @@ from .errors import (
     UnknownProviderError,
 )
 from .logs import configure
-from .store import SQLiteStore
+from .store import SQLiteStore, probe
 
 __all__ = ["main"]
 
@@ -100,6 +101,17 @@ def _extra(*extras: str) -> Iterator[None]:
         raise
 
 
+def _listen(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--listen`` is checked as ``server.listen`` is: a usage error (exit 2), not a traceback."""
+    if value is not None:
+        try:
+            ServerSettings(listen=value)
+        except ValidationError as exc:
+            reason = exc.errors(include_input=False)[0]["msg"]
+            raise click.BadParameter(reason.removeprefix("Value error, ")) from None
+    return value
+
+
 def _fail(exc: TokenBrokerError) -> None:
     code = next((c for kind, c in _EXIT.items() if isinstance(exc, kind)), 1)
     click.echo(f"error: {exc}", err=True)
@@ -109,10 +121,17 @@ def _fail(exc: TokenBrokerError) -> None:
 @main.command()
 @config_option
 def check(config_path: Path) -> None:
-    """Validate the configuration; name every problem, never print a secret."""
+    """Validate the configuration and the store; name every problem, never print a secret.
+
+    Settings nothing reads yet are warnings. The store is only read, never created or migrated.
+    """
     try:
         settings = load_settings(config_path)
+        for warning in config_warnings(settings):
+            click.echo(f"warning: {warning}", err=True)
         problems = startup_problems(settings)
+        keys = settings.encryption_keys
+        problems += probe(settings.store, Keyring(keys) if keys else None)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
@@ -125,7 +144,10 @@ def check(config_path: Path) -> None:
 @main.command("serve")
 @config_option
 @click.option(
-    "--listen", default=None, help="host:port (default: server.listen, else 127.0.0.1:8750)."
+    "--listen",
+    default=None,
+    callback=_listen,
+    help="host:port (default: server.listen, else 127.0.0.1:8750).",
 )
 def serve_command(config_path: Path, listen: str | None) -> None:
     """Serve the HTTP API, and the token proxy when configured (needs the 'server' extra)."""
@@ -141,7 +163,7 @@ def serve_command(config_path: Path, listen: str | None) -> None:
 
 @main.command("proxy")
 @config_option
-@click.option("--listen", default=None, help="host:port (default: proxy.listen).")
+@click.option("--listen", default=None, callback=_listen, help="host:port (default: proxy.listen).")
 def proxy_command(config_path: Path, listen: str | None) -> None:
     """Run the token-injecting reverse proxy (the config's proxy: section)."""
     with _extra("server"):
@@ -376,7 +398,7 @@ def consumers_list(config_path: Path) -> None:
         _fail(exc)
         return
     for name, spec in sorted(settings.consumers.items()):
-        click.echo(f"{name}\tconfig\t{', '.join(map(str, spec.get('allow', [])))}")
+        click.echo(f"{name}\tconfig\t{', '.join(spec.allow)}")
     for name, _, rules in stored:
         click.echo(f"{name}\tstore\t{', '.join(rules)}")
 

@@ -9,9 +9,12 @@ variable is named; no message ever contains a value from the file.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,21 +26,26 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from dotenv import dotenv_values
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
+from .consumers import parse_rule
+from .crypto import decode_key
 from .errors import ConfigError, ConfigProblem, InvalidScopeError
 from .scopes import MAX_SCOPE_LENGTH, SCOPE_TOKEN, scope_string
 from .secret import Secret
 
 __all__ = [
     "ClientCredentialsProvider",
+    "ConsumerSettings",
     "Credential",
     "Defaults",
     "Delegation",
@@ -50,8 +58,11 @@ __all__ = [
     "Redirect",
     "RefreshTokenProvider",
     "Rotation",
+    "ServerSettings",
     "Settings",
+    "TelemetrySettings",
     "UpstreamDelegation",
+    "config_warnings",
     "default_config_path",
     "load_settings",
     "parse_settings",
@@ -86,6 +97,23 @@ class Defaults(_Frozen):
     invalidate_cooldown_seconds: float = Field(5.0, ge=0, le=3600)
     #: Distinct scope sets (the configured one included) a provider serves.
     max_scopes: int = Field(16, ge=1, le=1024)
+
+    @field_validator("lease_seconds")
+    @classmethod
+    def _lease(cls, value: float | None, info: ValidationInfo) -> float | None:
+        deadline = info.data.get("deadline_seconds")
+        if value is not None and deadline is not None:
+            _check_lease(value, deadline, "deadline_seconds")
+        return value
+
+
+def _check_lease(lease: float, deadline: float, which: str) -> None:
+    """A refresh holds its lease for up to two deadlines (the exchange, then its recovery)."""
+    if lease < 2 * deadline + 2:
+        raise ValueError(
+            f"{which} {deadline:g} needs defaults.lease_seconds of at least "
+            f"{2 * deadline + 2:g} (2 x deadline + 2); it is {lease:g}"
+        )
 
 
 class JwtDelegation(_Frozen):
@@ -149,6 +177,14 @@ class _ProviderBase(_Frozen):
     default_expires_in: float = Field(3600.0, gt=0)
     required: bool = False
     invalidate_cooldown_seconds: float | None = Field(None, ge=0, le=3600)
+
+    @field_validator("deadline_seconds")
+    @classmethod
+    def _lease(cls, value: float | None, info: ValidationInfo) -> float | None:
+        lease = (info.context or {}).get("lease_seconds")
+        if value is not None and lease is not None:
+            _check_lease(lease, value, "this deadline_seconds")
+        return value
 
 
 def _check_url(value: str, *, https_only: bool) -> str:
@@ -312,6 +348,11 @@ Provider = Annotated[
 ]
 
 
+def _key(value: Secret) -> Secret:
+    decode_key(value.reveal())  # ValueError: KEY_FORMAT, never the key
+    return value
+
+
 def _check_listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
@@ -382,18 +423,99 @@ class ProxySettings(_Frozen):
         return self
 
 
+_RATE = re.compile(
+    r"\s*0*[1-9][0-9]*\s*(?:/|per)\s*(?:[0-9]+\s*)?(?:second|minute|hour|day|month|year)s?\s*",
+    re.IGNORECASE,
+)
+
+
+def _origin(value: str) -> str:
+    """A CORS origin is compared as a whole string: ``https://app.example/`` never matches."""
+    parts = urlsplit(value)
+    bare = parts.scheme in ("http", "https") and value == f"{parts.scheme}://{parts.netloc}"
+    if value != "*" and not (bare and parts.hostname):
+        raise ValueError("must be '*' or an origin: scheme://host[:port], no path or slash")
+    return value
+
+
+class _Section(_Frozen):
+    """A section that used to be a plain mapping: ``section.get(name)`` still reads a field."""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        """The field ``name``, or ``default`` when there is no such field (as ``dict.get``)."""
+        return getattr(self, name, default) if name in type(self).model_fields else default
+
+
+class ServerSettings(_Section):
+    """The HTTP API (``tokenbroker serve``)."""
+
+    listen: str = "127.0.0.1:8750"
+    rate_limit: str | None = None
+    cors_origins: tuple[Annotated[str, AfterValidator(_origin)], ...] = ()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return _check_listen(value)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_limit(cls, value: str | None) -> str | None:
+        if value is not None and not _RATE.fullmatch(value):
+            raise ValueError("must be one rate such as 50/second or 1000 per 10 minutes")
+        return value
+
+
+class TelemetrySettings(_Section):
+    """Logs (and, later, OpenTelemetry export)."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    otlp_endpoint: str | None = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+def _allow_rule(value: str, info: ValidationInfo) -> str:
+    rule = parse_rule(value)  # ValueError names the format
+    known = (info.context or {}).get("providers")
+    if known is not None and rule.provider not in known:
+        raise ValueError(f"no provider named {rule.provider!r}")
+    return value
+
+
+class ConsumerSettings(_Section):
+    """A consumer defined in the config: its key's SHA-256 and what it may ask for."""
+
+    api_key_sha256: str
+    allow: tuple[Annotated[str, AfterValidator(_allow_rule)], ...] = ()
+
+    @field_validator("api_key_sha256")
+    @classmethod
+    def _digest(cls, value: str) -> str:
+        if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("must be 64 hex digits (the SHA-256 of the key, not the key)")
+        return value.lower()
+
+
+_ConsumerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+
+
 class Settings(_Frozen):
     """The whole validated configuration (DESIGN §3.1)."""
 
     store: str = "sqlite:///./tokenbroker.db"
     redis: Secret | None = None
-    encryption_keys: tuple[Secret, ...] = ()
+    encryption_keys: tuple[Annotated[Secret, AfterValidator(_key)], ...] = ()
     defaults: Defaults = Defaults()
     providers: dict[_ProviderName, Provider] = Field(default_factory=dict)
-    consumers: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    server: dict[str, Any] = Field(default_factory=dict)
+    consumers: dict[_ConsumerName, ConsumerSettings] = Field(default_factory=dict)
+    server: ServerSettings = ServerSettings()
     proxy: ProxySettings | None = None
-    telemetry: dict[str, Any] = Field(default_factory=dict)
+    telemetry: TelemetrySettings = TelemetrySettings()
     redirects: dict[str, Redirect] = Field(default_factory=dict)
 
     @field_validator("store")
@@ -492,12 +614,20 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
     Raises:
         ConfigError: Listing every problem, each with its field path.
     """
+    loader = None
     try:
-        raw = yaml.safe_load(text)
+        loader = _Loader(text)
+        raw = loader.get_single_data()
     except (yaml.YAMLError, RecursionError) as exc:
+        # The parser's reason names at most one character of the text, never a value.
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None)
         mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError([ConfigProblem("", f"not valid YAML{where}")]) from None
+        reason = f": {problem}" if problem else ""
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError([ConfigProblem("", f"not valid YAML{reason}{where}")]) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -510,7 +640,7 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
     _read_credential_files(data, base_dir, problems)
     _resolve_store(data, base_dir)
     try:
-        settings = Settings.model_validate(data)
+        settings = Settings.model_validate(data, context=_context(data))
     except ValidationError as exc:
         blocked = {p.path for p in problems}
         for error in exc.errors(include_input=False, include_url=False):
@@ -521,6 +651,69 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # Checked on the composed nodes, before merge keys (``<<``) are flattened into them.
+        stack, seen = [node], set()
+        while stack:
+            item = stack.pop()
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
+            if isinstance(item, yaml.MappingNode):
+                keys: set[tuple[str, str]] = set()
+                for key, value in item.value:
+                    if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                        if (key.tag, key.value) in keys:
+                            raise yaml.constructor.ConstructorError(
+                                problem=f"the key {key.value!r} is given twice",
+                                problem_mark=key.start_mark,
+                            )
+                        keys.add((key.tag, key.value))
+                    stack.extend((key, value))
+            elif isinstance(item, yaml.SequenceNode):
+                stack.extend(item.value)
+        return super().construct_document(node)
+
+
+def _context(data: dict[str, Any]) -> dict[str, Any]:
+    """What cross-field checks need: provider names, and the lease a provider's deadline needs."""
+    providers = data.get("providers")
+    try:
+        lease = Defaults.model_validate(data.get("defaults", {})).lease_seconds
+    except ValidationError:  # reported where Settings validates defaults
+        lease = None
+    return {
+        "providers": set(providers) if isinstance(providers, dict) else None,
+        "lease_seconds": lease,
+    }
+
+
+def config_warnings(settings: Settings) -> list[ConfigProblem]:
+    """Settings that are valid but that nothing reads yet (``tokenbroker check`` prints them).
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        One problem per such setting; the setting's value is never quoted.
+    """
+    warnings = []
+    if settings.redis is not None:
+        warnings.append(
+            ConfigProblem(
+                "redis", "is not used yet: coalescing, events and rate limits stay per process"
+            )
+        )
+    if settings.telemetry.otlp_endpoint is not None:
+        warnings.append(
+            ConfigProblem("telemetry.otlp_endpoint", "is not used yet: nothing is exported")
+        )
+    return warnings
 
 
 def _too_big(node: Any) -> str | None:
@@ -638,12 +831,60 @@ def _message(error: Any) -> str:
     if kind == "missing":
         return "is required"
     if kind == "extra_forbidden":
-        return "is not a known field"
+        near = difflib.get_close_matches(str(error["loc"][-1]), _fields_at(error["loc"][:-1]), 1)
+        return "is not a known field" + (f" (did you mean {near[0]!r}?)" if near else "")
+    if kind == "tuple_type":
+        return "must be a list"
     if kind == "union_tag_invalid":
         return "grant must be one of client_credentials, refresh_token, login"
     if kind == "union_tag_not_found":
         return "grant is required (client_credentials, refresh_token or login)"
     if error["loc"][:1] == ("providers",) and error["loc"][-1:] == ("[key]",):
         return "is not a valid provider name (1-64 of a-z, 0-9, '_' and '-')"
+    if error["loc"][:1] == ("consumers",) and error["loc"][-1:] == ("[key]",):
+        return "is not a valid consumer name (1-64 of letters, digits, '_', '.' and '-')"
     message = str(error["msg"])
     return message.removeprefix("Value error, ")
+
+
+def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the model at ``loc`` in :class:`Settings` (for "did you mean")."""
+    node: Any = Settings
+    for part in loc:
+        node = _step(node, part)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return [f.alias or name for name, f in node.model_fields.items()]
+    return []
+
+
+def _step(node: Any, part: int | str) -> Any:
+    """The type one step below ``node`` along a pydantic error location."""
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        field = node.model_fields.get(str(part))
+        return None if field is None else _unwrap(field.annotation, None)
+    origin, args = typing.get_origin(node), typing.get_args(node)
+    if origin is dict and len(args) == 2:
+        return _unwrap(args[1], None)
+    if origin is tuple and args:
+        return _unwrap(args[0], None)
+    if origin in (typing.Union, types.UnionType):
+        return _unwrap(node, part)
+    return None
+
+
+def _unwrap(node: Any, tag: int | str | None) -> Any:
+    """``node`` without Annotated and None; a union member by its pydantic tag (or if alone)."""
+    while typing.get_origin(node) is Annotated:
+        node = typing.get_args(node)[0]
+    if typing.get_origin(node) not in (typing.Union, types.UnionType):
+        return node
+    members = [_unwrap(a, None) for a in typing.get_args(node) if a is not type(None)]
+    if len(members) == 1:
+        return members[0]
+    for member in members:
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            for name in ("grant", "mode"):
+                field = member.model_fields.get(name)
+                if field is not None and tag in typing.get_args(field.annotation):
+                    return member
+    return node

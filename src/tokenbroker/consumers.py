@@ -20,16 +20,15 @@ import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
-from .errors import ConfigError, ConfigProblem
+if TYPE_CHECKING:
+    from .config import ConsumerSettings
 
 __all__ = ["Consumer", "ConsumerRegistry", "hash_key", "new_key", "parse_rule"]
 
 KEY_PREFIX = "tbk_"
 _KEY = re.compile(r"tbk_[A-Za-z0-9_-]{43}\Z")
-_DIGEST = re.compile(r"[0-9a-f]{64}\Z")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _RULE = re.compile(r"([a-z0-9][a-z0-9_-]{0,63})(?::([\x21\x23-\x5b\x5d-\x7e ]+))?\Z")
 
 
@@ -126,39 +125,12 @@ class ConsumerRegistry:
             self._by_digest[digest] = Consumer(name, tuple(rules))
 
     @classmethod
-    def from_settings(cls, consumers: Mapping[str, Mapping[str, Any]]) -> ConsumerRegistry:
-        """Build from the ``consumers:`` config section.
-
-        Raises:
-            ConfigError: Naming each bad consumer field.
-        """
-        problems: list[ConfigProblem] = []
-        entries = []
-        for name, spec in consumers.items():
-            where = f"consumers.{name}"
-            if not _NAME.match(name):
-                problems.append(ConfigProblem(where, "is not a valid consumer name"))
-                continue
-            digest = str(spec.get("api_key_sha256", "")).lower()
-            if not _DIGEST.match(digest):
-                problems.append(ConfigProblem(f"{where}.api_key_sha256", "must be 64 hex digits"))
-            allow = spec.get("allow", [])
-            rules = []
-            if not isinstance(allow, list):
-                problems.append(ConfigProblem(f"{where}.allow", "must be a list of rules"))
-                allow = []
-            for position, text in enumerate(allow):
-                try:
-                    rules.append(parse_rule(str(text)))
-                except ValueError as exc:
-                    problems.append(ConfigProblem(f"{where}.allow.{position}", str(exc)))
-            unknown = set(spec) - {"api_key_sha256", "allow"}
-            for field in sorted(unknown):
-                problems.append(ConfigProblem(f"{where}.{field}", "is not a known field"))
-            entries.append((name, digest, rules))
-        if problems:
-            raise ConfigError(problems)
-        return cls(entries)
+    def from_settings(cls, consumers: Mapping[str, ConsumerSettings]) -> ConsumerRegistry:
+        """Build from the ``consumers:`` config section (validated by :mod:`tokenbroker.config`)."""
+        return cls(
+            (name, spec.api_key_sha256, [parse_rule(rule) for rule in spec.allow])
+            for name, spec in consumers.items()
+        )
 
     def __repr__(self) -> str:
         return f"ConsumerRegistry(consumers={len(self._by_digest)})"
@@ -172,13 +144,9 @@ class ConsumerRegistry:
 
     @classmethod
     def load(
-        cls, settings: Mapping[str, Mapping[str, Any]], stored: Iterable[tuple[str, str, list[str]]]
+        cls, settings: Mapping[str, ConsumerSettings], stored: Iterable[tuple[str, str, list[str]]]
     ) -> ConsumerRegistry:
-        """Consumers from the config section plus those stored by ``tokenbroker consumers add``.
-
-        Raises:
-            ConfigError: For a bad config entry.
-        """
+        """Consumers from the config section plus those stored by ``tokenbroker consumers add``."""
         registry = cls.from_settings(settings)
         for name, digest, rules in stored:
             registry.add(name, digest, [parse_rule(rule) for rule in rules])

@@ -22,11 +22,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .errors import EncryptionKeyError, StoreCorruptError
 from .secret import Secret
 
-__all__ = ["Keyring", "generate_key"]
+__all__ = ["KEY_FORMAT", "Keyring", "decode_key", "generate_key"]
 
 _VERSION = b"\x01"
 _ID_BYTES = 8
 _NONCE_BYTES = 12
+#: What a key must be; errors say this and the key's position, never the key.
+KEY_FORMAT = "is not 32 bytes of URL-safe base64 (generate one with `tokenbroker keygen`)"
 
 
 def generate_key() -> str:
@@ -36,6 +38,21 @@ def generate_key() -> str:
         The encoded key.
     """
     return base64.urlsafe_b64encode(os.urandom(32)).decode("ascii")
+
+
+def decode_key(text: str) -> bytes:
+    """The 32 bytes of an encoded key.
+
+    Raises:
+        ValueError: :data:`KEY_FORMAT`, when ``text`` is not 32 bytes of URL-safe base64.
+    """
+    try:
+        raw = base64.b64decode(text.encode("ascii"), altchars=b"-_", validate=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(KEY_FORMAT)
+    return raw
 
 
 class Keyring:
@@ -53,14 +70,9 @@ class Keyring:
         self._primary = b""
         for position, key in enumerate(keys):
             try:
-                raw = base64.b64decode(key.reveal().encode("ascii"), altchars=b"-_", validate=True)
-            except (binascii.Error, ValueError, UnicodeEncodeError):
-                raw = b""
-            if len(raw) != 32:
-                raise EncryptionKeyError(
-                    f"key {position} is not 32 bytes of URL-safe base64 "
-                    "(generate one with `tokenbroker keygen`)"
-                )
+                raw = decode_key(key.reveal())
+            except ValueError:
+                raise EncryptionKeyError(f"key {position} {KEY_FORMAT}") from None
             key_id = hashlib.sha256(raw).digest()[:_ID_BYTES]
             self._ciphers.setdefault(key_id, AESGCM(raw))
             if position == 0:

@@ -22,7 +22,7 @@ import uvloop
 
 from .app import create_app
 from .broker import Broker
-from .config import ProxySettings
+from .config import ProxySettings, config_warnings
 from .errors import ConfigError, ConfigProblem
 from .logs import configure
 from .proxy import ProxyServer, compiled
@@ -30,8 +30,6 @@ from .proxy import ProxyServer, compiled
 __all__ = ["run_proxy", "serve"]
 
 logger = logging.getLogger("tokenbroker.server")
-
-DEFAULT_LISTEN = "127.0.0.1:8750"
 
 Progress = Callable[[int, int], None]
 Announce = Callable[[str], None]
@@ -58,7 +56,9 @@ def _fetch_required(broker: Broker) -> None:
 
 def _configure_logs(broker: Broker) -> None:
     telemetry = broker.settings.telemetry
-    configure(str(telemetry.get("log_level") or "info"), str(telemetry.get("log_format") or "json"))
+    configure(telemetry.log_level, telemetry.log_format)
+    for warning in config_warnings(broker.settings):
+        logger.warning("config %s", warning)
 
 
 async def _start_proxy(
@@ -116,7 +116,7 @@ def serve(
     """
     broker = Broker.from_config(config_path)
     _configure_logs(broker)
-    address = listen or str(broker.settings.server.get("listen") or DEFAULT_LISTEN)
+    address = listen or broker.settings.server.listen
     host, _, port = address.rpartition(":")
     config = uvicorn.Config(
         create_app(broker),

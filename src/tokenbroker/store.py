@@ -20,19 +20,28 @@ import contextlib
 import json
 import os
 import sqlite3
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .crypto import Keyring
-from .errors import StoreCorruptError, StoreError
+from .errors import ConfigProblem, StoreCorruptError, StoreError
 from .secret import Secret
 from .store_rows import Attempt, CredentialRow, Lease, StoredToken
 from .store_schema import MIGRATIONS, NOW, OPEN_STATUSES
 from .token import Token
 
-__all__ = ["Attempt", "CredentialRow", "Lease", "SQLiteStore", "StoredToken"]
+__all__ = ["Attempt", "CredentialRow", "Lease", "SQLiteStore", "StoredToken", "probe"]
+
+#: Every secret column: (table, ciphertext column).
+_SECRET_COLUMNS = (
+    ("tb_credential", "at_ct"),
+    ("tb_credential", "rt_ct"),
+    ("tb_attempt", "raw_ct"),
+    ("tb_signing_key", "private_ct"),
+)
 
 
 def _translate(exc: sqlite3.Error) -> StoreError:
@@ -544,12 +553,7 @@ class SQLiteStore:
     def _check_keys(self) -> None:
         """Fail closed when stored secrets were made with a key we do not have."""
         with self._guard():
-            blobs = self._db.execute(
-                "SELECT at_ct FROM tb_credential WHERE at_ct IS NOT NULL UNION ALL "
-                "SELECT rt_ct FROM tb_credential WHERE rt_ct IS NOT NULL UNION ALL "
-                "SELECT raw_ct FROM tb_attempt WHERE raw_ct IS NOT NULL UNION ALL "
-                "SELECT private_ct FROM tb_signing_key"
-            ).fetchall()
+            blobs = self._db.execute(_ALL_SECRETS).fetchall()
         for (blob,) in blobs:
             if not self._keyring.knows(blob):
                 self._keyring.decrypt(blob, b"")  # raises EncryptionKeyError naming the key id
@@ -603,3 +607,82 @@ class SQLiteStore:
 def _aad(table: str, row: str, column: str, version: int | None = None) -> bytes:
     suffix = "" if version is None else f"|{version}"
     return f"{table}|{row}|{column}{suffix}".encode()
+
+
+_ALL_SECRETS = " UNION ALL ".join(
+    f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL" for table, column in _SECRET_COLUMNS
+)
+
+
+def probe(url: str, keyring: Keyring | None) -> list[ConfigProblem]:
+    """What would stop the store at ``url`` from opening, found without writing anything.
+
+    The store's folder must take new files (the store itself, SQLite's journal). An existing
+    store is opened read-only, without migrating: its schema must be one this version knows,
+    and every stored secret must be under a key of ``keyring`` (skipped when None).
+
+    Args:
+        url: The ``store`` setting.
+        keyring: The configured encryption keys, or None when there are none.
+
+    Returns:
+        The problems, at ``store`` or ``encryption_keys``; they name key ids, never keys.
+    """
+    if url == "memory":
+        return []
+    path = Path(url.removeprefix("sqlite:///"))
+    problems = []
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        problems.append(
+            ConfigProblem("store", f"cannot create files in {path.parent}: {exc.strerror}")
+        )
+    if path.is_file():
+        try:
+            problems += _probe_file(path, keyring)
+        except sqlite3.Error as exc:
+            problems.append(ConfigProblem("store", str(_translate(exc))))
+    return problems
+
+
+def _probe_file(path: Path, keyring: Keyring | None) -> list[ConfigProblem]:
+    # With no -wal file beside it, no process has the store open: read it as immutable, so
+    # not even SQLite's shared-memory file is created. Otherwise plain read-only.
+    live = path.with_name(path.name + "-wal").exists()
+    uri = f"{path.resolve().as_uri()}?mode=ro{'' if live else '&immutable=1'}"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        version = 0
+        if "tb_meta" in tables:
+            row = db.execute("SELECT value FROM tb_meta WHERE name = 'schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        if version > len(MIGRATIONS):
+            message = (
+                f"has schema version {version}; this tokenbroker knows up to {len(MIGRATIONS)}"
+            )
+            return [ConfigProblem("store", message)]
+        if keyring is None or not {"tb_credential", "tb_attempt", "tb_signing_key"} <= tables:
+            return []
+        blobs = db.execute(_ALL_SECRETS).fetchall()
+    finally:
+        db.close()
+    unknown: dict[str, int] = {}
+    for (blob,) in blobs:
+        try:
+            known = keyring.knows(blob)
+        except StoreCorruptError as exc:
+            return [ConfigProblem("store", str(exc))]
+        if not known:
+            key_id = Keyring.key_id(blob).hex()
+            unknown[key_id] = unknown.get(key_id, 0) + 1
+    return [
+        ConfigProblem(
+            "encryption_keys",
+            f"{count} stored secret(s) are encrypted with key {key_id}, which is not among "
+            "encryption_keys (add that key back; `tokenbroker rotate-key` then moves them)",
+        )
+        for key_id, count in sorted(unknown.items())
+    ]
