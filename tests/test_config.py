@@ -1079,3 +1079,18 @@ def test_secret_type_in_settings(full_env: dict[str, str]) -> None:
     assert isinstance(tesla.refresh_token, Secret)  # type: ignore[union-attr]
     assert all(isinstance(c.password, Secret) for c in dolphin.credentials)  # type: ignore[union-attr]
     assert all(isinstance(k, Secret) for k in settings.encryption_keys)
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    """`server.trusted_proxies` takes IP addresses and CIDR networks; anything else (a host
+    name, `*`, a network with host bits, a non-list) is a problem at `server`, without the value."""
+    ok = parse_settings(
+        yaml.safe_dump({"store": "memory", "server": {"trusted_proxies": ["10.0.0.0/8", "::1"]}}),
+        {},
+    )
+    assert ok.server["trusted_proxies"] == ["10.0.0.0/8", "::1"]
+    for bad in (["proxy.internal"], ["*"], ["10.0.0.1/8"], [7], "10.0.0.1"):
+        text = yaml.safe_dump({"store": "memory", "server": {"trusted_proxies": bad}})
+        problem = only(problems_of(text), "server")
+        assert "trusted_proxies" in problem.message
+        assert "proxy.internal" not in problem.message

@@ -384,6 +384,21 @@ class Settings(_Frozen):
             raise ValueError("must be 'memory' or sqlite:///PATH")
         return value
 
+    @field_validator("server")
+    @classmethod
+    def _server(cls, value: dict[str, Any]) -> dict[str, Any]:
+        proxies = value.get("trusted_proxies", [])
+        if not isinstance(proxies, list):
+            raise ValueError("trusted_proxies must be a list of IP addresses or networks")
+        for position, proxy in enumerate(proxies):
+            try:
+                ipaddress.ip_network(proxy if isinstance(proxy, str) else "")
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies.{position} is not an IP address or network (CIDR)"
+                ) from None
+        return value
+
     @model_validator(mode="after")
     def _proxy_providers(self) -> Settings:
         for i, route in enumerate(self.proxy.routes if self.proxy else ()):

@@ -91,6 +91,9 @@ def serve(
     _configure_logs(broker)
     address = listen or str(broker.settings.server.get("listen") or DEFAULT_LISTEN)
     host, _, port = address.rpartition(":")
+    # X-Forwarded-For names the client only when the peer is a configured proxy; uvicorn
+    # would otherwise believe it from any loopback peer.
+    trusted = [str(proxy) for proxy in broker.settings.server.get("trusted_proxies") or ()]
     config = uvicorn.Config(
         create_app(broker),
         host=host.strip("[]") or "127.0.0.1",
@@ -100,6 +103,8 @@ def serve(
         log_level="warning",
         access_log=False,
         server_header=False,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted,
     )
 
     async def main() -> None:
