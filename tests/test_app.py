@@ -23,6 +23,7 @@ from tokenbroker.ratelimit import RateLimits
 from tokenbroker.secret import Secret
 from tokenbroker.store import SQLiteStore
 from tokenbroker.testing import AuthorizationServer, Fault
+from tokenbroker.testing.asgi import ServedApp
 
 KEY = new_key()
 OTHER_KEY = new_key()
@@ -225,16 +226,37 @@ def test_openapi_has_no_refresh_token_field(served: Served, broker: Broker) -> N
 
 
 def test_failed_key_checks_are_rate_limited_per_source(broker: Broker) -> None:
-    """After 3 failed key checks a source gets 429 + Retry-After, even with a good key."""
+    """After 3 failed key checks a source gets 429 + Retry-After for unknown keys."""
     registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("svc:read")])])
     app = create_app(broker, registry, limits=RateLimits(auth_failures="3/minute"))
     with Served(app) as client:
         bad = [client.get("/v1/providers", headers=auth(new_key())).status_code for _ in range(3)]
-        blocked = client.get("/v1/providers", headers=auth())
+        blocked = client.get("/v1/providers", headers=auth(new_key()))
+        token_read = client.get("/v1/tokens/svc", headers=auth(new_key()))
     assert bad == [401, 401, 401]
     assert blocked.status_code == 429
     assert blocked.json()["error"]["code"] == "rate_limited"
     assert 1 <= int(blocked.headers["retry-after"]) <= 60
+    assert token_read.status_code == 429
+
+
+def test_a_valid_key_is_served_from_a_source_out_of_failed_key_checks(broker: Broker) -> None:
+    """Unknown keys from one address (a NAT) use up its failed-key budget without locking out a
+    valid key from that address: it still gets 200 on every route, unknown keys still 429."""
+    registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("svc:read")])])
+    app = create_app(broker, registry, limits=RateLimits(auth_failures="3/minute"))
+    with Served(app) as client:
+        bad = [client.get("/v1/providers", headers=auth(new_key())).status_code for _ in range(4)]
+        good = [
+            client.get("/v1/providers", headers=auth()).status_code,
+            client.get("/v1/tokens/svc", headers=auth()).status_code,
+        ]
+        still_bad = client.get("/v1/tokens/svc", headers=auth(new_key())).status_code
+        no_key = client.get("/v1/providers").status_code
+    assert bad == [401, 401, 401, 429]
+    assert good == [200, 200]
+    assert still_bad == 429
+    assert no_key == 401
 
 
 def test_per_consumer_rate_limit(broker: Broker) -> None:
@@ -579,3 +601,27 @@ def test_invalidate_has_a_cooldown(scoped: Served, auth_server: AuthorizationSer
         current = body["access_token"]
     assert auth_server.count("client_credentials") == 2
     assert dropped == [True] + [False] * 9
+
+
+def test_the_api_follows_stored_consumers_while_it_runs(broker: Broker) -> None:
+    """With its default registry, the API (ASGI lifespan on) accepts a consumer stored while
+    it runs and refuses it once removed, each within 2 s."""
+
+    def status() -> int:
+        return httpx.get(served.url + "/v1/providers", headers=auth()).status_code
+
+    def within(seconds: float, expected: int) -> None:
+        deadline = time.monotonic() + seconds
+        while status() != expected:
+            assert time.monotonic() < deadline, f"not {expected} within {seconds} s"
+            time.sleep(0.02)
+
+    served = ServedApp(create_app(broker), lifespan="on").start()
+    try:
+        assert status() == 401
+        broker.store.add_consumer("late", hash_key(KEY), ["svc"])
+        within(2.0, 200)
+        broker.store.remove_consumer("late")
+        within(2.0, 401)
+    finally:
+        served.stop()

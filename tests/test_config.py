@@ -1317,3 +1317,18 @@ def test_typed_sections_still_read_like_mappings() -> None:
     assert settings.server.get("no_such_field", 5) == 5
     assert settings.telemetry.get("log_format") == "json"
     assert settings.consumers["etl"].get("allow") == ("p",)
+
+
+def test_trusted_proxies_must_be_addresses_or_networks() -> None:
+    """`server.trusted_proxies` takes IP addresses and CIDR networks; anything else (a host
+    name, `*`, a network with host bits, a non-list) is a problem at `server.trusted_proxies`,
+    without the value."""
+    ok = parse_settings(
+        yaml.safe_dump({"store": "memory", "server": {"trusted_proxies": ["10.0.0.0/8", "::1"]}}),
+        {},
+    )
+    assert ok.server.trusted_proxies == ("10.0.0.0/8", "::1")
+    for bad in (["proxy.internal"], ["*"], ["10.0.0.1/8"], [7], "10.0.0.1"):
+        text = yaml.safe_dump({"store": "memory", "server": {"trusted_proxies": bad}})
+        [problem] = [p for p in problems_of(text) if p.path.startswith("server.trusted_proxies")]
+        assert "proxy.internal" not in problem.message

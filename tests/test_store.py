@@ -1098,3 +1098,24 @@ def test_probe_reads_a_store_another_process_has_open(tmp_path: Path) -> None:
         store.add_signing_key("kid-2", "EdDSA", b"pem")
     finally:
         store.close()
+
+
+def test_consumers_version_changes_with_each_stored_change_and_only_then(
+    file_store: SQLiteStore, db_path: Path, key: str
+) -> None:
+    """Adding and removing a consumer give consumers_version a new value that another
+    connection (another process) sees; a refused add or a remove of nobody leaves it as is."""
+    other = SQLiteStore(str(db_path), keyring(key))
+    try:
+        seen = [other.consumers_version()]
+        file_store.add_consumer("etl", "a" * 64, ["svc"])
+        seen.append(other.consumers_version())
+        with pytest.raises(StoreError):
+            file_store.add_consumer("etl", "b" * 64, ["svc"])
+        assert not file_store.remove_consumer("nobody")
+        assert other.consumers_version() == seen[-1]
+        assert file_store.remove_consumer("etl")
+        seen.append(other.consumers_version())
+    finally:
+        other.close()
+    assert len(set(seen)) == 3

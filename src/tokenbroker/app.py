@@ -15,7 +15,8 @@ import contextlib
 import json
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlencode
 
@@ -140,17 +141,21 @@ def authenticate(
 ) -> Consumer:
     """The consumer presenting ``key`` from ``source``, with rate limits applied.
 
+    The key is checked first: a valid key is served even when ``source`` is over its budget
+    of failed key checks (other clients behind the same address must not lock it out); only
+    wrong keys are counted, and refused with 429 once over budget.
+
     Raises:
-        RateLimited: Too many failed key checks from ``source``, or the consumer is over its limit.
+        RateLimited: A wrong key from a ``source`` over its failed-key budget, or the consumer
+            is over its request limit.
         Unauthorized: No or no valid key.
     """
-    wait = limits.source_blocked(source)
-    if wait is not None:
-        raise RateLimited(wait)
     found = registry.authenticate(key)
     if found is None:
         if key is not None:
-            limits.failed(source)
+            wait = limits.failed(source)
+            if wait is not None:
+                raise RateLimited(wait)
         raise Unauthorized(presented=key is not None)
     wait = limits.consumer_blocked(found.name)
     if wait is not None:
@@ -281,7 +286,9 @@ def create_app(
     Args:
         broker: The broker to serve.
         consumers: Who may call; default: the ``consumers:`` config section plus the
-            consumers in the store (``tokenbroker consumers add``).
+            consumers in the store (``tokenbroker consumers add``). While the app runs
+            (ASGI lifespan) the registry follows its store, so added and removed consumers
+            take effect within a second.
         metrics: Prometheus metrics; default: a new registry subscribed to ``broker``.
         limits: Rate limits; default: ``server.rate_limit`` per consumer and
             10 failed key checks a minute per client address.
@@ -291,7 +298,7 @@ def create_app(
     """
     registry = consumers
     if registry is None:
-        registry = ConsumerRegistry.load(broker.settings.consumers, broker.store.consumers())
+        registry = ConsumerRegistry.load(broker.settings.consumers, broker.store)
     meter = metrics or Metrics(broker)
     server = broker.settings.server
     app = FastAPI(
@@ -300,6 +307,7 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         responses={401: {"model": ErrorResponse}},
+        lifespan=_following(registry),
     )
     app.state.limits = limits or RateLimits(server.rate_limit)
     origins = list(server.cors_origins)
@@ -316,6 +324,24 @@ def create_app(
     _add_error_handlers(app)
     _document_errors(app)
     return app
+
+
+def _following(
+    registry: ConsumerRegistry,
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's lifespan: the consumer registry follows its store while the app runs."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(registry.follow())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return lifespan
 
 
 def _document_errors(app: FastAPI) -> None:

@@ -452,6 +452,20 @@ class ServerSettings(_Section):
     listen: str = "127.0.0.1:8750"
     rate_limit: str | None = None
     cors_origins: tuple[Annotated[str, AfterValidator(_origin)], ...] = ()
+    #: Peers whose X-Forwarded-For is believed (addresses or CIDR networks); none by default.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted_proxies(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for position, proxy in enumerate(value):
+            try:
+                ipaddress.ip_network(proxy)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies.{position} is not an IP address or network (CIDR)"
+                ) from None
+        return value
 
     @field_validator("listen")
     @classmethod

@@ -10,22 +10,44 @@ An ``allow`` rule is ``provider`` (any scope) or ``provider:scope1 scope2`` (tho
 scopes only; a request's scopes must be a subset). The scopes checked are the request's
 canonical ones (:func:`tokenbroker.scopes.canonical_scopes`: absent or blank means the
 provider's configured scopes; case-sensitive), the very set the token request asks for.
+
+A registry built with :meth:`ConsumerRegistry.load` follows the store: a running server
+checks :meth:`~tokenbroker.store.SQLiteStore.consumers_version` every
+:data:`FOLLOW_SECONDS` (off the event loop) and swaps in the new set when it changed, so
+``tokenbroker consumers add`` and ``remove`` take effect without a restart. Authentication
+itself stays a dictionary lookup.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
 import re
 import secrets
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from .config import ConsumerSettings
 
-__all__ = ["Consumer", "ConsumerRegistry", "hash_key", "new_key", "parse_rule"]
+__all__ = [
+    "FOLLOW_SECONDS",
+    "Consumer",
+    "ConsumerRegistry",
+    "ConsumerSource",
+    "hash_key",
+    "new_key",
+    "parse_rule",
+]
+
+logger = logging.getLogger("tokenbroker.consumers")
+
+#: How often a registry that follows the store checks it for added and removed consumers.
+FOLLOW_SECONDS = 0.5
 
 KEY_PREFIX = "tbk_"
 _KEY = re.compile(r"tbk_[A-Za-z0-9_-]{43}\Z")
@@ -112,25 +134,49 @@ class Consumer:
         return sorted({rule.provider for rule in self.rules})
 
 
+class ConsumerSource(Protocol):
+    """Where stored consumers come from (:class:`~tokenbroker.store.SQLiteStore` is one)."""
+
+    def consumers_version(self) -> str:
+        """A value that changes whenever the stored consumers change."""
+        ...  # pragma: no cover
+
+    def consumers(self) -> list[tuple[str, str, list[str]]]:
+        """Every stored consumer as ``(name, key digest, allow rules)``."""
+        ...  # pragma: no cover
+
+
 class ConsumerRegistry:
-    """Consumers by key digest.
+    """Consumers by key digest: fixed ones (the config) plus, when it has a source, the stored
+    ones as of the last :meth:`reload`.
 
     Args:
-        consumers: ``(name, key digest, rules)`` triples.
+        consumers: ``(name, key digest, rules)`` triples that never change.
+        source: Where stored consumers are re-read from (see :meth:`follow`); None: none.
+
+    Raises:
+        StoreError: ``source`` fails on the first read.
     """
 
-    def __init__(self, consumers: Iterable[tuple[str, str, Iterable[Rule]]] = ()) -> None:
-        self._by_digest: dict[str, Consumer] = {}
+    def __init__(
+        self,
+        consumers: Iterable[tuple[str, str, Iterable[Rule]]] = (),
+        *,
+        source: ConsumerSource | None = None,
+    ) -> None:
+        self._fixed: dict[str, Consumer] = {}
         for name, digest, rules in consumers:
-            self._by_digest[digest] = Consumer(name, tuple(rules))
+            self._fixed[digest] = Consumer(name, tuple(rules))
+        self._by_digest = dict(self._fixed)
+        self._source = source
+        self._version: str | None = None
+        self._reloading = threading.Lock()
+        self.reload()
 
     @classmethod
     def from_settings(cls, consumers: Mapping[str, ConsumerSettings]) -> ConsumerRegistry:
         """Build from the ``consumers:`` config section (validated by :mod:`tokenbroker.config`)."""
-        return cls(
-            (name, spec.api_key_sha256, [parse_rule(rule) for rule in spec.allow])
-            for name, spec in consumers.items()
-        )
+        return cls(_configured(consumers))
 
     def __repr__(self) -> str:
         return f"ConsumerRegistry(consumers={len(self._by_digest)})"
@@ -139,18 +185,76 @@ class ConsumerRegistry:
         return len(self._by_digest)
 
     def add(self, name: str, digest: str, rules: Iterable[Rule]) -> None:
-        """Register a consumer (e.g. one loaded from the store)."""
-        self._by_digest[digest] = Consumer(name, tuple(rules))
+        """Register a consumer that stays until the process ends (a :meth:`reload` keeps it)."""
+        consumer = Consumer(name, tuple(rules))
+        with self._reloading:
+            self._fixed[digest] = consumer
+            self._by_digest = {**self._by_digest, digest: consumer}
 
     @classmethod
     def load(
-        cls, settings: Mapping[str, ConsumerSettings], stored: Iterable[tuple[str, str, list[str]]]
+        cls, settings: Mapping[str, ConsumerSettings], source: ConsumerSource
     ) -> ConsumerRegistry:
-        """Consumers from the config section plus those stored by ``tokenbroker consumers add``."""
-        registry = cls.from_settings(settings)
-        for name, digest, rules in stored:
-            registry.add(name, digest, [parse_rule(rule) for rule in rules])
-        return registry
+        """Consumers from the config section plus those stored by ``tokenbroker consumers add``,
+        re-read from ``source`` by :meth:`reload` (run :meth:`follow` while serving).
+
+        Raises:
+            StoreError: When the stored consumers cannot be read.
+        """
+        return cls(_configured(settings), source=source)
+
+    def reload(self) -> bool:
+        """Re-read the stored consumers if the source says they changed. A stored consumer
+        with a malformed rule is left out (and logged by name).
+
+        Returns:
+            Whether the stored consumers were re-read.
+
+        Raises:
+            StoreError: The source failed; the consumers already loaded stay in force.
+        """
+        source = self._source
+        if source is None:
+            return False
+        with self._reloading:
+            version = source.consumers_version()  # before the rows: a later change is seen next
+            if version == self._version:
+                return False
+            by_digest = dict(self._fixed)
+            for name, digest, texts in source.consumers():
+                try:
+                    rules = tuple(parse_rule(text) for text in texts)
+                except ValueError:
+                    logger.warning("stored consumer %s has a malformed allow rule; refused", name)
+                    continue
+                by_digest[digest] = Consumer(name, rules)
+            self._by_digest = by_digest  # one reference swap: readers see old or new, whole
+            self._version = version
+            return True
+
+    async def follow(self, every: float = FOLLOW_SECONDS) -> None:
+        """Keep in step with the source until cancelled: :meth:`reload` every ``every``
+        seconds in a worker thread, never on the event loop. A failing source is logged once
+        (by error class) and retried; the consumers already loaded stay in force meanwhile.
+
+        Args:
+            every: Seconds between checks.
+        """
+        if self._source is None:
+            return
+        failing = False
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await asyncio.to_thread(self.reload)
+            except Exception as exc:
+                if not failing:
+                    logger.warning("cannot re-read stored consumers: %s", type(exc).__name__)
+                failing = True
+            else:
+                if failing:
+                    logger.info("stored consumers are read again")
+                failing = False
 
     def authenticate(self, key: str | None) -> Consumer | None:
         """The consumer whose key this is, or None.
@@ -163,3 +267,12 @@ class ConsumerRegistry:
             hmac.compare_digest(digest, digest)
             return None
         return consumer if hmac.compare_digest(digest, hash_key(key)) else None
+
+
+def _configured(consumers: Mapping[str, ConsumerSettings]) -> list[tuple[str, str, list[Rule]]]:
+    """The ``consumers:`` config section (validated by :mod:`tokenbroker.config`) as
+    ``(name, digest, rules)``."""
+    return [
+        (name, spec.api_key_sha256, [parse_rule(rule) for rule in spec.allow])
+        for name, spec in consumers.items()
+    ]

@@ -153,7 +153,7 @@ def run_demo(
             broker.subscribe(on_event)
             assert settings.proxy is not None
             with (
-                ServedApp(create_app(broker), port=int(api_url.rsplit(":", 1)[1])),
+                ServedApp(create_app(broker), port=int(api_url.rsplit(":", 1)[1]), lifespan="on"),
                 ServedProxy(broker, settings.proxy) as proxy,
             ):
                 _introduce(echo, idp, upstream.url, api_url, env["STORE_PATH"], key, proxy)

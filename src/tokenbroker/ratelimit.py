@@ -1,5 +1,9 @@
 """Rate limits for the HTTP API: per consumer, and failed key checks per client address.
 
+The failed-key limit applies to failures only: a key is checked first, and a valid one is
+served whatever its address's failures (keys have 256 random bits, so the limit is about
+load and noise from wrong keys, not about making guessing feasible or not).
+
 Built on the ``limits`` library's moving windows with in-memory storage (its
 Redis storage is a later config switch). A blocked caller learns how long to
 wait (``Retry-After``).
@@ -39,15 +43,18 @@ class RateLimits:
     def __repr__(self) -> str:
         return f"RateLimits(per_consumer={self._consumer}, auth_failures={self._failures})"
 
-    def source_blocked(self, source: str) -> float | None:
-        """Seconds ``source`` must wait after too many failed key checks, or None."""
-        if self._limiter.test(self._failures, "fail", source):
+    def failed(self, source: str) -> float | None:
+        """Count one failed key check from ``source``.
+
+        Only failures are counted, and only they are refused: a valid key is never held back
+        by the failures of others sharing its address (a NAT, a proxy).
+
+        Returns:
+            Seconds ``source`` must wait once over its budget of failures, else None.
+        """
+        if self._limiter.hit(self._failures, "fail", source):
             return None
         return self._wait(self._failures, "fail", source)
-
-    def failed(self, source: str) -> None:
-        """Count one failed key check from ``source``."""
-        self._limiter.hit(self._failures, "fail", source)
 
     def consumer_blocked(self, name: str) -> float | None:
         """Count one request of consumer ``name``; seconds to wait if over its limit, or None."""

@@ -118,6 +118,9 @@ def serve(
     _configure_logs(broker)
     address = listen or broker.settings.server.listen
     host, _, port = address.rpartition(":")
+    # X-Forwarded-For names the client only when the peer is a configured proxy; uvicorn
+    # would otherwise believe it from any loopback peer.
+    trusted = list(broker.settings.server.trusted_proxies)
     config = uvicorn.Config(
         create_app(broker),
         host=host.strip("[]") or "127.0.0.1",
@@ -127,6 +130,8 @@ def serve(
         log_level="warning",
         access_log=False,
         server_header=False,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted,
     )
 
     async def main() -> None:

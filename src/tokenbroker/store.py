@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import sqlite3
 import tempfile
 import threading
@@ -422,15 +423,38 @@ class SQLiteStore:
                 f" VALUES (?, ?, ?, {NOW})",
                 (name, key_sha256, json.dumps(allow)),
             )
+            self._consumers_changed()
 
     def remove_consumer(self, name: str) -> bool:
-        """Delete a stored consumer; its key stops working at once.
+        """Delete a stored consumer; running servers refuse its key within a second
+        (they follow :meth:`consumers_version`).
 
         Returns:
             Whether it existed.
         """
         with self._tx():
-            return self._db.execute("DELETE FROM tb_consumer WHERE name = ?", (name,)).rowcount == 1
+            removed = self._db.execute("DELETE FROM tb_consumer WHERE name = ?", (name,)).rowcount
+            if removed:
+                self._consumers_changed()
+            return removed == 1
+
+    def consumers_version(self) -> str:
+        """A value that changes whenever a stored consumer is added or removed (one row read:
+        servers poll it to notice changes made by other processes)."""
+        with self._guard():
+            row = self._db.execute(
+                "SELECT value FROM tb_meta WHERE name = 'consumers_version'"
+            ).fetchone()
+        return str(row[0]) if row else ""
+
+    def _consumers_changed(self) -> None:
+        """Give :meth:`consumers_version` a new value (inside the caller's transaction). Random,
+        not a counter: equal values mean the same consumers, even across a restored backup."""
+        self._db.execute(
+            "INSERT INTO tb_meta (name, value) VALUES ('consumers_version', ?)"
+            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+            (secrets.token_hex(16),),
+        )
 
     def consumers(self) -> list[tuple[str, str, list[str]]]:
         """Every stored consumer as ``(name, key digest, allow rules)``."""

@@ -37,7 +37,9 @@ class ProxyServer:
         broker: Obtains and caches the tokens (the caller owns and closes it).
         settings: The ``proxy:`` section.
         consumers: Who may use the proxy when ``consumer_header`` is set; default:
-            the broker's configured and stored consumers.
+            the broker's configured and stored consumers. While the proxy listens it
+            follows the store (:meth:`ConsumerRegistry.follow`), so added and removed
+            consumers take effect within a second.
     """
 
     def __init__(
@@ -55,7 +57,7 @@ class ProxyServer:
         self.consumers: ConsumerRegistry | None = None
         if header:
             self.consumers = consumers or ConsumerRegistry.load(
-                broker.settings.consumers, broker.store.consumers()
+                broker.settings.consumers, broker.store
             )
         self.connections: set[ClientConnection] = set()
         self.responses: dict[int, int] = {}
@@ -65,11 +67,13 @@ class ProxyServer:
         self._servers: list[asyncio.Server] = []
         self._tick: asyncio.Task[None] | None = None
         self._timeouts: asyncio.Task[None] | None = None
+        self._follow: asyncio.Task[None] | None = None
         self.url = ""
         self.health_url = ""
 
     async def start(self, *, health: bool = True) -> None:
-        """Listen on ``listen`` (and ``health_listen``) and start the maintenance tick."""
+        """Listen on ``listen`` (and ``health_listen``), start the maintenance tick, and follow
+        the stored consumers when keys are required."""
         loop = asyncio.get_running_loop()
         host, port = _split(self.settings.listen)
         server = await loop.create_server(
@@ -86,6 +90,8 @@ class ProxyServer:
             self.health_url = _url(probe)
         self._tick = loop.create_task(self._maintain())
         self._timeouts = loop.create_task(self._expire())
+        if self.consumers is not None:
+            self._follow = loop.create_task(self.consumers.follow())
 
     async def warm(self, progress: Progress | None = None) -> dict[str, ProviderError]:
         """Log in every account of every pool route, a few at a time.
@@ -179,7 +185,7 @@ class ProxyServer:
 
     async def close(self) -> None:
         """Stop listening, close client connections and pools (not the broker)."""
-        for task in (self._tick, self._timeouts):
+        for task in (self._tick, self._timeouts, self._follow):
             if task is not None:
                 task.cancel()
         for server in self._servers:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Literal
 
 import uvicorn
 
@@ -19,11 +19,20 @@ class ServedApp(Background):
         app: The ASGI application.
         port: The port (0: any free one).
         host: The address to listen on.
+        lifespan: ``"on"`` runs the app's ASGI lifespan (the broker's API uses it to follow
+            stored consumers), ``"off"`` does not.
     """
 
-    def __init__(self, app: Any, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        lifespan: Literal["on", "off"] = "off",
+    ) -> None:
         self.app = app
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan=lifespan)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self.url = ""

@@ -1,0 +1,144 @@
+"""ConsumerRegistry: keys, rules, and following the store's consumers while serving."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tokenbroker.config import ConsumerSettings
+from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
+from tokenbroker.crypto import Keyring, generate_key
+from tokenbroker.errors import StoreError
+from tokenbroker.secret import Secret
+from tokenbroker.store import SQLiteStore
+
+KEY = new_key()
+CONFIGURED_KEY = new_key()
+CONFIGURED = {"cfg": ConsumerSettings(api_key_sha256=hash_key(CONFIGURED_KEY), allow=("svc",))}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+    """A file store."""
+    opened = SQLiteStore(str(tmp_path / "tb.db"), Keyring([Secret(generate_key())]))
+    yield opened
+    opened.close()
+
+
+class Flaky:
+    """A consumer source over a real store that fails (StoreError) while ``broken``."""
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self.store = store
+        self.broken = False
+        self.failures = 0
+        self.reads = 0
+
+    def consumers_version(self) -> str:
+        if self.broken:
+            self.failures += 1
+            raise StoreError("the store failed (OperationalError)")
+        return self.store.consumers_version()
+
+    def consumers(self) -> list[tuple[str, str, list[str]]]:
+        self.reads += 1
+        return self.store.consumers()
+
+
+def test_reload_sees_consumers_added_and_removed_in_the_store(store: SQLiteStore) -> None:
+    """A loaded registry serves the store's consumers as of its last reload, re-reads the
+    table only when consumers_version changed, and never drops configured consumers."""
+    source = Flaky(store)
+    registry = ConsumerRegistry.load(CONFIGURED, source)
+    assert registry.authenticate(KEY) is None
+    assert not registry.reload()
+    assert source.reads == 1
+
+    store.add_consumer("late", hash_key(KEY), ["svc:read"])
+    assert registry.authenticate(KEY) is None  # not before a reload
+    assert registry.reload()
+    found = registry.authenticate(KEY)
+    assert found is not None and found.name == "late" and found.allows("svc", ["read"])
+    assert len(registry) == 2
+
+    assert store.remove_consumer("late")
+    assert registry.reload()
+    assert registry.authenticate(KEY) is None
+    assert registry.authenticate(CONFIGURED_KEY) is not None
+    assert source.reads == 3
+
+
+def test_a_stored_consumer_with_a_malformed_rule_is_refused_and_named(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stored consumer whose rule does not parse is left out (logged by name); the others load."""
+    store.add_consumer("broken", hash_key(KEY), ["Not A Rule!"])
+    good = new_key()
+    store.add_consumer("fine", hash_key(good), ["svc"])
+    with caplog.at_level(logging.WARNING, logger="tokenbroker.consumers"):
+        registry = ConsumerRegistry.load({}, store)
+    assert registry.authenticate(KEY) is None
+    assert registry.authenticate(good) is not None
+    assert "stored consumer broken has a malformed allow rule" in caplog.text
+
+
+def test_add_keeps_a_consumer_across_reloads(store: SQLiteStore) -> None:
+    """A consumer registered with add() is not dropped when the stored ones are re-read."""
+    registry = ConsumerRegistry.load({}, store)
+    registry.add("pinned", hash_key(KEY), [parse_rule("svc")])
+    store.add_consumer("other", hash_key(new_key()), ["svc"])
+    assert registry.reload()
+    assert registry.authenticate(KEY) is not None
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+def test_follow_tracks_the_store_and_rides_out_its_failures(
+    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """follow() picks up an added consumer; while the store fails it logs once (by error
+    class), keeps the last known consumers, and catches up with a removal once it answers."""
+    source = Flaky(store)
+    registry = ConsumerRegistry.load({}, source)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(registry.follow(every=0.01))
+        try:
+            store.add_consumer("late", hash_key(KEY), ["svc"])
+            await _until(lambda: registry.authenticate(KEY) is not None)
+            source.broken = True
+            store.remove_consumer("late")
+            await _until(lambda: source.failures >= 3)
+            assert registry.authenticate(KEY) is not None
+            source.broken = False
+            await _until(lambda: registry.authenticate(KEY) is None)
+        finally:
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    with caplog.at_level(logging.INFO, logger="tokenbroker.consumers"):
+        asyncio.run(scenario())
+    messages = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.consumers"]
+    assert messages == [
+        "cannot re-read stored consumers: StoreError",
+        "stored consumers are read again",
+    ]
+
+
+def test_a_registry_without_a_source_does_not_follow() -> None:
+    """follow() on a fixed registry returns at once; reload() has nothing to do."""
+    registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("svc")])])
+    asyncio.run(asyncio.wait_for(registry.follow(every=0.01), 1))
+    assert not registry.reload()
+    assert registry.authenticate(KEY) is not None
