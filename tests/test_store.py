@@ -1119,3 +1119,31 @@ def test_consumers_version_changes_with_each_stored_change_and_only_then(
     finally:
         other.close()
     assert len(set(seen)) == 3
+
+
+def test_store_errors_name_the_path_and_the_reason(tmp_path: Path) -> None:
+    """A store that cannot open says which file and why: a missing folder, a damaged file, and a
+    write refused at run time."""
+    missing = tmp_path / "no-such-folder" / "tb.db"
+    with pytest.raises(StoreError) as opened:
+        SQLiteStore(str(missing), keyring(generate_key()))
+    assert str(missing) in str(opened.value)
+    assert "No such file or directory" in str(opened.value)
+
+    damaged = tmp_path / "damaged.db"
+    damaged.write_bytes(b"this is not a database, " * 100)
+    with pytest.raises(StoreCorruptError) as corrupt:
+        SQLiteStore(str(damaged), keyring(generate_key()))
+    assert str(damaged) in str(corrupt.value)
+    assert "damaged" in str(corrupt.value)
+
+    path = tmp_path / "tb.db"
+    store = SQLiteStore(str(path), keyring(generate_key()))
+    try:
+        store._db.execute("PRAGMA query_only = ON")
+        with pytest.raises(StoreError) as refused:
+            store.acquire("key", "prov", "A", 30)
+        assert str(path) in str(refused.value)
+        assert "read-only" in str(refused.value)
+    finally:
+        store.close()

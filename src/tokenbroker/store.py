@@ -45,17 +45,20 @@ _SECRET_COLUMNS = (
 )
 
 
-def _translate(exc: sqlite3.Error) -> StoreError:
+def _translate(exc: sqlite3.Error, path: str) -> StoreError:
+    """A StoreError naming the store's file and why it failed (SQLite's messages carry table
+    and column names, never bound values)."""
     text = str(exc).lower()
+    where = "the in-memory store" if path == ":memory:" else f"the store {path}"
     if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
-        return StoreCorruptError("the store file is damaged")
+        return StoreCorruptError(f"{where} is damaged ({exc})")
     if "locked" in text or "busy" in text:
-        return StoreError("the store stayed locked beyond its busy timeout")
+        return StoreError(f"{where} stayed locked beyond its busy timeout")
     if "full" in text:
-        return StoreError("the store's disk is full")
+        return StoreError(f"{where}: the disk is full")
     if "readonly" in text or "read-only" in text:
-        return StoreError("the store is read-only")
-    return StoreError(f"the store failed ({type(exc).__name__})")
+        return StoreError(f"{where} is read-only ({exc})")
+    return StoreError(f"{where} failed: {type(exc).__name__}: {exc}")
 
 
 class SQLiteStore:
@@ -93,9 +96,9 @@ class SQLiteStore:
             with contextlib.suppress(AttributeError, sqlite3.Error):
                 self._db.close()
             if isinstance(exc, sqlite3.Error):
-                raise _translate(exc) from None
+                raise _translate(exc, path) from None
             if isinstance(exc, OSError):
-                raise StoreError(f"cannot open the store: {exc.strerror}") from None
+                raise StoreError(f"cannot open the store {path}: {exc.strerror}") from None
             raise
 
     @classmethod
@@ -526,7 +529,7 @@ class SQLiteStore:
             try:
                 yield
             except sqlite3.Error as exc:
-                raise _translate(exc) from None
+                raise _translate(exc, self.path) from None
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[None]:
@@ -667,7 +670,7 @@ def probe(url: str, keyring: Keyring | None) -> list[ConfigProblem]:
         try:
             problems += _probe_file(path, keyring)
         except sqlite3.Error as exc:
-            problems.append(ConfigProblem("store", str(_translate(exc))))
+            problems.append(ConfigProblem("store", str(_translate(exc, str(path)))))
     return problems
 
 
