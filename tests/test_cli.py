@@ -227,3 +227,21 @@ def test_consumers_add_prints_the_key_once_and_stores_only_its_hash(
     assert (
         runner.invoke(main, ["consumers", "remove", "etl", "--config", str(config)]).exit_code == 3
     )
+
+
+def test_check_accepts_a_refresh_token_provider_with_a_secret_and_no_client_auth(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """check accepts a confidential refresh_token provider that names no client_auth."""
+    provider = {
+        "grant": "refresh_token",
+        "token_url": auth_server.token_url,
+        "client_id": "rt-conf",
+        "client_secret": CANARY,
+        "refresh_token": "seed",
+    }
+    result = CliRunner().invoke(
+        main, ["check", "--config", str(write_config(tmp_path, {"rt": provider}))]
+    )
+    assert result.exit_code == 0, result.output
+    assert CANARY not in result.output
