@@ -36,8 +36,20 @@ successors`` (must be 0) counts refresh-token versions with two successors store
 ``revoked AT served`` counts dead credentials for which a fresh process's plain
 ``get_token`` still handed out the stored access token although the provider had revoked
 it with its family (it answers 401 upstream; informational, not part of the verdict).
-The last line is the summary against the requirements: 0 double successors; grace: 0
-lost; strict: every loss reported, at most 2 requests after the crash.
+
+The last three columns come from the authorization server's own record
+(``GET /testing/refresh-tokens``: each refresh token by fingerprint, how often it arrived,
+and what each presentation did), not from tokenbroker's: refresh tokens the server saw more
+than once, split into ``RT 2x in grace`` (every repeat honoured inside the provider's reuse
+grace: by design, the in-doubt recovery of step 7), ``RT 2x probe`` (a provider without a
+grace: the in-doubt token presented exactly once more, rejected, and the credential reported
+``reauthorization_required``: by design, step 7) and ``RT 2x outside`` (anything else: a
+violation; must be 0).
+
+The last line is the summary against the requirements, from the server's record first:
+0 refresh tokens presented twice outside the reuse grace (beyond the one no-grace probe);
+then 0 double successors; grace: 0 lost; strict: every loss reported, at most 2 requests
+after the crash.
 
 Every child has a watchdog and a parent-side timeout; trials run two at a time; the run
 has an overall budget (``--budget``).
@@ -68,6 +80,7 @@ from _common import render_table
 from tokenbroker import Broker, ReauthorizationRequiredError, parse_settings
 from tokenbroker.crypto import generate_key
 from tokenbroker.testing import AuthorizationServer, Fault
+from tokenbroker.testing.authserver import REFRESH_REPORT_PATH
 
 CHILD = Path(__file__).with_name("_crash_child.py")
 PROVIDER = "rt"
@@ -105,6 +118,10 @@ class Trial:
     requests_after: int = 0
     double_successors: int = 0
     revoked_served: bool = False
+    # From the authorization server's own record: refresh tokens it saw more than once.
+    twice_in_grace: int = 0
+    twice_probe: int = 0
+    twice_violation: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -176,64 +193,103 @@ def run_trial(policy: Policy, point: str) -> Trial:
     )
     server.add_client(CLIENT_ID, None, auth_method="none")
     with server, tempfile.TemporaryDirectory(prefix="crash-rotation-") as tmp:
-        seed = server.issue_refresh_token(CLIENT_ID)
-        settings = settings_yaml(server, seed, Path(tmp) / "tb.db", generate_key(), policy.grace)
-        job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"settings": settings, "point": point, "kill_delay": KILL_DELAY}))
-
-        child = spawn("crash", job)
-        watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)
-        watchdog.start()
         try:
-            assert child.stdout is not None and child.stdin is not None
-            line = child.stdout.readline()
-            if not line:
-                child.wait(timeout=CHILD_TIMEOUT)
-                trial.notes.append(f"crash child failed to start: {stderr_tail(job, 'crash')}")
-                return trial
-            stale = json.loads(line)["ready"]
-            requests, issued = server.count("refresh_token"), len(server.issued_access_tokens)
-            if point == "after_send":
-                server.inject(Fault(delay=SEND_DELAY))
-            child.stdin.write("go\n")
-            child.stdin.flush()
-            child.wait(timeout=CHILD_TIMEOUT)
-            trial.killed = child.returncode == -signal.SIGKILL
-            if not trial.killed:
-                out = child.stdout.read()
-                trial.notes.append(f"crash child exited {child.returncode}: {out.strip()}")
-                return trial
+            kill_and_restart(trial, policy, point, server, Path(tmp))
         finally:
-            watchdog.cancel()
-            reap(child)
-
-        trial.reached = server.count("refresh_token") > requests
-        if trial.reached != (point in SENT_POINTS):
-            trial.notes.append(f"kill at {point}: request reached the provider={trial.reached}")
-        if trial.reached and not wait_for(
-            lambda: len(server.issued_access_tokens) > issued, SEND_DELAY + 5.0
-        ):
-            trial.notes.append("the provider never processed the killed request")
-        at_crash = server.count("refresh_token")
-
-        job.write_text(json.dumps({"settings": settings, "stale": stale}))
-        restarted = spawn("restart", job)
-        try:
-            out, _ = restarted.communicate(timeout=CHILD_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            trial.notes.append("restart timed out")
-            return trial
-        finally:
-            reap(restarted)
-        if restarted.returncode != 0 or not out.strip():
-            trial.notes.append(
-                f"restart exited {restarted.returncode}: {stderr_tail(job, 'restart')}"
-            )
-            return trial
-        result = json.loads(out.strip().splitlines()[-1])
-        trial.requests_after = server.count("refresh_token") - at_crash
-        audit(trial, server, settings, result)
+            count_repeats(trial, policy, server)
     return trial
+
+
+def kill_and_restart(
+    trial: Trial, policy: Policy, point: str, server: AuthorizationServer, tmp: Path
+) -> None:
+    """Steps 1-3 of a trial (see the module docstring); problems go to ``trial.notes``."""
+    seed = server.issue_refresh_token(CLIENT_ID)
+    settings = settings_yaml(server, seed, tmp / "tb.db", generate_key(), policy.grace)
+    job = tmp / "job.json"
+    job.write_text(json.dumps({"settings": settings, "point": point, "kill_delay": KILL_DELAY}))
+
+    child = spawn("crash", job)
+    watchdog = threading.Timer(CHILD_TIMEOUT, child.kill)
+    watchdog.start()
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        line = child.stdout.readline()
+        if not line:
+            child.wait(timeout=CHILD_TIMEOUT)
+            trial.notes.append(f"crash child failed to start: {stderr_tail(job, 'crash')}")
+            return
+        stale = json.loads(line)["ready"]
+        requests, issued = server.count("refresh_token"), len(server.issued_access_tokens)
+        if point == "after_send":
+            server.inject(Fault(delay=SEND_DELAY))
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        child.wait(timeout=CHILD_TIMEOUT)
+        trial.killed = child.returncode == -signal.SIGKILL
+        if not trial.killed:
+            out = child.stdout.read()
+            trial.notes.append(f"crash child exited {child.returncode}: {out.strip()}")
+            return
+    finally:
+        watchdog.cancel()
+        reap(child)
+
+    trial.reached = server.count("refresh_token") > requests
+    if trial.reached != (point in SENT_POINTS):
+        trial.notes.append(f"kill at {point}: request reached the provider={trial.reached}")
+    if trial.reached and not wait_for(
+        lambda: len(server.issued_access_tokens) > issued, SEND_DELAY + 5.0
+    ):
+        trial.notes.append("the provider never processed the killed request")
+    at_crash = server.count("refresh_token")
+
+    job.write_text(json.dumps({"settings": settings, "stale": stale}))
+    restarted = spawn("restart", job)
+    try:
+        out, _ = restarted.communicate(timeout=CHILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        trial.notes.append("restart timed out")
+        return
+    finally:
+        reap(restarted)
+    if restarted.returncode != 0 or not out.strip():
+        trial.notes.append(f"restart exited {restarted.returncode}: {stderr_tail(job, 'restart')}")
+        return
+    result = json.loads(out.strip().splitlines()[-1])
+    trial.requests_after = server.count("refresh_token") - at_crash
+    audit(trial, server, settings, result)
+
+
+def count_repeats(trial: Trial, policy: Policy, server: AuthorizationServer) -> None:
+    """Ask the authorization server which refresh tokens it saw more than once, and classify them.
+
+    * in grace (by design): every repeat was honoured inside the provider's reuse grace;
+    * no-grace probe (by design, refresh protocol step 7): on a provider without a grace, the
+      in-doubt token was presented exactly once more, the provider rejected it, and the
+      credential ended ``reauthorization_required`` — never a third time;
+    * violation: anything else.
+    """
+    with httpx.Client(trust_env=False, timeout=10.0) as http:
+        reply = http.get(server.url + REFRESH_REPORT_PATH)
+    reply.raise_for_status()
+    for use in reply.json()["refresh_tokens"]:
+        outcomes = use["outcomes"]
+        if use["presented"] < 2:
+            continue
+        processed = len(outcomes) == use["presented"] and outcomes[:1] == ["accepted"]
+        if processed and all(o == "accepted_in_grace" for o in outcomes[1:]):
+            trial.twice_in_grace += 1
+        elif (
+            processed
+            and policy.grace == 0
+            and outcomes == ["accepted", "reused"]
+            and trial.outcome == "reauth"
+        ):
+            trial.twice_probe += 1
+        else:
+            trial.twice_violation += 1
+            trial.notes.append(f"refresh token presented {use['presented']}x: {outcomes}")
 
 
 def audit(trial: Trial, server: AuthorizationServer, settings: str, result: dict[str, Any]) -> None:
@@ -306,6 +362,9 @@ def cell_rows(trials: list[Trial], policy: str) -> list[list[str]]:
                 str(max((t.requests_after for t in cell), default=0)),
                 str(sum(t.double_successors for t in cell)),
                 str(sum(t.revoked_served for t in cell)),
+                str(sum(t.twice_in_grace for t in cell)),
+                str(sum(t.twice_probe for t in cell)),
+                str(sum(t.twice_violation for t in cell)),
             ]
         )
     return rows
@@ -322,6 +381,9 @@ HEADER = (
     "max req after crash",
     "double successors",
     "revoked AT served",
+    "RT 2x in grace",
+    "RT 2x probe",
+    "RT 2x outside",
 )
 
 
@@ -333,7 +395,12 @@ def summarize(trials: list[Trial], expected: int) -> tuple[str, bool]:
     grace_lost = sum(t.outcome != "recovered" for t in grace)
     strict_unreported = sum(t.outcome == "lost" for t in strict)
     strict_max = max((t.requests_after for t in strict if t.outcome == "reauth"), default=0)
+    in_grace = sum(t.twice_in_grace for t in trials)
+    probes = sum(t.twice_probe for t in trials)
+    outside = sum(t.twice_violation for t in trials)
     problems = []
+    if outside:
+        problems.append(f"{outside} refresh tokens presented twice outside the reuse grace")
     if len(trials) != expected or kills != expected:
         problems.append(f"{kills} of {expected} planned kills happened")
     if doubles:
@@ -346,7 +413,11 @@ def summarize(trials: list[Trial], expected: int) -> tuple[str, bool]:
         problems.append(f"{strict_max} requests after a crash")
     verdict = "requirements met" if not problems else "NOT MET: " + "; ".join(problems)
     line = (
-        f"crash_rotation: {kills} kills, {doubles} double successors, grace {grace_lost} lost, "
+        f"crash_rotation: {kills} kills; the authorization server saw "
+        f"{in_grace + probes + outside} refresh tokens presented twice: {in_grace} inside the "
+        f"reuse grace (by design), {probes} as the one recovery probe of a no-grace provider "
+        f"(rejected, reported as reauthorization_required), {outside} outside the grace "
+        f"(violations); {doubles} double successors, grace {grace_lost} lost, "
         f"strict {strict_unreported} unreported losses "
         f"(max {strict_max} request{'s' if strict_max != 1 else ''} after crash) — {verdict}"
     )

@@ -24,7 +24,7 @@ from tokenbroker import (
     TooManyScopesError,
     UnknownProviderError,
 )
-from tokenbroker.testing import AuthorizationServer, Fault
+from tokenbroker.testing import AuthorizationServer, Fault, decode_client_secret_basic
 
 
 def test_thousand_threads_cold_key_one_token_request(
@@ -723,3 +723,19 @@ def test_not_processed_replies_do_not_count_as_resends(make_broker: BrokerFactor
         broker = make_broker({"rt": refresh_token(server, seed)}, defaults={"retries": 3})
         assert broker.get_token("rt").access_token
         assert server.count("refresh_token") == 4
+
+
+def test_confidential_refresh_client_without_client_auth_sends_basic(
+    make_broker: BrokerFactory,
+) -> None:
+    """A refresh_token provider with client_secret and no client_auth authenticates with
+    client_secret_basic: a confidential client's refresh works, and the server saw Basic auth."""
+    server = AuthorizationServer()
+    server.add_client("rt-conf", "rt-conf-secret", auth_method="client_secret_basic")
+    with server:
+        seed = server.issue_refresh_token("rt-conf")
+        provider = refresh_token(server, seed, client_id="rt-conf", client_secret="rt-conf-secret")
+        assert make_broker({"rt": provider}).get_token("rt").access_token
+        headers = [r.headers.get("Authorization") for r in server.requests]
+    assert [decode_client_secret_basic(h) for h in headers] == [("rt-conf", "rt-conf-secret")]
+    assert server.count("refresh_token") == 1

@@ -399,3 +399,21 @@ def test_a_bad_listen_flag_is_a_usage_error(tmp_path: Path, command: str) -> Non
     result = CliRunner().invoke(main, [command, "--listen", "nowhere", "--config", str(path)])
     assert result.exit_code == 2, result.output
     assert "--listen" in result.output and "HOST:PORT" in result.output
+
+
+def test_check_accepts_a_refresh_token_provider_with_a_secret_and_no_client_auth(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """check accepts a confidential refresh_token provider that names no client_auth."""
+    provider = {
+        "grant": "refresh_token",
+        "token_url": auth_server.token_url,
+        "client_id": "rt-conf",
+        "client_secret": CANARY,
+        "refresh_token": "seed",
+    }
+    result = CliRunner().invoke(
+        main, ["check", "--config", str(write_config(tmp_path, {"rt": provider}))]
+    )
+    assert result.exit_code == 0, result.output
+    assert CANARY not in result.output

@@ -1332,3 +1332,46 @@ def test_trusted_proxies_must_be_addresses_or_networks() -> None:
         text = yaml.safe_dump({"store": "memory", "server": {"trusted_proxies": bad}})
         [problem] = [p for p in problems_of(text) if p.path.startswith("server.trusted_proxies")]
         assert "proxy.internal" not in problem.message
+
+
+def rt_provider(**fields: Any) -> str:
+    """A config with a single refresh-token provider ``p`` overriding ``fields``."""
+    provider = {
+        "grant": "refresh_token",
+        "token_url": "https://idp.example.com/oauth2/token",
+        "client_id": "app",
+        "refresh_token": "seed",
+        **fields,
+    }
+    return yaml.safe_dump({"providers": {"p": provider}})
+
+
+def test_refresh_token_client_auth_follows_the_configured_credentials(ec_pem: str) -> None:
+    """Without client_auth a refresh_token provider sends what it has: client_secret →
+    client_secret_basic, private_key → private_key_jwt, neither → none; an explicit choice wins."""
+    cases = [
+        ({}, "none"),
+        ({"client_secret": "s"}, "client_secret_basic"),
+        ({"private_key": ec_pem}, "private_key_jwt"),
+        ({"client_secret": "s", "client_auth": "client_secret_post"}, "client_secret_post"),
+        ({"client_secret": "${UNSET:-}"}, "none"),
+    ]
+    for fields, expected in cases:
+        provider = parse_settings(rt_provider(**fields), {}).providers["p"]
+        assert provider.client_auth == expected, fields
+
+
+@pytest.mark.parametrize("grant", ["client_credentials", "refresh_token"])
+@pytest.mark.parametrize("field", ["client_secret", "private_key"])
+def test_client_auth_none_with_credentials_is_rejected(grant: str, field: str, ec_pem: str) -> None:
+    """client_auth none with a client_secret or private_key is a config error: that credential
+    would never be sent (a confidential client would fail with invalid_client)."""
+    value = ec_pem if field == "private_key" else "s3cret"
+    fields = {"client_auth": "none", field: value}
+    if grant == "refresh_token":
+        text = rt_provider(**fields)
+    else:
+        text = one_provider(**{"client_secret": None, **fields})
+    problem = only(problems_of(text), "providers.p")
+    assert "client_auth none" in problem.message and field in problem.message
+    assert "s3cret" not in problem.message

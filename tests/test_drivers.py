@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tokenbroker.config import ClientCredentialsProvider, RefreshTokenProvider
-from tokenbroker.drivers import RetryPolicy, Sleep, send_async, send_sync, token_flow
+from tokenbroker.drivers import Exchange, RetryPolicy, Sleep, send_async, send_sync, token_flow
 from tokenbroker.errors import (
     ClientAuthenticationError,
     ProviderError,
@@ -97,12 +97,23 @@ def run(
     handler: Any = None,
 ) -> TokenResponse:
     """Drive one token exchange through the sync or async driver against ``script``."""
+    return exchange(mode, script, grant, policy, handler).result()
+
+
+def exchange(
+    mode: str,
+    script: Script,
+    grant: Grant,
+    policy: RetryPolicy = FAST,
+    handler: Any = None,
+) -> Exchange:
+    """Drive one token exchange and return how it ended (the drivers never raise its error)."""
     flow = token_flow(grant, policy, random.Random(1234))
     if mode == "sync":
         with httpx.Client(transport=httpx.MockTransport(handler or script)) as client:
             return send_sync(client, flow, policy.max_response_bytes)
 
-    async def main() -> TokenResponse:
+    async def main() -> Exchange:
         transport = httpx.MockTransport(handler or script.handle_async)
         async with httpx.AsyncClient(transport=transport) as client:
             return await send_async(client, flow, policy.max_response_bytes)
@@ -201,12 +212,20 @@ def test_malformed_200_is_retried(mode: str) -> None:
 
 
 @MODES
-def test_last_unusable_2xx_reply_rides_on_the_error(mode: str) -> None:
-    """The latest 2xx body without a usable token is kept on the final error (for the refresh
-    protocol's record), even when a later attempt failed otherwise; a plain 5xx keeps none."""
-    script = Script(respond(200, b"<html>maintenance</html>"), respond(503, {}))
-    assert run_error(mode, script, cc_grant()).unusable_reply == b"<html>maintenance</html>"
-    assert run_error(mode, Script(respond(503, {})), cc_grant()).unusable_reply is None
+def test_last_unusable_2xx_reply_is_kept_in_the_exchange_not_on_the_error(mode: str) -> None:
+    """The latest 2xx body without a usable token is kept in the exchange record (for the
+    refresh protocol), even when a later attempt failed otherwise; the error itself has no
+    traceback, no chain and no attribute holding it; a plain 5xx keeps none."""
+    body = b'{"refresh_token": "CANARY_RT_in_the_reply"}'
+    script = Script(respond(200, body), respond(503, {}))
+    ended = exchange(mode, script, cc_grant())
+    assert ended.unusable_reply == body
+    assert ended.doubtful_sends == FAST.retries + 1
+    error = ended.error
+    assert isinstance(error, ProviderUnavailableError)
+    assert error.__traceback__ is None and error.__cause__ is None and error.__context__ is None
+    assert b"CANARY" not in repr(vars(error)).encode() and "CANARY" not in repr(ended)
+    assert exchange(mode, Script(respond(503, {})), cc_grant()).unusable_reply is None
 
 
 @MODES
@@ -499,13 +518,14 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
     expected = random.Random(seed)
     item = next(flow)
     sleeps: list[float] = []
-    with pytest.raises(ProviderUnavailableError):
+    with pytest.raises(StopIteration) as stop:
         while True:
             assert isinstance(item, httpx.Request)
             step = flow.send(unavailable())
             assert isinstance(step, Sleep)
             sleeps.append(step.seconds)
             item = flow.send(None)
+    assert isinstance(stop.value.value.error, ProviderUnavailableError)
     assert sleeps == [expected.uniform(0, backoff * 2**n) for n in range(4)]
 
 
@@ -552,4 +572,4 @@ def test_flow_returns_the_parsed_token() -> None:
     next(flow)
     with pytest.raises(StopIteration) as stop:
         flow.send(Reply(200, httpx.Headers(), b'{"access_token": "at-9"}'))
-    assert stop.value.value.token.access_token == "at-9"
+    assert stop.value.value.result().token.access_token == "at-9"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
 import threading
+import traceback
+import types
+import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -16,6 +21,7 @@ from support import refresh_token, stampede
 from tokenbroker import (
     Broker,
     ManualClock,
+    ProviderError,
     ProviderUnavailableError,
     ReauthorizationRequiredError,
     parse_settings,
@@ -348,3 +354,113 @@ def test_malformed_200_on_refresh_is_kept_encrypted_and_in_doubt(
     assert seen  # the failure was logged
     assert not [line for line in seen if canary in line]
     assert canary not in str(raised.value) and canary not in repr(raised.value)
+
+
+def canary_paths(exc: BaseException, canary: str) -> list[str]:
+    """Everywhere ``canary`` shows in an exception: its text, repr, formatted traceback (chain
+    included, every frame's locals as an error reporter captures them) and every attribute,
+    arg, slot and chained exception, walked recursively."""
+    found: list[str] = []
+    seen: set[int] = set()
+
+    def text(where: str, value: str) -> None:
+        if canary in value:
+            found.append(where)
+
+    def visit(obj: object, where: str, depth: int) -> None:
+        if id(obj) in seen or depth > 10:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, bytes | bytearray | memoryview):
+            text(where, bytes(obj).decode("latin-1"))
+            return
+        if isinstance(obj, str):
+            text(where, obj)
+            return
+        if obj is None or isinstance(obj, int | float | type | types.ModuleType):
+            return
+        if callable(obj) and not isinstance(obj, BaseException):
+            return
+        for form in (repr, str):
+            text(f"{form.__name__}({where})", form(obj))
+        if isinstance(obj, BaseException):
+            formatted = traceback.TracebackException.from_exception(obj, capture_locals=True)
+            text(f"traceback({where})", "".join(formatted.format()))
+            text(f"format_exception({where})", "".join(traceback.format_exception(obj)))
+            visit(obj.args, f"{where}.args", depth + 1)
+            visit(obj.__cause__, f"{where}.__cause__", depth + 1)
+            visit(obj.__context__, f"{where}.__context__", depth + 1)
+            visit(getattr(obj, "__notes__", None), f"{where}.__notes__", depth + 1)
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                visit(key, f"{where}[key]", depth + 1)
+                visit(value, f"{where}[{key!r}]", depth + 1)
+            return
+        if isinstance(obj, list | tuple | set | frozenset):
+            for i, item in enumerate(obj):
+                visit(item, f"{where}[{i}]", depth + 1)
+            return
+        names = set(getattr(obj, "__dict__", {}))
+        for klass in type(obj).__mro__:
+            slots = klass.__dict__.get("__slots__", ())
+            names.update([slots] if isinstance(slots, str) else slots)
+        names.update(n for n in dir(obj) if not n.startswith("__"))
+        for name in sorted(names - {"__traceback__", "__weakref__", "__dict__"}):
+            try:
+                value = getattr(obj, name)
+            except Exception:  # noqa: S112 - a property that cannot be read holds nothing
+                continue
+            visit(value, f"{where}.{name}", depth + 1)
+
+    visit(exc, "exc", 0)
+    return found
+
+
+@pytest.mark.parametrize(("rotation", "grace"), [("strict", 0), ("grace", 86400)])
+def test_rotated_refresh_token_in_an_unusable_reply_reaches_no_caller(
+    tmp_path: Path, rotation: str, grace: int
+) -> None:
+    """A 2xx reply with a refresh token but no access token: the concurrent get_token callers'
+    exceptions carry the rotated token nowhere (attributes, args, chain, text, traceback locals);
+    the reply is still kept encrypted on the in-doubt attempt (A5)."""
+    server = AuthorizationServer(rotation=rotation, reuse_grace_seconds=grace)
+    server.add_client("rt-client", None, auth_method="none")
+    canary = f"CANARY_RT_{uuid.uuid4().hex}"
+    body = json.dumps({"refresh_token": canary}).encode()
+    with server:
+        seed = server.issue_refresh_token("rt-client")
+        provider = refresh_token(
+            server, seed, rotation={"single_use": True, "reuse_grace_seconds": grace}
+        )
+        server.inject(Fault(status=200, body=body), times=None)
+        with file_broker(tmp_path / "tb.db", {"rt": provider}) as broker:
+            results = stampede(8, lambda: broker.get_token("rt"))
+            attempts = broker.store.attempts("rt")
+        sent = server.count("refresh_token")
+    assert sent == 2  # one flight for all 8 callers: the first try and one resend
+    assert all(isinstance(r, ProviderError) for r in results), results
+    for i, error in enumerate(results):
+        assert isinstance(error, BaseException)
+        assert canary_paths(error, canary) == [], f"caller {i}"
+    assert [a.status for a in attempts] == ["in_doubt"]
+    with sqlite3.connect(tmp_path / "tb.db") as db:
+        (raw_ct,) = db.execute(
+            "SELECT raw_ct FROM tb_attempt WHERE id = ?", (attempts[0].id,)
+        ).fetchone()
+    assert (
+        Keyring([Secret(KEY)]).decrypt(raw_ct, f"tb_attempt|{attempts[0].id}|raw".encode()) == body
+    )
+
+
+def test_job_and_reply_reprs_show_no_token() -> None:
+    """A Job's repr hides the stale access token and a Reply's repr hides its body (both sit in
+    frames an error reporter captures)."""
+    from tokenbroker.drivers import RetryPolicy
+    from tokenbroker.grants import Reply
+    from tokenbroker.refresher import Job
+
+    job = Job(
+        "rt", "rt", "f", lambda rt: None, lambda g, p: None, RetryPolicy(), 1, 1, stale="AT_CANARY"
+    )
+    assert "AT_CANARY" not in repr(job)
+    assert "RT_CANARY" not in repr(Reply(200, httpx.Headers(), b'{"refresh_token": "RT_CANARY"}'))

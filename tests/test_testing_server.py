@@ -612,6 +612,58 @@ def test_counts_presented_tokens_and_reset(client: httpx.Client) -> None:
     assert successor != seed
 
 
+def test_refresh_token_report_counts_presentations_and_outcomes(client: httpx.Client) -> None:
+    """GET /testing/refresh-tokens reports every presented refresh token by fingerprint (never
+    its value) with how often it arrived and what the server did each time: a token presented
+    twice is reported twice (accepted, then accepted in grace or rejected as a reuse)."""
+    clock = FakeClock()
+    server = make_server(rotation="grace", reuse_grace_seconds=10, clock=clock)
+    seed = server.issue_refresh_token("svc")
+    other = server.issue_refresh_token("svc")
+    with server:
+        successor = refresh(client, server, seed).json()["refresh_token"]
+        refresh(client, server, other)
+        refresh(client, server, other)  # a resend inside the grace window
+        clock.now += 11
+        refresh(client, server, seed)  # outside the window: reuse, the family is revoked
+        refresh(client, server, successor)  # its family is revoked
+        refresh(client, server, "never-issued")
+        server.inject(Fault(status=503))
+        refresh(client, server, "faulted")  # arrived, never processed
+        reply = client.get(server.url + "/testing/refresh-tokens")
+        in_process = server.refresh_token_report()
+    assert reply.status_code == 200
+    assert reply.headers["Cache-Control"] == "no-store"
+    fingerprint = tokenbroker.testing.refresh_token_fingerprint
+    expected = [
+        (seed, 2, ["accepted", "reused"]),
+        (other, 2, ["accepted", "accepted_in_grace"]),
+        (successor, 1, ["revoked"]),
+        ("never-issued", 1, ["unknown"]),
+        ("faulted", 1, []),
+    ]
+    assert reply.json() == {
+        "refresh_tokens": [
+            {"fingerprint": fingerprint(token), "presented": count, "outcomes": outcomes}
+            for token, count, outcomes in expected
+        ]
+    }
+    assert [(u.fingerprint, u.presented, list(u.outcomes)) for u in in_process] == [
+        (fingerprint(token), count, outcomes) for token, count, outcomes in expected
+    ]
+    assert [(u.accepted_in_grace, u.rejected, u.unprocessed) for u in in_process] == [
+        (0, 1, 0),
+        (1, 0, 0),
+        (0, 1, 0),
+        (0, 1, 0),
+        (0, 0, 1),
+    ]
+    for token in (seed, other, successor):
+        assert token not in reply.text and token not in repr(in_process)
+    server.reset_records()
+    assert server.refresh_token_report() == []
+
+
 def test_routing_404_and_405(client: httpx.Client) -> None:
     """Unknown paths answer 404 and wrong methods 405 with an Allow header."""
     with make_server() as server:

@@ -39,7 +39,7 @@ from .delegation import (
     check_audience,
     settings_for,
 )
-from .drivers import RetryPolicy, send_sync, token_flow
+from .drivers import Exchange, RetryPolicy, send_sync, token_flow
 from .errors import (
     ClientAuthenticationError,
     EncryptionKeyError,
@@ -280,7 +280,7 @@ class Broker(AuthAdapters):
             }
             grant = UpstreamDelegationGrant(provider, spec, service, values)
             try:
-                reply = self._send(grant, self._policy(self.settings.providers[provider]))
+                reply = self._send(grant, self._policy(self.settings.providers[provider])).result()
             except ClientAuthenticationError:
                 # The service token may have been revoked: report it and try once more.
                 if attempt == 2 or not self.invalidate(provider, service.access_token):
@@ -546,7 +546,7 @@ class Broker(AuthAdapters):
         credential = next(c for c in settings.credentials if c.username == key.account)
         return LoginGrant(key.provider, settings, credential)
 
-    def _send(self, grant: Grant, policy: RetryPolicy) -> TokenResponse:
+    def _send(self, grant: Grant, policy: RetryPolicy) -> Exchange:
         return send_sync(self._http, token_flow(grant, policy), policy.max_response_bytes)
 
 

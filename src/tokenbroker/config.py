@@ -239,6 +239,14 @@ class _OAuthProvider(_ProviderBase):
         method = self.client_auth
         if method in ("client_secret_basic", "client_secret_post") and not self.client_secret:
             raise ValueError(f"client_auth {method} needs client_secret")
+        if method == "none":
+            # A confidential client configured as public would fail with invalid_client.
+            unsent = [name for name in ("client_secret", "private_key") if getattr(self, name)]
+            if unsent:
+                raise ValueError(
+                    f"client_auth none never sends {' or '.join(unsent)}: remove it, or set "
+                    "client_auth to client_secret_basic, client_secret_post or private_key_jwt"
+                )
         if method == "private_key_jwt" and not self.private_key:
             raise ValueError("client_auth private_key_jwt needs private_key (PEM)")
         if self.private_key:
@@ -293,6 +301,20 @@ class RefreshTokenProvider(_OAuthProvider):
     refresh_token: Secret
     rotation: Rotation = Rotation()
     reauthorization_errors: tuple[str, ...] = ("invalid_grant", "login_required")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_client_auth(cls, data: Any) -> Any:
+        """Without ``client_auth``, authenticate with what is configured: a client_secret →
+        ``client_secret_basic`` (RFC 6749 §2.3.1), else a private_key → ``private_key_jwt``,
+        else ``none`` (a public client, RFC 6749 §2.1)."""
+        if not isinstance(data, dict) or "client_auth" in data:
+            return data
+        if data.get("client_secret"):
+            return {**data, "client_auth": "client_secret_basic"}
+        if data.get("private_key"):
+            return {**data, "client_auth": "private_key_jwt"}
+        return data
 
 
 class Credential(_Frozen):

@@ -7,6 +7,12 @@ is retryable (5xx, 429, network errors, timeouts, malformed replies) with
 exponential backoff and full jitter, honours ``Retry-After``, and never runs
 past one overall deadline. :func:`send_sync` and :func:`send_async` only do the
 I/O; neither contains policy.
+
+The exchange ends in an :class:`Exchange` record, never in a raised error: what the
+refresh protocol must know about a failure (how many sends the provider may have
+processed, the body of a 2xx reply without a usable token — possibly a rotated
+refresh token) travels in that record, and the error callers receive
+(:meth:`Exchange.result`) carries none of it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import httpx
 from .errors import ProviderError, ProviderUnavailableError
 from .grants import Grant, Reply, TokenResponse
 
-__all__ = ["RetryPolicy", "Sleep", "send_async", "send_sync", "token_flow"]
+__all__ = ["Exchange", "RetryPolicy", "Sleep", "send_async", "send_sync", "token_flow"]
 
 _MAX_BACKOFF = 30.0
 # What is kept of a 2xx reply without a usable token (for the refresh protocol's record).
@@ -59,8 +65,51 @@ class Sleep:
     seconds: float
 
 
+@dataclass(frozen=True, slots=True, repr=False)
+class Exchange:
+    """How one token exchange ended: a token, or a classified failure and its protocol state.
+
+    Attributes:
+        response: The token response, when the exchange succeeded.
+        error: The last classified failure, when it did not. It holds no reply bytes.
+        doubtful_sends: How many requests of the exchange the provider may have processed
+            (the refresh protocol decides from it what a single-use token may risk).
+        unusable_reply: The latest 2xx body that held no usable token (at most 64 KiB):
+            a single-use provider may have rotated in it, so the refresh protocol keeps it
+            encrypted on the attempt. Never in a message, a repr or an error.
+    """
+
+    response: TokenResponse | None = None
+    error: ProviderError | None = None
+    doubtful_sends: int = 0
+    unusable_reply: bytes | None = None
+
+    def __repr__(self) -> str:
+        kept = "none" if self.unusable_reply is None else f"{len(self.unusable_reply)} bytes"
+        if self.error is None:
+            return f"Exchange(response={self.response!r})"
+        return (
+            f"Exchange(error={type(self.error).__name__}, doubtful_sends={self.doubtful_sends},"
+            f" unusable_reply={kept})"
+        )
+
+    def result(self) -> TokenResponse:
+        """The token response, or raise the exchange's error.
+
+        Returns:
+            The token response.
+
+        Raises:
+            ProviderError: The exchange's classified failure.
+        """
+        if self.error is not None:
+            raise self.error
+        assert self.response is not None
+        return self.response
+
+
 Outcome = Reply | Exception | None
-Flow = Generator[httpx.Request | Sleep, Outcome, TokenResponse]
+Flow = Generator[httpx.Request | Sleep, Outcome, Exchange]
 
 
 def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = None) -> Flow:
@@ -72,10 +121,8 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
         rng: Source of jitter (injected by tests).
 
     Returns:
-        A generator; its return value is the :class:`TokenResponse`.
-
-    Raises:
-        ProviderError: The last classified failure, once retries or the deadline run out.
+        A generator; its return value is the :class:`Exchange`: the token response, or the
+        last classified failure once retries or the deadline run out.
     """
     jitter = rng or random.Random()  # noqa: S311 - jitter, not security
     started = time.monotonic()
@@ -102,27 +149,34 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
                 raise ProviderUnavailableError(
                     f"{grant.provider}: no reply", provider=grant.provider
                 )
-            return grant.parse_response(outcome, issued_at)
-        except ProviderError as error:
-            sent = getattr(error, "sent", False)
-            doubtful += 1 if sent else 0
-            error.doubtful_sends = doubtful
-            if isinstance(outcome, Reply) and 200 <= outcome.status_code < 300:
-                unusable = outcome.content[:_KEPT_REPLY_BYTES]  # the latest such reply
-            if error.unusable_reply is None:
-                error.unusable_reply = unusable
-            if not error.retryable or attempt > policy.retries:
-                raise
-            if sent and policy.max_resends is not None and doubtful > policy.max_resends:
-                raise
-            cap = min(_MAX_BACKOFF, policy.backoff * 2 ** (attempt - 1))
-            delay = jitter.uniform(0, cap)
-            told = getattr(error, "retry_after", None)
-            if told is not None:
-                delay = max(delay, told)
-            if time.monotonic() + delay >= give_up_at:
-                raise
+            return Exchange(response=grant.parse_response(outcome, issued_at))
+        except ProviderError as caught:
+            error = _detached(caught)
+        sent = getattr(error, "sent", False)
+        doubtful += 1 if sent else 0
+        if isinstance(outcome, Reply) and 200 <= outcome.status_code < 300:
+            unusable = outcome.content[:_KEPT_REPLY_BYTES]  # the latest such reply
+        failed = Exchange(error=error, doubtful_sends=doubtful, unusable_reply=unusable)
+        if not error.retryable or attempt > policy.retries:
+            return failed
+        if sent and policy.max_resends is not None and doubtful > policy.max_resends:
+            return failed
+        cap = min(_MAX_BACKOFF, policy.backoff * 2 ** (attempt - 1))
+        delay = jitter.uniform(0, cap)
+        told = getattr(error, "retry_after", None)
+        if told is not None:
+            delay = max(delay, told)
+        if time.monotonic() + delay >= give_up_at:
+            return failed
         yield Sleep(delay)
+
+
+def _detached(error: ProviderError) -> ProviderError:
+    """The error without traceback or chain, both of which could hold the reply's bytes
+    (frame locals; a ``JSONDecodeError.doc`` or an httpx response down the chain)."""
+    error.__cause__ = error.__context__ = None
+    error.__suppress_context__ = True
+    return error.with_traceback(None)
 
 
 def _translate(exc: Exception, provider: str) -> ProviderError:
@@ -147,7 +201,7 @@ def _slow(provider: str) -> ProviderUnavailableError:
     return ProviderUnavailableError(f"{provider}: reply too slow", provider=provider)
 
 
-def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> TokenResponse:
+def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> Exchange:
     """Drive ``flow`` with a blocking client.
 
     Args:
@@ -156,7 +210,7 @@ def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> TokenResponse
         max_bytes: Body size cap.
 
     Returns:
-        The flow's token response.
+        The flow's :class:`Exchange`.
     """
     item = next(flow)
     while True:
@@ -171,7 +225,7 @@ def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> TokenResponse
                 outcome = exc
             item = flow.send(outcome)
         except StopIteration as stop:
-            result: TokenResponse = stop.value
+            result: Exchange = stop.value
             return result
 
 
@@ -208,7 +262,7 @@ def _read_sync(client: httpx.Client, request: httpx.Request, max_bytes: int) -> 
         response.close()
 
 
-async def send_async(client: httpx.AsyncClient, flow: Flow, max_bytes: int) -> TokenResponse:
+async def send_async(client: httpx.AsyncClient, flow: Flow, max_bytes: int) -> Exchange:
     """Drive ``flow`` with an async client; the same policy as :func:`send_sync`.
 
     Args:
@@ -217,7 +271,7 @@ async def send_async(client: httpx.AsyncClient, flow: Flow, max_bytes: int) -> T
         max_bytes: Body size cap.
 
     Returns:
-        The flow's token response.
+        The flow's :class:`Exchange`.
     """
     item = next(flow)
     while True:
@@ -236,7 +290,7 @@ async def send_async(client: httpx.AsyncClient, flow: Flow, max_bytes: int) -> T
                 outcome = exc
             item = flow.send(outcome)
         except StopIteration as stop:
-            result: TokenResponse = stop.value
+            result: Exchange = stop.value
             return result
 
 

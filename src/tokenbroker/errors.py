@@ -19,7 +19,10 @@
 
 Messages name the provider, the HTTP status and at most the provider's OAuth
 ``error`` code (checked against RFC 6749's character set); they never carry a
-secret, a token, a request or response body, or an ``error_description``.
+secret, a token, a request or response body, or an ``error_description``; nor do
+their attributes, args or chains. Protocol state never rides on an error: what the
+refresh protocol needs from a failed exchange travels in
+:class:`tokenbroker.drivers.Exchange`, which callers never receive.
 Foreign exceptions (httpx, pydantic, yaml) are translated where they occur with
 ``raise ... from exc``.
 """
@@ -136,13 +139,6 @@ class ProviderError(TokenBrokerError):
     code = "provider_error"
     #: Whether the retry loop may try again.
     retryable = False
-    #: How many requests of the failed exchange the provider may have processed (set by the
-    #: retry loop); the refresh protocol uses it to decide what a single-use token may risk.
-    doubtful_sends = 0
-    #: The body of a 2xx reply that held no usable token (set by the retry loop, at most
-    #: 64 KiB). The refresh protocol keeps it encrypted on the attempt: a single-use
-    #: provider may have rotated in it. Never part of the message or the repr.
-    unusable_reply: bytes | None = None
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
 from urllib.parse import quote_plus
@@ -95,12 +95,12 @@ class Reply:
     Attributes:
         status_code: HTTP status.
         headers: Response headers.
-        content: The decoded body.
+        content: The decoded body (not in the repr: it may hold tokens).
     """
 
     status_code: int
     headers: httpx.Headers
-    content: bytes
+    content: bytes = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True, repr=False)

@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .drivers import RetryPolicy
+from .drivers import Exchange, RetryPolicy
 from .errors import (
     ProviderError,
     ProviderUnavailableError,
@@ -100,7 +100,7 @@ class Job:
         provider: Provider name.
         fingerprint: Identity-relevant settings digest; a stored token under another is ignored.
         build: Builds the grant; gets the refresh token to present (None for other grants).
-        send: Sends a grant under a retry policy and returns the reply.
+        send: Sends a grant under a retry policy and returns how the exchange ended.
         policy: The retry policy.
         skew: The skew window (stored tokens inside it are not used).
         lease_seconds: Lease time-to-live.
@@ -114,14 +114,14 @@ class Job:
     provider: str
     fingerprint: str
     build: Callable[[Secret | None], Grant]
-    send: Callable[[Grant, RetryPolicy], TokenResponse]
+    send: Callable[[Grant, RetryPolicy], Exchange]
     policy: RetryPolicy
     skew: float
     lease_seconds: float
     seed: Secret | None = None
     single_use: bool = False
     reuse_grace: float = 0.0
-    stale: str | None = None
+    stale: str | None = dataclasses.field(default=None, repr=False)  # an access token
 
     @property
     def seed_digest(self) -> str | None:
@@ -235,7 +235,7 @@ class Refresher:
         if job.seed is None:
             self._check_time(job, acquired)
             self._hook("before_send")
-            response = job.send(job.build(None), job.policy)
+            response = job.send(job.build(None), job.policy).result()
             self._hook("after_reply")
             self._commit(job, lease, None, response, None)
             self._hook("after_commit")
@@ -261,11 +261,10 @@ class Refresher:
             )
             raise
         self._hook("before_send")
-        try:
-            response = job.send(job.build(refresh_token), policy)
-        except ProviderError as exc:
-            self._record_failure(job, lease, attempt, exc, recovery)
-            raise
+        exchange = job.send(job.build(refresh_token), policy)
+        if exchange.error is not None:
+            self._record_failure(job, lease, attempt, exchange, recovery)
+        response = exchange.result()
         self._hook("after_reply")
         applied = self._commit(
             job, lease, attempt, response, response.refresh_token or refresh_token
@@ -304,21 +303,30 @@ class Refresher:
         return dataclasses.replace(job.policy, max_resends=0), True
 
     def _record_failure(
-        self, job: Job, lease: Lease, attempt: int, exc: ProviderError, recovery: bool
+        self,
+        job: Job,
+        lease: Lease,
+        attempt: int,
+        exchange: Exchange,
+        recovery: bool,
     ) -> None:
+        """Close a failed attempt; the exchange's protocol state decides how (step 6)."""
+        exc = exchange.error
+        assert exc is not None
         error = type(exc).__name__
+        doubtful = exchange.doubtful_sends
         if isinstance(exc, ReauthorizationRequiredError):
             status, state = "failed", "reauthorization_required"
-        elif isinstance(exc, ProviderUnavailableError) and exc.doubtful_sends and job.single_use:
+        elif isinstance(exc, ProviderUnavailableError) and doubtful and job.single_use:
             strict = job.reuse_grace <= 0
-            spent = recovery or exc.doubtful_sends >= 2
+            spent = recovery or doubtful >= 2
             status = "in_doubt"
             state = "reauthorization_required" if strict and spent else "in_doubt"
         else:
             status, state = "failed", "active"
         with contextlib.suppress(StoreError):
             self.store.finish_attempt(
-                lease, attempt, status=status, state=state, error=error, raw=exc.unusable_reply
+                lease, attempt, status=status, state=state, error=error, raw=exchange.unusable_reply
             )
         if state == "reauthorization_required" and not isinstance(
             exc, ReauthorizationRequiredError

@@ -15,7 +15,7 @@ from tokenbroker.testing.authserver import AuthorizationServer
 from tokenbroker.testing.clientauth import decode_client_secret_basic
 from tokenbroker.testing.faults import Fault
 from tokenbroker.testing.messages import Headers
-from tokenbroker.testing.recording import RequestRecord
+from tokenbroker.testing.recording import RefreshTokenUse, RequestRecord, refresh_token_fingerprint
 from tokenbroker.testing.upstream_server import RecordingUpstream, UpstreamRecord
 
 __all__ = [
@@ -23,10 +23,12 @@ __all__ = [
     "Fault",
     "Headers",
     "RecordingUpstream",
+    "RefreshTokenUse",
     "RequestRecord",
     "ServedProxy",
     "UpstreamRecord",
     "decode_client_secret_basic",
+    "refresh_token_fingerprint",
 ]
 
 

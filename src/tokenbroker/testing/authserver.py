@@ -13,6 +13,9 @@ Endpoints:
   (RFC 6749 §6) grants.
 * ``POST /api/login``: DolphinDB-style username/password login.
 * ``GET /api/resource``: a resource protected by bearer tokens (RFC 6750).
+* ``GET /testing/refresh-tokens``: the server's own record of refresh-token use: each
+  presented token by fingerprint (never its value), how often it arrived and what each
+  presentation did (:meth:`AuthorizationServer.refresh_token_report`).
 """
 
 from __future__ import annotations
@@ -28,16 +31,33 @@ from tokenbroker.testing.faults import Fault, FaultQueue
 from tokenbroker.testing.messages import Reply, Request
 from tokenbroker.testing.models import Client
 from tokenbroker.testing.protocol import OAuth2Server, ReuseError
-from tokenbroker.testing.recording import Recorder, RequestRecord
+from tokenbroker.testing.recording import (
+    Recorder,
+    RefreshTokenUse,
+    RequestRecord,
+    refresh_token_uses,
+)
 from tokenbroker.testing.store import Rotation, TokenStore
 from tokenbroker.testing.transport import BackgroundServer
 
-__all__ = ["LOGIN_PATH", "RESOURCE_PATH", "TOKEN_PATH", "AuthorizationServer"]
+__all__ = [
+    "LOGIN_PATH",
+    "REFRESH_REPORT_PATH",
+    "RESOURCE_PATH",
+    "TOKEN_PATH",
+    "AuthorizationServer",
+]
 
 TOKEN_PATH = "/oauth/token"
 LOGIN_PATH = "/api/login"
 RESOURCE_PATH = "/api/resource"
-_ROUTES = {TOKEN_PATH: ("POST",), LOGIN_PATH: ("POST",), RESOURCE_PATH: ("GET", "POST")}
+REFRESH_REPORT_PATH = "/testing/refresh-tokens"
+_ROUTES = {
+    TOKEN_PATH: ("POST",),
+    LOGIN_PATH: ("POST",),
+    RESOURCE_PATH: ("GET", "POST"),
+    REFRESH_REPORT_PATH: ("GET",),
+}
 
 
 class AuthorizationServer(Background):
@@ -314,8 +334,9 @@ class AuthorizationServer(Background):
         return self._max_in_flight
 
     def reset_records(self) -> None:
-        """Forget counts, presented refresh tokens and :attr:`requests`."""
+        """Forget counts, presented refresh tokens, their report and :attr:`requests`."""
         self._recorder.reset()
+        self._store.forget_outcomes()
 
     @property
     def requests(self) -> list[RequestRecord]:
@@ -334,6 +355,21 @@ class AuthorizationServer(Background):
             The set of such tokens.
         """
         return self._recorder.reused_refresh_tokens()
+
+    def refresh_token_report(self) -> list[RefreshTokenUse]:
+        """The server's record of refresh-token use, as ``GET /testing/refresh-tokens`` serves it.
+
+        A token presented twice is reported with ``presented == 2`` and the outcome of each
+        presentation that reached the rotation policy (a resend inside the reuse grace is
+        ``accepted_in_grace``; one outside it is ``reused``).
+
+        Returns:
+            One entry per presented token, by fingerprint, in order of first arrival.
+        """
+        return refresh_token_uses(
+            self._recorder.presented_refresh_tokens,
+            [(token, outcome.value) for token, outcome in self._store.refresh_outcomes()],
+        )
 
     @property
     def issued_access_tokens(self) -> list[str]:
@@ -402,6 +438,9 @@ class AuthorizationServer(Background):
             return self._oauth.token_response(request)
         if request.path == LOGIN_PATH:
             return self._oauth.login_response(request)
+        if request.path == REFRESH_REPORT_PATH:
+            report = [use.as_json() for use in self.refresh_token_report()]
+            return Reply.json(200, {"refresh_tokens": report}, [("Cache-Control", "no-store")])
         return self._oauth.resource_response(request)
 
     def _record(self, request: Request) -> None:

@@ -126,6 +126,7 @@ class _RefreshTokenGrant(RefreshTokenGrant):  # type: ignore[misc]
     def authenticate_refresh_token(self, refresh_token: str) -> Any:
         record = self.server.store.find_refresh(refresh_token)
         if record is None:
+            self.server.store.reject_unknown(refresh_token)
             raise self.server.refresh_error()
         return record
 

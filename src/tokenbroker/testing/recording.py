@@ -6,14 +6,105 @@ include failed and faulted requests.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from tokenbroker.testing.messages import Headers
 
-__all__ = ["Recorder", "RequestRecord"]
+__all__ = ["Recorder", "RefreshTokenUse", "RequestRecord", "refresh_token_fingerprint"]
+
+_REJECTED = frozenset({"reused", "revoked", "unknown"})
+
+
+def refresh_token_fingerprint(value: str) -> str:
+    """Name a refresh token in reports without revealing it.
+
+    Args:
+        value: The token.
+
+    Returns:
+        The first 16 hex digits of its SHA-256.
+    """
+    return hashlib.sha256(value.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RefreshTokenUse:
+    """How often one refresh token reached the token endpoint, and what each use did.
+
+    Attributes:
+        fingerprint: :func:`refresh_token_fingerprint` of the token (never the token).
+        presented: How many requests carried it, faulted and refused ones included.
+        outcomes: What the server did with each presentation that reached the rotation
+            policy, in order: ``accepted``, ``accepted_in_grace`` (a repeat inside the
+            reuse grace, honoured by design), ``reused`` (a repeat outside it: rejected, the
+            family revoked), ``revoked`` (its family was already revoked) or ``unknown``
+            (never issued here).
+    """
+
+    fingerprint: str
+    presented: int
+    outcomes: tuple[str, ...] = ()
+
+    @property
+    def accepted_in_grace(self) -> int:
+        """Presentations honoured as a repeat inside the grace window."""
+        return self.outcomes.count("accepted_in_grace")
+
+    @property
+    def rejected(self) -> int:
+        """Presentations refused as a reuse, a revoked family or an unknown token."""
+        return sum(outcome in _REJECTED for outcome in self.outcomes)
+
+    @property
+    def unprocessed(self) -> int:
+        """Presentations that never reached the rotation policy (a fault, a bad client)."""
+        return self.presented - len(self.outcomes)
+
+    def as_json(self) -> dict[str, Any]:
+        """The JSON form served by the report endpoint.
+
+        Returns:
+            ``{"fingerprint", "presented", "outcomes"}``.
+        """
+        return {
+            "fingerprint": self.fingerprint,
+            "presented": self.presented,
+            "outcomes": list(self.outcomes),
+        }
+
+
+def refresh_token_uses(
+    presented: Iterable[str], outcomes: Iterable[tuple[str, str]]
+) -> list[RefreshTokenUse]:
+    """Join arrivals and rotation-policy outcomes per token, in order of first arrival.
+
+    Args:
+        presented: Every presented token, in arrival order.
+        outcomes: ``(token, outcome)`` for each presentation the policy processed.
+
+    Returns:
+        One entry per token, named by fingerprint.
+    """
+    counts: dict[str, int] = {}
+    for token in presented:
+        counts[token] = counts.get(token, 0) + 1
+    done: dict[str, list[str]] = {}
+    for token, outcome in outcomes:
+        done.setdefault(token, []).append(outcome)
+        counts.setdefault(token, 0)
+    return [
+        RefreshTokenUse(
+            refresh_token_fingerprint(token),
+            max(count, len(done.get(token, ()))),
+            tuple(done.get(token, ())),
+        )
+        for token, count in counts.items()
+    ]
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ class RefreshOutcome(enum.Enum):
     ACCEPTED_IN_GRACE = "accepted_in_grace"
     REUSED = "reused"
     REVOKED = "revoked"
+    UNKNOWN = "unknown"
 
     @property
     def ok(self) -> bool:
@@ -91,6 +92,7 @@ class TokenStore:
         self._issued_access: list[str] = []
         self._issued_login: list[str] = []
         self._jtis: set[tuple[str, str]] = set()
+        self._outcomes: list[tuple[str, RefreshOutcome]] = []
 
     @property
     def rotates(self) -> bool:
@@ -196,20 +198,53 @@ class TokenStore:
             The outcome; ``REUSED`` means the family has just been revoked.
         """
         with self._lock:
-            family = token.family
-            if family.revoked:
-                return RefreshOutcome.REVOKED
-            if self.rotation == "non_rotating":
-                return RefreshOutcome.ACCEPTED
-            now = self.clock()
-            if token.used_at is None:
-                token.used_at = now
-                return RefreshOutcome.ACCEPTED
-            if self.rotation == "grace" and now - token.used_at < self.reuse_grace_seconds:
-                return RefreshOutcome.ACCEPTED_IN_GRACE
-            family.revoked = True
-        log.info("refresh token reuse detected; revoked token family %d", family.id)
+            outcome = self._consume(token)
+            self._outcomes.append((token.value, outcome))
+        if outcome is RefreshOutcome.REUSED:
+            log.info("refresh token reuse detected; revoked token family %d", token.family.id)
+        return outcome
+
+    def _consume(self, token: RefreshToken) -> RefreshOutcome:
+        family = token.family
+        if family.revoked:
+            return RefreshOutcome.REVOKED
+        if self.rotation == "non_rotating":
+            return RefreshOutcome.ACCEPTED
+        now = self.clock()
+        if token.used_at is None:
+            token.used_at = now
+            return RefreshOutcome.ACCEPTED
+        if self.rotation == "grace" and now - token.used_at < self.reuse_grace_seconds:
+            return RefreshOutcome.ACCEPTED_IN_GRACE
+        family.revoked = True
         return RefreshOutcome.REUSED
+
+    def reject_unknown(self, value: str) -> RefreshOutcome:
+        """Record that a refresh token never issued here was presented.
+
+        Args:
+            value: The presented token.
+
+        Returns:
+            ``UNKNOWN``.
+        """
+        with self._lock:
+            self._outcomes.append((value, RefreshOutcome.UNKNOWN))
+        return RefreshOutcome.UNKNOWN
+
+    def refresh_outcomes(self) -> list[tuple[str, RefreshOutcome]]:
+        """What each processed refresh-token presentation did, in order.
+
+        Returns:
+            A copy of the ``(token, outcome)`` list.
+        """
+        with self._lock:
+            return list(self._outcomes)
+
+    def forget_outcomes(self) -> None:
+        """Clear :meth:`refresh_outcomes`."""
+        with self._lock:
+            self._outcomes.clear()
 
     def save_issued(
         self, token: Mapping[str, Any], client_id: str, parent: RefreshToken | None
