@@ -346,11 +346,12 @@ def test_timeouts_are_retried_within_the_deadline(
 
 
 def test_connection_refused_is_unavailable_and_not_sent(make_broker: BrokerFactory) -> None:
-    """Nothing listening: ProviderUnavailableError marked as never sent."""
+    """Nothing listening: ProviderUnavailableError marked as never sent, naming the URL it tried
+    without its query (which may carry a secret)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/token"
+    url = f"http://127.0.0.1:{port}/token?api_key=CANARY_QUERY"
     broker = make_broker(
         {
             "svc": {
@@ -364,6 +365,8 @@ def test_connection_refused_is_unavailable_and_not_sent(make_broker: BrokerFacto
     with pytest.raises(ProviderUnavailableError) as caught:
         broker.get_token("svc")
     assert caught.value.sent is False
+    assert f"http://127.0.0.1:{port}/token" in str(caught.value)
+    assert "CANARY_QUERY" not in str(caught.value)
 
 
 def test_unknown_provider_account_and_scope(

@@ -144,7 +144,7 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
         outcome = yield request
         try:
             if isinstance(outcome, Exception):
-                raise _translate(outcome, grant.provider)
+                raise _translate(outcome, grant.provider, request.url)
             if outcome is None:
                 raise ProviderUnavailableError(
                     f"{grant.provider}: no reply", provider=grant.provider
@@ -179,17 +179,19 @@ def _detached(error: ProviderError) -> ProviderError:
     return error.with_traceback(None)
 
 
-def _translate(exc: Exception, provider: str) -> ProviderError:
+def _translate(exc: Exception, provider: str, url: httpx.URL) -> ProviderError:
     if isinstance(exc, ProviderError):
         return exc
+    # Scheme, host, port and path only: a query string or user info may carry a secret.
+    where = str(url.copy_with(query=None, fragment=None, username=None, password=None))
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return ProviderUnavailableError(
-            f"{provider}: could not connect to the provider", provider=provider, sent=False
+            f"{provider}: could not connect to {where}", provider=provider, sent=False
         )
     if isinstance(exc, httpx.TimeoutException):
-        return ProviderUnavailableError(f"{provider}: the provider timed out", provider=provider)
+        return ProviderUnavailableError(f"{provider}: {where} timed out", provider=provider)
     return ProviderUnavailableError(
-        f"{provider}: transport error ({type(exc).__name__})", provider=provider
+        f"{provider}: transport error ({type(exc).__name__}) from {where}", provider=provider
     )
 
 
