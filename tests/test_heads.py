@@ -16,8 +16,11 @@ import httpx
 import pytest
 import yaml
 
-from support import client_credentials, login
-from tokenbroker.testing import AuthorizationServer, RecordingUpstream
+from support import Served, client_credentials, login
+from tokenbroker import Broker
+from tokenbroker.app import create_app
+from tokenbroker.config import ProxySettings
+from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
 
 TOTAL = 20 * 1024 * 1024
 PIECE = b"a" * 65_536
@@ -130,12 +133,22 @@ def _stream_endless_head(url: str, start: bytes) -> tuple[bytes, int]:
     return reply, sent
 
 
+def _assert_refused(reply: bytes, start: bytes) -> None:
+    if b"\r\n\r\n" in start:  # a whole request first: answered, then the endless head refused
+        first, *rest = reply.split(b"HTTP/1.1 ")[1:]
+        assert first.startswith(b"200 "), reply[:80]
+        if not rest:  # refused while the first answer was being sent: closed after it
+            return
+        reply = b"HTTP/1.1 " + rest[0]
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+    assert b"headers_too_large" in reply
+
+
 def _check_bounded(serving: Serving, url: str, start: bytes) -> None:
     read_before, peak_before = serving.bytes_read(), serving.peak_rss()
     reply, sent = _stream_endless_head(url, start)
     read = serving.bytes_read() - read_before
-    assert reply.startswith(b"HTTP/1.1 431 "), (reply[:80], sent, read)
-    assert b"headers_too_large" in reply
+    _assert_refused(reply, start)
     assert read < MAX_READ, read
     assert sent < TOTAL
     assert serving.peak_rss() - peak_before < MAX_PEAK_GROWTH
@@ -146,6 +159,8 @@ STARTS = {
     "value": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ",  # one endless header value
     "lines": b"GET /healthz HTTP/1.1\r\nHost: x\r\n",  # endless header lines
     "target": b"GET /healthz?q=",  # an endless request target
+    # after a whole request, in the same read: answered, then (or instead) closed
+    "pipelined": b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nX-Big: ",
 }
 
 
@@ -159,3 +174,20 @@ def test_api_head_is_bounded_while_reading(serving: Serving, name: str) -> None:
 def test_health_port_head_is_bounded_while_reading(serving: Serving, name: str) -> None:
     """The proxy's health port answers 431 once a head passes 16 KiB, reading ~one buffer more."""
     _check_bounded(serving, serving.health, STARTS[name])
+
+
+@pytest.mark.parametrize("name", sorted(STARTS))
+def test_heads_are_refused_in_process_too(
+    make_broker: Callable[..., Broker], auth_server: AuthorizationServer, name: str
+) -> None:
+    """Served in this process (serve's uvicorn protocol; the proxy's health port), an endless
+    head gets 431 and the connection ends long before 20 MB are sent."""
+    broker = make_broker({"svc": client_credentials(auth_server)})
+    route = {"prefix": "/", "upstream": "http://127.0.0.1:9", "provider": "svc", "mode": "shared"}
+    settings = ProxySettings.model_validate({"listen": "127.0.0.1:0", "routes": [route]})
+    with Served(create_app(broker)) as api, ServedProxy(broker, settings, warm=False) as proxy:
+        for url in (str(api.base_url).rstrip("/"), proxy.health_url):
+            reply, sent = _stream_endless_head(url, STARTS[name])
+            _assert_refused(reply, STARTS[name])
+            assert sent < TOTAL // 4
+            assert _answers(url + "/healthz")

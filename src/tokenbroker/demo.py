@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from .api_protocol import BoundedHeadProtocol
 from .app import create_app
 from .broker import Broker
 from .config import parse_settings
@@ -152,7 +153,11 @@ def run_demo(
             broker.subscribe(on_event)
             assert settings.proxy is not None
             with (
-                ServedApp(create_app(broker), port=int(api_url.rsplit(":", 1)[1])),
+                ServedApp(
+                    create_app(broker),
+                    port=int(api_url.rsplit(":", 1)[1]),
+                    http=BoundedHeadProtocol,
+                ),
                 ServedProxy(broker, settings.proxy) as proxy,
             ):
                 _introduce(echo, idp, upstream.url, api_url, env["STORE_PATH"], key, proxy)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -19,11 +20,22 @@ class ServedApp(Background):
         app: The ASGI application.
         port: The port (0: any free one).
         host: The address to listen on.
+        http: uvicorn's HTTP protocol: a name (``"auto"``) or a class, e.g.
+            :class:`~tokenbroker.api_protocol.BoundedHeadProtocol` as ``serve`` uses.
     """
 
-    def __init__(self, app: Any, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        http: type[asyncio.Protocol] | str = "auto",
+    ) -> None:
         self.app = app
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan="off", http=http
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self.url = ""
