@@ -299,10 +299,11 @@ class Exchange:
                 self._fail(504, "upstream_timeout", str(exc))
             else:
                 self._fail(502, "upstream_unavailable", str(exc))
-        except Exception as exc:  # no token (or a bug): answer from the shared table, never hang
-            if not isinstance(exc, TokenBrokerError):
-                logger.error("proxy request failed error=%s", type(exc).__name__)
-            status, code, message, retry_after = domain_error(exc)
+        # (A name of its own: mypyc types a name by its first binding, UpstreamError above.)
+        except Exception as failure:  # no token (or a bug): answer from the shared table
+            if not isinstance(failure, TokenBrokerError):
+                logger.error("proxy request failed error=%s", type(failure).__name__)
+            status, code, message, retry_after = domain_error(failure)
             self._fail(status, code, message, retry_after=retry_after)
         finally:
             self._stop()
