@@ -52,10 +52,12 @@ def _proxy_answer(reply: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
 
 
 def test_the_table_maps_each_domain_error_to_its_own_class() -> None:
-    """Each row's class is the one BrokerClient raises for its code (a round trip)."""
+    """Each row's class is the one BrokerClient raises for its code (a round trip), and the
+    statuses are DESIGN §3.3's."""
     assert ERROR_STATUS
     for kind, row in ERROR_STATUS:
         assert row.error is kind, row.code
+        assert getattr(kind, "code", row.code) == row.code  # the class's own code agrees
     statuses = {row.code: row.status for _, row in ERROR_STATUS}
     assert statuses == {
         "not_found": 404,
