@@ -43,7 +43,7 @@ compiled: $(BIN)/uv
 pytest-compiled: compiled
 	TOKENBROKER_EXPECT_COMPILED=1 $(COMPILED)/bin/pytest -p no:cacheprovider \
 		tests/test_proxy_http.py tests/test_proxy_pool.py tests/test_proxy_server.py \
-		tests/test_proxy_streaming.py
+		tests/test_proxy_streaming.py tests/test_statuses.py
 
 test: lint typecheck pytest pytest-compiled
 

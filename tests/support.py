@@ -87,15 +87,16 @@ def stampede(count: int, call: Callable[[], object]) -> list[object]:
 
 class Served:
     """An ASGI app served on 127.0.0.1 (``tokenbroker.testing.asgi.ServedApp``) with an httpx
-    client for it."""
+    client for it, through the HTTP protocol ``serve`` uses."""
 
     def __init__(self, app: Any) -> None:
         import httpx
 
+        from tokenbroker.api_protocol import BoundedHeadProtocol
         from tokenbroker.testing.asgi import ServedApp
 
         self.app = app
-        self._served = ServedApp(app).start()
+        self._served = ServedApp(app, http=BoundedHeadProtocol).start()
         self.url = self._served.url
         self.client = httpx.Client(base_url=self.url, timeout=30)
 

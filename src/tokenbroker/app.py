@@ -1,8 +1,9 @@
 """The broker's HTTP API (DESIGN §3.3): ``create_app(broker)``.
 
 A thin layer: it authenticates the consumer, checks the ACL, calls the
-broker, and maps domain errors to statuses through one table
-(:data:`ERROR_STATUS`). Unknown and forbidden providers get the same
+broker, and maps errors to statuses through one table (:data:`ERROR_STATUS`: its own
+request errors, then :data:`tokenbroker.statuses.ERROR_STATUS`, which the proxy and
+BrokerClient share). Unknown and forbidden providers get the same
 byte-identical 404. Every response that carries a token has
 ``Cache-Control: no-store`` and ``Pragma: no-cache``; no response ever carries a
 refresh token.
@@ -14,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
@@ -45,20 +45,21 @@ from .api_models import (
 from .broker import Broker
 from .cache import SlotState
 from .consumers import Consumer, ConsumerRegistry
-from .errors import (
-    InvalidScopeError,
-    ProviderMisconfiguredError,
-    ProviderUnavailableError,
-    ReauthorizationRequiredError,
-    StoreError,
-    TokenBrokerError,
-    TooManyScopesError,
-    UnknownProviderError,
-)
+from .errors import InvalidScopeError, StoreError, TokenBrokerError
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import RequestContext
 from .ratelimit import RateLimits
 from .scopes import canonical_scopes, scope_string
+from .statuses import ERROR_STATUS as DOMAIN_ERROR_STATUS
+from .statuses import (
+    INTERNAL_ERROR,
+    INVALID_REQUEST,
+    NOT_FOUND,
+    RATE_LIMITED,
+    UNAUTHORIZED,
+    ErrorStatus,
+    retry_after,
+)
 from .token import Token
 
 __all__ = ["ERROR_STATUS", "create_app"]
@@ -98,30 +99,15 @@ class NotFound(TokenBrokerError):
     """The provider does not exist or the consumer may not use it (indistinguishable)."""
 
 
-#: Domain error → (HTTP status, error code). The most specific class wins.
-ERROR_STATUS: list[tuple[type[Exception], int, str]] = [
-    (Unauthorized, 401, "unauthorized"),
-    (RateLimited, 429, "rate_limited"),
-    (InvalidRequest, 400, "invalid_request"),
-    (NotFound, 404, "not_found"),
-    (TooManyScopesError, 400, "too_many_scopes"),
-    (UnknownProviderError, 404, "not_found"),
-    (ReauthorizationRequiredError, 409, "reauthorization_required"),
-    (ProviderMisconfiguredError, 500, "provider_misconfigured"),
-    (ProviderUnavailableError, 503, "provider_unavailable"),
-    (StoreError, 503, "store_unavailable"),
-]
-_MESSAGES = {
-    "unauthorized": "a valid API key is required",
-    "rate_limited": "too many requests; retry later",
-    "not_found": "no such provider",
-    "invalid_request": "invalid request",
-    "too_many_scopes": "the provider serves no more distinct scope sets",
-    "reauthorization_required": "the provider's refresh token is dead; authorise again",
-    "provider_misconfigured": "the provider rejected the broker's client configuration",
-    "provider_unavailable": "the provider is unavailable; retry later",
-    "store_unavailable": "the broker's store is unavailable; retry later",
-}
+#: Error → answer: the API's own request errors, then the table shared with the proxy and
+#: BrokerClient (:mod:`tokenbroker.statuses`). The first matching class wins.
+ERROR_STATUS: tuple[tuple[type[Exception], ErrorStatus], ...] = (
+    (Unauthorized, UNAUTHORIZED),
+    (RateLimited, RATE_LIMITED),
+    (InvalidRequest, INVALID_REQUEST),
+    (NotFound, NOT_FOUND),
+    *DOMAIN_ERROR_STATUS,
+)
 
 
 _bearer = HTTPBearer(auto_error=False, description="A consumer API key.")
@@ -543,25 +529,26 @@ def audited(event: str, caller: Consumer, **fields: object) -> Iterator[None]:
     audit.info("%s consumer=%s %s outcome=ok", event, caller.name, details)
 
 
+def _status(exc: BaseException) -> ErrorStatus | None:
+    return next((row for kind, row in ERROR_STATUS if isinstance(exc, kind)), None)
+
+
 def _code(exc: BaseException) -> str:
-    return next((code for kind, _, code in ERROR_STATUS if isinstance(exc, kind)), "internal_error")
+    return (_status(exc) or INTERNAL_ERROR).code
 
 
 def error_response(exc: BaseException) -> JSONResponse:
-    """The response for a domain error, from :data:`ERROR_STATUS`."""
-    for kind, status, code in ERROR_STATUS:
-        if isinstance(exc, kind):
-            headers: dict[str, str] = {}
-            if isinstance(exc, Unauthorized):
-                headers["WWW-Authenticate"] = (
-                    f'{REALM}, error="invalid_token"' if exc.presented else REALM
-                )
-            if isinstance(exc, ProviderUnavailableError | StoreError | RateLimited):
-                delay = getattr(exc, "retry_after", None)
-                headers["Retry-After"] = str(max(1, math.ceil(delay or 5)))
-            return _error(status, code, _MESSAGES[code], headers)
-    logger.error("unmapped error %s", type(exc).__name__)
-    return _error(500, "internal_error", "internal error")
+    """The response for an error, from :data:`ERROR_STATUS` (500 ``internal_error`` if unmapped)."""
+    row = _status(exc)
+    if row is None:
+        logger.error("unmapped error %s", type(exc).__name__)
+        row = INTERNAL_ERROR
+    headers: dict[str, str] = {}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = f'{REALM}, error="invalid_token"' if exc.presented else REALM
+    if row.retry_after:
+        headers["Retry-After"] = str(retry_after(exc))
+    return _error(row.status, row.code, row.message, headers)
 
 
 def _error(

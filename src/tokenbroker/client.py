@@ -15,9 +15,11 @@ remembers it as rejected. The fetch that replaces a rejected token is
 ``POST /v1/tokens/{provider}/invalidate``, which makes the broker drop it too and
 answers with the broker's current token — one broker call per rejected token.
 
-Broker answers map to the errors of :mod:`tokenbroker.errors` in one table
-(:data:`STATUS_ERRORS`); transport failures and malformed replies are
-:class:`~tokenbroker.errors.ProviderUnavailableError`. The API key is a
+A broker's error answer maps back to the class its ``error.code`` names in the
+table the API and the proxy answer from (:mod:`tokenbroker.statuses`), so the
+caller sees the broker's own error class; an answer without one of those codes (a
+load balancer's, say) maps by status (:data:`STATUS_ERRORS`). Transport failures
+and malformed replies are :class:`~tokenbroker.errors.ProviderUnavailableError`. The API key is a
 :class:`~tokenbroker.secret.Secret`, revealed only into the ``Authorization``
 header of each request.
 """
@@ -54,6 +56,7 @@ from .errors import (
 from .grants import TokenResponse, retry_after, validate_token_value
 from .scopes import scope_string
 from .secret import Secret
+from .statuses import status_for_code
 from .token import Token
 
 if TYPE_CHECKING:
@@ -63,7 +66,7 @@ __all__ = ["STATUS_ERRORS", "BrokerClient"]
 
 logger = logging.getLogger("tokenbroker.client")
 
-#: Broker status → (domain error, what it means): DESIGN §3.3's error table read backwards.
+#: Broker status → (domain error, what it means), for answers without a code of ours.
 STATUS_ERRORS: dict[int, tuple[type[TokenBrokerError], str]] = {
     401: (ClientAuthenticationError, "the broker rejected the API key"),
     403: (ClientAuthenticationError, "the broker refused the API key"),
@@ -171,6 +174,7 @@ class BrokerClient(AuthAdapters):
             ProviderMisconfiguredError: The broker's client for the provider is misconfigured.
             ProviderUnavailableError: The provider or the broker is down, too slow, or
                 answered something malformed (``retry_after`` says how long to wait).
+            StoreError: The broker's store is unavailable.
         """
         return self._cache.get((provider, _joined(scope), account))
 
@@ -368,12 +372,16 @@ def _parse(provider: str, status: int, headers: httpx.Headers, body: bytes) -> T
 def _status_error(
     provider: str, status: int, headers: httpx.Headers, body: bytes
 ) -> TokenBrokerError:
-    kind, meaning = STATUS_ERRORS.get(status) or (
-        (ProviderUnavailableError, "the broker failed")
-        if status >= 500
-        else (ProviderMisconfiguredError, "unexpected answer (redirects are not followed)")
-    )
     code = _error_code(body)
+    row = status_for_code(code)
+    if row is not None and row.status == status:  # the broker's own answer: its error class
+        kind, meaning = row.error, row.message
+    else:
+        kind, meaning = STATUS_ERRORS.get(status) or (
+            (ProviderUnavailableError, "the broker failed")
+            if status >= 500
+            else (ProviderMisconfiguredError, "unexpected answer (redirects are not followed)")
+        )
     message = f"{provider}: {meaning} (HTTP {status}{f' {code}' if code else ''})"
     if issubclass(kind, ProviderUnavailableError):
         return kind(

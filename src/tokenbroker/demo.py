@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from .api_protocol import BoundedHeadProtocol
 from .app import create_app
 from .broker import Broker
 from .config import parse_settings
@@ -153,7 +154,12 @@ def run_demo(
             broker.subscribe(on_event)
             assert settings.proxy is not None
             with (
-                ServedApp(create_app(broker), port=int(api_url.rsplit(":", 1)[1]), lifespan="on"),
+                ServedApp(
+                    create_app(broker),
+                    port=int(api_url.rsplit(":", 1)[1]),
+                    http=BoundedHeadProtocol,
+                    lifespan="on",
+                ),
                 ServedProxy(broker, settings.proxy) as proxy,
             ):
                 _introduce(echo, idp, upstream.url, api_url, env["STORE_PATH"], key, proxy)

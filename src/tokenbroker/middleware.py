@@ -10,6 +10,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .heads import HEADERS_TOO_LARGE, MAX_HEAD_BYTES
 from .logs import request_id as current_request_id
 from .metrics import Metrics
 
@@ -17,13 +18,11 @@ __all__ = ["MAX_BODY_BYTES", "MAX_HEADER_BYTES", "RequestContext"]
 
 logger = logging.getLogger("tokenbroker.access")
 MAX_BODY_BYTES = 64 * 1024
-MAX_HEADER_BYTES = 16 * 1024
+#: Checked here for any ASGI server; ``serve``'s protocol enforces it while reading.
+MAX_HEADER_BYTES = MAX_HEAD_BYTES
 
 _TOO_LARGE = json.dumps(
     {"error": {"code": "payload_too_large", "message": "request body too large"}}
-).encode()
-_HEADERS_TOO_LARGE = json.dumps(
-    {"error": {"code": "headers_too_large", "message": "request headers too large"}}
 ).encode()
 
 
@@ -128,7 +127,7 @@ class _BodyTooLarge(Exception):
 
 
 async def _reject(send: Send, request_id: str, status: int) -> None:
-    body = _HEADERS_TOO_LARGE if status == 431 else _TOO_LARGE
+    body = HEADERS_TOO_LARGE if status == 431 else _TOO_LARGE
     headers: list[Any] = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

@@ -1,6 +1,7 @@
 """``tokenbroker serve`` and ``tokenbroker proxy``: the HTTP API and the token proxy on uvloop.
 
-``serve`` runs the HTTP API on uvicorn (httptools), and the proxy too when the
+``serve`` runs the HTTP API on uvicorn (httptools, with request heads bounded while
+they are read: :mod:`~tokenbroker.api_protocol`), and the proxy too when the
 config has a ``proxy:`` section; ``proxy`` runs the proxy alone. Both share one
 event loop and one broker, whose tokens a ticker keeps warm.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 import uvicorn
 import uvloop
 
+from .api_protocol import BoundedHeadProtocol
 from .app import create_app
 from .broker import Broker
 from .config import ProxySettings, config_warnings
@@ -126,7 +128,7 @@ def serve(
         host=host.strip("[]") or "127.0.0.1",
         port=int(port),
         loop="none",
-        http="httptools",
+        http=BoundedHeadProtocol,
         log_level="warning",
         access_log=False,
         server_header=False,

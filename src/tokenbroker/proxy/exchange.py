@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import TYPE_CHECKING
 
-from ..errors import ProviderError, ReauthorizationRequiredError
-from ..pool import Lease, PoolExhaustedError
+from ..errors import TokenBrokerError
+from ..pool import Lease
 from ..token import Token
 from .http import (
     HOP_LINE,
     LAST_CHUNK,
     chunk,
+    domain_error,
     error_reply,
     is_unsafe_path,
     status_line,
@@ -296,15 +296,6 @@ class Exchange:
             else:
                 route, token, self._lease, result = resume
                 await self._relay(route, token, result)
-        except PoolExhaustedError as exc:
-            self._fail(503, "pool_exhausted", str(exc), retry_after=math.ceil(exc.retry_after or 1))
-        except ReauthorizationRequiredError:
-            self._fail(502, "reauthorization_required", "the provider needs a new authorization")
-        except ProviderError as exc:
-            retry_after = getattr(exc, "retry_after", None)
-            self._fail(
-                503, "provider_unavailable", "no token is available", retry_after=retry_after
-            )
         except UpstreamError as exc:
             if self.responded:
                 conn.abort()
@@ -312,6 +303,12 @@ class Exchange:
                 self._fail(504, "upstream_timeout", str(exc))
             else:
                 self._fail(502, "upstream_unavailable", str(exc))
+        # (A name of its own: mypyc types a name by its first binding, UpstreamError above.)
+        except Exception as failure:  # no token (or a bug): answer from the shared table
+            if not isinstance(failure, TokenBrokerError):
+                logger.error("proxy request failed error=%s", type(failure).__name__)
+            status, code, message, retry_after = domain_error(failure)
+            self._fail(status, code, message, retry_after=retry_after)
         finally:
             self._stop()
             self.body.clear()

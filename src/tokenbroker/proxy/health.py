@@ -1,7 +1,9 @@
 """The proxy's health port: ``/health``, ``/healthz``, ``/livez``, ``/readyz``, ``/metrics``.
 
 A separate listener (``health_listen``) so probes and scrapes never queue behind
-client connections waiting for a pool token. Plain HTTP/1.1 with keep-alive.
+client connections waiting for a pool token. Plain HTTP/1.1 with keep-alive; request
+heads are bounded while they are read (:class:`~tokenbroker.heads.HeadBudget`): over
+:data:`~tokenbroker.heads.MAX_HEAD_BYTES`, the answer is 431 and the connection closes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from ..heads import HeadBudget, HeadTooLargeError
 from ..metrics import CONTENT_TYPE
 from .http import error_reply, status_line
 
@@ -31,24 +34,42 @@ class HealthConnection(asyncio.Protocol):
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""
         self._transport: asyncio.Transport | None = None
+        self._budget = HeadBudget()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self._send(error_reply(400, "bad_request", "malformed HTTP request", close=True))
-            self._close()
+        except httptools.HttpParserError as exc:
+            if isinstance(exc.__context__, HeadTooLargeError):
+                self._refuse_head()
+            else:
+                self._send(error_reply(400, "bad_request", "malformed HTTP request", close=True))
+                self._close()
+            return
+        if self._budget.fed(len(data)):
+            self._refuse_head()
 
     def on_message_begin(self) -> None:
         self._url = b""
+        self._budget.begin()
 
     def on_url(self, url: bytes) -> None:
+        self._budget.parsed(len(url))
         self._url += url
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._budget.parsed(len(name) + len(value) + 4)
+
+    def on_headers_complete(self) -> None:
+        self._budget.headers_complete()
+
     def on_message_complete(self) -> None:
+        self._budget.message_complete()
         path = self._url.partition(b"?")[0]
         method = self._parser.get_method()
         keep = self._parser.should_keep_alive()
@@ -84,6 +105,10 @@ class HealthConnection(asyncio.Protocol):
             + (b"connection: close\r\n\r\n" if not keep else b"\r\n")
         )
         return head_lines if head else head_lines + body
+
+    def _refuse_head(self) -> None:
+        self._send(error_reply(431, "headers_too_large", "request headers too large", close=True))
+        self._close()
 
     def _send(self, data: bytes) -> None:
         if self._transport is not None and not self._transport.is_closing():

@@ -1,5 +1,8 @@
 """HTTP/1.1 pieces the relay needs: hop-by-hop headers, path checks, framing, error replies.
 
+Failures to get a token are answered from the table the API and BrokerClient share
+(:mod:`tokenbroker.statuses`, through :func:`domain_error`).
+
 Headers are handled as raw ``bytes`` pairs exactly as httptools (llhttp) hands them
 over; names are compared lowercased.
 """
@@ -10,11 +13,14 @@ import json
 import re
 from http import HTTPStatus
 
+from ..statuses import retry_after, status_of
+
 __all__ = [
     "HOP_BY_HOP",
     "HOP_LINE",
     "chunk",
     "connection_tokens",
+    "domain_error",
     "error_reply",
     "is_unsafe_path",
     "status_line",
@@ -142,3 +148,10 @@ def error_reply(
         head.append(b"connection: close\r\n")
     head.append(b"\r\n")
     return b"".join(head) + body
+
+
+def domain_error(exc: BaseException) -> tuple[int, str, str, int | None]:
+    """Status, code, message and ``Retry-After`` seconds (or None) for a failure, from the
+    table the API and BrokerClient share (500 ``internal_error`` when it is not a domain error)."""
+    row = status_of(exc)
+    return row.status, row.code, row.message, retry_after(exc) if row.retry_after else None

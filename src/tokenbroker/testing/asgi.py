@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any, Literal
 
@@ -21,6 +22,8 @@ class ServedApp(Background):
         host: The address to listen on.
         lifespan: ``"on"`` runs the app's ASGI lifespan (the broker's API uses it to follow
             stored consumers), ``"off"`` does not.
+        http: uvicorn's HTTP protocol: a name (``"auto"``) or a class, e.g.
+            :class:`~tokenbroker.api_protocol.BoundedHeadProtocol` as ``serve`` uses.
     """
 
     def __init__(
@@ -30,9 +33,12 @@ class ServedApp(Background):
         port: int = 0,
         host: str = "127.0.0.1",
         lifespan: Literal["on", "off"] = "off",
+        http: type[asyncio.Protocol] | str = "auto",
     ) -> None:
         self.app = app
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan=lifespan)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", lifespan=lifespan, http=http
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, daemon=True)
         self.url = ""
