@@ -60,6 +60,7 @@ def test_the_table_maps_each_domain_error_to_its_own_class() -> None:
         assert getattr(kind, "code", row.code) == row.code  # the class's own code agrees
     statuses = {row.code: row.status for _, row in ERROR_STATUS}
     assert statuses == {
+        "too_many_scopes": 400,
         "not_found": 404,
         "reauthorization_required": 409,
         "provider_misconfigured": 500,
