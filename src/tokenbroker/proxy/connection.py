@@ -66,6 +66,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
+        self._raw_head = 0  # bytes read while a head was in progress (see data_received)
         self._head_since = math.inf  # when the head being read began to arrive
         self._refused = False  # a broken request: nothing more is parsed
         self._refusal: tuple[int, bytes] | None = None  # its status and error reply
@@ -105,10 +106,18 @@ class ClientConnection(asyncio.Protocol):
             # read that completes a request is not timed until more bytes come: such a
             # connection holds no more than one idle between requests does.
             self._head_since = self.loop.time()
+        if self._parsing is None:
+            # Every byte of a read that starts outside a body belongs to a head until one
+            # completes (which resets the count): llhttp keeps a partial header value or
+            # target in memory, so counting complete headers alone leaves one endless line
+            # unbounded.
+            self._raw_head += len(data)
         try:
             self._parser.feed_data(data)
             if self._parsing is not None:  # a body is still coming: note when it last moved
                 self.body_moved = self.loop.time()
+            elif self._raw_head > MAX_HEAD_BYTES:
+                self.refuse(431, "headers_too_large", "the request head is too large")
         except httptools.HttpParserUpgrade:
             # Upgrades are not relayed: the request (complete: llhttp ended it) is
             # answered, then the connection closes; what follows is another protocol.
@@ -218,7 +227,7 @@ class ClientConnection(asyncio.Protocol):
         )
         self._url = b""  # ready for the next request (no on_message_begin callback: cheaper)
         self._headers = []
-        self._head_bytes = 0
+        self._head_bytes = self._raw_head = 0
         self._head_since = math.inf
         self._parsing = exchange
         if self._current is None:
