@@ -6,6 +6,7 @@ import asyncio
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 
 import pytest
@@ -591,6 +592,22 @@ def test_dead_refresh_token_requires_reauthorization_and_stops_calls(
             broker.get_token("rt")
         assert server.count("refresh_token") == calls == 3
         assert [s.state for s in broker.states()] == ["reauthorization_required"]
+
+
+def test_a_remembered_error_does_not_grow_with_each_call(make_broker: BrokerFactory) -> None:
+    """A dead credential's remembered error is raised to every later caller without piling
+    each raise's frames onto one traceback (which would grow, and keep frames alive, forever)."""
+    server = AuthorizationServer()
+    server.add_client("rt-client", None, auth_method="none")
+    with server:
+        broker = make_broker({"rt": refresh_token(server, "never-issued")})
+        depths = []
+        for _ in range(50):
+            with pytest.raises(ReauthorizationRequiredError) as caught:
+                broker.get_token("rt")
+            depths.append(len(traceback.extract_tb(caught.value.__traceback__)))
+        assert server.count("refresh_token") == 1
+    assert depths[-1] == depths[1], depths
 
 
 def test_login_accounts_get_their_own_tokens(

@@ -496,7 +496,9 @@ class TokenCache(Generic[K]):
             if slot.flight is not None:
                 return None, slot.flight, False
             if slot.error is not None and now < slot.retry_at:
-                raise slot.error
+                # A fresh traceback per raise: re-raising one object would pile every
+                # caller's frames onto it for as long as the error is remembered.
+                raise slot.error.with_traceback(None)
             return None, self._new_flight(slot), True
 
     @staticmethod
