@@ -223,7 +223,7 @@ def test_background_failure_keeps_serving_then_surfaces_error_after_skew() -> No
     with pytest.raises(ProviderUnavailableError):
         cache.get("k")
     assert fetcher.calls == 3
-    assert [s.state for s in cache.states()] == ["failing"]
+    assert [s.state for s in cache.states()] == ["failed"]
 
 
 def test_failure_is_remembered_with_backoff() -> None:
