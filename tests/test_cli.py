@@ -466,3 +466,35 @@ def test_status_shows_a_key_the_config_no_longer_has_as_stale(
     (row,) = result.output.splitlines()[1:]
     assert re.match(r"svc +\(stale key\) +- +valid ", row), row
     assert not re.search(r"[0-9a-f]{16}", result.output), result.output
+
+
+def test_status_names_rows_stored_before_rows_carried_their_scope(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """Rows of a schema-3 store (no scope/account columns) are migrated and named from the
+    config's keys; a consumer-scope row the config cannot name shows as (stale key)."""
+    import sqlite3
+    from contextlib import closing
+
+    from tokenbroker.crypto import generate_key
+    from tokenbroker.store_schema import MIGRATIONS
+
+    config = status_config(tmp_path, auth_server, generate_key())
+    runner = CliRunner()
+    for command in (["svc"], ["svc", "--scope", "write"], ["db", "--account", "bob"]):
+        runner.invoke(main, ["token", *command, "--config", str(config)])
+    with closing(sqlite3.connect(tmp_path / "tb.db")) as db, db:
+        db.execute("ALTER TABLE tb_credential DROP COLUMN scope")
+        db.execute("ALTER TABLE tb_credential DROP COLUMN account")
+        db.execute("UPDATE tb_meta SET value = '3' WHERE name = 'schema_version'")
+    result = runner.invoke(main, ["status", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert len(out.splitlines()) == 4, out
+    assert re.search(r"^svc +\(configured\) +- +valid ", out, re.M), out
+    assert re.search(r"^svc +\(stale key\) +- +valid ", out, re.M), out
+    assert re.search(r"^db +- +bob +failed .*ClientAuthenticationError", out, re.M), out
+    assert not re.search(r"[0-9a-f]{16}", out), out
+    with closing(sqlite3.connect(tmp_path / "tb.db")) as db:
+        version = db.execute("SELECT value FROM tb_meta WHERE name = 'schema_version'").fetchone()
+    assert version == (str(len(MIGRATIONS)),)

@@ -656,3 +656,26 @@ def test_pool_status_refuses_a_port_that_is_not_a_proxy_health_port(
         (line,) = result.output.splitlines()
         assert line.startswith("error: ") and f"{url}/health" in line, line
         assert "not a tokenbroker proxy health port" in line or "nothing answers" in line, line
+
+
+def test_proxy_health_reports_the_worst_pool_account(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, upstream: RecordingUpstream
+) -> None:
+    """A pool account whose login fails (not the first one) makes the proxy's /health name
+    its provider ``failed`` and say ``degraded``; pool status prints that state."""
+    creds = [{"username": "alice", "password": "alice-pw"}, {"username": "bob", "password": "x"}]
+    broker = make_broker({"db": login(auth_server, credentials=creds)}, defaults={"retries": 0})
+    settings = ProxySettings.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "health_listen": "127.0.0.1:0",
+            "routes": [{"prefix": "/", "upstream": upstream.url, "provider": "db"}],
+        }
+    )
+    with ServedProxy(broker, settings) as proxy:
+        health = httpx.get(proxy.health_url + "/health").json()
+        assert (health["status"], health["providers"]) == ("degraded", {"db": "failed"})
+        status = CliRunner().invoke(main, ["pool", "status", "--url", proxy.health_url])
+    assert status.exit_code == 0, status.output
+    assert "route / -> db (pool): total 2" in status.output
+    assert status.output.splitlines()[1].endswith("; provider failed"), status.output
