@@ -403,7 +403,9 @@ def test_a_bad_listen_flag_is_a_usage_error(tmp_path: Path, command: str) -> Non
 
 
 def status_config(tmp_path: Path, server: AuthorizationServer, key: str, **svc: object) -> Path:
-    """A file store with a client-credentials provider and a login pool whose bob is refused."""
+    """A file store with a client-credentials provider and a login pool whose bob is refused
+    (``svc={"pool": False}`` leaves the pool out)."""
+    with_pool = bool(svc.pop("pool", True))
     path = tmp_path / "tokenbroker.yaml"
     pool = login(
         server,
@@ -415,7 +417,10 @@ def status_config(tmp_path: Path, server: AuthorizationServer, key: str, **svc: 
     config = {
         "store": "sqlite:///tb.db",
         "encryption_keys": [key],
-        "providers": {"svc": client_credentials(server, **svc), "db": pool},
+        "providers": {
+            "svc": client_credentials(server, **svc),
+            **({"db": pool} if with_pool else {}),
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -454,17 +459,20 @@ def test_status_names_provider_scope_account_in_utc_with_the_last_error(
 def test_status_shows_a_key_the_config_no_longer_has_as_stale(
     tmp_path: Path, auth_server: AuthorizationServer
 ) -> None:
-    """A stored row no configured key maps to (the client id changed) shows as (stale key)."""
+    """A stored row no configured key maps to (the client id changed, the provider is gone)
+    shows as (stale key)."""
     from tokenbroker.crypto import generate_key
 
     key = generate_key()
     config = status_config(tmp_path, auth_server, key)
-    assert CliRunner().invoke(main, ["token", "svc", "--config", str(config)]).exit_code == 0
-    config = status_config(tmp_path, auth_server, key, client_id="renamed-client")
+    for command in (["svc"], ["db"]):
+        assert CliRunner().invoke(main, ["token", *command, "--config", str(config)]).exit_code == 0
+    config = status_config(tmp_path, auth_server, key, client_id="renamed-client", pool=False)
     result = CliRunner().invoke(main, ["status", "--config", str(config)])
     assert result.exit_code == 0, result.output
-    (row,) = result.output.splitlines()[1:]
-    assert re.match(r"svc +\(stale key\) +- +valid ", row), row
+    db, svc = result.output.splitlines()[1:]
+    assert re.match(r"svc +\(stale key\) +- +valid ", svc), svc
+    assert re.match(r"db +\(stale key\) +alice +valid ", db), db
     assert not re.search(r"[0-9a-f]{16}", result.output), result.output
 
 

@@ -20,7 +20,13 @@ import httpx
 from pydantic import ValidationError
 
 from .broker import Broker, credential_label, open_store
-from .config import ServerSettings, config_warnings, load_settings, startup_problems
+from .config import (
+    ServerSettings,
+    Settings,
+    config_warnings,
+    load_settings,
+    startup_problems,
+)
 from .consumers import hash_key, new_key, parse_rule
 from .crypto import Keyring, generate_key
 from .errors import (
@@ -306,8 +312,8 @@ def token(provider: str, scope: str | None, account: str | None, config_path: Pa
     click.echo(value.access_token)
 
 
-def _open_store(config_path: Path) -> SQLiteStore:
-    settings = load_settings(config_path)
+def _open_store(config_path: Path, settings: Settings | None = None) -> SQLiteStore:
+    settings = settings or load_settings(config_path)
     problems = startup_problems(settings)
     if problems:
         raise ConfigError(problems)
@@ -321,7 +327,7 @@ def status(config_path: Path) -> None:
     refresh (UTC), and a failing credential's last error (class, HTTP status, OAuth code)."""
     try:
         settings = load_settings(config_path)
-        store = _open_store(config_path)
+        store = _open_store(config_path, settings)
     except TokenBrokerError as exc:
         _fail(exc)
         return
