@@ -14,7 +14,7 @@ import pytest
 from fastapi.routing import APIRoute
 
 from conftest import BrokerFactory
-from support import Served, client_credentials, refresh_token, stampede
+from support import Served, client_credentials, login, refresh_token, stampede
 from tokenbroker import Broker
 from tokenbroker.app import PUBLIC_PATHS, create_app
 from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
@@ -180,7 +180,7 @@ def test_probes_and_readiness(
     client.get("/v1/tokens/rt", headers=auth())
     health = client.get("/healthz").json()
     assert health["status"] == "degraded"
-    assert health["providers"]["rt"] in ("failing", "reauthorization_required")
+    assert health["providers"]["rt"] in ("failed", "reauthorization_required")
     assert client.get("/health").json() == health
 
 
@@ -625,3 +625,43 @@ def test_the_api_follows_stored_consumers_while_it_runs(broker: Broker) -> None:
         within(2.0, 401)
     finally:
         served.stop()
+
+
+def test_health_and_providers_report_the_worst_pool_account(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """One pool account whose login fails makes its provider ``failed`` in /health, /healthz
+    and /v1/providers (not the first account's ``valid``); a scope a consumer invented and the
+    server refused does not mark its provider failed."""
+    pool = login(
+        auth_server,
+        credentials=[
+            {"username": "alice", "password": "alice-pw"},
+            {"username": "bob", "password": "not-bobs-pw"},
+        ],
+    )
+    broker = make_broker({"svc": client_credentials(auth_server), "db": pool})
+    registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("svc"), parse_rule("db")])])
+    with Served(create_app(broker, registry)) as client:
+        refused = client.get("/v1/tokens/svc", params={"scope": "admin"}, headers=auth())
+        assert refused.status_code >= 400  # the server refuses that scope
+        assert client.get("/v1/tokens/svc", headers=auth()).status_code == 200
+        assert client.get("/v1/tokens/db", headers=auth()).status_code == 200  # alice
+        assert client.get("/health").json()["status"] == "ok"
+        assert client.get("/health").json()["providers"]["svc"] == "valid"
+        names = {
+            p["name"]: p for p in client.get("/v1/providers", headers=auth()).json()["providers"]
+        }
+        assert names["svc"]["state"] == "valid"
+        failed = client.get("/v1/tokens/db", params={"account": "bob"}, headers=auth())
+        assert failed.status_code >= 400
+        health = client.get("/health").json()
+        assert health["status"] == "degraded"
+        assert health["providers"] == {"svc": "valid", "db": "failed"}
+        assert client.get("/healthz").json() == health
+        names = {
+            p["name"]: p for p in client.get("/v1/providers", headers=auth()).json()["providers"]
+        }
+        assert names["db"]["state"] == "failed"
+        assert names["db"]["last_error"] == "ClientAuthenticationError"
+        assert names["svc"]["state"] == "valid"

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import socket
+import sqlite3
 import threading
 import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +29,10 @@ from tokenbroker import (
     TooManyScopesError,
     UnknownProviderError,
 )
+from tokenbroker.crypto import Keyring, generate_key
+from tokenbroker.events import TokenAcquired
+from tokenbroker.secret import Secret
+from tokenbroker.store import SQLiteStore
 from tokenbroker.testing import AuthorizationServer, Fault, decode_client_secret_basic
 
 
@@ -209,7 +217,7 @@ def test_refresh_due_fetches_required_providers_and_retries_them(
     assert broker.unready() == ["svc"]
     auth_server.inject(Fault(status=500, body=""))
     assert broker.refresh_due() == 1
-    _until(lambda: broker.provider_states()["svc"] == "failing")
+    _until(lambda: broker.provider_states()["svc"] == "failed")
     assert broker.unready() == ["svc"]
     assert broker.refresh_due() == 0  # backing off
     clock.advance(2)
@@ -759,3 +767,38 @@ def test_confidential_refresh_client_without_client_auth_sends_basic(
         headers = [r.headers.get("Authorization") for r in server.requests]
     assert [decode_client_secret_basic(h) for h in headers] == [("rt-conf", "rt-conf-secret")]
     assert server.count("refresh_token") == 1
+
+
+def test_a_token_read_from_the_store_reports_its_read_time_not_its_age(
+    tmp_path: Path,
+    auth_server: AuthorizationServer,
+    make_broker: BrokerFactory,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A token another process stored 50 minutes ago is acquired with duration_ms (log line
+    and TokenAcquired.duration) of the read itself, not the token's age."""
+    keyring = Keyring([Secret(generate_key())])
+    url = f"sqlite:///{tmp_path / 'tb.db'}"
+    stores = [SQLiteStore.from_url(url, keyring) for _ in range(2)]
+    try:
+        make_broker(store=stores[0]).get_token("svc")
+        with contextlib.closing(sqlite3.connect(tmp_path / "tb.db")) as db, db:
+            db.execute(
+                "UPDATE tb_credential SET at_obtained_at = at_obtained_at - 3000,"
+                " at_expires_at = at_expires_at - 3000"
+            )
+        second = make_broker(store=stores[1])
+        events: list[object] = []
+        second.subscribe(events.append)
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, "tokenbroker.cache"):
+            second.get_token("svc")
+        took = time.monotonic() - started
+    finally:
+        for store in stores:
+            store.close()
+    assert auth_server.count("client_credentials") == 1  # the second broker read the store
+    (acquired,) = [e for e in events if isinstance(e, TokenAcquired)]
+    assert 0 <= acquired.duration <= took
+    (line,) = [r.getMessage() for r in caplog.records if "token acquired" in r.getMessage()]
+    assert 0 <= float(line.rpartition("duration_ms=")[2]) <= took * 1000, line

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from support import client_credentials
+from support import client_credentials, login
 from tokenbroker.cli import main
 from tokenbroker.testing import AuthorizationServer
 
@@ -145,7 +146,7 @@ def test_status_rotate_key_and_missing_key(
     assert (tmp_path / "tb.db").exists()  # relative to the config file
     status = runner.invoke(main, ["status", "--config", str(config)])
     assert status.exit_code == 0, status.output
-    assert "valid" in status.output and "svc:" in status.output
+    assert re.search(r"^svc +\(configured\) +- +valid ", status.output, re.M), status.output
     assert token not in status.output and old not in status.output
 
     only_new = file_config(tmp_path, auth_server, [new])
@@ -417,3 +418,109 @@ def test_check_accepts_a_refresh_token_provider_with_a_secret_and_no_client_auth
     )
     assert result.exit_code == 0, result.output
     assert CANARY not in result.output
+
+
+def status_config(tmp_path: Path, server: AuthorizationServer, key: str, **svc: object) -> Path:
+    """A file store with a client-credentials provider and a login pool whose bob is refused
+    (``svc={"pool": False}`` leaves the pool out)."""
+    with_pool = bool(svc.pop("pool", True))
+    path = tmp_path / "tokenbroker.yaml"
+    pool = login(
+        server,
+        credentials=[
+            {"username": "alice", "password": "alice-pw"},
+            {"username": "bob", "password": CANARY},
+        ],
+    )
+    config = {
+        "store": "sqlite:///tb.db",
+        "encryption_keys": [key],
+        "providers": {
+            "svc": client_credentials(server, **svc),
+            **({"db": pool} if with_pool else {}),
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_status_names_provider_scope_account_in_utc_with_the_last_error(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """status rows name provider, scope and account (no hash), say UTC, and show a failed
+    credential's last error class and code, never a secret."""
+    from tokenbroker.crypto import generate_key
+
+    config = status_config(tmp_path, auth_server, generate_key())
+    runner = CliRunner()
+    for command in (["svc"], ["svc", "--scope", "write read"], ["db", "--account", "alice"]):
+        done = runner.invoke(main, ["token", *command, "--config", str(config)])
+        assert done.exit_code == 0, done.output
+    refused = runner.invoke(main, ["token", "db", "--account", "bob", "--config", str(config)])
+    assert refused.exit_code == 4
+    result = runner.invoke(main, ["status", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "UTC" in lines[0]
+    assert len(lines) == 5, result.output
+    out = result.output
+    assert re.search(r"^svc +\(configured\) +- +valid +\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ ", out, re.M)
+    assert re.search(r"^svc +read write +- +valid ", out, re.M), out  # as a consumer asked
+    assert re.search(r"^db +- +alice +valid ", out, re.M), out
+    bob = re.search(r"^db +- +bob +failed .*$", out, re.M)
+    assert bob is not None, out
+    assert "ClientAuthenticationError (HTTP 401" in bob.group(0)
+    assert not re.search(r"[0-9a-f]{16}", result.output), result.output
+    assert CANARY not in result.output and "alice-pw" not in result.output
+
+
+def test_status_shows_a_key_the_config_no_longer_has_as_stale(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """A stored row no configured key maps to (the client id changed, the provider is gone)
+    shows as (stale key)."""
+    from tokenbroker.crypto import generate_key
+
+    key = generate_key()
+    config = status_config(tmp_path, auth_server, key)
+    for command in (["svc"], ["db"]):
+        assert CliRunner().invoke(main, ["token", *command, "--config", str(config)]).exit_code == 0
+    config = status_config(tmp_path, auth_server, key, client_id="renamed-client", pool=False)
+    result = CliRunner().invoke(main, ["status", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    db, svc = result.output.splitlines()[1:]
+    assert re.match(r"svc +\(stale key\) +- +valid ", svc), svc
+    assert re.match(r"db +\(stale key\) +alice +valid ", db), db
+    assert not re.search(r"[0-9a-f]{16}", result.output), result.output
+
+
+def test_status_names_rows_stored_before_rows_carried_their_scope(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """Rows of a schema-3 store (no scope/account columns) are migrated and named from the
+    config's keys; a consumer-scope row the config cannot name shows as (stale key)."""
+    import sqlite3
+    from contextlib import closing
+
+    from tokenbroker.crypto import generate_key
+    from tokenbroker.store_schema import MIGRATIONS
+
+    config = status_config(tmp_path, auth_server, generate_key())
+    runner = CliRunner()
+    for command in (["svc"], ["svc", "--scope", "write"], ["db", "--account", "bob"]):
+        runner.invoke(main, ["token", *command, "--config", str(config)])
+    with closing(sqlite3.connect(tmp_path / "tb.db")) as db, db:
+        db.execute("ALTER TABLE tb_credential DROP COLUMN scope")
+        db.execute("ALTER TABLE tb_credential DROP COLUMN account")
+        db.execute("UPDATE tb_meta SET value = '3' WHERE name = 'schema_version'")
+    result = runner.invoke(main, ["status", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert len(out.splitlines()) == 4, out
+    assert re.search(r"^svc +\(configured\) +- +valid ", out, re.M), out
+    assert re.search(r"^svc +\(stale key\) +- +valid ", out, re.M), out
+    assert re.search(r"^db +- +bob +failed .*ClientAuthenticationError", out, re.M), out
+    assert not re.search(r"[0-9a-f]{16}", out), out
+    with closing(sqlite3.connect(tmp_path / "tb.db")) as db:
+        version = db.execute("SELECT value FROM tb_meta WHERE name = 'schema_version'").fetchone()
+    assert version == (str(len(MIGRATIONS)),)

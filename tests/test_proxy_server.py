@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import http.server
 import json
 import os
 import pty
@@ -12,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import BrokerFactory
-from support import client_credentials, login
+from support import Served, client_credentials, login
 from tokenbroker import Broker, ConfigError, parse_settings
 from tokenbroker.cli import main
 from tokenbroker.config import ProxySettings
@@ -608,3 +610,72 @@ def test_the_build_under_test_is_the_one_expected() -> None:
     TOKENBROKER_EXPECT_COMPILED=1) on a wheel built with mypyc, so both builds are tested."""
     expected = os.environ.get("TOKENBROKER_EXPECT_COMPILED") == "1"
     assert compiled() is expected
+
+
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """A plain web server: 404 with an HTML page for everything."""
+
+    def do_GET(self) -> None:
+        body = b"<html><body>Not Found</body></html>"
+        self.send_response(404)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_pool_status_refuses_a_port_that_is_not_a_proxy_health_port(
+    make_broker: BrokerFactory,
+) -> None:
+    """pool status against the API port, a plain 404/HTML server, or a closed port prints one
+    error line naming the URL and exits 1, without a traceback."""
+    from tokenbroker.app import create_app
+    from tokenbroker.consumers import ConsumerRegistry
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    with contextlib.closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"  # bound, never listening
+        try:
+            with Served(create_app(make_broker(), ConsumerRegistry([]))) as api:
+                urls = [str(api.base_url).rstrip("/"), f"http://127.0.0.1:{web.server_port}"]
+                results = {
+                    url: CliRunner().invoke(main, ["pool", "status", "--url", url])
+                    for url in [*urls, closed]
+                }
+        finally:
+            web.shutdown()
+            web.server_close()
+    for url, result in results.items():
+        assert result.exit_code == 1, (url, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+        (line,) = result.output.splitlines()
+        assert line.startswith("error: ") and f"{url}/health" in line, line
+        assert "not a tokenbroker proxy health port" in line or "nothing answers" in line, line
+
+
+def test_proxy_health_reports_the_worst_pool_account(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, upstream: RecordingUpstream
+) -> None:
+    """A pool account whose login fails (not the first one) makes the proxy's /health name
+    its provider ``failed`` and say ``degraded``; pool status prints that state."""
+    creds = [{"username": "alice", "password": "alice-pw"}, {"username": "bob", "password": "x"}]
+    broker = make_broker({"db": login(auth_server, credentials=creds)}, defaults={"retries": 0})
+    settings = ProxySettings.model_validate(
+        {
+            "listen": "127.0.0.1:0",
+            "health_listen": "127.0.0.1:0",
+            "routes": [{"prefix": "/", "upstream": upstream.url, "provider": "db"}],
+        }
+    )
+    with ServedProxy(broker, settings) as proxy:
+        health = httpx.get(proxy.health_url + "/health").json()
+        assert (health["status"], health["providers"]) == ("degraded", {"db": "failed"})
+        status = CliRunner().invoke(main, ["pool", "status", "--url", proxy.health_url])
+    assert status.exit_code == 0, status.output
+    assert "route / -> db (pool): total 2" in status.output
+    assert status.output.splitlines()[1].endswith("; provider failed"), status.output

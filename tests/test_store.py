@@ -978,7 +978,7 @@ def test_broker_serves_from_memory_while_the_store_fails(
         breaker.break_()
         clock.advance(3000)  # past refresh_ahead (0.8 x 3600 s), well before expiry
         assert broker.get_token("p").access_token == first
-        wait_for(lambda: slot_state(broker) == "failing", "the background refresh to fail")
+        wait_for(lambda: slot_state(broker) == "stale", "the background refresh to fail")
         assert broker.states()[0].last_error == "StoreError"
         assert broker.get_token("p").access_token == first
         assert auth_server.count("client_credentials") == 1  # nothing fetched that was not kept
@@ -1021,7 +1021,7 @@ def test_rotated_refresh_token_survives_a_failed_commit(
         armed.set()
         clock.advance(3000)
         assert broker.get_token("p").access_token == first
-        wait_for(lambda: slot_state(broker) == "failing", "the background commit to fail")
+        wait_for(lambda: slot_state(broker) == "stale", "the background commit to fail")
         assert broker.states()[0].last_error == "StoreError"
         assert broker.get_token("p").access_token == first
         assert len(auth_server.presented_refresh_tokens) == 2  # the IdP did rotate

@@ -43,7 +43,7 @@ from .api_models import (
     TokenOut,
 )
 from .broker import Broker
-from .cache import SlotState
+from .cache import DEGRADED
 from .consumers import Consumer, ConsumerRegistry
 from .errors import InvalidScopeError, StoreError, TokenBrokerError
 from .metrics import CONTENT_TYPE, Metrics
@@ -438,10 +438,9 @@ def _add_token_routes(
 
     @app.get("/v1/providers", response_model=ProvidersOut)
     async def providers(caller: Caller) -> ProvidersOut:
-        """The providers this consumer may use, with their state; no secrets."""
-        states: dict[str, SlotState] = {}
-        for state in broker.states():
-            states.setdefault(state.provider, state)
+        """The providers this consumer may use, each with its worst state over its configured
+        scopes and every pool account (as ``/health``); no secrets."""
+        states = broker.provider_summaries()
         out = []
         for name in caller.providers():
             settings = broker.settings.providers.get(name)
@@ -625,10 +624,10 @@ class _StoreCheck:
 
 
 async def _health(broker: Broker, store: _StoreCheck) -> Status:
-    """The store's answer and each provider's state for its configured scopes."""
+    """The store's answer and each provider's worst state over its configured scopes and every
+    pool account; ``degraded`` when the store fails or a provider is stale, failed or needs
+    reauthorization."""
     state = await store()
     providers = broker.provider_states()
-    bad = state != "ok" or any(
-        value in ("failing", "reauthorization_required") for value in providers.values()
-    )
+    bad = state != "ok" or any(value in DEGRADED for value in providers.values())
     return Status(status="degraded" if bad else "ok", store=state, providers=providers)

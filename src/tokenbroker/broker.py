@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import httpx
 
 from .auth import AuthAdapters, TokenTarget
-from .cache import SlotState, Timing, TokenCache
+from .cache import SlotState, Timing, TokenCache, worst
 from .clock import Clock
 from .config import (
     MISSING_KEY,
@@ -57,7 +57,7 @@ from .token import Token
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Broker", "open_store"]
+__all__ = ["STALE_KEY", "Broker", "credential_label", "credential_row", "open_store"]
 
 _T = TypeVar("_T", int, float)
 
@@ -85,6 +85,85 @@ def open_store(settings: Settings) -> SQLiteStore:
     return SQLiteStore.from_url(
         settings.store, Keyring(keys), busy_timeout=settings.defaults.store_busy_timeout_seconds
     )
+
+
+def credential_row(
+    name: str, settings: Provider, scopes: tuple[str, ...], account: str | None
+) -> tuple[str, str]:
+    """The store row of one credential, and the digest of the settings its tokens belong to.
+
+    A refresh token belongs to the credential, so a refresh-token provider's row is its name
+    and survives settings changes; other rows are named by the digest, so a token issued
+    under other settings is never used.
+
+    Args:
+        name: The provider's name.
+        settings: Its settings.
+        scopes: The canonical scopes.
+        account: The account of a login provider.
+
+    Returns:
+        ``(row id, settings digest)``.
+    """
+    identity: dict[str, object] = {
+        "grant": settings.grant,
+        "url": getattr(settings, "token_url", None) or getattr(settings, "login_url", None),
+        "client_id": getattr(settings, "client_id", None),
+        "audience": getattr(settings, "audience", None),
+        "scopes": list(scopes),
+        "account": account,
+    }
+    digest = fingerprint(identity)
+    if isinstance(settings, RefreshTokenProvider):
+        return name, digest
+    return f"{name}:{digest}", digest
+
+
+#: What ``status`` shows for a row that no configured key maps to (the settings changed).
+STALE_KEY = "(stale key)"
+
+
+def credential_label(
+    settings: Settings, row_id: str, provider: str, scope: str | None, account: str | None
+) -> tuple[str, str]:
+    """``(scope, account)`` in words for a stored credential row, checked against ``settings``.
+
+    The scope reads ``(configured)`` for the provider's configured scopes, ``-`` for a login
+    provider; the account ``-`` when there is none. A row written before rows carried their
+    scope and account is matched against the configured keys. A row that no key of the
+    current settings would use reads :data:`STALE_KEY`.
+
+    Args:
+        settings: The current settings.
+        row_id: The row's id.
+        provider: The row's provider.
+        scope: The canonical scope stored with the row, if any.
+        account: The account stored with the row, if any.
+
+    Returns:
+        ``(scope words, account words)``; never a digest.
+    """
+    spec = settings.providers.get(provider)
+    if spec is None:
+        return STALE_KEY, account or "-"
+    login = isinstance(spec, LoginProvider)
+    names: list[str | None] = [None]
+    configured: tuple[str, ...] = ()
+    if isinstance(spec, LoginProvider):
+        names = [c.username for c in spec.credentials]
+    else:
+        configured = canonical_scopes(None, spec.scopes)
+    if scope is None:  # an older row: try the configured keys
+        found = [n for n in names if credential_row(provider, spec, configured, n)[0] == row_id]
+        if not found:
+            return STALE_KEY, "-"
+        scope, account = " ".join(configured), found[0]
+    scopes = tuple(scope.split())
+    if account not in names or credential_row(provider, spec, scopes, account)[0] != row_id:
+        return STALE_KEY, account or "-"
+    if login:
+        return "-", account or "-"
+    return "(configured)" if scopes == configured else scope, "-"
 
 
 class _Key(NamedTuple):
@@ -363,12 +442,28 @@ class Broker(AuthAdapters):
         return [name for name in self.required() if not self._cache.usable((name, None, None))]
 
     def provider_states(self) -> dict[str, str]:
-        """Each provider's state for its configured scopes (login providers: first account),
-        ``empty`` until the cache has seen that key; never fetches, never a secret."""
+        """Each provider's worst state (see :meth:`provider_summaries`); never fetches."""
+        return {name: state.state for name, state in self.provider_summaries().items()}
+
+    def provider_summaries(self) -> dict[str, SlotState]:
+        """Each provider's worst key among those that matter: its configured scopes, and every
+        account of a login provider (a pool). Keys for scopes consumers chose do not count: a
+        consumer cannot make a provider look failed by asking for a scope it is refused.
+
+        Returns:
+            By provider name, the :class:`SlotState` of its worst key (``empty`` for a key
+            the cache has not seen); never fetches, never a secret.
+        """
         out = {}
-        for name in self.settings.providers:
-            state = self._cache.state((name, None, None))
-            out[name] = state.state if state is not None else "empty"
+        for name, settings in self.settings.providers.items():
+            accounts: list[str | None] = [None]
+            if isinstance(settings, LoginProvider):
+                accounts = [c.username for c in settings.credentials]
+            states = []
+            for account in accounts:
+                state = self._cache.state((name, None, account))
+                states.append(state or SlotState(name, "", "empty", None, None, None))
+            out[name] = worst(states)
         return out
 
     def states(self) -> list[SlotState]:
@@ -428,20 +523,11 @@ class Broker(AuthAdapters):
         settings = self.settings.providers[key.provider]
         timing = self.timing(key)
         policy = self._policy(settings)
-        identity: dict[str, object] = {
-            "grant": settings.grant,
-            "url": getattr(settings, "token_url", None) or getattr(settings, "login_url", None),
-            "client_id": getattr(settings, "client_id", None),
-            "audience": getattr(settings, "audience", None),
-            "scopes": list(key.scopes),
-            "account": key.account,
-        }
-        digest = fingerprint(identity)
+        row_id, digest = credential_row(key.provider, settings, key.scopes, key.account)
         rotating = isinstance(settings, RefreshTokenProvider)
         lease = _pick(self.settings.defaults.lease_seconds, 2 * policy.deadline + 10)
         job = Job(
-            # A refresh token belongs to the credential: its row survives settings changes.
-            row_id=key.provider if rotating else f"{key.provider}:{digest}",
+            row_id=row_id,
             provider=key.provider,
             fingerprint=digest,
             build=functools.partial(self._grant, key),
@@ -453,6 +539,8 @@ class Broker(AuthAdapters):
             single_use=isinstance(settings, RefreshTokenProvider) and settings.rotation.single_use,
             reuse_grace=settings.rotation.reuse_grace_seconds if rotating else 0.0,  # type: ignore[union-attr]
             stale=stale,
+            scope=" ".join(key.scopes),
+            account=key.account,
         )
         response = self._refresher.run(job)
         if response.refresh_token is not None and response.issued_at is None:

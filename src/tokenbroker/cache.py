@@ -47,7 +47,7 @@ from .events import EventBus, TokenAcquired, TokenInvalidated, TokenRequestFaile
 from .grants import TokenResponse
 from .token import Token
 
-__all__ = ["Fetcher", "SlotState", "Timing", "TokenCache"]
+__all__ = ["DEGRADED", "Fetcher", "SlotState", "Timing", "TokenCache", "worst"]
 
 logger = logging.getLogger("tokenbroker.cache")
 
@@ -105,7 +105,10 @@ class SlotState:
     Attributes:
         provider: Provider name.
         key: The key in words.
-        state: ``valid``, ``refreshing``, ``failing``, ``reauthorization_required`` or ``empty``.
+        state: From best to worst: ``valid`` (or ``empty``: never fetched), ``refreshing``
+            (a fetch is under way), ``stale`` (the last fetch failed; the current token is
+            still handed out), ``failed`` (the last fetch failed; no token to hand out),
+            ``reauthorization_required``.
         valid_until: Wall-clock expiry of the current token, if any.
         last_refresh: Wall-clock time of the last successful fetch, if any.
         last_error: Class name of the last failure since then, if any.
@@ -117,6 +120,30 @@ class SlotState:
     valid_until: float | None
     last_refresh: float | None
     last_error: str | None
+
+    @property
+    def severity(self) -> int:
+        """The state's rank: 0 for ``valid`` and ``empty``, up to 4 for
+        ``reauthorization_required``."""
+        return _SEVERITY.get(self.state, 0)
+
+
+_SEVERITY = {"valid": 0, "empty": 0, "refreshing": 1, "stale": 2, "failed": 3}
+_SEVERITY["reauthorization_required"] = 4
+#: The states in which a key needs an operator's attention (a health check says degraded).
+DEGRADED = frozenset({"stale", "failed", "reauthorization_required"})
+
+
+def worst(states: list[SlotState]) -> SlotState:
+    """The worst of ``states`` (``valid`` before ``empty`` among the good ones).
+
+    Args:
+        states: At least one state.
+
+    Returns:
+        The one with the highest severity; the first of them on a tie.
+    """
+    return max(states, key=lambda s: (s.severity, s.state == "valid"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,9 +459,9 @@ class TokenCache(Generic[K]):
         elif slot.flight is not None:
             state = "refreshing"
         elif entry is not None and now < entry.hard_expiry:
-            state = "failing" if error is not None else "valid"
+            state = "stale" if error is not None else "valid"
         else:
-            state = "failing" if error is not None else "empty"
+            state = "failed" if error is not None else "empty"
         return SlotState(
             provider=provider,
             key=key,
@@ -541,6 +568,7 @@ class TokenCache(Generic[K]):
     ) -> None:
         timing = self._fetcher.timing(slot.key)
         lifetime = response.lifetime
+        duration = self._now() - started  # this fetch's time, before any shift below
         if response.issued_at is not None:  # obtained by another process: count from then
             # Relative to this flight's start, not to now: waiting for the other process's
             # refresh must not age its token (that would make the next refresh early).
@@ -561,7 +589,6 @@ class TokenCache(Generic[K]):
             slot.rejected = None
         flight.set_result(entry)
         provider, key = self._fetcher.describe(slot.key)
-        duration = self._now() - started
         logger.info(
             "token acquired provider=%s %s expires_in=%.0f background=%s duration_ms=%.1f",
             provider,

@@ -19,8 +19,14 @@ import click
 import httpx
 from pydantic import ValidationError
 
-from .broker import Broker, open_store
-from .config import ServerSettings, config_warnings, load_settings, startup_problems
+from .broker import Broker, credential_label, open_store
+from .config import (
+    ServerSettings,
+    Settings,
+    config_warnings,
+    load_settings,
+    startup_problems,
+)
 from .consumers import hash_key, new_key, parse_rule
 from .crypto import Keyring, generate_key
 from .errors import (
@@ -224,13 +230,38 @@ def pool_status(config_path: Path, url: str | None) -> None:
     except TokenBrokerError as exc:
         _fail(exc)
         return
+    target = f"{url.rstrip('/')}/health"
     try:
-        reply = httpx.get(f"{url.rstrip('/')}/health", timeout=5.0)
-        health = reply.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        click.echo(f"error: cannot read {url}/health ({type(exc).__name__})", err=True)
+        reply = httpx.get(target, timeout=5.0)
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        click.echo(f"error: cannot read {target}: nothing answers ({type(exc).__name__})", err=True)
         raise SystemExit(1) from None
+    health = _proxy_health(reply)
+    if health is None:
+        click.echo(
+            f"error: cannot read {target}: not a tokenbroker proxy health port "
+            f"(HTTP {reply.status_code})",
+            err=True,
+        )
+        raise SystemExit(1)
     click.echo(_pool_table(health))
+
+
+def _proxy_health(reply: httpx.Response) -> dict[str, Any] | None:
+    """The proxy health port's ``/health`` document, or None for any other answer (the API
+    port's ``/health``, a web server's 404 page)."""
+    if reply.status_code != 200:
+        return None
+    try:
+        health = reply.json()
+    except ValueError:
+        return None
+    shaped = (
+        isinstance(health, dict)
+        and isinstance(health.get("pool"), dict)
+        and isinstance(health.get("routes"), list)
+    )
+    return health if shaped else None
 
 
 def _pool_table(health: dict[str, Any]) -> str:
@@ -240,14 +271,17 @@ def _pool_table(health: dict[str, Any]) -> str:
         f"tokens in use, {total.get('available', 0)} available, "
         f"{total.get('waiting', 0)} connection(s) waiting"
     ]
+    states = health.get("providers") or {}
     for route in health.get("routes", []):
         pool = route.get("pool")
+        state = f"; provider {states[route['provider']]}" if route["provider"] in states else ""
         if pool is None:
-            lines.append(f"route {route['prefix']} -> {route['provider']} (shared)")
+            lines.append(f"route {route['prefix']} -> {route['provider']} (shared){state}")
             continue
         lines.append(
             f"route {route['prefix']} -> {route['provider']} (pool): total {pool['total']}, "
-            f"in use {pool['in_use']}, available {pool['available']}, waiting {pool['waiting']}"
+            f"in use {pool['in_use']}, available {pool['available']}, "
+            f"waiting {pool['waiting']}{state}"
         )
         lines.append(
             f"  {'ACCOUNT':<24} {'STATE':<12} {'USES':>8} {'ERRORS':>8} {'LOGINS':>8}  LAST USE"
@@ -278,8 +312,8 @@ def token(provider: str, scope: str | None, account: str | None, config_path: Pa
     click.echo(value.access_token)
 
 
-def _open_store(config_path: Path) -> SQLiteStore:
-    settings = load_settings(config_path)
+def _open_store(config_path: Path, settings: Settings | None = None) -> SQLiteStore:
+    settings = settings or load_settings(config_path)
     problems = startup_problems(settings)
     if problems:
         raise ConfigError(problems)
@@ -289,9 +323,11 @@ def _open_store(config_path: Path) -> SQLiteStore:
 @main.command()
 @config_option
 def status(config_path: Path) -> None:
-    """One line per stored credential: provider, state, valid until, last refresh, last error."""
+    """One line per stored credential: provider, scope, account, state, valid until and last
+    refresh (UTC), and a failing credential's last error (class, HTTP status, OAuth code)."""
     try:
-        store = _open_store(config_path)
+        settings = load_settings(config_path)
+        store = _open_store(config_path, settings)
     except TokenBrokerError as exc:
         _fail(exc)
         return
@@ -303,30 +339,45 @@ def status(config_path: Path) -> None:
     if not rows:
         click.echo("no stored credentials yet")
         return
-    click.echo(
-        f"{'CREDENTIAL':<32} {'STATE':<25} {'VALID UNTIL':<20} {'LAST REFRESH':<20} LAST ERROR"
-    )
+    table = []
     for row in rows:
-        click.echo(
-            f"{row['id'][:32]:<32} {_state(row, now):<25} {_when(row['at_expires_at']):<20} "
-            f"{_when(row['last_refresh']):<20} {row['last_error'] or '-'}"
+        scope, account = credential_label(
+            settings, row["id"], row["provider"], row["scope"], row["account"]
         )
+        table.append(
+            (
+                row["provider"],
+                scope,
+                account,
+                _state(row, now),
+                _when(row["at_expires_at"]),
+                _when(row["last_refresh"]),
+                row["last_error"] or "-",
+            )
+        )
+    head = ("PROVIDER", "SCOPE", "ACCOUNT", "STATE", "VALID UNTIL (UTC)", "LAST REFRESH (UTC)")
+    widths = [max(len(str(r[i])) for r in [head, *table]) for i in range(len(head))]
+    for line in [(*head, "LAST ERROR"), *table]:
+        cells = [f"{v:<{w}}" for v, w in zip(line, widths, strict=False)]
+        click.echo("  ".join([*cells, line[-1]]))
 
 
 def _state(row: dict[str, object], now: float) -> str:
     state = str(row["state"])
     if state == "active":
         expires = row["at_expires_at"]
+        valid = isinstance(expires, float) and expires > now
         if row["last_error"]:
-            return "failing"
-        return "valid" if isinstance(expires, float) and expires > now else "expired"
+            return "stale" if valid else "failed"
+        return "valid" if valid else "expired"
     return state
 
 
 def _when(value: object) -> str:
+    """ISO 8601 in UTC (``Z``), to the second."""
     if not isinstance(value, float):
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(value))
 
 
 @main.command("rotate-key")

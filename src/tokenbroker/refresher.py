@@ -108,6 +108,8 @@ class Job:
         single_use: The provider rotates refresh tokens on every use.
         reuse_grace: Seconds a used refresh token stays valid at the provider.
         stale: The access token the caller wants replaced, if any.
+        scope: The canonical scope, in words, kept on the row for ``status`` (not a secret).
+        account: The account name of a login credential, likewise.
     """
 
     row_id: str
@@ -122,6 +124,8 @@ class Job:
     single_use: bool = False
     reuse_grace: float = 0.0
     stale: str | None = dataclasses.field(default=None, repr=False)  # an access token
+    scope: str | None = None
+    account: str | None = None
 
     @property
     def seed_digest(self) -> str | None:
@@ -186,7 +190,14 @@ class Refresher:
             usable = self._usable(row.token if row else None, job)
             if usable is not None:
                 return usable
-            lease = self.store.acquire(job.row_id, job.provider, self.owner, job.lease_seconds)
+            lease = self.store.acquire(
+                job.row_id,
+                job.provider,
+                self.owner,
+                job.lease_seconds,
+                scope=job.scope,
+                account=job.account,
+            )
             if lease is None and row is not None and _holder_is_gone(row.lease_owner):
                 logger.warning("taking over the lease of a dead process provider=%s", job.provider)
                 lease = self.store.acquire(
@@ -195,6 +206,8 @@ class Refresher:
                     self.owner,
                     job.lease_seconds,
                     steal_from=row.lease_owner,
+                    scope=job.scope,
+                    account=job.account,
                 )
             if lease is None:
                 if time.monotonic() > give_up:
@@ -233,13 +246,7 @@ class Refresher:
         if usable is not None:
             return usable
         if job.seed is None:
-            self._check_time(job, acquired)
-            self._hook("before_send")
-            response = job.send(job.build(None), job.policy).result()
-            self._hook("after_reply")
-            self._commit(job, lease, None, response, None)
-            self._hook("after_commit")
-            return response
+            return self._send_once(job, lease, acquired)
         assert row is not None
         refresh_token = row.refresh_token
         if refresh_token is None or row.seed_digest != job.seed_digest:
@@ -257,7 +264,7 @@ class Refresher:
             self._check_time(job, acquired)
         except ProviderError as exc:
             self.store.finish_attempt(
-                lease, attempt, status="failed", state="active", error=type(exc).__name__
+                lease, attempt, status="failed", state="active", error=_summary(exc)
             )
             raise
         self._hook("before_send")
@@ -273,6 +280,25 @@ class Refresher:
         if not applied:
             logger.warning("refresh reply orphaned (fenced out) provider=%s", job.provider)
             raise _Retry
+        return response
+
+    def _send_once(self, job: Job, lease: Lease, acquired: float) -> TokenResponse:
+        """A grant without a refresh token: send, and store the reply or the failure."""
+        self._check_time(job, acquired)
+        self._hook("before_send")
+        try:
+            response = job.send(job.build(None), job.policy).result()
+        except ProviderError as exc:
+            # Kept for `tokenbroker status`; the next fetch still tries (no seed to protect).
+            dead = isinstance(exc, ReauthorizationRequiredError)
+            with contextlib.suppress(StoreError):
+                self.store.set_state(
+                    lease, "reauthorization_required" if dead else "active", _summary(exc)
+                )
+            raise
+        self._hook("after_reply")
+        self._commit(job, lease, None, response, None)
+        self._hook("after_commit")
         return response
 
     def _recovery(self, job: Job, lease: Lease) -> tuple[RetryPolicy, bool]:
@@ -313,7 +339,7 @@ class Refresher:
         """Close a failed attempt; the exchange's protocol state decides how (step 6)."""
         exc = exchange.error
         assert exc is not None
-        error = type(exc).__name__
+        error = _summary(exc)
         doubtful = exchange.doubtful_sends
         if isinstance(exc, ReauthorizationRequiredError):
             status, state = "failed", "reauthorization_required"
@@ -390,6 +416,14 @@ class Refresher:
         if time.time() >= token.expires_at - skew:
             return None
         return TokenResponse(token=token, lifetime=stored.lifetime, issued_at=stored.obtained_at)
+
+
+def _summary(exc: ProviderError) -> str:
+    """The error class, the provider's HTTP status and its (RFC 6749-checked) ``error`` code:
+    what `tokenbroker status` shows; never a message body or a secret."""
+    details = [f"HTTP {exc.status_code}"] if exc.status_code is not None else []
+    details += [exc.error_code] if exc.error_code else []
+    return f"{type(exc).__name__} ({', '.join(details)})" if details else type(exc).__name__
 
 
 def _fenced(still_ours: bool) -> None:

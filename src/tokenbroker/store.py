@@ -158,8 +158,9 @@ class SQLiteStore:
         """Every credential's non-secret columns, for ``tokenbroker status`` (no key needed)."""
         with self._guard():
             cursor = self._db.execute(
-                "SELECT id, provider, state, at_expires_at, last_refresh, last_error, rt_version,"
-                " lease_owner, lease_expires_at, rt_ct IS NOT NULL FROM tb_credential ORDER BY id"
+                "SELECT id, provider, scope, account, state, at_expires_at, last_refresh,"
+                " last_error, rt_version, lease_owner, lease_expires_at, rt_ct IS NOT NULL"
+                " FROM tb_credential ORDER BY provider, account, scope, id"
             )
             names = [d[0] for d in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
@@ -177,20 +178,39 @@ class SQLiteStore:
     # -- leases --------------------------------------------------------------------------------
 
     def acquire(
-        self, row_id: str, provider: str, owner: str, ttl: float, *, steal_from: str | None = None
+        self,
+        row_id: str,
+        provider: str,
+        owner: str,
+        ttl: float,
+        *,
+        steal_from: str | None = None,
+        scope: str | None = None,
+        account: str | None = None,
     ) -> Lease | None:
         """Take the lease on a credential if it is free, expired, or held by ``steal_from``.
 
         Creates the row if needed. Every successful take bumps the fence.
+
+        Args:
+            row_id: The credential row.
+            provider: Its provider's name.
+            owner: Our owner id.
+            ttl: Lease time-to-live, seconds.
+            steal_from: A holder whose lease we may take over (its process is gone).
+            scope: The row's canonical scope, kept in plaintext for ``status`` (not a secret).
+            account: The row's account name, likewise.
 
         Returns:
             The lease, or None when someone else holds it.
         """
         with self._tx():
             self._db.execute(
-                "INSERT INTO tb_credential (id, provider, updated_at) VALUES (?, ?, "
-                f"{NOW}) ON CONFLICT (id) DO NOTHING",
-                (row_id, provider),
+                "INSERT INTO tb_credential (id, provider, scope, account, updated_at)"
+                f" VALUES (?, ?, ?, ?, {NOW}) ON CONFLICT (id) DO UPDATE SET"
+                " scope = excluded.scope, account = excluded.account"
+                " WHERE excluded.scope IS NOT NULL",
+                (row_id, provider, scope, account),
             )
             row = self._db.execute(
                 f"UPDATE tb_credential SET lease_owner = ?, lease_fence = lease_fence + 1,"

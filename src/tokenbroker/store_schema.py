@@ -63,6 +63,12 @@ MIGRATIONS = [
         created_at REAL NOT NULL
     );
     """,
+    # What a credential row is for, in words (no secret: the canonical scope and the account
+    # name), so `tokenbroker status` need not show the row id's settings digest.
+    """
+    ALTER TABLE tb_credential ADD COLUMN scope TEXT;
+    ALTER TABLE tb_credential ADD COLUMN account TEXT;
+    """,
 ]
 
 #: Attempt statuses that may have reached the provider without a stored outcome.

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..broker import Broker
+from ..cache import DEGRADED
 from ..config import ProxySettings
 from ..consumers import ConsumerRegistry
 from ..errors import ProviderError
@@ -130,7 +131,10 @@ class ProxyServer:
         return all(stats.available > 0 for _, stats in self.pool_stats())
 
     def health(self) -> dict[str, Any]:
-        """The ``/health`` document: totals over the pools and each route; no secrets."""
+        """The ``/health`` document: totals over the pools, each route, and each routed
+        provider's worst state (configured scopes, every pool account); ``degraded`` when not
+        :meth:`ready` or a routed provider is stale, failed or needs reauthorization. No
+        secrets."""
         pools = self.pool_stats()
         total = {"total": 0, "in_use": 0, "available": 0, "waiting": 0}
         for _, stats in pools:
@@ -168,8 +172,12 @@ class ProxyServer:
                     ],
                 }
             routes.append(entry)
+        states = self.broker.provider_states()
+        providers = {r.provider: states[r.provider] for r in self.routes.routes}
+        healthy = self.ready() and not any(s in DEGRADED for s in providers.values())
         return {
-            "status": "ok" if self.ready() else "degraded",
+            "status": "ok" if healthy else "degraded",
+            "providers": providers,
             "pool": total,
             "connections": len(self.connections),
             "routes": routes,
