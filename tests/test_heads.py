@@ -190,6 +190,23 @@ def test_proxy_head_is_bounded_while_reading(serving: Serving, name: str) -> Non
     _check_bounded(serving, serving.proxy, STARTS[name], "/api/echo", max_read)
 
 
+def test_proxy_trailer_fields_are_bounded_while_reading(serving: Serving) -> None:
+    """An endless trailer field after a chunked body (which the parser holds until it ends) is
+    refused like an endless head: 431, about one buffer read, memory flat."""
+    start = (
+        b"POST /api/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Trailer: "
+    )
+    read_before, peak_before = serving.bytes_read(), serving.peak_rss()
+    reply, sent = _stream_endless_head(serving.proxy, start)
+    read = serving.bytes_read() - read_before
+    assert reply.startswith(b"HTTP/1.1 431 "), reply[:80]
+    assert read < MAX_READ, read
+    assert sent < TOTAL
+    assert serving.peak_rss() - peak_before < MAX_PEAK_GROWTH
+    assert _answers(serving.proxy + "/api/echo")
+
+
 @pytest.mark.parametrize("name", sorted(STARTS))
 def test_heads_are_refused_in_process_too(
     make_broker: Callable[..., Broker], auth_server: AuthorizationServer, name: str

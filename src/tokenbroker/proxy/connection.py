@@ -66,7 +66,7 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
-        self._raw_head = 0  # bytes read while a head was in progress (see data_received)
+        self._raw_head = 0  # bytes read since the parser last handed over a head or body part
         self._head_since = math.inf  # when the head being read began to arrive
         self._refused = False  # a broken request: nothing more is parsed
         self._refusal: tuple[int, bytes] | None = None  # its status and error reply
@@ -106,17 +106,16 @@ class ClientConnection(asyncio.Protocol):
             # read that completes a request is not timed until more bytes come: such a
             # connection holds no more than one idle between requests does.
             self._head_since = self.loop.time()
-        if self._parsing is None:
-            # Every byte of a read that starts outside a body belongs to a head until one
-            # completes (which resets the count): llhttp keeps a partial header value or
-            # target in memory, so counting complete headers alone leaves one endless line
-            # unbounded.
-            self._raw_head += len(data)
+        # Bytes that bring neither a complete head nor body data (a head, trailer fields,
+        # chunk framing) are counted until the parser hands something over: llhttp keeps a
+        # partial header value or target in memory, so counting complete headers alone
+        # would leave one endless line unbounded.
+        self._raw_head += len(data)
         try:
             self._parser.feed_data(data)
             if self._parsing is not None:  # a body is still coming: note when it last moved
                 self.body_moved = self.loop.time()
-            elif self._raw_head > MAX_HEAD_BYTES:
+            if self._raw_head > MAX_HEAD_BYTES:
                 self.refuse(431, "headers_too_large", "the request head is too large")
         except httptools.HttpParserUpgrade:
             # Upgrades are not relayed: the request (complete: llhttp ended it) is
@@ -238,12 +237,13 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading("pipeline")
 
     def on_body(self, body: bytes) -> None:
+        self._raw_head = 0
         if self._parsing is not None:
             self._parsing.request_body(body)
 
     def on_message_complete(self) -> None:
         exchange, self._parsing = self._parsing, None
-        self._head_bytes = 0  # (trailer fields were counted)
+        self._head_bytes = self._raw_head = 0  # (trailer fields were counted)
         if exchange is not None:
             exchange.request_end()
 
