@@ -108,6 +108,46 @@ class Served:
         self._served.stop()
 
 
+def wait_for(
+    condition: Callable[[], bool], what: str = "the condition", timeout: float = 10.0
+) -> float:
+    """Poll ``condition`` until it holds and return the seconds it took; fail naming ``what``
+    after ``timeout`` seconds."""
+    import time
+
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+    return time.monotonic() - started
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+    return port
+
+
+def http_status(url: str, headers: dict[str, str] | None = None) -> int | None:
+    """The status of a GET of ``url``, or None when nothing answers."""
+    import httpx
+
+    try:
+        return httpx.get(url, headers=headers, timeout=5).status_code
+    except httpx.HTTPError:
+        return None
+
+
+def answers(url: str) -> bool:
+    """A GET of ``url`` answers 200."""
+    return http_status(url) == 200
+
+
 class Lines:
     """The stdout lines of a subprocess, read by a thread so a test can wait with a bound."""
 

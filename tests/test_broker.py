@@ -10,13 +10,12 @@ import sqlite3
 import threading
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from conftest import BrokerFactory
-from support import client_credentials, login, refresh_token, stampede
+from support import client_credentials, login, refresh_token, stampede, wait_for
 from tokenbroker import (
     ClientAuthenticationError,
     InvalidScopeError,
@@ -217,12 +216,12 @@ def test_refresh_due_fetches_required_providers_and_retries_them(
     assert broker.unready() == ["svc"]
     auth_server.inject(Fault(status=500, body=""))
     assert broker.refresh_due() == 1
-    _until(lambda: broker.provider_states()["svc"] == "failed")
+    wait_for(lambda: broker.provider_states()["svc"] == "failed")
     assert broker.unready() == ["svc"]
     assert broker.refresh_due() == 0  # backing off
     clock.advance(2)
     assert broker.refresh_due() == 1
-    _until(lambda: not broker.unready())
+    wait_for(lambda: not broker.unready())
     assert broker.provider_states() == {"svc": "valid", "other": "empty"}
     with pytest.raises(ProviderMisconfiguredError):
         broker.get_token("svc", scope="admin")  # the server refuses that scope
@@ -230,13 +229,6 @@ def test_refresh_due_fetches_required_providers_and_retries_them(
     assert broker.provider_states()["svc"] == "valid"
     assert broker.refresh_due() == 0
     assert auth_server.count("client_credentials") == 3
-
-
-def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 def test_compare_and_invalidate_fifty_callers_one_refresh(

@@ -8,15 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
-from support import Served, client_credentials, login
+from support import Served, answers, client_credentials, login, wait_for
 from tokenbroker import Broker
 from tokenbroker.app import create_app
 from tokenbroker.config import ProxySettings
@@ -82,27 +80,12 @@ def serving(tmp_path: Path, auth_server: AuthorizationServer) -> Iterator[Servin
             proxy = process.stdout.readline().split()[-1]  # proxy listening on ...
             health = process.stdout.readline().split()[-1]
             api = f"http://127.0.0.1:{api_port}"
-            _until(lambda: _answers(api + "/healthz"))
+            wait_for(lambda: answers(api + "/healthz"), timeout=20)
             yield Serving(process, api, proxy, health)
         finally:
             process.send_signal(signal.SIGTERM)
             _, err = process.communicate(timeout=20)
         assert process.returncode == 0, err
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def _stream_endless_head(url: str, start: bytes) -> tuple[bytes, int]:
@@ -156,7 +139,7 @@ def _check_bounded(
     assert read < max_read, read
     assert sent < TOTAL
     assert serving.peak_rss() - peak_before < MAX_PEAK_GROWTH
-    assert _answers(url + path)  # the server still serves
+    assert answers(url + path)  # the server still serves
 
 
 STARTS = {
@@ -204,7 +187,7 @@ def test_proxy_trailer_fields_are_bounded_while_reading(serving: Serving) -> Non
     assert read < MAX_READ, read
     assert sent < TOTAL
     assert serving.peak_rss() - peak_before < MAX_PEAK_GROWTH
-    assert _answers(serving.proxy + "/api/echo")
+    assert answers(serving.proxy + "/api/echo")
 
 
 @pytest.mark.parametrize("name", sorted(STARTS))
@@ -221,4 +204,4 @@ def test_heads_are_refused_in_process_too(
             reply, sent = _stream_endless_head(url, STARTS[name])
             _assert_refused(reply, STARTS[name])
             assert sent < TOTAL // 4
-            assert _answers(url + "/healthz")
+            assert answers(url + "/healthz")

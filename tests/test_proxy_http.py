@@ -11,7 +11,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from conftest import BrokerFactory
-from support import BROKEN_BODIES, CHUNKED_HEAD, client_credentials, stampede
+from support import BROKEN_BODIES, CHUNKED_HEAD, client_credentials, stampede, wait_for
 from tokenbroker import Broker, parse_settings
 from tokenbroker.config import ProxySettings
 from tokenbroker.consumers import hash_key, new_key
@@ -464,15 +464,6 @@ def test_the_upstream_pool_keeps_at_most_upstream_keepalive_connections(
 
 
 # -- broken requests, trailers and versions --------------------------------------------------------
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = TIMEOUT) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def open_fds() -> int:

@@ -27,22 +27,13 @@ import httpx
 import pytest
 
 from conftest import POOL_ACCOUNTS, BrokerFactory
-from support import BROKEN_BODIES, CHUNKED_HEAD, login
+from support import BROKEN_BODIES, CHUNKED_HEAD, login, wait_for
 from tokenbroker import Broker
 from tokenbroker.config import ProxySettings
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
 
 ACCOUNTS = POOL_ACCOUNTS
 DEADLINE = 10.0
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
-    """Poll ``condition`` until it holds; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 @dataclass

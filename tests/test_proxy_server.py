@@ -25,7 +25,7 @@ import yaml
 from click.testing import CliRunner
 
 from conftest import BrokerFactory
-from support import Served, client_credentials, login
+from support import Served, answers, client_credentials, login, wait_for
 from tokenbroker import Broker, ConfigError, parse_settings
 from tokenbroker.cli import main
 from tokenbroker.config import ProxySettings
@@ -94,7 +94,7 @@ def test_health_probes_follow_the_pool(broker: Broker, upstream: RecordingUpstre
         finally:
             for client in holders:
                 client.close()
-        _until(lambda: probe.get("/health").json()["pool"]["available"] == 2)
+        wait_for(lambda: probe.get("/health").json()["pool"]["available"] == 2)
         assert probe.get("/readyz").status_code == 200
         assert probe.get("/nope").status_code == 404
         assert probe.post("/health").status_code == 405
@@ -321,14 +321,6 @@ def test_pool_status_needs_a_health_port(tmp_path: Path, auth_server: Authorizat
     assert "cannot read" in down.output
 
 
-def _until(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.01)
-
-
 def test_health_json_is_plain_json(broker: Broker, upstream: RecordingUpstream) -> None:
     """The health document parses and lists every route with its mode."""
     with ServedProxy(broker, _proxy_settings(upstream)) as proxy:
@@ -417,7 +409,7 @@ def test_serve_runs_the_api_and_the_proxy_and_stops_cleanly(
         assert process.stdout is not None
         proxy_url = process.stdout.readline().split()[-1]
         process.stdout.readline()
-        _until(lambda: _answers(f"http://127.0.0.1:{api_port}/healthz"))
+        wait_for(lambda: answers(f"http://127.0.0.1:{api_port}/healthz"))
         assert httpx.get(proxy_url + "/api/echo").status_code == 200
     finally:
         process.send_signal(signal.SIGTERM)
@@ -454,7 +446,7 @@ def test_proxy_stops_at_once_while_logging_in(
         text=True,
     )
     try:
-        _until(lambda: auth_server.count("login") >= 1)
+        wait_for(lambda: auth_server.count("login") >= 1)
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=20)
@@ -467,13 +459,6 @@ def test_proxy_stops_at_once_while_logging_in(
     assert "listening" not in out
     assert elapsed < 3.0
     assert auth_server.count("login") < 20
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_login_progress_bar_on_a_terminal(
@@ -527,7 +512,7 @@ def test_a_background_refresh_applies_to_the_next_request_on_the_same_connection
     with ServedProxy(broker, settings) as proxy, httpx.Client(base_url=proxy.url) as client:
         assert client.get("/api/echo", headers={"X-Client": "one"}).status_code == 200
         logins = auth_server.count("login")
-        _until(lambda: auth_server.count("login") > logins)  # refreshed in the background
+        wait_for(lambda: auth_server.count("login") > logins)  # refreshed in the background
         statuses = []
         deadline = time.monotonic() + 10
         while len({r.token for r in upstream.records()}) < 2 and time.monotonic() < deadline:
@@ -556,11 +541,11 @@ def test_a_stalled_request_body_is_timed_out_and_frees_the_token(
                 f"PUT /api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: {size}\r\n\r\n".encode()
                 + b"0123456789"
             )
-            _until(lambda: proxy.stats().in_use == 1)
+            wait_for(lambda: proxy.stats().in_use == 1)
             started = time.monotonic()
             reply = _read_all(sock)  # until the proxy closes the connection
             waited = time.monotonic() - started
-        _until(lambda: proxy.stats().available == proxy.stats().total)
+        wait_for(lambda: proxy.stats().available == proxy.stats().total)
     assert waited < 5
     assert reply.startswith(b"HTTP/1.1 408 ")  # nothing had been answered yet
     if size == 100:  # a body small enough to keep for a resend is sent only when complete

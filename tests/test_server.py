@@ -4,11 +4,9 @@ only their configured scopes; a real `serve` process against the real authorizat
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,39 +14,17 @@ from typing import Any
 import httpx
 import yaml
 
-from support import Lines, client_credentials, login
+from support import Lines, client_credentials, free_port, http_status, login, wait_for
 from tokenbroker.consumers import hash_key, new_key
 from tokenbroker.testing import AuthorizationServer, Fault
 
 KEY = new_key()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def _until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.02)
-
-
-def _status(url: str) -> int | None:
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
-
-
 @contextmanager
 def serving(tmp_path: Path, providers: dict[str, Any]) -> Iterator[httpx.Client]:
     """Run `tokenbroker serve` on a free port; yield a client for it; SIGTERM it afterwards."""
-    port = _free_port()
+    port = free_port()
     path = tmp_path / "tokenbroker.yaml"
     config = {
         "store": "memory",
@@ -67,7 +43,7 @@ def serving(tmp_path: Path, providers: dict[str, Any]) -> Iterator[httpx.Client]
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _until(lambda: _status(url + "/livez") == 200)
+        wait_for(lambda: http_status(url + "/livez") == 200)
         with httpx.Client(base_url=url, timeout=10) as client:
             yield client
     finally:
@@ -88,7 +64,7 @@ def test_required_provider_is_fetched_at_start(
     one token request."""
     providers = {"svc": client_credentials(auth_server, required=True)}
     with serving(tmp_path, providers) as client:
-        _until(lambda: client.get("/readyz").status_code == 200)
+        wait_for(lambda: client.get("/readyz").status_code == 200)
         assert client.get("/readyz").json()["providers"] == {"svc": "valid"}
     assert auth_server.count("client_credentials") == 1
 
@@ -103,7 +79,7 @@ def test_a_refused_scope_does_not_make_the_broker_unready(
         # Readiness first through the configured scope (this works with or without start-up
         # fetching), then the refused one.
         assert client.get("/v1/tokens/svc", headers={"Authorization": f"Bearer {KEY}"}).is_success
-        _until(lambda: client.get("/readyz").status_code == 200)
+        wait_for(lambda: client.get("/readyz").status_code == 200)
         refused = client.get(
             "/v1/tokens/svc", params={"scope": "admin"}, headers={"Authorization": f"Bearer {KEY}"}
         )
@@ -148,8 +124,8 @@ def test_proxy_fetches_required_providers_at_start(
         assert process.stdout is not None
         process.stdout.readline()
         health_url = process.stdout.readline().split()[-1]
-        assert _status(health_url + "/readyz") == 503  # the pool is in, the token is not yet
-        _until(lambda: _status(health_url + "/readyz") == 200)
+        assert http_status(health_url + "/readyz") == 503  # the pool is in, the token is not yet
+        wait_for(lambda: http_status(health_url + "/readyz") == 200)
     finally:
         process.send_signal(signal.SIGTERM)
         try:
@@ -183,7 +159,7 @@ def test_serve_announces_the_address_it_listens_on(
         assert line.startswith("API listening on http://127.0.0.1:"), line
         url = line.rsplit(" ", 1)[1]
         assert not url.endswith(":0")
-        assert _status(url + "/livez") == 200
+        assert http_status(url + "/livez") == 200
     finally:
         process.send_signal(signal.SIGTERM)
         try:

@@ -4,20 +4,17 @@ client address the API sees (``server.trusted_proxies``)."""
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
-from support import client_credentials
+from support import client_credentials, free_port, http_status, wait_for
 from tokenbroker.consumers import new_key
 from tokenbroker.crypto import generate_key
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream
@@ -27,34 +24,10 @@ KEY_HEADER = "X-Tokenbroker-Key"
 PROPAGATION_SECONDS = 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def _wait_for(condition: Callable[[], bool], timeout: float) -> float:
-    """Poll ``condition`` until it holds; the seconds it took. Fails after ``timeout``."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
-def _status(url: str, headers: dict[str, str] | None = None) -> int | None:
-    try:
-        return httpx.get(url, headers=headers, timeout=5).status_code
-    except httpx.HTTPError:
-        return None
-
-
 @contextmanager
 def _serving(config: Path, tmp_path: Path) -> Iterator[str]:
     """Run `tokenbroker serve` on a free loopback port until the block ends; yield its URL."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     with (tmp_path / "serve.out").open("w") as out, (tmp_path / "serve.err").open("w") as err:
         process = subprocess.Popen(  # noqa: S603
@@ -64,7 +37,9 @@ def _serving(config: Path, tmp_path: Path) -> Iterator[str]:
             stderr=err,
         )
         try:
-            _wait_for(lambda: process.poll() is not None or _status(url + "/livez") == 200, 20)
+            wait_for(
+                lambda: process.poll() is not None or http_status(url + "/livez") == 200, timeout=20
+            )
             assert process.poll() is None, (tmp_path / "serve.err").read_text()
             yield url
         finally:
@@ -105,7 +80,7 @@ def _revocation_config(
 ) -> tuple[Path, str]:
     """A file store, provider ``svc``, and a proxy that requires consumer keys; the config
     file and the proxied URL."""
-    proxy_port = _free_port()
+    proxy_port = free_port()
     config = _write(
         tmp_path / "tokenbroker.yaml",
         {
@@ -134,15 +109,19 @@ def test_a_removed_consumer_is_refused_without_restart(
     kept = _cli(config, "consumers", "add", "kept", "--allow", "svc").splitlines()[-1]
     bearer = {"Authorization": f"Bearer {key}"}
     with _serving(config, tmp_path) as api:
-        assert _status(api + "/v1/tokens/svc", bearer) == 200
-        assert _status(proxied, {KEY_HEADER: key}) == 200
+        assert http_status(api + "/v1/tokens/svc", bearer) == 200
+        assert http_status(proxied, {KEY_HEADER: key}) == 200
 
         _cli(config, "consumers", "remove", "gone")
-        _wait_for(lambda: _status(api + "/v1/tokens/svc", bearer) == 401, PROPAGATION_SECONDS)
-        _wait_for(lambda: _status(proxied, {KEY_HEADER: key}) == 401, PROPAGATION_SECONDS)
-        assert _status(api + "/v1/providers", bearer) == 401
-        assert _status(api + "/v1/tokens/svc", {"Authorization": f"Bearer {kept}"}) == 200
-        assert _status(proxied, {KEY_HEADER: kept}) == 200
+        wait_for(
+            lambda: http_status(api + "/v1/tokens/svc", bearer) == 401, timeout=PROPAGATION_SECONDS
+        )
+        wait_for(
+            lambda: http_status(proxied, {KEY_HEADER: key}) == 401, timeout=PROPAGATION_SECONDS
+        )
+        assert http_status(api + "/v1/providers", bearer) == 401
+        assert http_status(api + "/v1/tokens/svc", {"Authorization": f"Bearer {kept}"}) == 200
+        assert http_status(proxied, {KEY_HEADER: kept}) == 200
 
 
 def test_consumers_added_and_removed_while_serving_take_effect_without_restart(
@@ -155,21 +134,29 @@ def test_consumers_added_and_removed_while_serving_take_effect_without_restart(
         key = _cli(config, "consumers", "add", "late", "--allow", "svc").splitlines()[-1]
         bearer = {"Authorization": f"Bearer {key}"}
 
-        _wait_for(lambda: _status(api + "/v1/tokens/svc", bearer) == 200, PROPAGATION_SECONDS)
-        _wait_for(lambda: _status(proxied, {KEY_HEADER: key}) == 200, PROPAGATION_SECONDS)
+        wait_for(
+            lambda: http_status(api + "/v1/tokens/svc", bearer) == 200, timeout=PROPAGATION_SECONDS
+        )
+        wait_for(
+            lambda: http_status(proxied, {KEY_HEADER: key}) == 200, timeout=PROPAGATION_SECONDS
+        )
 
         _cli(config, "consumers", "remove", "late")
-        _wait_for(lambda: _status(api + "/v1/tokens/svc", bearer) == 401, PROPAGATION_SECONDS)
-        _wait_for(lambda: _status(proxied, {KEY_HEADER: key}) == 401, PROPAGATION_SECONDS)
+        wait_for(
+            lambda: http_status(api + "/v1/tokens/svc", bearer) == 401, timeout=PROPAGATION_SECONDS
+        )
+        wait_for(
+            lambda: http_status(proxied, {KEY_HEADER: key}) == 401, timeout=PROPAGATION_SECONDS
+        )
         # Refused for good, not by a flicker.
-        assert _status(api + "/v1/providers", bearer) == 401
-        assert _status(proxied, {KEY_HEADER: key}) == 401
+        assert http_status(api + "/v1/providers", bearer) == 401
+        assert http_status(proxied, {KEY_HEADER: key}) == 401
 
 
 def _bad_key_statuses(api: str, count: int) -> list[int | None]:
     """``count`` requests with unknown keys, each claiming a different X-Forwarded-For."""
     return [
-        _status(
+        http_status(
             api + "/v1/providers",
             {"Authorization": f"Bearer {new_key()}", "X-Forwarded-For": f"198.51.100.{i}"},
         )

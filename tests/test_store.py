@@ -14,14 +14,14 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from support import client_credentials, refresh_token
+from support import client_credentials, refresh_token, wait_for
 from tokenbroker import (
     Broker,
     EncryptionKeyError,
@@ -69,13 +69,6 @@ def wait_until_expired(store: SQLiteStore, lease: Lease) -> None:
     while store.now() <= lease.expires_at:
         assert time.monotonic() < deadline, "the lease never expired by the database clock"
         time.sleep(0.005)
-
-
-def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def refresh(store: SQLiteStore, row: str, owner: str, rt: str, at: str, raw: bytes = b"") -> Lease:
