@@ -610,9 +610,9 @@ def test_the_api_follows_stored_consumers_while_it_runs(broker: Broker) -> None:
     def status() -> int:
         return httpx.get(served.url + "/v1/providers", headers=auth()).status_code
 
-    def within(seconds: float, expected: int) -> None:
+    def within(seconds: float, *expected: int) -> None:
         deadline = time.monotonic() + seconds
-        while status() != expected:
+        while status() not in expected:
             assert time.monotonic() < deadline, f"not {expected} within {seconds} s"
             time.sleep(0.02)
 
@@ -622,7 +622,9 @@ def test_the_api_follows_stored_consumers_while_it_runs(broker: Broker) -> None:
         broker.store.add_consumer("late", hash_key(KEY), ["svc"])
         within(2.0, 200)
         broker.store.remove_consumer("late")
-        within(2.0, 401)
+        # Refused: 401, or 429 once this address has used up its failed-key checks (the
+        # polling while the key was unknown spent them; a valid key is served regardless).
+        within(2.0, 401, 429)
     finally:
         served.stop()
 
