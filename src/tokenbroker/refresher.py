@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -190,7 +191,8 @@ class Refresher:
             usable = self._usable(row.token if row else None, job)
             if usable is not None:
                 return usable
-            lease = self.store.acquire(
+            acquire = functools.partial(
+                self.store.acquire,
                 job.row_id,
                 job.provider,
                 self.owner,
@@ -198,17 +200,10 @@ class Refresher:
                 scope=job.scope,
                 account=job.account,
             )
+            lease = acquire()
             if lease is None and row is not None and _holder_is_gone(row.lease_owner):
                 logger.warning("taking over the lease of a dead process provider=%s", job.provider)
-                lease = self.store.acquire(
-                    job.row_id,
-                    job.provider,
-                    self.owner,
-                    job.lease_seconds,
-                    steal_from=row.lease_owner,
-                    scope=job.scope,
-                    account=job.account,
-                )
+                lease = acquire(steal_from=row.lease_owner)
             if lease is None:
                 if time.monotonic() > give_up:
                     raise ProviderUnavailableError(
