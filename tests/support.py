@@ -148,6 +148,21 @@ def answers(url: str) -> bool:
     return http_status(url) == 200
 
 
+def terminate(process: Any) -> str | None:
+    """SIGTERM ``process`` (a ``subprocess.Popen``), wait up to 20 s (killing it if it is
+    still running then) and return what it wrote to stderr, if that was piped."""
+    import signal
+
+    process.send_signal(signal.SIGTERM)
+    try:
+        err: str | None = process.communicate(timeout=20)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return err
+
+
 class Lines:
     """The stdout lines of a subprocess, read by a thread so a test can wait with a bound."""
 

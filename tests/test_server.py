@@ -3,7 +3,6 @@ only their configured scopes; a real `serve` process against the real authorizat
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +13,7 @@ from typing import Any
 import httpx
 import yaml
 
-from support import Lines, client_credentials, free_port, http_status, login, wait_for
+from support import Lines, client_credentials, free_port, http_status, login, terminate, wait_for
 from tokenbroker.consumers import hash_key, new_key
 from tokenbroker.testing import AuthorizationServer, Fault
 
@@ -47,13 +46,7 @@ def serving(tmp_path: Path, providers: dict[str, Any]) -> Iterator[httpx.Client]
         with httpx.Client(base_url=url, timeout=10) as client:
             yield client
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            _, err = process.communicate(timeout=20)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        err = terminate(process)
     assert process.returncode == 0, err
 
 
@@ -127,13 +120,7 @@ def test_proxy_fetches_required_providers_at_start(
         assert http_status(health_url + "/readyz") == 503  # the pool is in, the token is not yet
         wait_for(lambda: http_status(health_url + "/readyz") == 200)
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            _, err = process.communicate(timeout=20)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        err = terminate(process)
     assert process.returncode == 0, err
     assert auth_server.count("client_credentials") == 1
     assert auth_server.count("login") == 2
@@ -161,10 +148,4 @@ def test_serve_announces_the_address_it_listens_on(
         assert not url.endswith(":0")
         assert http_status(url + "/livez") == 200
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.communicate(timeout=20)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        terminate(process)
