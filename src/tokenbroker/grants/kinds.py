@@ -18,6 +18,7 @@ three, so a new field cannot silently miss the fingerprint.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -76,7 +77,7 @@ _OAUTH = {
 }
 
 
-class GrantKind(Generic[S]):
+class GrantKind(ABC, Generic[S]):
     """What the broker needs to know about one provider type.
 
     Attributes:
@@ -144,6 +145,7 @@ class GrantKind(Generic[S]):
         """The configured refresh token to start from; None without one."""
         return None
 
+    @abstractmethod
     def build(
         self,
         provider: str,
@@ -164,7 +166,6 @@ class GrantKind(Generic[S]):
         Returns:
             The grant (no I/O done).
         """
-        raise NotImplementedError
 
 
 class _OAuthKind(GrantKind[_O]):
