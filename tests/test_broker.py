@@ -346,6 +346,20 @@ def test_timeouts_are_retried_within_the_deadline(
     assert auth_server.count("client_credentials") == 3
 
 
+def test_async_caller_stalled_reply_abandoned_and_retried_within_bounds(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory
+) -> None:
+    """An async caller's stalled token reply is abandoned at the attempt timeout and retried once."""
+    auth_server.inject(Fault(delay=2.0), times=2)
+    broker = make_broker(defaults={"timeout_seconds": 0.2, "retries": 1, "deadline_seconds": 5.0})
+    began = time.monotonic()
+    with pytest.raises(ProviderUnavailableError, match="timed out"):
+        asyncio.run(broker.aget_token("svc"))
+    elapsed = time.monotonic() - began
+    assert auth_server.count("client_credentials") == 2
+    assert 0.4 <= elapsed < 1.8
+
+
 def test_connection_refused_is_unavailable_and_not_sent(make_broker: BrokerFactory) -> None:
     """Nothing listening: ProviderUnavailableError marked as never sent, naming the URL it tried
     without its query (which may carry a secret)."""

@@ -455,8 +455,7 @@ def test_rotated_refresh_token_in_an_unusable_reply_reaches_no_caller(
 def test_job_and_reply_reprs_show_no_token() -> None:
     """A Job's repr hides the stale access token and a Reply's repr hides its body (both sit in
     frames an error reporter captures)."""
-    from tokenbroker.drivers import RetryPolicy
-    from tokenbroker.grants import Reply
+    from tokenbroker.grants import Reply, RetryPolicy
     from tokenbroker.refresher import Job
 
     job = Job(

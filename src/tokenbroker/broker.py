@@ -1,4 +1,4 @@
-"""The composition root: settings + grants + drivers + cache, and the public Python API.
+"""The composition root: settings + grants (kinds, flow, driver) + cache, and the public Python API.
 
 :class:`Broker` is what applications embed (DESIGN §3.2). It owns the HTTP
 clients, the token cache, the refresh-token hand-off and the event bus; outer
@@ -20,16 +20,7 @@ import httpx
 from .auth import AuthAdapters, TokenTarget
 from .cache import SlotState, Timing, TokenCache, worst
 from .clock import Clock
-from .config import (
-    MISSING_KEY,
-    ClientCredentialsProvider,
-    JwtDelegation,
-    LoginProvider,
-    Provider,
-    RefreshTokenProvider,
-    Settings,
-    load_settings,
-)
+from .config import MISSING_KEY, JwtDelegation, Provider, Settings, load_settings
 from .crypto import Keyring, generate_key
 from .delegation import (
     DelegatedToken,
@@ -39,7 +30,6 @@ from .delegation import (
     check_audience,
     settings_for,
 )
-from .drivers import Exchange, RetryPolicy, send_sync, token_flow
 from .errors import (
     ClientAuthenticationError,
     EncryptionKeyError,
@@ -47,7 +37,7 @@ from .errors import (
     UnknownProviderError,
 )
 from .events import Event, EventBus, RefreshTokenRotated
-from .grants import ClientCredentialsGrant, Grant, LoginGrant, RefreshTokenGrant, TokenResponse
+from .grants import Exchange, Grant, RetryPolicy, TokenResponse, kind_of, send_sync, token_flow
 from .refresher import Job, Refresher, fingerprint
 from .scopes import canonical_scopes, parse_scope, scope_string
 from .secret import Secret
@@ -105,16 +95,9 @@ def credential_row(
     Returns:
         ``(row id, settings digest)``.
     """
-    identity: dict[str, object] = {
-        "grant": settings.grant,
-        "url": getattr(settings, "token_url", None) or getattr(settings, "login_url", None),
-        "client_id": getattr(settings, "client_id", None),
-        "audience": getattr(settings, "audience", None),
-        "scopes": list(scopes),
-        "account": account,
-    }
-    digest = fingerprint(identity)
-    if isinstance(settings, RefreshTokenProvider):
+    kind = kind_of(settings)
+    digest = fingerprint(kind.identity(settings, scopes, account))
+    if kind.owns_refresh_token:
         return name, digest
     return f"{name}:{digest}", digest
 
@@ -146,13 +129,10 @@ def credential_label(
     spec = settings.providers.get(provider)
     if spec is None:
         return STALE_KEY, account or "-"
-    login = isinstance(spec, LoginProvider)
-    names: list[str | None] = [None]
-    configured: tuple[str, ...] = ()
-    if isinstance(spec, LoginProvider):
-        names = [c.username for c in spec.credentials]
-    else:
-        configured = canonical_scopes(None, spec.scopes)
+    kind = kind_of(spec)
+    accounts = kind.accounts(spec)
+    names: list[str | None] = [*accounts] or [None]
+    configured = () if accounts else canonical_scopes(None, kind.scopes(spec))
     if scope is None:  # an older row: try the configured keys
         found = [n for n in names if credential_row(provider, spec, configured, n)[0] == row_id]
         if not found:
@@ -161,7 +141,7 @@ def credential_label(
     scopes = tuple(scope.split())
     if account not in names or credential_row(provider, spec, scopes, account)[0] != row_id:
         return STALE_KEY, account or "-"
-    if login:
+    if accounts:
         return "-", account or "-"
     return "(configured)" if scopes == configured else scope, "-"
 
@@ -456,9 +436,7 @@ class Broker(AuthAdapters):
         """
         out = {}
         for name, settings in self.settings.providers.items():
-            accounts: list[str | None] = [None]
-            if isinstance(settings, LoginProvider):
-                accounts = [c.username for c in settings.credentials]
+            accounts: list[str | None] = [*kind_of(settings).accounts(settings)] or [None]
             states = []
             for account in accounts:
                 state = self._cache.state((name, None, account))
@@ -477,9 +455,7 @@ class Broker(AuthAdapters):
             UnknownProviderError: For an unknown provider.
         """
         settings = self._provider(provider)
-        if isinstance(settings, LoginProvider):
-            return [c.username for c in settings.credentials]
-        return []
+        return list(kind_of(settings).accounts(settings))
 
     def close(self) -> None:
         """Drop queued background refreshes, close the HTTP client and the store (if the
@@ -524,7 +500,8 @@ class Broker(AuthAdapters):
         timing = self.timing(key)
         policy = self._policy(settings)
         row_id, digest = credential_row(key.provider, settings, key.scopes, key.account)
-        rotating = isinstance(settings, RefreshTokenProvider)
+        kind = kind_of(settings)
+        rotation = kind.rotation(settings)
         lease = _pick(self.settings.defaults.lease_seconds, 2 * policy.deadline + 10)
         job = Job(
             row_id=row_id,
@@ -535,9 +512,9 @@ class Broker(AuthAdapters):
             policy=policy,
             skew=timing.skew,
             lease_seconds=max(lease, 2 * policy.deadline + 2),
-            seed=settings.refresh_token if isinstance(settings, RefreshTokenProvider) else None,
-            single_use=isinstance(settings, RefreshTokenProvider) and settings.rotation.single_use,
-            reuse_grace=settings.rotation.reuse_grace_seconds if rotating else 0.0,  # type: ignore[union-attr]
+            seed=kind.seed(settings),
+            single_use=rotation is not None and rotation.single_use,
+            reuse_grace=rotation.reuse_grace_seconds if rotation is not None else 0.0,
             stale=stale,
             scope=" ".join(key.scopes),
             account=key.account,
@@ -570,24 +547,25 @@ class Broker(AuthAdapters):
         account: str | None
         provider, scope, account = raw  # type: ignore[misc]
         settings = self._provider(provider)
-        if isinstance(settings, LoginProvider):
+        kind = kind_of(settings)
+        names = kind.accounts(settings)
+        if names:  # a pool: keyed by account, never by scope
             parse_scope(scope)  # malformed is refused; a login has no scopes
-            names = [c.username for c in settings.credentials]
             if account is None:
                 account = names[0]
             elif account not in names:
                 raise UnknownProviderError(f"provider {provider!r} has no account {account!r}")
             return _Key(provider, (), account)
         # The one canonical value: the ACL checked it, the cache keys on it, the grant sends it.
-        scopes = canonical_scopes(scope, settings.scopes)
+        scopes = canonical_scopes(scope, kind.scopes(settings))
         if account is not None:
             raise UnknownProviderError(f"provider {provider!r} has no accounts")
-        configured = canonical_scopes(None, settings.scopes)
-        if isinstance(settings, RefreshTokenProvider) and scopes != configured:
+        configured = canonical_scopes(None, kind.scopes(settings))
+        if kind.fixed_scopes and scopes != configured:
             # One refresh token, one grant: its refresh request always asks for the configured
             # scopes, so a token for any other set would carry more (or less) than asked for.
             raise UnknownProviderError(f"provider {provider!r} cannot serve that scope")
-        self._admit(provider, scopes, configured, settings.max_scopes)
+        self._admit(provider, scopes, configured, kind.max_scopes(settings))
         return _Key(provider, scopes, None)
 
     def _admit(
@@ -625,14 +603,9 @@ class Broker(AuthAdapters):
 
     def _grant(self, key: _Key, refresh_token: Secret | None) -> Grant:
         settings = self.settings.providers[key.provider]
-        if isinstance(settings, ClientCredentialsProvider):
-            return ClientCredentialsGrant(key.provider, settings, key.scopes)
-        if isinstance(settings, RefreshTokenProvider):
-            return RefreshTokenGrant(
-                key.provider, settings, refresh_token or settings.refresh_token
-            )
-        credential = next(c for c in settings.credentials if c.username == key.account)
-        return LoginGrant(key.provider, settings, credential)
+        return kind_of(settings).build(
+            key.provider, settings, key.scopes, key.account, refresh_token
+        )
 
     def _send(self, grant: Grant, policy: RetryPolicy) -> Exchange:
         return send_sync(self._http, token_flow(grant, policy), policy.max_response_bytes)
@@ -643,7 +616,7 @@ def _pick(value: _T | None, default: _T) -> _T:
 
 
 def _max_resends(settings: Provider) -> int | None:
-    rotation = getattr(settings, "rotation", None)
+    rotation = kind_of(settings).rotation(settings)
     strict = rotation is not None and rotation.single_use and not rotation.reuse_grace_seconds
     return 1 if strict else None
 

@@ -6,7 +6,6 @@ Only this module configures logging handlers. Every command takes
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 import time
@@ -37,6 +36,7 @@ from .errors import (
     UnknownProviderError,
 )
 from .logs import configure
+from .names import CONSUMER_NAME
 from .store import SQLiteStore, probe
 
 __all__ = ["main"]
@@ -417,7 +417,7 @@ def consumers_add(name: str, rules: tuple[str, ...], config_path: Path) -> None:
         parsed = [parse_rule(rule) for rule in rules]
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--allow") from None
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+    if not CONSUMER_NAME.match(name):
         raise click.BadParameter("1-64 letters, digits, '_', '.', '-'", param_hint="NAME")
     key = new_key()
     try:

@@ -53,7 +53,8 @@ from .errors import (
     TokenBrokerError,
     UnknownProviderError,
 )
-from .grants import TokenResponse, retry_after, validate_token_value
+from .grants import TokenResponse, retry_after, transport_error, validate_token_value
+from .names import BROKER_ERROR_CODE, PROVIDER_NAME
 from .scopes import scope_string
 from .secret import Secret
 from .statuses import status_for_code
@@ -77,9 +78,7 @@ STATUS_ERRORS: dict[int, tuple[type[TokenBrokerError], str]] = {
     503: (ProviderUnavailableError, "the provider or the broker is unavailable"),
 }
 
-_PROVIDER = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}\Z")
 _API_KEY = re.compile(r"[\x21-\x7e]{1,4096}\Z")
-_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 _MAX_ACCOUNT = 256
 _MAX_BODY = 1 << 20
 
@@ -236,7 +235,7 @@ class BrokerClient(AuthAdapters):
         scope: object
         account: object
         provider, scope, account = raw  # type: ignore[misc]
-        if not isinstance(provider, str) or not _PROVIDER.match(provider):
+        if not isinstance(provider, str) or not PROVIDER_NAME.match(provider):
             raise UnknownProviderError("a provider name is 1-64 of a-z, 0-9, '_' and '-'")
         try:
             scope = scope_string(scope)  # blank means the broker's configured scopes, as None
@@ -333,7 +332,7 @@ class BrokerClient(AuthAdapters):
             finally:
                 response.close()
         except httpx.HTTPError as exc:
-            raise _transport_error(exc, provider) from exc
+            raise transport_error(exc, provider, "the broker") from exc
         return response.status_code, response.headers, b"".join(chunks)
 
 
@@ -401,7 +400,7 @@ def _error_code(body: bytes) -> str | None:
     data = _json(body)
     error = data.get("error") if isinstance(data, dict) else None
     code = error.get("code") if isinstance(error, dict) else None
-    return code if isinstance(code, str) and _ERROR_CODE.match(code) else None
+    return code if isinstance(code, str) and BROKER_ERROR_CODE.match(code) else None
 
 
 def _json(body: bytes) -> Any:
@@ -414,17 +413,4 @@ def _json(body: bytes) -> Any:
 def _malformed(provider: str) -> ProviderUnavailableError:
     return ProviderUnavailableError(
         f"{provider}: the broker's reply is malformed", provider=provider
-    )
-
-
-def _transport_error(exc: httpx.HTTPError, provider: str) -> ProviderUnavailableError:
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return ProviderUnavailableError(
-            f"{provider}: could not connect to the broker", provider=provider, sent=False
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return ProviderUnavailableError(f"{provider}: the broker timed out", provider=provider)
-    return ProviderUnavailableError(
-        f"{provider}: transport error talking to the broker ({type(exc).__name__})",
-        provider=provider,
     )

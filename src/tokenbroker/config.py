@@ -40,6 +40,7 @@ from pydantic import (
 from .consumers import parse_rule
 from .crypto import decode_key
 from .errors import ConfigError, ConfigProblem, InvalidScopeError
+from .names import CONSUMER_NAME_PATTERN, PROVIDER_NAME_PATTERN
 from .scopes import MAX_SCOPE_LENGTH, SCOPE_TOKEN, scope_string
 from .secret import Secret
 
@@ -70,7 +71,7 @@ __all__ = [
 ]
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_ProviderName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+_ProviderName = Annotated[str, StringConstraints(pattern=f"^{PROVIDER_NAME_PATTERN}$")]
 _MAX_DEPTH = 50
 _MAX_NODES = 100_000
 ClientAuth = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
@@ -537,7 +538,7 @@ class ConsumerSettings(_Section):
         return value.lower()
 
 
-_ConsumerName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
+_ConsumerName = Annotated[str, StringConstraints(pattern=f"^{CONSUMER_NAME_PATTERN}$")]
 
 
 class Settings(_Frozen):

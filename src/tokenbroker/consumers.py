@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from .names import PROVIDER_NAME_PATTERN
+
 if TYPE_CHECKING:
     from .config import ConsumerSettings
 
@@ -51,7 +53,7 @@ FOLLOW_SECONDS = 0.5
 
 KEY_PREFIX = "tbk_"
 _KEY = re.compile(r"tbk_[A-Za-z0-9_-]{43}\Z")
-_RULE = re.compile(r"([a-z0-9][a-z0-9_-]{0,63})(?::([\x21\x23-\x5b\x5d-\x7e ]+))?\Z")
+_RULE = re.compile(rf"({PROVIDER_NAME_PATTERN})(?::([\x21\x23-\x5b\x5d-\x7e ]+))?\Z")
 
 
 def new_key() -> str:

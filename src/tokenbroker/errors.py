@@ -22,7 +22,7 @@ Messages name the provider, the HTTP status and at most the provider's OAuth
 secret, a token, a request or response body, or an ``error_description``; nor do
 their attributes, args or chains. Protocol state never rides on an error: what the
 refresh protocol needs from a failed exchange travels in
-:class:`tokenbroker.drivers.Exchange`, which callers never receive.
+:class:`tokenbroker.grants.Exchange`, which callers never receive.
 Foreign exceptions (httpx, pydantic, yaml) are translated where they occur with
 ``raise ... from exc``.
 """

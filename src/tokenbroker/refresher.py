@@ -9,7 +9,7 @@
 2. re-check under the lease;
 3. for refresh-token credentials, write an intent record before sending;
 4. send only if the lease outlives the exchange's whole deadline;
-5. send (retry policy from :mod:`tokenbroker.drivers`);
+5. send (retry policy from :mod:`tokenbroker.grants.flow`);
 6. store the raw reply and apply the tokens in one fenced transaction;
 7. recover in-doubt attempts of earlier holders by the provider's rotation policy:
    inside ``reuse_grace_seconds`` retry with the same token; with no grace retry once,
@@ -35,14 +35,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .drivers import Exchange, RetryPolicy
 from .errors import (
     ProviderError,
     ProviderUnavailableError,
     ReauthorizationRequiredError,
     StoreError,
 )
-from .grants import Grant, TokenResponse
+from .grants import Exchange, Grant, RetryPolicy, TokenResponse
 from .secret import Secret
 from .store import CredentialRow, Lease, SQLiteStore, StoredToken
 from .token import Token

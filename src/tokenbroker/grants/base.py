@@ -1,10 +1,10 @@
-"""Grants: build the token request, parse the reply. No I/O here (STYLE 3).
+"""What every grant shares: the reply and token types, client authentication, reply parsing.
 
-Each grant turns settings (and, for refresh, the current refresh token) into an
-:class:`httpx.Request`, and a provider's :class:`Reply` into a
-:class:`TokenResponse` or a classified :class:`~tokenbroker.errors.ProviderError`.
-A fresh request is built for every attempt, so ``private_key_jwt`` assertions
-get a fresh ``jti`` on retries too (RFC 7523 §3).
+No I/O here (STYLE 3). Each grant turns settings (and, for refresh, the current
+refresh token) into an :class:`httpx.Request`, and a provider's :class:`Reply` into
+a :class:`TokenResponse` or a classified :class:`~tokenbroker.errors.ProviderError`.
+A fresh request is built for every attempt, so ``private_key_jwt`` assertions get a
+fresh ``jti`` on retries too (RFC 7523 §3).
 """
 
 from __future__ import annotations
@@ -26,13 +26,8 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from .config import (
-    ClientCredentialsProvider,
-    Credential,
-    LoginProvider,
-    RefreshTokenProvider,
-)
-from .errors import (
+from ..config import ClientCredentialsProvider, RefreshTokenProvider
+from ..errors import (
     ClientAuthenticationError,
     InvalidTokenError,
     ProviderError,
@@ -40,23 +35,22 @@ from .errors import (
     ProviderUnavailableError,
     ReauthorizationRequiredError,
 )
-from .secret import Secret
-from .token import Token
+from ..names import OAUTH_ERROR_CODE
+from ..secret import Secret
+from ..token import Token
 
 __all__ = [
-    "ClientCredentialsGrant",
+    "KNOWN_ERROR_CODES",
     "Grant",
-    "LoginGrant",
-    "RefreshTokenGrant",
     "Reply",
     "TokenResponse",
     "basic_authorization",
+    "retry_after",
     "token_at",
     "validate_token_value",
 ]
 
 _TOKEN_VALUE = re.compile(r"[\x21-\x7e]{1,16384}\Z")
-_ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}\Z")
 #: Error codes shown in messages; any other code may be provider junk (or a token) and is hidden.
 KNOWN_ERROR_CODES = frozenset(
     {
@@ -127,7 +121,7 @@ class TokenResponse:
 
 
 class Grant(Protocol):
-    """What the drivers need from a grant."""
+    """What the retry flow and its driver need from a grant."""
 
     provider: str
 
@@ -279,7 +273,7 @@ class _OAuthGrant:
     def _classify(self, reply: Reply, body: dict[str, Any] | None) -> ProviderError:
         status = reply.status_code
         raw_code = body.get("error") if body else None
-        code = raw_code if isinstance(raw_code, str) and _ERROR_CODE.match(raw_code) else None
+        code = raw_code if isinstance(raw_code, str) and OAUTH_ERROR_CODE.match(raw_code) else None
         shown = code if code in KNOWN_ERROR_CODES or code in self._reauth else None
         where = f"{self.provider}: token endpoint answered {status}" + (
             f" ({shown})" if shown else ""
@@ -299,142 +293,6 @@ class _OAuthGrant:
     @property
     def _reauth(self) -> frozenset[str]:
         return frozenset()
-
-
-class ClientCredentialsGrant(_OAuthGrant):
-    """Client credentials grant (RFC 6749 §4.4).
-
-    Args:
-        provider: The provider's name.
-        settings: Its settings.
-        scopes: The scopes to ask for (already normalised).
-    """
-
-    grant_type = "client_credentials"
-
-    def __init__(
-        self, provider: str, settings: ClientCredentialsProvider, scopes: tuple[str, ...]
-    ) -> None:
-        super().__init__(provider, settings)
-        self.scopes = scopes
-
-    def build_request(self) -> httpx.Request:
-        """A new token request (RFC 6749 §4.4.2).
-
-        Returns:
-            The POST to the token endpoint.
-        """
-        form = {"grant_type": "client_credentials"}
-        if self.scopes:
-            form["scope"] = " ".join(self.scopes)
-        if self.settings.audience:
-            form["audience"] = self.settings.audience
-        return self._request(form)
-
-
-class RefreshTokenGrant(_OAuthGrant):
-    """Refresh token grant (RFC 6749 §6); the refresh token is read at each attempt.
-
-    Args:
-        provider: The provider's name.
-        settings: Its settings.
-        refresh_token: A callable returning the current refresh token.
-    """
-
-    grant_type = "refresh_token"
-
-    def __init__(
-        self,
-        provider: str,
-        settings: RefreshTokenProvider,
-        refresh_token: Secret,
-    ) -> None:
-        super().__init__(provider, settings)
-        self.refresh_token = refresh_token
-        self._reauth_codes = frozenset(settings.reauthorization_errors)
-
-    def build_request(self) -> httpx.Request:
-        """A new refresh request with the current refresh token.
-
-        Returns:
-            The POST to the token endpoint.
-        """
-        form = {"grant_type": "refresh_token", "refresh_token": self.refresh_token.reveal()}
-        if self.settings.scopes:
-            form["scope"] = " ".join(self.settings.scopes)
-        return self._request(form)
-
-    @property
-    def _reauth(self) -> frozenset[str]:
-        return self._reauth_codes
-
-    def _is_reauthorization(self, status: int, code: str | None) -> bool:
-        return code in self._reauth_codes and status in (400, 401, 403)
-
-
-class LoginGrant:
-    """Username/password login to a JSON or form endpoint (e.g. DolphinDB ``/api/login``).
-
-    Args:
-        provider: The provider's name.
-        settings: Its settings.
-        credential: The account to log in.
-    """
-
-    def __init__(self, provider: str, settings: LoginProvider, credential: Credential) -> None:
-        self.provider = provider
-        self.settings = settings
-        self.credential = credential
-
-    def __repr__(self) -> str:
-        return f"LoginGrant(provider={self.provider!r}, account={self.credential.username!r})"
-
-    def build_request(self) -> httpx.Request:
-        """The login POST with ``{username}``/``{password}`` filled in.
-
-        Returns:
-            The request.
-        """
-        template = self.settings.request
-        values = {
-            "{username}": self.credential.username,
-            "{password}": self.credential.password.reveal(),
-        }
-        headers = dict(_ACCEPT)
-        url = self.settings.login_url
-        if template.json_body is not None:
-            return httpx.Request(
-                "POST", url, headers=headers, json=_fill(template.json_body, values)
-            )
-        form = {k: _fill(v, values) for k, v in (template.form or {}).items()}
-        return httpx.Request("POST", url, headers=headers, data=form)
-
-    def parse_response(self, reply: Reply, issued_at: float) -> TokenResponse:
-        """Take the token from ``token_path``; lifetime from ``expires_in_path`` or ``ttl_seconds``.
-
-        Args:
-            reply: The login reply.
-            issued_at: Wall-clock time the request was sent.
-
-        Returns:
-            The token response (never a refresh token).
-
-        Raises:
-            ProviderError: 401/403 → :class:`ClientAuthenticationError` (wrong password);
-                5xx/429 or a reply without the token → :class:`ProviderUnavailableError`;
-                other 4xx → :class:`ProviderMisconfiguredError`.
-        """
-        where = f"{self.provider}: login for account {self.credential.username!r}"
-        body, access = token_at(reply, self.settings.token_path, where, self.provider)
-        ttl = self.settings.ttl_seconds
-        if self.settings.expires_in_path:
-            ttl = _lifetime(_dig(body, self.settings.expires_in_path), ttl)
-        token = Token(
-            access_token=access,
-            token_type=_token_type(self.settings.token_type, self.provider),
-            expires_at=issued_at + ttl,
-        )
-        return TokenResponse(token=token, lifetime=ttl, raw=reply.content)
 
 
 def retry_after(headers: httpx.Headers) -> float | None:

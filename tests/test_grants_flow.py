@@ -1,13 +1,12 @@
-"""The retry policy and both drivers, with faults injected at the httpx transport boundary."""
+"""The retry flow and its driver, with faults injected at the httpx transport boundary."""
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import parse_qsl
@@ -19,7 +18,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tokenbroker.config import ClientCredentialsProvider, RefreshTokenProvider
-from tokenbroker.drivers import Exchange, RetryPolicy, Sleep, send_async, send_sync, token_flow
 from tokenbroker.errors import (
     ClientAuthenticationError,
     ProviderError,
@@ -29,10 +27,15 @@ from tokenbroker.errors import (
 )
 from tokenbroker.grants import (
     ClientCredentialsGrant,
+    Exchange,
     Grant,
     RefreshTokenGrant,
     Reply,
+    RetryPolicy,
+    Sleep,
     TokenResponse,
+    send_sync,
+    token_flow,
 )
 from tokenbroker.secret import Secret
 
@@ -40,7 +43,6 @@ TOKEN_URL = "https://idp.example.com/oauth2/token"
 RT_CANARY = "CANARY_RT_d00d1e55"
 URL_CANARY = "CANARY_URL_6a7b8c9d"
 FAST = RetryPolicy(retries=2, timeout=2.0, deadline=10.0, backoff=0.01, max_response_bytes=4096)
-MODES = pytest.mark.parametrize("mode", ["sync", "async"])
 
 Outcome = Callable[[httpx.Request], httpx.Response]
 
@@ -79,10 +81,6 @@ class Script:
         self.times.append(time.monotonic())
         return self.outcomes[min(len(self.requests), len(self.outcomes)) - 1](request)
 
-    async def handle_async(self, request: httpx.Request) -> httpx.Response:
-        """The same script as an async handler, for httpx.AsyncClient."""
-        return self(request)
-
     @property
     def attempts(self) -> int:
         """How many requests reached the endpoint."""
@@ -90,43 +88,33 @@ class Script:
 
 
 def run(
-    mode: str,
     script: Script,
     grant: Grant,
     policy: RetryPolicy = FAST,
     handler: Any = None,
 ) -> TokenResponse:
-    """Drive one token exchange through the sync or async driver against ``script``."""
-    return exchange(mode, script, grant, policy, handler).result()
+    """Drive one token exchange through the driver against ``script``."""
+    return exchange(script, grant, policy, handler).result()
 
 
 def exchange(
-    mode: str,
     script: Script,
     grant: Grant,
     policy: RetryPolicy = FAST,
     handler: Any = None,
 ) -> Exchange:
-    """Drive one token exchange and return how it ended (the drivers never raise its error)."""
+    """Drive one token exchange and return how it ended (the driver never raises its error)."""
     flow = token_flow(grant, policy, random.Random(1234))
-    if mode == "sync":
-        with httpx.Client(transport=httpx.MockTransport(handler or script)) as client:
-            return send_sync(client, flow, policy.max_response_bytes)
-
-    async def main() -> Exchange:
-        transport = httpx.MockTransport(handler or script.handle_async)
-        async with httpx.AsyncClient(transport=transport) as client:
-            return await send_async(client, flow, policy.max_response_bytes)
-
-    return asyncio.run(main())
+    with httpx.Client(transport=httpx.MockTransport(handler or script)) as client:
+        return send_sync(client, flow, policy.max_response_bytes)
 
 
 def run_error(
-    mode: str, script: Script, grant: Grant, policy: RetryPolicy = FAST, handler: Any = None
+    script: Script, grant: Grant, policy: RetryPolicy = FAST, handler: Any = None
 ) -> ProviderError:
     """Like :func:`run` but the exchange must fail; returns the error."""
     with pytest.raises(ProviderError) as info:
-        run(mode, script, grant, policy, handler)
+        run(script, grant, policy, handler)
     return info.value
 
 
@@ -173,62 +161,56 @@ def policy(**changes: Any) -> RetryPolicy:
 # -- success and retryable failures ----------------------------------------------------------
 
 
-@MODES
-def test_success_on_first_attempt(mode: str) -> None:
+def test_success_on_first_attempt() -> None:
     """A 200 is parsed into a token after exactly one request."""
     script = Script(respond(200))
-    response = run(mode, script, cc_grant())
+    response = run(script, cc_grant())
     assert response.token.access_token == "at-1"
     assert script.attempts == 1
 
 
-@MODES
-def test_5xx_then_success(mode: str) -> None:
+def test_5xx_then_success() -> None:
     """Two 5xx replies are retried and the third attempt's token is returned."""
     script = Script(respond(500), respond(502), respond(200))
-    assert run(mode, script, cc_grant()).token.access_token == "at-1"
+    assert run(script, cc_grant()).token.access_token == "at-1"
     assert script.attempts == 3
 
 
-@MODES
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429])
 @pytest.mark.parametrize("retries", [0, 1, 3])
-def test_retryable_status_exhausts_retries(mode: str, status: int, retries: int) -> None:
+def test_retryable_status_exhausts_retries(status: int, retries: int) -> None:
     """A provider that keeps failing is asked exactly retries+1 times, then the error is raised."""
     script = Script(respond(status))
-    error = run_error(mode, script, cc_grant(), policy(retries=retries))
+    error = run_error(script, cc_grant(), policy(retries=retries))
     assert type(error) is ProviderUnavailableError
     assert error.status_code == status
     assert script.attempts == retries + 1
 
 
-@MODES
-def test_malformed_200_is_retried(mode: str) -> None:
+def test_malformed_200_is_retried() -> None:
     """A 200 that is not a JSON object is retried like a 5xx (A5)."""
     script = Script(respond(200, b"<html>maintenance</html>"))
-    error = run_error(mode, script, cc_grant())
+    error = run_error(script, cc_grant())
     assert type(error) is ProviderUnavailableError
     assert script.attempts == FAST.retries + 1
 
 
-@MODES
-def test_last_unusable_2xx_reply_is_kept_in_the_exchange_not_on_the_error(mode: str) -> None:
+def test_last_unusable_2xx_reply_is_kept_in_the_exchange_not_on_the_error() -> None:
     """The latest 2xx body without a usable token is kept in the exchange record (for the
     refresh protocol), even when a later attempt failed otherwise; the error itself has no
     traceback, no chain and no attribute holding it; a plain 5xx keeps none."""
     body = b'{"refresh_token": "CANARY_RT_in_the_reply"}'
     script = Script(respond(200, body), respond(503, {}))
-    ended = exchange(mode, script, cc_grant())
+    ended = exchange(script, cc_grant())
     assert ended.unusable_reply == body
     assert ended.doubtful_sends == FAST.retries + 1
     error = ended.error
     assert isinstance(error, ProviderUnavailableError)
     assert error.__traceback__ is None and error.__cause__ is None and error.__context__ is None
     assert b"CANARY" not in repr(vars(error)).encode() and "CANARY" not in repr(ended)
-    assert exchange(mode, Script(respond(503, {})), cc_grant()).unusable_reply is None
+    assert exchange(Script(respond(503, {})), cc_grant()).unusable_reply is None
 
 
-@MODES
 @pytest.mark.parametrize(
     ("make_grant", "status", "body", "expected"),
     [
@@ -243,7 +225,6 @@ def test_last_unusable_2xx_reply_is_kept_in_the_exchange_not_on_the_error(mode: 
     ],
 )
 def test_non_retryable_errors_make_one_attempt(
-    mode: str,
     make_grant: Callable[[], Grant],
     status: int,
     body: dict[str, str],
@@ -251,16 +232,15 @@ def test_non_retryable_errors_make_one_attempt(
 ) -> None:
     """4xx, invalid_client and invalid_grant are never retried: exactly one request (A7, A8)."""
     script = Script(respond(status, body))
-    error = run_error(mode, script, make_grant(), policy(retries=5))
+    error = run_error(script, make_grant(), policy(retries=5))
     assert type(error) is expected
     assert script.attempts == 1
 
 
-@MODES
-def test_non_retryable_after_retryable(mode: str) -> None:
+def test_non_retryable_after_retryable() -> None:
     """A 503 is retried, but the invalid_grant that follows stops the loop at once."""
     script = Script(respond(503), respond(400, {"error": "invalid_grant"}), respond(200))
-    error = run_error(mode, script, rt_grant(), policy(retries=5))
+    error = run_error(script, rt_grant(), policy(retries=5))
     assert type(error) is ReauthorizationRequiredError
     assert script.attempts == 2
 
@@ -268,14 +248,13 @@ def test_non_retryable_after_retryable(mode: str) -> None:
 # -- transport failures ------------------------------------------------------------------------
 
 
-@MODES
 @pytest.mark.parametrize("exc_type", [httpx.ConnectError, httpx.ConnectTimeout])
 def test_connection_failures_retried_and_marked_unsent(
-    mode: str, exc_type: type[httpx.TransportError]
+    exc_type: type[httpx.TransportError],
 ) -> None:
     """Refused connections are retried; the final error says the request was never sent (A3)."""
     script = Script(fail(exc_type, f"cannot reach https://idp/?k={URL_CANARY}"))
-    error = run_error(mode, script, rt_grant())
+    error = run_error(script, rt_grant())
     assert isinstance(error, ProviderUnavailableError)
     assert error.sent is False
     assert script.attempts == FAST.retries + 1
@@ -283,35 +262,32 @@ def test_connection_failures_retried_and_marked_unsent(
     assert {form(r)["refresh_token"] for r in script.requests} == {RT_CANARY}
 
 
-@MODES
-def test_connect_error_then_success(mode: str) -> None:
+def test_connect_error_then_success() -> None:
     """After a refused connection the next attempt succeeds."""
     script = Script(fail(httpx.ConnectError), respond(200))
-    assert run(mode, script, cc_grant()).token.access_token == "at-1"
+    assert run(script, cc_grant()).token.access_token == "at-1"
     assert script.attempts == 2
 
 
-@MODES
 @pytest.mark.parametrize(
     "exc_type", [httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.RemoteProtocolError]
 )
 def test_failures_after_sending_retried_and_marked_sent(
-    mode: str, exc_type: type[httpx.TransportError]
+    exc_type: type[httpx.TransportError],
 ) -> None:
     """Timeouts and broken replies are retried; the error says the request may have arrived."""
     script = Script(fail(exc_type, f"boom {URL_CANARY}"))
-    error = run_error(mode, script, cc_grant())
+    error = run_error(script, cc_grant())
     assert isinstance(error, ProviderUnavailableError)
     assert error.sent is True
     assert script.attempts == FAST.retries + 1
     assert URL_CANARY not in str(error)
 
 
-@MODES
-def test_error_has_no_body_or_token_material(mode: str) -> None:
+def test_error_has_no_body_or_token_material() -> None:
     """The final error quotes neither the reply body nor the refresh token (D1)."""
     body = {"error": "server_error", "error_description": f"rt {RT_CANARY} broke"}
-    error = run_error(mode, Script(respond(500, body)), rt_grant())
+    error = run_error(Script(respond(500, body)), rt_grant())
     for text in (str(error), repr(error), str(vars(error))):
         assert RT_CANARY not in text
 
@@ -319,24 +295,22 @@ def test_error_has_no_body_or_token_material(mode: str) -> None:
 # -- Retry-After and the overall deadline --------------------------------------------------
 
 
-@MODES
-def test_retry_after_is_honoured(mode: str) -> None:
+def test_retry_after_is_honoured() -> None:
     """The next attempt waits at least the Retry-After delay even when the backoff is zero (A9)."""
     script = Script(respond(503, {}, {"Retry-After": "1"}), respond(200))
-    response = run(mode, script, cc_grant(), policy(retries=1, backoff=0.0, deadline=5.0))
+    response = run(script, cc_grant(), policy(retries=1, backoff=0.0, deadline=5.0))
     assert response.token.access_token == "at-1"
     assert script.attempts == 2
     assert script.times[1] - script.times[0] >= 0.99
 
 
-@MODES
 @pytest.mark.parametrize("header", ["120", "HTTP-DATE"])
-def test_retry_after_beyond_deadline_gives_up_at_once(mode: str, header: str) -> None:
+def test_retry_after_beyond_deadline_gives_up_at_once(header: str) -> None:
     """A Retry-After longer than the remaining deadline ends the exchange now, carrying the delay."""
     value = formatdate(time.time() + 120, usegmt=True) if header == "HTTP-DATE" else header
     script = Script(respond(429, {}, {"Retry-After": value}))
     started = time.monotonic()
-    error = run_error(mode, script, cc_grant(), policy(retries=5, deadline=5.0))
+    error = run_error(script, cc_grant(), policy(retries=5, deadline=5.0))
     elapsed = time.monotonic() - started
     assert isinstance(error, ProviderUnavailableError)
     assert script.attempts == 1
@@ -346,37 +320,16 @@ def test_retry_after_beyond_deadline_gives_up_at_once(mode: str, header: str) ->
     assert 115 <= error.retry_after <= 120
 
 
-@MODES
-def test_overall_deadline_bounds_retries(mode: str) -> None:
+def test_overall_deadline_bounds_retries() -> None:
     """With many retries allowed, the exchange still ends within the overall deadline (A4)."""
     script = Script(respond(503))
     deadline = 0.6
     started = time.monotonic()
-    error = run_error(mode, script, cc_grant(), policy(retries=10, backoff=0.2, deadline=deadline))
+    error = run_error(script, cc_grant(), policy(retries=10, backoff=0.2, deadline=deadline))
     elapsed = time.monotonic() - started
     assert isinstance(error, ProviderUnavailableError)
     assert elapsed <= deadline + 0.15
     assert 2 <= script.attempts < 11
-
-
-def test_async_slow_reply_bounded_by_attempt_timeout() -> None:
-    """An async reply slower than the attempt timeout is abandoned and retried within bounds."""
-    calls: list[float] = []
-
-    async def stall(request: httpx.Request) -> httpx.Response:
-        calls.append(time.monotonic())
-        await asyncio.sleep(30)
-        return httpx.Response(200)
-
-    started = time.monotonic()
-    error = run_error(
-        "async", Script(), cc_grant(), policy(timeout=0.2, retries=1, deadline=5.0), handler=stall
-    )
-    elapsed = time.monotonic() - started
-    assert isinstance(error, ProviderUnavailableError)
-    assert "slow" in str(error)
-    assert len(calls) == 2
-    assert 0.4 <= elapsed < 1.5
 
 
 def trickle(chunks: int, pause: float) -> Iterator[bytes]:
@@ -388,32 +341,17 @@ def trickle(chunks: int, pause: float) -> Iterator[bytes]:
     yield b'"}'
 
 
-async def atrickle(chunks: int, pause: float) -> AsyncIterator[bytes]:
-    """The async version of :func:`trickle`."""
-    yield b'{"access_token": "at-1", "pad": "'
-    for _ in range(chunks):
-        await asyncio.sleep(pause)
-        yield b"x"
-    yield b'"}'
-
-
-@MODES
-def test_trickling_reply_bounded_by_attempt_timeout(mode: str) -> None:
+def test_trickling_reply_bounded_by_attempt_timeout() -> None:
     """A body trickling in slower than the attempt timeout is abandoned well before it ends (A4)."""
     attempts: list[float] = []
 
-    def sync_handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx.Request) -> httpx.Response:
         attempts.append(time.monotonic())
         return httpx.Response(200, content=trickle(100, 0.05))
 
-    async def async_handler(request: httpx.Request) -> httpx.Response:
-        attempts.append(time.monotonic())
-        return httpx.Response(200, content=atrickle(100, 0.05))
-
-    handler = sync_handler if mode == "sync" else async_handler
     started = time.monotonic()
     error = run_error(
-        mode, Script(), cc_grant(), policy(timeout=0.3, retries=0, deadline=5.0), handler=handler
+        Script(), cc_grant(), policy(timeout=0.3, retries=0, deadline=5.0), handler=handler
     )
     elapsed = time.monotonic() - started
     assert isinstance(error, ProviderUnavailableError)
@@ -430,56 +368,50 @@ def padded(size: int) -> bytes:
     return head + b"x" * (size - len(head) - len(tail)) + tail
 
 
-@MODES
-def test_reply_at_the_cap_is_accepted(mode: str) -> None:
+def test_reply_at_the_cap_is_accepted() -> None:
     """A reply of exactly max_response_bytes is read and parsed."""
     script = Script(respond(200, padded(FAST.max_response_bytes)))
-    assert run(mode, script, cc_grant()).token.access_token == "at-1"
+    assert run(script, cc_grant()).token.access_token == "at-1"
 
 
-@MODES
-def test_reply_over_the_cap_is_refused(mode: str) -> None:
+def test_reply_over_the_cap_is_refused() -> None:
     """A reply one byte over max_response_bytes is refused without being parsed (A10)."""
     script = Script(respond(200, padded(FAST.max_response_bytes + 1)))
-    error = run_error(mode, script, cc_grant(), policy(retries=0))
+    error = run_error(script, cc_grant(), policy(retries=0))
     assert type(error) is ProviderUnavailableError
     assert "size" in str(error)
     assert script.attempts == 1
 
 
-@MODES
-def test_huge_error_reply_is_refused(mode: str) -> None:
+def test_huge_error_reply_is_refused() -> None:
     """A large error page is refused at the cap too, not read whole."""
     script = Script(respond(500, b"E" * (1 << 20)))
-    error = run_error(mode, script, cc_grant(), policy(retries=0))
+    error = run_error(script, cc_grant(), policy(retries=0))
     assert "size" in str(error)
 
 
-@MODES
-def test_gzip_bomb_refused_by_decompressed_size(mode: str) -> None:
+def test_gzip_bomb_refused_by_decompressed_size() -> None:
     """A small gzip body that inflates past max_response_bytes is refused (A10)."""
     bomb = gzip.compress(padded(8 << 20))
     cap = 64 * 1024
     assert len(bomb) < cap
     script = Script(respond(200, bomb, {"Content-Encoding": "gzip"}))
-    error = run_error(mode, script, cc_grant(), policy(retries=0, max_response_bytes=cap))
+    error = run_error(script, cc_grant(), policy(retries=0, max_response_bytes=cap))
     assert type(error) is ProviderUnavailableError
     assert "size" in str(error)
 
 
-@MODES
-def test_small_gzip_reply_is_decoded(mode: str) -> None:
+def test_small_gzip_reply_is_decoded() -> None:
     """A gzip reply under the cap is decompressed and parsed normally."""
     body = gzip.compress(padded(2000))
     script = Script(respond(200, body, {"Content-Encoding": "gzip"}))
-    assert run(mode, script, cc_grant()).token.access_token == "at-1"
+    assert run(script, cc_grant()).token.access_token == "at-1"
 
 
 # -- private_key_jwt across retries ------------------------------------------------------------
 
 
-@MODES
-def test_private_key_jwt_fresh_jti_on_each_attempt(mode: str) -> None:
+def test_private_key_jwt_fresh_jti_on_each_attempt() -> None:
     """Every retry carries a newly signed assertion with a distinct jti (RFC 7523 §3)."""
     key = ec.generate_private_key(ec.SECP256R1())
     private_pem = key.private_bytes(
@@ -489,7 +421,7 @@ def test_private_key_jwt_fresh_jti_on_each_attempt(mode: str) -> None:
     ).decode()
     grant = cc_grant(client_auth="private_key_jwt", client_secret=None, private_key=private_pem)
     script = Script(respond(503), respond(503), respond(200))
-    run(mode, script, grant)
+    run(script, grant)
     assert script.attempts == 3
     jtis = [
         jwt.decode(

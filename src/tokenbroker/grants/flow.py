@@ -1,12 +1,11 @@
-"""Sending a grant's request: one retry policy, two tiny drivers (STYLE 4).
+"""The retry policy of one token exchange, as a generator that does no I/O (STYLE 3, 4).
 
-:func:`token_flow` is the whole policy as a generator — it yields either an
-:class:`httpx.Request` to send or a :class:`Sleep`, and is sent back a
-:class:`~tokenbroker.grants.Reply` or the transport exception. It retries what
-is retryable (5xx, 429, network errors, timeouts, malformed replies) with
-exponential backoff and full jitter, honours ``Retry-After``, and never runs
-past one overall deadline. :func:`send_sync` and :func:`send_async` only do the
-I/O; neither contains policy.
+:func:`token_flow` is the whole policy — it yields either an :class:`httpx.Request`
+to send or a :class:`Sleep`, and is sent back a :class:`~tokenbroker.grants.Reply`
+or the classified failure of that send (the driver in :mod:`tokenbroker.grants.send`
+translates transport exceptions). It retries what is retryable (5xx, 429, network
+errors, timeouts, malformed replies) with exponential backoff and full jitter,
+honours ``Retry-After``, and never runs past one overall deadline.
 
 The exchange ends in an :class:`Exchange` record, never in a raised error: what the
 refresh protocol must know about a failure (how many sends the provider may have
@@ -17,7 +16,6 @@ refresh token) travels in that record, and the error callers receive
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from collections.abc import Generator
@@ -25,10 +23,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from .errors import ProviderError, ProviderUnavailableError
-from .grants import Grant, Reply, TokenResponse
+from ..errors import ProviderError, ProviderUnavailableError
+from .base import Grant, Reply, TokenResponse
 
-__all__ = ["Exchange", "RetryPolicy", "Sleep", "send_async", "send_sync", "token_flow"]
+__all__ = ["Exchange", "Flow", "Outcome", "RetryPolicy", "Sleep", "token_flow"]
 
 _MAX_BACKOFF = 30.0
 # What is kept of a 2xx reply without a usable token (for the refresh protocol's record).
@@ -108,7 +106,8 @@ class Exchange:
         return self.response
 
 
-Outcome = Reply | Exception | None
+#: What a driver sends back for a request: the reply, or the classified failure of sending it.
+Outcome = Reply | ProviderError | None
 Flow = Generator[httpx.Request | Sleep, Outcome, Exchange]
 
 
@@ -143,8 +142,8 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
         issued_at = time.time()
         outcome = yield request
         try:
-            if isinstance(outcome, Exception):
-                raise _translate(outcome, grant.provider, request.url)
+            if isinstance(outcome, ProviderError):
+                raise outcome
             if outcome is None:
                 raise ProviderUnavailableError(
                     f"{grant.provider}: no reply", provider=grant.provider
@@ -177,136 +176,3 @@ def _detached(error: ProviderError) -> ProviderError:
     error.__cause__ = error.__context__ = None
     error.__suppress_context__ = True
     return error.with_traceback(None)
-
-
-def _translate(exc: Exception, provider: str, url: httpx.URL) -> ProviderError:
-    if isinstance(exc, ProviderError):
-        return exc
-    # Scheme, host, port and path only: a query string or user info may carry a secret.
-    where = str(url.copy_with(query=None, fragment=None, username=None, password=None))
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
-        return ProviderUnavailableError(
-            f"{provider}: could not connect to {where}", provider=provider, sent=False
-        )
-    if isinstance(exc, httpx.TimeoutException):
-        return ProviderUnavailableError(f"{provider}: {where} timed out", provider=provider)
-    return ProviderUnavailableError(
-        f"{provider}: transport error ({type(exc).__name__}) from {where}", provider=provider
-    )
-
-
-def _too_large(provider: str) -> ProviderUnavailableError:
-    return ProviderUnavailableError(f"{provider}: reply exceeds the size limit", provider=provider)
-
-
-def _slow(provider: str) -> ProviderUnavailableError:
-    return ProviderUnavailableError(f"{provider}: reply too slow", provider=provider)
-
-
-def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> Exchange:
-    """Drive ``flow`` with a blocking client.
-
-    Args:
-        client: The HTTP client (never follows redirects).
-        flow: From :func:`token_flow`.
-        max_bytes: Body size cap.
-
-    Returns:
-        The flow's :class:`Exchange`.
-    """
-    item = next(flow)
-    while True:
-        try:
-            if isinstance(item, Sleep):
-                time.sleep(item.seconds)
-                item = flow.send(None)
-                continue
-            try:
-                outcome: Outcome = _read_sync(client, item, max_bytes)
-            except (httpx.HTTPError, ProviderError) as exc:
-                outcome = exc
-            item = flow.send(outcome)
-        except StopIteration as stop:
-            result: Exchange = stop.value
-            return result
-
-
-class _Body:
-    """Collects a reply body, refusing it past the size cap or the attempt's deadline."""
-
-    def __init__(self, request: httpx.Request, max_bytes: int) -> None:
-        self._provider = _provider(request)
-        self._deadline = request.extensions["tokenbroker.attempt_deadline"]
-        self._max_bytes = max_bytes
-        self._chunks: list[bytes] = []
-        self._size = 0
-
-    def add(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self._size > self._max_bytes:
-            raise _too_large(self._provider)
-        if time.monotonic() > self._deadline:
-            raise _slow(self._provider)
-        self._chunks.append(chunk)
-
-    def reply(self, response: httpx.Response) -> Reply:
-        return Reply(response.status_code, response.headers, b"".join(self._chunks))
-
-
-def _read_sync(client: httpx.Client, request: httpx.Request, max_bytes: int) -> Reply:
-    body = _Body(request, max_bytes)
-    response = client.send(request, stream=True)
-    try:
-        for chunk in response.iter_bytes():
-            body.add(chunk)
-        return body.reply(response)
-    finally:
-        response.close()
-
-
-async def send_async(client: httpx.AsyncClient, flow: Flow, max_bytes: int) -> Exchange:
-    """Drive ``flow`` with an async client; the same policy as :func:`send_sync`.
-
-    Args:
-        client: The async HTTP client (never follows redirects).
-        flow: From :func:`token_flow`.
-        max_bytes: Body size cap.
-
-    Returns:
-        The flow's :class:`Exchange`.
-    """
-    item = next(flow)
-    while True:
-        try:
-            if isinstance(item, Sleep):
-                await asyncio.sleep(item.seconds)
-                item = flow.send(None)
-                continue
-            try:
-                budget = item.extensions["tokenbroker.attempt_deadline"] - time.monotonic()
-                async with asyncio.timeout(max(0.001, budget)):
-                    outcome: Outcome = await _read_async(client, item, max_bytes)
-            except TimeoutError:
-                outcome = _slow(_provider(item))
-            except (httpx.HTTPError, ProviderError) as exc:
-                outcome = exc
-            item = flow.send(outcome)
-        except StopIteration as stop:
-            result: Exchange = stop.value
-            return result
-
-
-async def _read_async(client: httpx.AsyncClient, request: httpx.Request, max_bytes: int) -> Reply:
-    body = _Body(request, max_bytes)
-    response = await client.send(request, stream=True)
-    try:
-        async for chunk in response.aiter_bytes():
-            body.add(chunk)
-        return body.reply(response)
-    finally:
-        await response.aclose()
-
-
-def _provider(request: httpx.Request) -> str:
-    provider: str = request.extensions.get("tokenbroker.provider", "provider")
-    return provider

@@ -1,0 +1,126 @@
+"""The driver that does a token exchange's I/O: sending, size and time caps, transport errors.
+
+It contains no policy: :func:`~tokenbroker.grants.flow.token_flow` decides what to
+send, when to sleep and when to stop; :func:`send_sync` only does what it is told.
+The broker's async API runs the same driver in a worker thread (the store's calls
+block too), so there is no second, async copy of it (STYLE 4).
+"""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from ..errors import ProviderError, ProviderUnavailableError
+from .base import Reply
+from .flow import Exchange, Flow, Outcome, Sleep
+
+__all__ = ["send_sync", "transport_error"]
+
+
+def transport_error(exc: httpx.HTTPError, provider: str, where: str) -> ProviderUnavailableError:
+    """Classify an httpx failure (the one place this is done).
+
+    Args:
+        exc: What httpx raised.
+        provider: The provider the request was for.
+        where: The peer in words, without secrets (a URL without query or user info,
+            or e.g. ``the broker``).
+
+    Returns:
+        A :class:`ProviderUnavailableError`; ``sent=False`` when the connection was never
+        made (so a single-use refresh token was certainly not presented). Its message
+        names the exception type, never its text (which may quote a URL).
+    """
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return ProviderUnavailableError(
+            f"{provider}: could not connect to {where}", provider=provider, sent=False
+        )
+    if isinstance(exc, httpx.TimeoutException):
+        return ProviderUnavailableError(f"{provider}: {where} timed out", provider=provider)
+    return ProviderUnavailableError(
+        f"{provider}: transport error ({type(exc).__name__}) from {where}", provider=provider
+    )
+
+
+def _too_large(provider: str) -> ProviderUnavailableError:
+    return ProviderUnavailableError(f"{provider}: reply exceeds the size limit", provider=provider)
+
+
+def _slow(provider: str) -> ProviderUnavailableError:
+    return ProviderUnavailableError(f"{provider}: reply too slow", provider=provider)
+
+
+def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> Exchange:
+    """Drive ``flow`` with a blocking client.
+
+    Args:
+        client: The HTTP client (never follows redirects).
+        flow: From :func:`token_flow`.
+        max_bytes: Body size cap.
+
+    Returns:
+        The flow's :class:`Exchange`.
+    """
+    item = next(flow)
+    while True:
+        try:
+            if isinstance(item, Sleep):
+                time.sleep(item.seconds)
+                item = flow.send(None)
+                continue
+            outcome: Outcome
+            try:
+                outcome = _read_sync(client, item, max_bytes)
+            except ProviderError as exc:
+                outcome = exc
+            except httpx.HTTPError as exc:
+                outcome = transport_error(exc, _provider(item), _where(item.url))
+            item = flow.send(outcome)
+        except StopIteration as stop:
+            result: Exchange = stop.value
+            return result
+
+
+class _Body:
+    """Collects a reply body, refusing it past the size cap or the attempt's deadline."""
+
+    def __init__(self, request: httpx.Request, max_bytes: int) -> None:
+        self._provider = _provider(request)
+        self._deadline = request.extensions["tokenbroker.attempt_deadline"]
+        self._max_bytes = max_bytes
+        self._chunks: list[bytes] = []
+        self._size = 0
+
+    def add(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._size > self._max_bytes:
+            raise _too_large(self._provider)
+        if time.monotonic() > self._deadline:
+            raise _slow(self._provider)
+        self._chunks.append(chunk)
+
+    def reply(self, response: httpx.Response) -> Reply:
+        return Reply(response.status_code, response.headers, b"".join(self._chunks))
+
+
+def _read_sync(client: httpx.Client, request: httpx.Request, max_bytes: int) -> Reply:
+    body = _Body(request, max_bytes)
+    response = client.send(request, stream=True)
+    try:
+        for chunk in response.iter_bytes():
+            body.add(chunk)
+        return body.reply(response)
+    finally:
+        response.close()
+
+
+def _provider(request: httpx.Request) -> str:
+    provider: str = request.extensions.get("tokenbroker.provider", "provider")
+    return provider
+
+
+def _where(url: httpx.URL) -> str:
+    """Scheme, host, port and path only: a query string or user info may carry a secret."""
+    return str(url.copy_with(query=None, fragment=None, username=None, password=None))
