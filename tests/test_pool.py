@@ -12,6 +12,7 @@ import pytest
 from conftest import POOL_ACCOUNTS, BrokerFactory
 from support import login
 from tokenbroker import Broker, ClientAuthenticationError, ManualClock, ProviderUnavailableError
+from tokenbroker.config import ProxyRoute
 from tokenbroker.events import Event
 from tokenbroker.pool import (
     CredentialState,
@@ -309,6 +310,42 @@ def test_reap_frees_an_idle_lease_but_not_one_in_flight(
 
     asyncio.run(main())
     assert pool.stats().available == 3
+
+
+def test_a_default_pool_route_reaps_a_lease_idle_for_30_seconds(broker: Broker) -> None:
+    """A pool built with a pool route's default limits (none configured) expires a lease
+    idle for 30 s, not before, and hands its account to the waiter queued behind it."""
+    route = ProxyRoute(prefix="/", upstream="http://127.0.0.1:9", provider="db")
+    clock = ManualClock()
+    pool = TokenPool(
+        broker,
+        "db",
+        wait_timeout=route.wait_timeout_seconds,
+        idle_timeout=route.idle_timeout_seconds,
+        max_lease_age=route.max_lease_seconds,
+        clock=clock,
+    )
+
+    async def main() -> None:
+        idle, *others = await _hold_all(pool)
+        account = idle.account
+        waiter = asyncio.create_task(pool.acquire("waiter"))
+        await asyncio.sleep(0)
+        for lease in others:
+            lease.begin()
+        clock.advance(29.9)
+        assert pool.reap() == 0
+        clock.advance(0.1)
+        assert pool.reap() == 1
+        assert idle.state is LeaseState.EXPIRED
+        assert (await waiter).account == account
+        assert pool.stats().waiting == 0
+
+    try:
+        asyncio.run(main())
+    finally:
+        pool.close()
+    assert pool.stats().in_use == 3
 
 
 def test_reap_expires_a_lease_past_max_age(make_pool: Callable[..., TokenPool]) -> None:

@@ -512,3 +512,223 @@ def test_upstream_401s_relog_an_account_at_most_once_per_cooldown(
     assert auth_server.count("login") == logins + 1
     a.close()
     wait_for(lambda: idle(proxy), "every account back in the pool")
+
+
+# -- leases held by idle, waiting, trickling and non-reading clients (issue 14) ---------------
+
+
+def one_account_proxy(
+    auth_server: AuthorizationServer,
+    make_broker: BrokerFactory,
+    upstream: RecordingUpstream,
+    route: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> ServedProxy:
+    """A proxy whose only pool route leases the one account alice (limits as given, with a
+    tick of 0.1 s so that they are applied promptly)."""
+    one = make_broker(
+        {"db": login(auth_server, credentials=[{"username": "alice", "password": "alice-pw"}])}
+    )
+    spec = {
+        "prefix": "/",
+        "upstream": upstream.url,
+        "provider": "db",
+        "mode": "pool",
+        **(route or {}),
+    }
+    settings = ProxySettings.model_validate(
+        {"listen": "127.0.0.1:0", "refresh_check_seconds": 0.1, "routes": [spec], **overrides}
+    )
+    return ServedProxy(one, settings)
+
+
+def raw_socket(url: str, *, receive_buffer: int | None = None) -> socket.socket:
+    """A client socket to ``url``; a small ``receive_buffer`` makes a non-reading client
+    back the proxy's writes up sooner."""
+    parts = urlsplit(url)
+    sock = socket.socket()
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.settimeout(DEADLINE)
+    sock.connect((parts.hostname, parts.port))
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Read until the proxy closes the connection."""
+    data = b""
+    while piece := sock.recv(65536):
+        data += piece
+    return data
+
+
+def served_within(url: str, name: str, seconds: float) -> tuple[Reply, float]:
+    """One request on a new connection, which must be answered within ``seconds``; the
+    reply and how long it took."""
+    client = Client(url, name)
+    assert client.http.sock is not None
+    client.http.sock.settimeout(seconds)
+    started = time.monotonic()
+    try:
+        reply = client.call()
+    except TimeoutError:
+        pytest.fail(f"{name} was not served within {seconds} s: the only account stayed leased")
+    finally:
+        client.close()
+    return reply, time.monotonic() - started
+
+
+def test_an_idle_connection_gives_its_account_to_a_waiter_and_is_closed(
+    auth_server: AuthorizationServer,
+    make_broker: BrokerFactory,
+    upstream: RecordingUpstream,
+    clients: Callable[[str, str], Client],
+) -> None:
+    """With one account, a connection idle for idle_timeout_seconds is closed and the
+    waiting client is served at once with the same account."""
+    with one_account_proxy(
+        auth_server, make_broker, upstream, {"idle_timeout_seconds": 0.5}
+    ) as proxy:
+        holder = clients(proxy.url, "holder")
+        assert holder.call().status == 200
+        reply, waited = served_within(proxy.url, "waiter", 10)
+        assert reply.status == 200
+        assert last_token(upstream, "waiter") == last_token(upstream, "holder")
+        assert holder.http.sock is not None
+        holder.http.sock.settimeout(DEADLINE)
+        assert holder.http.sock.recv(1) == b""  # the proxy closed the idle connection
+        wait_for(lambda: idle(proxy), "the account back in the pool")
+    assert 0.4 < waited < 5
+
+
+def test_a_waiter_gets_503_pool_exhausted_with_retry_after_after_wait_timeout(
+    auth_server: AuthorizationServer,
+    make_broker: BrokerFactory,
+    upstream: RecordingUpstream,
+    clients: Callable[[str, str], Client],
+) -> None:
+    """A client waiting wait_timeout_seconds for the only (busy) account gets 503
+    pool_exhausted + Retry-After, takes no account, and the holder keeps its own."""
+    with one_account_proxy(
+        auth_server,
+        make_broker,
+        upstream,
+        {"wait_timeout_seconds": 0.5},
+        retry_after_seconds=3,
+    ) as proxy:
+        holder = clients(proxy.url, "holder")
+        assert holder.call().status == 200
+        waiter = clients(proxy.url, "waiter")
+        started = time.monotonic()
+        reply = waiter.call()
+        waited = time.monotonic() - started
+        assert proxy.stats().waiting == 0
+        assert holder.call().status == 200
+    assert reply.status == 503
+    assert reply.json()["error"]["code"] == "pool_exhausted"
+    assert reply.headers["Retry-After"] == "3"
+    assert 0.4 < waited < 5
+    assert [r.client for r in upstream.records()] == ["holder", "holder"]
+
+
+@pytest.mark.parametrize("size", [100, 1 << 20], ids=["kept-body", "streamed-body"])
+def test_a_trickled_request_body_gets_408_at_the_request_timeout_and_frees_the_account(
+    auth_server: AuthorizationServer,
+    make_broker: BrokerFactory,
+    upstream: RecordingUpstream,
+    size: int,
+) -> None:
+    """A body sent a byte every 0.1 s (never silent for client_body_timeout_seconds) gets
+    408 and a close once client_request_timeout_seconds have passed since the request
+    began, and the only account serves the next client at once."""
+    with one_account_proxy(
+        auth_server,
+        make_broker,
+        upstream,
+        client_request_timeout_seconds=1.0,
+        client_body_timeout_seconds=30,
+    ) as proxy:
+        with raw_socket(proxy.url) as sock:
+            started = time.monotonic()
+            sock.sendall(
+                b"PUT /api/upload HTTP/1.1\r\nHost: x\r\nX-Client: trickle\r\n"
+                b"Content-Length: %d\r\n\r\n" % size
+            )
+            wait_for(lambda: proxy.stats().in_use == 1, "the trickling client to lease")
+            sent = 0
+            while not select.select([sock], [], [], 0.1)[0]:
+                assert time.monotonic() - started < 8, "the trickled request was never cut off"
+                sock.sendall(b"x")
+                sent += 1
+            waited = time.monotonic() - started
+            reply = read_all(sock)
+        after, took = served_within(proxy.url, "after", 5)
+        wait_for(lambda: idle(proxy), "the account back in the pool")
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert b"connection: close" in reply.lower()
+    assert sent < size
+    assert 0.9 < waited < 5
+    assert after.status == 200
+    assert took < 5
+
+
+def test_a_client_that_stops_reading_is_closed_after_the_send_timeout_and_frees_the_account(
+    auth_server: AuthorizationServer,
+    make_broker: BrokerFactory,
+    upstream: RecordingUpstream,
+) -> None:
+    """A client that never reads a 64 MiB download is dropped client_send_timeout_seconds
+    after the proxy's writes back up: the only account serves the next client at once and
+    the upstream connection of the download is closed."""
+    with one_account_proxy(
+        auth_server, make_broker, upstream, client_send_timeout_seconds=0.5
+    ) as proxy:
+        with raw_socket(proxy.url, receive_buffer=4096) as stuck:
+            stuck.sendall(
+                b"GET /api/download?bytes=%d HTTP/1.1\r\nHost: x\r\nX-Client: stuck\r\n\r\n"
+                % (64 << 20)
+            )
+            wait_for(lambda: len(upstream.records()) == 1, "the download to start")
+            after, took = served_within(proxy.url, "after", 8)
+            (download,) = [r.connection for r in upstream.records() if r.client == "stuck"]
+            wait_for(
+                lambda: download not in upstream.open_connections,
+                "the upstream connection of the download to close",
+            )
+        wait_for(lambda: idle(proxy), "the account back in the pool")
+    assert after.status == 200
+    assert took < 8
+    assert [r.client for r in upstream.records()] == ["stuck", "after"]
+
+
+def test_a_client_reading_slowly_is_not_cut_off_by_the_send_timeout(
+    auth_server: AuthorizationServer,
+    make_broker: BrokerFactory,
+    upstream: RecordingUpstream,
+) -> None:
+    """client_send_timeout_seconds bounds each silence, not the whole response (as nginx's
+    send_timeout): a client pausing 0.5 s five times (2.5 s in all, past the 2 s limit)
+    while reading 32 MiB gets every byte."""
+    size = 32 << 20
+    with (
+        one_account_proxy(
+            auth_server, make_broker, upstream, client_send_timeout_seconds=2.0
+        ) as proxy,
+        raw_socket(proxy.url, receive_buffer=4096) as slow,
+    ):
+        slow.sendall(
+            b"GET /api/download?bytes=%d HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n" % size
+        )
+        buffer = memoryview(bytearray(1 << 20))
+        start, total = b"", 0  # counted, not kept: the reader must stay fast between pauses
+        for pause in range(6):
+            if pause < 5:
+                time.sleep(0.5)  # the pause under test, each shorter than the limit
+            goal = total + (4 << 20) if pause < 5 else size << 1
+            while total < goal and (count := slow.recv_into(buffer)):
+                if len(start) < 1024:
+                    start += bytes(buffer[:count])
+                total += count
+    head = start.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert total - len(head) - 4 == size

@@ -260,6 +260,25 @@ def _config(tmp_path: Path, auth_server: AuthorizationServer, upstream: Recordin
     return path
 
 
+def test_check_shows_the_safe_lease_and_client_limits_a_config_leaves_out(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: RecordingUpstream
+) -> None:
+    """With none of them set, `tokenbroker check` shows the limits the proxy applies: an
+    idle pool connection gives its account back after 30 s, a waiter waits 60 s, a request
+    must arrive within 120 s and a client must read within 60 s."""
+    result = CliRunner().invoke(
+        main, ["check", "--config", str(_config(tmp_path, auth_server, upstream))]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[1:] == [
+        "proxy: client_header_timeout_seconds=10 client_body_timeout_seconds=60 "
+        "client_request_timeout_seconds=120 client_send_timeout_seconds=60",
+        "proxy.routes.0 (/ -> db, pool): wait_timeout_seconds=60 idle_timeout_seconds=30 "
+        "max_lease_seconds=none",
+    ]
+
+
 def test_proxy_command_serves_and_pool_status_reads_it(
     tmp_path: Path, auth_server: AuthorizationServer, upstream: RecordingUpstream
 ) -> None:

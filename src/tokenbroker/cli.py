@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from .broker import Broker, credential_label, open_store
 from .config import (
+    ProxySettings,
     ServerSettings,
     Settings,
     config_warnings,
@@ -145,6 +146,29 @@ def check(config_path: Path) -> None:
         return
     names = ", ".join(sorted(settings.providers)) or "none"
     click.echo(f"{config_path}: ok ({len(settings.providers)} providers: {names})")
+    if settings.proxy is not None:
+        for line in _proxy_limits(settings.proxy):
+            click.echo(line)
+
+
+def _proxy_limits(proxy: ProxySettings) -> list[str]:
+    """The client and lease limits the proxy applies, defaults included (``check``)."""
+    names = (
+        "client_header_timeout_seconds",
+        "client_body_timeout_seconds",
+        "client_request_timeout_seconds",
+        "client_send_timeout_seconds",
+    )
+    lines = ["proxy: " + " ".join(f"{name}={getattr(proxy, name):g}" for name in names)]
+    for i, route in enumerate(proxy.routes):
+        if route.mode == "pool":
+            age = "none" if route.max_lease_seconds is None else f"{route.max_lease_seconds:g}"
+            lines.append(
+                f"proxy.routes.{i} ({route.prefix} -> {route.provider}, pool): "
+                f"wait_timeout_seconds={route.wait_timeout_seconds:g} "
+                f"idle_timeout_seconds={route.idle_timeout_seconds:g} max_lease_seconds={age}"
+            )
+    return lines
 
 
 @main.command("serve")

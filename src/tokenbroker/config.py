@@ -388,6 +388,10 @@ class ProxyRoute(_Frozen):
 
     ``mode: pool`` leases one account of a login provider to each client
     connection; ``mode: shared`` gives every request the provider's current token.
+    A pool connection with no request for ``idle_timeout_seconds`` gives its account
+    back and is closed; a connection waiting ``wait_timeout_seconds`` for an account
+    gets 503 ``pool_exhausted`` + ``Retry-After`` (both bounded by default: an idle
+    client must not hold an account, nor a waiter wait, forever).
     """
 
     prefix: str = Field(pattern=r"^/[^?#%\\\x00]*$")
@@ -395,8 +399,8 @@ class ProxyRoute(_Frozen):
     provider: str
     mode: Literal["pool", "shared"] = "pool"
     scope: str | None = None
-    wait_timeout_seconds: float | None = Field(None, gt=0)
-    idle_timeout_seconds: float | None = Field(None, gt=0)
+    wait_timeout_seconds: float = Field(60.0, gt=0)
+    idle_timeout_seconds: float = Field(30.0, gt=0)
     max_lease_seconds: float | None = Field(None, gt=0)
 
     @field_validator("scope")
@@ -432,6 +436,10 @@ class ProxySettings(_Frozen):
     retry_after_seconds: float = Field(1.0, gt=0)
     client_body_timeout_seconds: float = Field(60.0, gt=0)
     client_header_timeout_seconds: float = Field(10.0, gt=0)
+    # The whole request, head and body, however it trickles (body timeout measures silence).
+    client_request_timeout_seconds: float = Field(120.0, gt=0)
+    # No response byte taken by the client for this long closes it (nginx's send_timeout).
+    client_send_timeout_seconds: float = Field(60.0, gt=0)
 
     @field_validator("listen", "health_listen")
     @classmethod

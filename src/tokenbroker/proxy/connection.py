@@ -68,6 +68,10 @@ class ClientConnection(asyncio.Protocol):
         self._head_bytes = 0
         self._raw_head = 0  # bytes read since the parser last handed over a head or body part
         self._head_since = math.inf  # when the head being read began to arrive
+        self._request_since = math.inf  # when the request being read began (reading time only)
+        self._paused_at = 0.0  # when reading last stopped
+        self._send_since = 0.0  # when the client last took response bytes while writing waited
+        self._unsent = 0  # bytes waiting for the client then
         self._refused = False  # a broken request: nothing more is parsed
         self._refusal: tuple[int, bytes] | None = None  # its status and error reply
         self._closing = False
@@ -89,7 +93,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         # Looked up once: asyncio.get_running_loop() costs a getpid() system call each time.
         self.loop = asyncio.get_running_loop()
-        self._head_since = self.loop.time()  # the first head is timed from the accept
+        # The first head is timed from the accept.
+        self._head_since = self._request_since = self.loop.time()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -105,7 +110,7 @@ class ClientConnection(asyncio.Protocol):
             # The first bytes of a head (cleared when the head is complete). The rest of a
             # read that completes a request is not timed until more bytes come: such a
             # connection holds no more than one idle between requests does.
-            self._head_since = self.loop.time()
+            self._head_since = self._request_since = self.loop.time()
         # Bytes that bring neither a complete head nor body data (a head, trailer fields,
         # chunk framing) are counted until the parser hands something over: llhttp keeps a
         # partial header value or target in memory, so counting complete headers alone
@@ -149,12 +154,13 @@ class ClientConnection(asyncio.Protocol):
             current.abandon()
         for exchange in queued:
             exchange.close_after = True
-        for lease in self._leases.values():
-            lease.close()
-        self._leases.clear()
+        self._close_leases()
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.transport is not None:
+            self._send_since = self.loop.time()
+            self._unsent = self.transport.get_write_buffer_size()
         current = self._current
         if current is not None and current.upstream is not None:
             current.upstream.pause_reading()
@@ -228,6 +234,8 @@ class ClientConnection(asyncio.Protocol):
         self._headers = []
         self._head_bytes = self._raw_head = 0
         self._head_since = math.inf
+        if self._request_since == math.inf:  # its head came in the read that ended the last
+            self._request_since = self.loop.time()
         self._parsing = exchange
         if self._current is None:
             self._current = exchange  # (_start, inlined: per request)
@@ -244,6 +252,7 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         exchange, self._parsing = self._parsing, None
         self._head_bytes = self._raw_head = 0  # (trailer fields were counted)
+        self._request_since = math.inf
         if exchange is not None:
             exchange.request_end()
 
@@ -256,7 +265,7 @@ class ClientConnection(asyncio.Protocol):
             return lease
         assert route.pool is not None
         lease = await route.pool.acquire(self.peer)
-        if self.closed:  # the client left while the grant was being delivered
+        if self.closed or self._closing:  # the client left while the grant was being delivered
             lease.close()
             raise asyncio.CancelledError
         self._leases[route] = lease
@@ -282,6 +291,37 @@ class ClientConnection(asyncio.Protocol):
         (while nothing is being served: the client may wait for a response first)."""
         return self._current is None and now - self._head_since > limit
 
+    def request_overdue(self, now: float, limit: float) -> bool:
+        """The request being read (head and body) has been arriving for ``limit`` seconds
+        of reading time, however it trickles; time spent not reading (paused for the
+        upstream, a pipelined request or a lease) is not the client's and is not counted."""
+        return (
+            not self._pauses
+            and self._current is self._parsing
+            and now - self._request_since > limit
+        )
+
+    def send_stalled(self, now: float, limit: float) -> bool:
+        """The client has taken no response bytes for ``limit`` seconds while writing waits
+        for it (nginx's ``send_timeout``: between two successful writes, not the whole
+        response). Progress is read from the write buffer, once per check."""
+        if not self.write_paused or self.transport is None or self.closed:
+            return False
+        unsent = self.transport.get_write_buffer_size()
+        if unsent < self._unsent:
+            self._send_since = now
+        self._unsent = unsent
+        return now - self._send_since > limit
+
+    def time_out_request(self) -> None:
+        """Give up on a client whose request did not arrive in time (408, then close)."""
+        self.refuse(408, "request_timeout", "the request took too long to arrive")
+
+    def time_out_send(self) -> None:
+        """Drop a client that stopped reading its response (its request ends and its
+        leases are freed as the connection is lost, in the same loop pass)."""
+        self.abort()
+
     def time_out_body(self) -> None:
         """Give up on a client whose request body stalled (408 if nothing was answered)."""
         self.refuse(408, "request_timeout", "the request body stalled")
@@ -304,7 +344,7 @@ class ClientConnection(asyncio.Protocol):
         if self._refused or self._closing:
             return
         self._refused = True
-        self._head_since = math.inf
+        self._head_since = self._request_since = math.inf
         broken, self._parsing = self._parsing, None
         self._refusal = (status, error_reply(status, code, message, close=True))
         current = self._current
@@ -338,8 +378,10 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_reading(self, reason: str) -> None:
         """Stop reading from the client for ``reason`` (until :meth:`resume_reading`)."""
-        if not self._pauses and self.transport is not None and not self.closed:
-            self.transport.pause_reading()
+        if not self._pauses:
+            self._paused_at = self.loop.time()
+            if self.transport is not None and not self.closed:
+                self.transport.pause_reading()
         self._pauses.add(reason)
 
     def resume_reading(self, reason: str) -> None:
@@ -347,8 +389,10 @@ class ClientConnection(asyncio.Protocol):
         if reason not in self._pauses:
             return
         self._pauses.discard(reason)
-        if not self._pauses and self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+        if not self._pauses:
+            self._request_since += self.loop.time() - self._paused_at  # not the client's time
+            if self.transport is not None and not self.closed:
+                self.transport.resume_reading()
 
     def finished(self, exchange: Exchange) -> None:
         """``exchange`` is over: start the next pipelined request, or close."""
@@ -371,6 +415,7 @@ class ClientConnection(asyncio.Protocol):
         """Close after sending what is queued."""
         self.flush()
         self._closing = True
+        self._close_leases()  # now: a client that does not read may delay the close itself
         if self.transport is not None and not self.closed:
             self.transport.close()
 
@@ -386,6 +431,11 @@ class ClientConnection(asyncio.Protocol):
     def _start(self, exchange: Exchange) -> None:
         self._current = exchange
         exchange.begin()
+
+    def _close_leases(self) -> None:
+        for lease in self._leases.values():
+            lease.close()
+        self._leases.clear()
 
     def _send_refusal(self) -> None:
         assert self._refusal is not None

@@ -211,7 +211,7 @@ class ProxyServer:
 
     async def _maintain(self) -> None:
         """Keep tokens warm, reap idle leases, close stale upstream connections, and drop
-        clients whose request head or body did not arrive in time."""
+        clients whose request head or body did not arrive in time or who stopped reading."""
         every = self.settings.refresh_check_seconds
         while True:
             await asyncio.sleep(min(every, 1.0))
@@ -219,11 +219,17 @@ class ProxyServer:
                 now = asyncio.get_running_loop().time()
                 limit = self.settings.client_body_timeout_seconds
                 head_limit = self.settings.client_header_timeout_seconds
+                request_limit = self.settings.client_request_timeout_seconds
+                send_limit = self.settings.client_send_timeout_seconds
                 for connection in list(self.connections):
-                    if connection.body_stalled(now, limit):
+                    if connection.send_stalled(now, send_limit):
+                        connection.time_out_send()
+                    elif connection.body_stalled(now, limit):
                         connection.time_out_body()
                     elif connection.head_stalled(now, head_limit):
                         connection.time_out_head()
+                    elif connection.request_overdue(now, request_limit):
+                        connection.time_out_request()
                 self.broker.refresh_due()
                 for route in self.routes.routes:
                     route.upstream.sweep()
