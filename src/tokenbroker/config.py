@@ -387,6 +387,8 @@ class ProxyRoute(_Frozen):
 
     ``mode: pool`` leases one account of a login provider to each client
     connection; ``mode: shared`` gives every request the provider's current token.
+    Only the route's ``methods`` are forwarded (others get 405 with ``Allow``);
+    TRACE and CONNECT never are.
     """
 
     prefix: str = Field(pattern=r"^/[^?#%\\\x00]*$")
@@ -397,6 +399,23 @@ class ProxyRoute(_Frozen):
     wait_timeout_seconds: float | None = Field(None, gt=0)
     idle_timeout_seconds: float | None = Field(None, gt=0)
     max_lease_seconds: float | None = Field(None, gt=0)
+    methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Methods are case-sensitive (RFC 9110 §9.1): "get" is not GET, so it is refused
+        # rather than silently never matching.
+        if not value:
+            raise ValueError("must list at least one method")
+        for method in value:
+            if not re.fullmatch(r"[A-Z][A-Z-]{0,19}", method):
+                raise ValueError(f"{method!r} is not an upper-case HTTP method name")
+            if method in ("TRACE", "CONNECT"):
+                raise ValueError(f"{method} is never forwarded: TRACE and CONNECT are refused")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a method twice")
+        return value
 
     @field_validator("scope")
     @classmethod
