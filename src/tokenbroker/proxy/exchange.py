@@ -454,7 +454,7 @@ class Exchange:
         """Answer a missing or wrong consumer key as the API does: a wrong key counts
         against the client address's budget (:meth:`RateLimits.failed`), and once over
         it the answer is 429 with ``Retry-After`` instead of 401."""
-        wait = None
+        wait: float | None = None
         if self.key is not None:
             address = self.conn.peer.rpartition(":")[0]  # "host:port"; IPv6 keeps its colons
             wait = limits.failed(address or self.conn.peer)
