@@ -848,6 +848,55 @@ def test_an_upstream_that_stops_reading_stalls_the_client(broker: Broker) -> Non
 
 # -- routes and paths ------------------------------------------------------------------------------
 
+# -- framing ---------------------------------------------------------------------------------------
+
+
+BODY = chunked(b"abc")
+REFUSED_CODINGS = [
+    pytest.param(("Transfer-Encoding: chunked",), "HTTP/1.0", 400, id="http-1.0-chunked"),
+    pytest.param(("Transfer-Encoding: gzip, chunked",), "HTTP/1.1", 501, id="gzip-chunked"),
+    pytest.param(
+        ("Transfer-Encoding: gzip", "Transfer-Encoding: chunked"), "HTTP/1.1", 501, id="two-fields"
+    ),
+    pytest.param(("Transfer-Encoding: identity, chunked",), "HTTP/1.1", 501, id="identity-chunked"),
+]
+
+
+@pytest.mark.parametrize(("headers", "version", "status"), REFUSED_CODINGS)
+def test_transfer_codings_other_than_chunked_are_refused_and_the_connection_closed(
+    proxy: ServedProxy,
+    upstream: RecordingUpstream,
+    headers: tuple[str, ...],
+    version: str,
+    status: int,
+) -> None:
+    """HTTP/1.0 with ``Transfer-Encoding`` is a 400 (RFC 9112 §6.1) and a coding other than
+    exactly ``chunked`` a 501 (as nginx answers); either closes the connection, so a request
+    pipelined behind it is never parsed, and nothing reaches the upstream."""
+    with Client(proxy.url) as client:
+        client.send(raw("POST", "/api/echo", *headers, body=BODY, version=version))
+        client.send(raw("GET", "/api/echo?smuggled=1"))
+        answer = read_until_closed(client)
+    line, fields = head_of(answer)
+    assert line.startswith(b"HTTP/1.1 %d " % status), line
+    assert fields[b"connection"] == b"close"
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert upstream.records() == []
+
+
+def test_exactly_chunked_in_any_case_is_still_accepted(
+    proxy: ServedProxy, upstream: RecordingUpstream
+) -> None:
+    """``Transfer-Encoding: Chunked`` (codings are case-insensitive) is relayed as chunked."""
+    with Client(proxy.url) as client:
+        reply = client.request(
+            "POST", "/api/upload", "Transfer-Encoding: Chunked", body=chunked(b"abc", b"de")
+        )
+    assert reply.status == 200
+    assert reply.json() == {"bytes": 5, "sha256": sha256(b"abcde")}
+    assert len(upstream.records()) == 1
+
+
 TRAVERSAL = [
     "/db/../api/echo",
     "/db/x/../echo",
@@ -860,6 +909,16 @@ TRAVERSAL = [
     "/db/x\\..\\echo",
     "/db/echo%00",
     "/db/echo\x00",
+    # Double encoding and overlong UTF-8 (checklist C5): an upstream that decodes twice, or
+    # reads overlong sequences as ASCII (IIS, old Tomcat), would see '..' or '/'.
+    "/db/%252e%252e/api/echo",
+    "/db/%252E%252E/api/echo",
+    "/db/x%252f..%252fecho",
+    "/db/%25%32%65%25%32%65/api/echo",
+    "/db/%c0%ae%c0%ae/api/echo",
+    "/db/x%c0%afecho",
+    "/db/%e0%80%ae%e0%80%ae/api/echo",
+    "/db/echo%ff",
 ]
 
 
@@ -967,6 +1026,90 @@ def test_response_hop_by_hop_headers_are_stripped(proxy: ServedProxy) -> None:
     assert reply.json() == {"hop": True}
 
 
+REWRITE_HEADERS = (
+    "X-Original-URL: /admin",
+    "X-Rewrite-URL: /admin",
+    "X-HTTP-Method-Override: DELETE",
+    "X-HTTP-Method: DELETE",
+    "X-Method-Override: DELETE",
+)
+
+
+def test_url_rewrite_and_method_override_headers_are_stripped(
+    prefixed: ServedProxy, upstream: RecordingUpstream
+) -> None:
+    """``X-Original-URL``, ``X-Rewrite-URL`` and the method-override headers never reach the
+    upstream (frameworks that honour them would leave the route's prefix or its methods);
+    the request itself is forwarded as sent."""
+    with Client(prefixed.url) as client:
+        reply = client.request("GET", "/db/echo", *REWRITE_HEADERS, "X-Kept: yes")
+    assert reply.status == 200
+    [record] = upstream.records()
+    names = {name for name, _ in record.headers}
+    for line in REWRITE_HEADERS:
+        assert line.split(":")[0].lower() not in names, line
+    assert "/admin" not in repr(record.headers)
+    assert "DELETE" not in repr(record.headers)
+    assert (record.method, record.path, dict(record.headers)["x-kept"]) == (
+        "GET",
+        "/api/echo",
+        "yes",
+    )
+
+
+# -- methods ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "target"),
+    [("TRACE", "/api/echo"), ("CONNECT", "127.0.0.1:443"), ("CONNECT", "/api/echo")],
+)
+def test_trace_and_connect_are_refused_with_405_and_never_forwarded(
+    proxy: ServedProxy, upstream: RecordingUpstream, token: str, method: str, target: str
+) -> None:
+    """TRACE (which an upstream would answer by echoing the injected bearer) and CONNECT get
+    the proxy's own 405, as nginx answers; the upstream never sees them and the token
+    appears nowhere in the answer."""
+    with Client(proxy.url) as client:
+        client.send(raw(method, target))
+        answer = read_until_closed(client) if method == "CONNECT" else b""
+        reply = client.read() if method == "TRACE" else None
+    if reply is not None:
+        assert reply.status == 405
+        assert reply.json()["error"]["code"] == "method_not_allowed"
+        answer = bytes(reply.body) + repr(reply.headers).encode()
+    else:
+        assert head_of(answer)[0].startswith(b"HTTP/1.1 405 "), answer[:80]
+    assert token.encode() not in answer
+    assert upstream.records() == []
+
+
+def test_a_method_the_route_does_not_allow_gets_405_with_allow(
+    broker: Broker, upstream: RecordingUpstream
+) -> None:
+    """A route forwards only its ``methods``: others get 405 with an ``Allow`` header naming
+    them, on the same connection, and reach no upstream; a route without ``methods`` allows
+    GET, HEAD, POST, PUT, PATCH, DELETE and OPTIONS only (not PROPFIND)."""
+    narrow = {**route(upstream.url + "/api/", "/ro/"), "methods": ["GET", "HEAD"]}
+    default = route(upstream.url + "/api/", "/rw/")
+    with serve(broker, narrow, default) as proxy, Client(proxy.url) as client:
+        post = client.request("POST", "/ro/echo", body=b"x")
+        get = client.request("GET", "/ro/echo")
+        head = client.request("HEAD", "/ro/echo")
+        propfind = client.request("PROPFIND", "/rw/echo")
+        put = client.request("PUT", "/rw/echo", body=b"y")
+    assert (post.status, post.header("allow")) == (405, "GET, HEAD")
+    assert post.json()["error"]["code"] == "method_not_allowed"
+    assert (get.status, head.status, put.status) == (200, 200, 200)
+    assert propfind.status == 405
+    assert propfind.header("allow") == "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+    assert [(r.method, r.path) for r in upstream.records()] == [
+        ("GET", "/api/echo"),
+        ("HEAD", "/api/echo"),
+        ("PUT", "/api/echo"),
+    ]
+
+
 def test_consumer_key_header_is_required_and_never_forwarded(
     auth_server: AuthorizationServer, upstream: RecordingUpstream
 ) -> None:
@@ -1035,6 +1178,38 @@ def test_consumer_acl_checks_the_route_scope(
     assert len(upstream.records()) == 1
     asked = [r.form.get("scope") for r in auth_server.requests if r.grant == "client_credentials"]
     assert asked == ["read"]
+
+
+def test_wrong_consumer_keys_are_throttled_per_address_and_a_valid_key_still_passes(
+    auth_server: AuthorizationServer, upstream: RecordingUpstream
+) -> None:
+    """200 wrong keys from one address: the first 10 get 401, the rest 429 with
+    ``Retry-After`` (the API's failed-key limit, :mod:`tokenbroker.ratelimit`); a request
+    without a key is not counted; a valid key from that address is still served; the
+    upstream sees only the valid one."""
+    key = new_key()
+    config = {
+        "store": "memory",
+        "providers": {"svc": client_credentials(auth_server)},
+        "consumers": {"etl": {"api_key_sha256": hash_key(key), "allow": ["svc"]}},
+    }
+    with (
+        Broker(parse_settings(yaml.safe_dump(config), {})) as broker,
+        serve(broker, route(upstream.url), consumer_header="X-Key") as proxy,
+        Client(proxy.url) as client,
+    ):
+        replies = [
+            client.request("GET", "/api/echo", f"X-Key: tbk_wrong{i:038d}") for i in range(200)
+        ]
+        keyless = client.request("GET", "/api/echo")
+        valid = client.request("GET", "/api/echo", f"X-Key: {key}")
+    statuses = [r.status for r in replies]
+    assert statuses == [401] * 10 + [429] * 190
+    assert all(1 <= int(r.header("retry-after") or 0) <= 60 for r in replies[10:])
+    assert {r.json()["error"]["code"] for r in replies[10:]} == {"rate_limited"}
+    assert keyless.status == 401
+    assert valid.status == 200
+    assert [r.path for r in upstream.records()] == ["/api/echo"]
 
 
 # -- curl ------------------------------------------------------------------------------------------

@@ -174,9 +174,31 @@ def test_unsafe_paths() -> None:
         b"/a%00b",
         b"/a\x00b",
         b"/.",
+        b"/%252e%252e/x",
+        b"/a%252Fb",
+        b"/%25%32%65",
+        b"/%%32%65",
+        b"/a%25b",
+        b"/%c0%ae%c0%ae/x",
+        b"/%C0%AF",
+        b"/%e0%80%ae",
+        b"/%ed%a0%80",
+        b"/%ff",
+        b"/caf\xe9",
     ]:
         assert is_unsafe_path(path), path
-    for path in [b"/", b"/api/echo", b"/a..b/c", b"/.well-known/x", b"/a%20b", b"/v1.2/x"]:
+    for path in [
+        b"/",
+        b"/api/echo",
+        b"/a..b/c",
+        b"/.well-known/x",
+        b"/a%20b",
+        b"/v1.2/x",
+        b"/100%25",
+        b"/a%25zz",
+        b"/caf%C3%A9",
+        b"/%e2%82%ac/x",
+    ]:
         assert not is_unsafe_path(path), path
 
 
@@ -225,6 +247,17 @@ def test_route_targets(broker: Broker) -> None:
         (
             {"routes": [{"prefix": "/", "upstream": "http://h", "provider": "db"}] * 2},
             "same prefix",
+        ),
+        *(
+            (
+                {
+                    "routes": [
+                        {"prefix": "/", "upstream": "http://h", "provider": "db", "methods": m}
+                    ]
+                },
+                "methods",
+            )
+            for m in (["GET", "TRACE"], ["CONNECT"], ["get"], [], ["GET", "GET"], ["G T"])
         ),
     ],
 )

@@ -392,6 +392,8 @@ class ProxyRoute(_Frozen):
     back and is closed; a connection waiting ``wait_timeout_seconds`` for an account
     gets 503 ``pool_exhausted`` + ``Retry-After`` (both bounded by default: an idle
     client must not hold an account, nor a waiter wait, forever).
+    Only the route's ``methods`` are forwarded (others get 405 with ``Allow``);
+    TRACE and CONNECT never are.
     """
 
     prefix: str = Field(pattern=r"^/[^?#%\\\x00]*$")
@@ -402,6 +404,23 @@ class ProxyRoute(_Frozen):
     wait_timeout_seconds: float = Field(60.0, gt=0)
     idle_timeout_seconds: float = Field(30.0, gt=0)
     max_lease_seconds: float | None = Field(None, gt=0)
+    methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Methods are case-sensitive (RFC 9110 §9.1): "get" is not GET, so it is refused
+        # rather than silently never matching.
+        if not value:
+            raise ValueError("must list at least one method")
+        for method in value:
+            if not re.fullmatch(r"[A-Z][A-Z-]{0,19}", method):
+                raise ValueError(f"{method!r} is not an upper-case HTTP method name")
+            if method in ("TRACE", "CONNECT"):
+                raise ValueError(f"{method} is never forwarded: TRACE and CONNECT are refused")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a method twice")
+        return value
 
     @field_validator("scope")
     @classmethod

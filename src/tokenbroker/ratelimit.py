@@ -1,4 +1,5 @@
-"""Rate limits for the HTTP API: per consumer, and failed key checks per client address.
+"""Rate limits: per consumer (the HTTP API), and failed key checks per client address
+(the HTTP API and the proxy's ``consumer_header``, each with its own counts).
 
 The failed-key limit applies to failures only: a key is checked first, and a valid one is
 served whatever its address's failures (keys have 256 random bits, so the limit is about

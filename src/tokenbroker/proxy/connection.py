@@ -25,7 +25,7 @@ import httptools
 
 from ..pool import Lease, LeaseState
 from .exchange import Exchange
-from .http import HOP_BY_HOP, connection_tokens, error_reply
+from .http import HOP_BY_HOP, OVERRIDE_HEADERS, connection_tokens, error_reply
 
 if TYPE_CHECKING:
     from .routes import Route
@@ -36,17 +36,22 @@ __all__ = ["ClientConnection"]
 logger = logging.getLogger("tokenbroker.proxy")
 
 MAX_HEAD_BYTES = 65_536
-# Replaced by the proxy: credentials, framing, and forwarding headers (rebuilt, not appended).
-_DROP = HOP_BY_HOP | {
-    b"authorization",
-    b"host",
-    b"content-length",
-    b"expect",
-    b"forwarded",
-    b"x-forwarded-for",
-    b"x-forwarded-host",
-    b"x-forwarded-proto",
-}
+# Replaced by the proxy: credentials, framing, and forwarding headers (rebuilt, not appended);
+# and never forwarded: headers that override the request line upstream.
+_DROP = (
+    HOP_BY_HOP
+    | OVERRIDE_HEADERS
+    | {
+        b"authorization",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+    }
+)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -137,6 +142,8 @@ class ClientConnection(asyncio.Protocol):
                 self.refuse(431, "headers_too_large", "the request head is too large")
             elif isinstance(cause, _BadVersion):
                 self.refuse(505, "version_not_supported", "only HTTP/1.0 and 1.1 are served")
+            elif isinstance(cause, _UnknownCoding):
+                self.refuse(501, "not_implemented", "only the chunked transfer coding is served")
             else:
                 self.refuse(400, "bad_request", "malformed HTTP request")
 
@@ -192,6 +199,7 @@ class ClientConnection(asyncio.Protocol):
         parser = self._parser
         content_length: int | None = None
         chunked = expect = False
+        codings = b""  # every Transfer-Encoding field, joined
         key: str | None = None
         drop = self._drop
         lines: list[bytes] = []
@@ -202,10 +210,8 @@ class ClientConnection(asyncio.Protocol):
                 lines.append(b"%b: %b\r\n" % (name, value))
             elif lower == b"content-length":
                 content_length = int(value)
-            elif lower == b"transfer-encoding":
-                chunked = value.rpartition(b",")[2].strip().lower() == b"chunked"
-                if not chunked:  # RFC 9112 §6.3: the body length cannot be known
-                    raise _BadFraming
+            elif lower == b"transfer-encoding":  # several fields are one list (RFC 9110 §5.3)
+                codings = value if not codings else codings + b"," + value
             elif lower == b"expect":
                 expect = value.lower() == b"100-continue"
             elif lower == b"connection":
@@ -218,6 +224,14 @@ class ClientConnection(asyncio.Protocol):
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):  # llhttp also takes 0.9 and 2.0 lines
             raise _BadVersion
+        if codings:
+            # RFC 9112 §6.3: unless chunked is last the body length cannot be known; §6.1:
+            # in HTTP/1.0 the framing is faulty (a 1.0 hop on the way may have ignored it).
+            if version == "1.0" or codings.rpartition(b",")[2].strip().lower() != b"chunked":
+                raise _BadFraming
+            if codings.strip().lower() != b"chunked":  # a coding we cannot undo (nginx: 501)
+                raise _UnknownCoding
+            chunked = True
         exchange = Exchange(
             self,
             parser.get_method(),
@@ -449,7 +463,11 @@ class ClientConnection(asyncio.Protocol):
 
 
 class _BadFraming(Exception):
-    """A request ``Transfer-Encoding`` that does not end in ``chunked``."""
+    """A request ``Transfer-Encoding`` that does not end in ``chunked``, or any in HTTP/1.0."""
+
+
+class _UnknownCoding(Exception):
+    """A request transfer coding other than exactly ``chunked`` (``gzip, chunked``…)."""
 
 
 class _BadVersion(Exception):

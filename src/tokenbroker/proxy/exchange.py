@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import TYPE_CHECKING
 
 from ..errors import TokenBrokerError
 from ..pool import Lease
+from ..statuses import RATE_LIMITED
 from ..token import Token
 from .http import (
     HOP_LINE,
     LAST_CHUNK,
+    NEVER_FORWARDED,
     chunk,
     domain_error,
     error_reply,
@@ -31,6 +34,7 @@ from .http import (
 from .upstream import Outcome, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
+    from ..ratelimit import RateLimits
     from .connection import ClientConnection
     from .routes import Route
 
@@ -216,6 +220,8 @@ class Exchange:
             if route is None:
                 return False
             conn.last_route, conn.last_path = route, path
+        if self.method not in route.methods:
+            return False
         lease = None
         if route.pool is not None:
             lease = conn._leases.get(route)
@@ -403,7 +409,16 @@ class Exchange:
             self.close_after = True
 
     def _route(self) -> Route | None:
-        """The route for this request, or None after answering with an error."""
+        """The route for this request, or None after answering with an error.
+
+        In order: TRACE and CONNECT (405, whatever the route, as nginx answers), the
+        target's form and path (400), the consumer key (401, or 429 once the client's
+        address is over its budget of wrong keys), the route (404), the route's methods
+        (405 with ``Allow``).
+        """
+        if self.method in NEVER_FORWARDED:
+            self._fail(405, "method_not_allowed", "TRACE and CONNECT are never forwarded")
+            return None
         path, _, _ = self.target.partition(b"?")
         if not path.startswith(b"/"):  # absolute-form or '*': not for a reverse proxy
             self.close_after = True
@@ -418,13 +433,36 @@ class Exchange:
         if consumers is not None:
             consumer = consumers.authenticate(self.key)
             if consumer is None:
-                self._fail(401, "unauthorized", "a valid consumer key is required")
+                self._refuse_key(server.limits)
                 return None
             if route is not None and not consumer.allows(route.provider, route.scopes):
                 route = None
         if route is None:
             self._fail(404, "no_route", "no route serves this path")
+            return None
+        if self.method not in route.methods:
+            self._fail(
+                405,
+                "method_not_allowed",
+                "this route does not forward the request's method",
+                extra=((b"allow", route.allow),),
+            )
+            return None
         return route
+
+    def _refuse_key(self, limits: RateLimits) -> None:
+        """Answer a missing or wrong consumer key as the API does: a wrong key counts
+        against the client address's budget (:meth:`RateLimits.failed`), and once over
+        it the answer is 429 with ``Retry-After`` instead of 401."""
+        wait: float | None = None
+        if self.key is not None:
+            address = self.conn.peer.rpartition(":")[0]  # "host:port"; IPv6 keeps its colons
+            wait = limits.failed(address or self.conn.peer)
+        if wait is None:
+            self._fail(401, "unauthorized", "a valid consumer key is required")
+        else:
+            row = RATE_LIMITED
+            self._fail(row.status, row.code, row.message, retry_after=math.ceil(wait))
 
     def _head(self, route: Route, token: Token) -> bytes:
         path, sep, query = self.target.partition(b"?")
@@ -446,7 +484,13 @@ class Exchange:
         return b"".join(lines)
 
     def _fail(
-        self, status: int, code: str, message: str, *, retry_after: int | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        retry_after: int | None = None,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
         """Answer with an error, unless a response has begun (then drop the connection)."""
         if self.responded:
@@ -458,7 +502,14 @@ class Exchange:
         self.responded = True
         self.conn.server.count_status(status)
         self.conn.write(
-            error_reply(status, code, message, close=self.close_after, retry_after=retry_after)
+            error_reply(
+                status,
+                code,
+                message,
+                close=self.close_after,
+                retry_after=retry_after,
+                extra=extra,
+            )
         )
         self.conn.flush()
 

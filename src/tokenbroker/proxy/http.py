@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import re
 from http import HTTPStatus
+from urllib.parse import unquote_to_bytes
 
 from ..statuses import retry_after, status_of
 
 __all__ = [
     "HOP_BY_HOP",
     "HOP_LINE",
+    "NEVER_FORWARDED",
+    "OVERRIDE_HEADERS",
     "chunk",
     "connection_tokens",
     "domain_error",
@@ -42,6 +45,23 @@ HOP_BY_HOP = frozenset(
 )
 """Headers that describe one hop (RFC 9110 §7.6.1); never forwarded in either direction."""
 
+OVERRIDE_HEADERS = frozenset(
+    {
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
+"""Request headers some frameworks (IIS URL Rewrite, Symfony, Laravel, Express
+method-override…) obey instead of the request line: they would let a client leave the
+route's prefix or its methods. Never forwarded."""
+
+NEVER_FORWARDED = frozenset({b"TRACE", b"CONNECT"})
+"""Methods refused whatever the route (405, as nginx answers): an upstream answering TRACE
+echoes the request, the injected ``Authorization`` with it; CONNECT would open a tunnel."""
+
 LAST_CHUNK = b"0\r\n\r\n"
 
 # Traversal and ambiguity: encoded dots, slashes, backslashes and NULs, raw backslash,
@@ -51,9 +71,32 @@ LAST_CHUNK = b"0\r\n\r\n"
 _UNSAFE = re.compile(rb"%(?:2e|2f|5c|00)|[\\\x00#]|(?:^|/)\.{1,2}(?:[/;]|$)|^//", re.IGNORECASE)
 
 
+# After one percent-decoding: another escape's start. An upstream (or a framework behind it)
+# that decodes twice would see what the checks above refuse ('%252e' -> '%2e' -> '.').
+_ESCAPE_LEFT = re.compile(rb"%[0-9a-fA-F]")
+
+
 def is_unsafe_path(path: bytes) -> bool:
-    """True for a request path with a traversal or ambiguity form (``/../``, ``%2f``, ``\\``…)."""
-    return _UNSAFE.search(path) is not None
+    """True for a request path with a traversal or ambiguity form.
+
+    Refused: dot segments, encoded dots, slashes, backslashes and NULs (``/../``,
+    ``%2e``, ``%2f``, ``%5c``, ``%00``), a raw backslash, NUL or ``#``, a leading ``//``;
+    a path whose percent-decoding still holds ``%`` and a hex digit (double encoding,
+    ``%252e``); and one whose percent-decoding is not valid UTF-8 (overlong forms such as
+    ``%c0%ae``, which lenient decoders read as ``.``).
+    """
+    if _UNSAFE.search(path) is not None:
+        return True
+    if b"%" not in path and path.isascii():  # the common case: nothing to decode
+        return False
+    decoded = unquote_to_bytes(path)
+    if _ESCAPE_LEFT.search(decoded) is not None:
+        return True
+    try:
+        decoded.decode("utf-8")  # strict: overlong forms and surrogates are errors
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 # A hop-by-hop line in lowercased header lines, each preceded by "\n": name and value.

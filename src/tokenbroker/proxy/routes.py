@@ -25,6 +25,8 @@ class Route:
         host: The ``Host`` header value sent upstream.
         scope: The route's scope as configured (canonical; None for the provider's).
         scopes: The scopes its tokens are asked for, which the consumer ACL checks.
+        methods: The request methods it forwards.
+        allow: The ``Allow`` header value of its 405 answers.
     """
 
     def __init__(self, spec: ProxyRoute, broker: Broker, settings: ProxySettings) -> None:
@@ -35,6 +37,8 @@ class Route:
             spec.scope, getattr(broker.settings.providers[spec.provider], "scopes", ())
         )
         self.prefix = spec.prefix.encode()
+        self.methods = frozenset(method.encode() for method in spec.methods)
+        self.allow = ", ".join(spec.methods).encode()
         self._dir = self.prefix if self.prefix.endswith(b"/") else self.prefix + b"/"
         parts = urlsplit(spec.upstream)
         base = (parts.path or "/").encode()

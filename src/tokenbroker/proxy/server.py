@@ -15,6 +15,7 @@ from ..consumers import ConsumerRegistry
 from ..errors import ProviderError
 from ..metrics import ProxyMetrics
 from ..pool import PoolStats
+from ..ratelimit import RateLimits
 from .connection import ClientConnection
 from .health import HealthConnection
 from .routes import Route, RouteTable
@@ -60,6 +61,7 @@ class ProxyServer:
             self.consumers = consumers or ConsumerRegistry.load(
                 broker.settings.consumers, broker.store
             )
+        self.limits = RateLimits()  # wrong consumer keys per client address, as in the API
         self.connections: set[ClientConnection] = set()
         self.responses: dict[int, int] = {}
         self.rejected: dict[str, int] = {}
