@@ -21,7 +21,7 @@ from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rul
 from tokenbroker.crypto import Keyring, generate_key
 from tokenbroker.ratelimit import RateLimits
 from tokenbroker.secret import Secret
-from tokenbroker.store import SQLiteStore
+from tokenbroker.store import open_store
 from tokenbroker.testing import AuthorizationServer, Fault
 from tokenbroker.testing.asgi import ServedApp
 
@@ -333,9 +333,7 @@ def test_health_checks_the_store_off_the_event_loop(
     timeout holding the store and /health waits for it too, but in a worker thread: cache-hit
     token reads on the same server keep answering within 0.5 s."""
     path = tmp_path / "tokenbroker.db"
-    store = SQLiteStore.from_url(
-        f"sqlite:///{path}", Keyring([Secret(generate_key())]), busy_timeout=2.0
-    )
+    store = open_store(f"sqlite:///{path}", Keyring([Secret(generate_key())]), busy_timeout=2.0)
     broker = make_broker({"svc": client_credentials(auth_server)}, store=store)
     registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("svc")])])
     served = Served(create_app(broker, registry, limits=RateLimits(auth_failures="1000/minute")))

@@ -31,7 +31,7 @@ from tokenbroker import (
 from tokenbroker.crypto import Keyring, generate_key
 from tokenbroker.events import TokenAcquired
 from tokenbroker.secret import Secret
-from tokenbroker.store import SQLiteStore
+from tokenbroker.store import open_store
 from tokenbroker.testing import AuthorizationServer, Fault, decode_client_secret_basic
 
 
@@ -785,7 +785,7 @@ def test_a_token_read_from_the_store_reports_its_read_time_not_its_age(
     and TokenAcquired.duration) of the read itself, not the token's age."""
     keyring = Keyring([Secret(generate_key())])
     url = f"sqlite:///{tmp_path / 'tb.db'}"
-    stores = [SQLiteStore.from_url(url, keyring) for _ in range(2)]
+    stores = [open_store(url, keyring) for _ in range(2)]
     try:
         make_broker(store=stores[0]).get_token("svc")
         with contextlib.closing(sqlite3.connect(tmp_path / "tb.db")) as db, db:

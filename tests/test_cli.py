@@ -349,10 +349,10 @@ def test_check_reports_a_store_under_another_key(tmp_path: Path) -> None:
 
     from tokenbroker.crypto import Keyring, decode_key, generate_key
     from tokenbroker.secret import Secret
-    from tokenbroker.store import SQLiteStore
+    from tokenbroker.store import open_store
 
     old, new = generate_key(), generate_key()
-    store = SQLiteStore(str(tmp_path / "tb.db"), Keyring([Secret(old)]))
+    store = open_store(f"sqlite:///{tmp_path / 'tb.db'}", Keyring([Secret(old)]))
     store.add_signing_key("kid-1", "EdDSA", b"private key bytes")
     store.close()
     path = tmp_path / "tokenbroker.yaml"
@@ -503,7 +503,7 @@ def test_status_names_rows_stored_before_rows_carried_their_scope(
     from contextlib import closing
 
     from tokenbroker.crypto import generate_key
-    from tokenbroker.store_schema import MIGRATIONS
+    from tokenbroker.store.sqlite_schema import MIGRATIONS
 
     config = status_config(tmp_path, auth_server, generate_key())
     runner = CliRunner()

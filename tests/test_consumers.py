@@ -15,7 +15,7 @@ from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rul
 from tokenbroker.crypto import Keyring, generate_key
 from tokenbroker.errors import StoreError
 from tokenbroker.secret import Secret
-from tokenbroker.store import SQLiteStore
+from tokenbroker.store import Store, open_store
 
 KEY = new_key()
 CONFIGURED_KEY = new_key()
@@ -23,9 +23,9 @@ CONFIGURED = {"cfg": ConsumerSettings(api_key_sha256=hash_key(CONFIGURED_KEY), a
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SQLiteStore]:
+def store(tmp_path: Path) -> Iterator[Store]:
     """A file store."""
-    opened = SQLiteStore(str(tmp_path / "tb.db"), Keyring([Secret(generate_key())]))
+    opened = open_store(f"sqlite:///{tmp_path / 'tb.db'}", Keyring([Secret(generate_key())]))
     yield opened
     opened.close()
 
@@ -33,7 +33,7 @@ def store(tmp_path: Path) -> Iterator[SQLiteStore]:
 class Flaky:
     """A consumer source over a real store that fails (StoreError) while ``broken``."""
 
-    def __init__(self, store: SQLiteStore) -> None:
+    def __init__(self, store: Store) -> None:
         self.store = store
         self.broken = False
         self.failures = 0
@@ -50,7 +50,7 @@ class Flaky:
         return self.store.consumers()
 
 
-def test_reload_sees_consumers_added_and_removed_in_the_store(store: SQLiteStore) -> None:
+def test_reload_sees_consumers_added_and_removed_in_the_store(store: Store) -> None:
     """A loaded registry serves the store's consumers as of its last reload, re-reads the
     table only when consumers_version changed, and never drops configured consumers."""
     source = Flaky(store)
@@ -74,7 +74,7 @@ def test_reload_sees_consumers_added_and_removed_in_the_store(store: SQLiteStore
 
 
 def test_a_stored_consumer_with_a_malformed_rule_is_refused_and_named(
-    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+    store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A stored consumer whose rule does not parse is left out (logged by name); the others load."""
     store.add_consumer("broken", hash_key(KEY), ["Not A Rule!"])
@@ -87,7 +87,7 @@ def test_a_stored_consumer_with_a_malformed_rule_is_refused_and_named(
     assert "stored consumer broken has a malformed allow rule" in caplog.text
 
 
-def test_add_keeps_a_consumer_across_reloads(store: SQLiteStore) -> None:
+def test_add_keeps_a_consumer_across_reloads(store: Store) -> None:
     """A consumer registered with add() is not dropped when the stored ones are re-read."""
     registry = ConsumerRegistry.load({}, store)
     registry.add("pinned", hash_key(KEY), [parse_rule("svc")])
@@ -104,7 +104,7 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
 
 
 def test_follow_tracks_the_store_and_rides_out_its_failures(
-    store: SQLiteStore, caplog: pytest.LogCaptureFixture
+    store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """follow() picks up an added consumer; while the store fails it logs once (by error
     class), keeps the last known consumers, and catches up with a removal once it answers."""

@@ -248,19 +248,20 @@ def test_rotate_keys_reencrypts_signing_keys(
     tmp_path: Path, auth_server: AuthorizationServer
 ) -> None:
     """After rotate-key, the delegation signing key opens with the new key alone (same JWKS)."""
-    from tokenbroker import Secret, SQLiteStore
+    from tokenbroker import Secret
     from tokenbroker.crypto import Keyring
+    from tokenbroker.store import open_store
 
     with broker_for(tmp_path, auth_server) as broker:
         before = broker.jwks()
         broker.get_token("files")
     new = generate_key()
-    both = SQLiteStore(str(tmp_path / "tb.db"), Keyring([Secret(new), Secret(STORE_KEY)]))
+    both = open_store(f"sqlite:///{tmp_path / 'tb.db'}", Keyring([Secret(new), Secret(STORE_KEY)]))
     try:
         assert both.rotate_keys() >= 2  # the access token and the signing key
     finally:
         both.close()
-    only_new = SQLiteStore(str(tmp_path / "tb.db"), Keyring([Secret(new)]))
+    only_new = open_store(f"sqlite:///{tmp_path / 'tb.db'}", Keyring([Secret(new)]))
     try:
         assert [kid for kid, _ in only_new.signing_keys("EdDSA")] == [before["keys"][0]["kid"]]
     finally:

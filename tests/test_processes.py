@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from process_worker import digest
-from tokenbroker import SQLiteStore
 from tokenbroker.crypto import Keyring, generate_key
 from tokenbroker.secret import Secret
+from tokenbroker.store import open_store
 from tokenbroker.testing import AuthorizationServer
 
 WORKER = Path(__file__).with_name("process_worker.py")
@@ -201,7 +201,7 @@ def test_restarted_process_uses_stored_token(tmp_path: Path) -> None:
         assert set(restarted[0]["tokens"]) == first
         assert server.presented_refresh_tokens == [seed]
 
-    store = SQLiteStore.from_url(f"sqlite:///{db}", Keyring([Secret(key)]))
+    store = open_store(f"sqlite:///{db}", Keyring([Secret(key)]))
     try:
         row = store.load(PROVIDER)
         assert row is not None

@@ -243,7 +243,10 @@ def test_grace_in_doubt_beyond_the_grace_is_reauthorization(tmp_path: Path) -> N
         )
         with file_broker(tmp_path / "tb.db", {"rt": provider}, clock=clock) as broker:
             interrupted_attempt(broker, server)
-            broker.store._db.execute("UPDATE tb_attempt SET started_at = started_at - 10")
+            raw = broker.store.raw()
+            for attempt in broker.store.attempts("rt"):
+                started = raw.read("tb_attempt", attempt.id, "started_at")
+                raw.write("tb_attempt", attempt.id, "started_at", started - 10)
             before = server.count("refresh_token")
             clock.advance(3600)
             with pytest.raises(ReauthorizationRequiredError):
@@ -267,10 +270,8 @@ def test_dead_lease_holder_on_this_host_is_taken_over_at_once(
     with file_broker(tmp_path / "tb.db", {"cc": cc(rt_server)}) as broker:
         broker.get_token("cc")
         row_id = broker.store.states()[0]["id"]
-        broker.store._db.execute(
-            "UPDATE tb_credential SET lease_owner = ?, lease_expires_at = 9e12 WHERE id = ?",
-            (dead_owner, row_id),
-        )
+        broker.store.raw().write("tb_credential", row_id, "lease_owner", dead_owner)
+        broker.store.raw().write("tb_credential", row_id, "lease_expires_at", 9e12)
         broker.invalidate("cc", broker.get_token("cc").access_token)
         assert broker.get_token("cc").access_token
     assert rt_server.count("client_credentials") == 2
@@ -284,11 +285,8 @@ def test_live_lease_holder_makes_others_wait_then_give_up(
     with file_broker(tmp_path / "tb.db", {"cc": cc(rt_server)}, defaults) as broker:
         broker.get_token("cc")
         row_id = broker.store.states()[0]["id"]
-        broker.store._db.execute(
-            "UPDATE tb_credential SET lease_owner = 'elsewhere:1:x', lease_expires_at = 9e12"
-            " WHERE id = ?",
-            (row_id,),
-        )
+        broker.store.raw().write("tb_credential", row_id, "lease_owner", "elsewhere:1:x")
+        broker.store.raw().write("tb_credential", row_id, "lease_expires_at", 9e12)
         broker.invalidate("cc", broker.get_token("cc").access_token)
         with pytest.raises(ProviderUnavailableError) as caught:
             broker.get_token("cc")

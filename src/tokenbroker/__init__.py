@@ -41,7 +41,7 @@ from .events import (
     TokenRequestFailed,
 )
 from .secret import Secret
-from .store import SQLiteStore
+from .store import Store
 from .token import Token
 
 __version__ = "0.1.0"
@@ -72,10 +72,10 @@ __all__ = [
     "ProviderUnavailableError",
     "ReauthorizationRequiredError",
     "RefreshTokenRotated",
-    "SQLiteStore",
     "Secret",
     "Settings",
     "SlotState",
+    "Store",
     "StoreCorruptError",
     "StoreError",
     "SystemClock",

@@ -41,7 +41,8 @@ from .grants import Exchange, Grant, RetryPolicy, TokenResponse, kind_of, send_s
 from .refresher import Job, Refresher, fingerprint
 from .scopes import canonical_scopes, parse_scope, scope_string
 from .secret import Secret
-from .store import SQLiteStore
+from .store import Store, is_persistent
+from .store import open_store as _open_url
 from .token import Token
 
 if TYPE_CHECKING:
@@ -52,10 +53,11 @@ __all__ = ["STALE_KEY", "Broker", "credential_label", "credential_row", "open_st
 _T = TypeVar("_T", int, float)
 
 
-def open_store(settings: Settings) -> SQLiteStore:
+def open_store(settings: Settings) -> Store:
     """Open the store the settings name, with their encryption keys.
 
-    ``store: memory`` without keys gets a random key that lives as long as the process.
+    A store that does not outlive the process (``store: memory``) without keys gets a
+    random key that lives as long as the process.
 
     Args:
         settings: Validated settings.
@@ -68,11 +70,11 @@ def open_store(settings: Settings) -> SQLiteStore:
         StoreError: The store cannot be opened.
     """
     keys = settings.encryption_keys
-    if not keys and settings.store == "memory":
+    if not keys and not is_persistent(settings.store):
         keys = (Secret(generate_key()),)
     elif not keys:
         raise EncryptionKeyError(MISSING_KEY)
-    return SQLiteStore.from_url(
+    return _open_url(
         settings.store, Keyring(keys), busy_timeout=settings.defaults.store_busy_timeout_seconds
     )
 
@@ -173,7 +175,7 @@ class Broker(AuthAdapters):
         *,
         clock: Clock | None = None,
         transport: httpx.BaseTransport | None = None,
-        store: SQLiteStore | None = None,
+        store: Store | None = None,
         hook: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings

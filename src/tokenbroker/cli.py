@@ -38,7 +38,7 @@ from .errors import (
 )
 from .logs import configure
 from .names import CONSUMER_NAME
-from .store import SQLiteStore, probe
+from .store import Store, probe
 
 __all__ = ["main"]
 
@@ -336,7 +336,7 @@ def token(provider: str, scope: str | None, account: str | None, config_path: Pa
     click.echo(value.access_token)
 
 
-def _open_store(config_path: Path, settings: Settings | None = None) -> SQLiteStore:
+def _open_store(config_path: Path, settings: Settings | None = None) -> Store:
     settings = settings or load_settings(config_path)
     problems = startup_problems(settings)
     if problems:

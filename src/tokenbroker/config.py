@@ -43,6 +43,7 @@ from .errors import ConfigError, ConfigProblem, InvalidScopeError
 from .names import CONSUMER_NAME_PATTERN, PROVIDER_NAME_PATTERN
 from .scopes import MAX_SCOPE_LENGTH, SCOPE_TOKEN, scope_string
 from .secret import Secret
+from .store import backend_for, is_persistent
 
 __all__ = [
     "ClientCredentialsProvider",
@@ -585,8 +586,7 @@ class Settings(_Frozen):
     @field_validator("store")
     @classmethod
     def _store(cls, value: str) -> str:
-        if value != "memory" and not (value.startswith("sqlite:///") and len(value) > 10):
-            raise ValueError("must be 'memory' or sqlite:///PATH")
+        backend_for(value)  # ValueError naming every form the registered backends accept
         return value
 
     @model_validator(mode="after")
@@ -618,7 +618,7 @@ def startup_problems(settings: Settings) -> list[ConfigProblem]:
     Returns:
         The problems (empty when the broker can start).
     """
-    if settings.store != "memory" and not settings.encryption_keys:
+    if is_persistent(settings.store) and not settings.encryption_keys:
         return [ConfigProblem("encryption_keys", MISSING_KEY)]
     return []
 
@@ -834,7 +834,7 @@ def _resolve_store(data: dict[str, Any], base: Path) -> None:
     store = data.get("store", Settings.model_fields["store"].default)
     if isinstance(store, str) and store.startswith("sqlite:///"):
         path = Path(store.removeprefix("sqlite:///"))
-        if not path.is_absolute():
+        if not path.is_absolute() and str(path) != ":memory:":
             data["store"] = f"sqlite:///{base / path}"
 
 

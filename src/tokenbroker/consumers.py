@@ -12,7 +12,7 @@ canonical ones (:func:`tokenbroker.scopes.canonical_scopes`: absent or blank mea
 provider's configured scopes; case-sensitive), the very set the token request asks for.
 
 A registry built with :meth:`ConsumerRegistry.load` follows the store: a running server
-checks :meth:`~tokenbroker.store.SQLiteStore.consumers_version` every
+checks :meth:`~tokenbroker.store.ConsumerStore.consumers_version` every
 :data:`FOLLOW_SECONDS` (off the event loop) and swaps in the new set when it changed, so
 ``tokenbroker consumers add`` and ``remove`` take effect without a restart. Authentication
 itself stays a dictionary lookup.
@@ -137,7 +137,7 @@ class Consumer:
 
 
 class ConsumerSource(Protocol):
-    """Where stored consumers come from (:class:`~tokenbroker.store.SQLiteStore` is one)."""
+    """Where stored consumers come from (every :class:`~tokenbroker.store.ConsumerStore` is one)."""
 
     def consumers_version(self) -> str:
         """A value that changes whenever the stored consumers change."""

@@ -38,7 +38,7 @@ from .grants import (
     _fill,
     token_at,
 )
-from .store import SQLiteStore
+from .store import SigningKeyStore
 from .token import Token
 
 __all__ = [
@@ -105,7 +105,7 @@ class Signer:
         algorithm: ``EdDSA`` (Ed25519) or ``ES256`` (P-256).
     """
 
-    def __init__(self, store: SQLiteStore, algorithm: str = "EdDSA") -> None:
+    def __init__(self, store: SigningKeyStore, algorithm: str = "EdDSA") -> None:
         self._store = store
         self.algorithm = algorithm
         self._lock = threading.Lock()

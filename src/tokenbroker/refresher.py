@@ -43,7 +43,7 @@ from .errors import (
 )
 from .grants import Exchange, Grant, RetryPolicy, TokenResponse
 from .secret import Secret
-from .store import CredentialRow, Lease, SQLiteStore, StoredToken
+from .store import CredentialRow, CredentialStore, Lease, StoredToken
 from .token import Token
 
 __all__ = ["Job", "Refresher", "fingerprint", "owner_id"]
@@ -150,14 +150,16 @@ class _Pending:
 
 
 class Refresher:
-    """Runs :class:`Job` objects against a :class:`~tokenbroker.store.SQLiteStore`.
+    """Runs :class:`Job` objects against a :class:`~tokenbroker.store.CredentialStore`.
 
     Args:
         store: The durable store.
         hook: Called with a crash-point name (tests and the crash benchmark).
     """
 
-    def __init__(self, store: SQLiteStore, *, hook: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self, store: CredentialStore, *, hook: Callable[[str], None] | None = None
+    ) -> None:
         self.store = store
         self.owner = owner_id()
         self._hook = hook or (lambda point: None)

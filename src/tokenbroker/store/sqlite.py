@@ -1,17 +1,12 @@
-"""The durable store: credentials, fenced leases and refresh attempts in SQLite.
+"""The SQLite backend of the store protocol (:mod:`.base`).
 
-The store decides correctness (refresh protocol, ``reference/refresh-protocol.md``):
-a lease on a credential row is taken with the database clock and bumps a fence
-counter; every write that matters carries ``WHERE lease_fence = :fence`` (and,
-for refresh tokens, ``AND rt_version = :version``), so a holder that lost its
-lease can never overwrite a newer token. A refresh reply is stored (encrypted)
-in the same transaction as the tokens it carries.
+A lease on a credential row is taken with the database clock in a ``BEGIN IMMEDIATE``
+transaction and bumps a fence counter; every write that matters carries
+``WHERE lease_fence = :fence`` (and, for refresh tokens, ``AND rt_version = :version``).
 
 ``store: sqlite:///path`` is a file in WAL mode with ``synchronous=FULL``;
-``store: memory`` is the same schema in process memory. Every secret column is
-AES-GCM ciphertext bound to its row, column and version (:mod:`tokenbroker.crypto`).
-The SQL is kept portable; the schema and the database clock are in :mod:`.store_schema`,
-the row types in :mod:`.store_rows`.
+``sqlite:///:memory:`` is the same schema in process memory. Secret columns are sealed by
+:mod:`.sealing`; the schema and the database clock are in :mod:`.sqlite_schema`.
 """
 
 from __future__ import annotations
@@ -27,22 +22,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .crypto import Keyring
-from .errors import ConfigProblem, StoreCorruptError, StoreError
-from .secret import Secret
-from .store_rows import Attempt, CredentialRow, Lease, StoredToken
-from .store_schema import MIGRATIONS, NOW, OPEN_STATUSES
-from .token import Token
+from ..crypto import Keyring
+from ..errors import ConfigProblem, StoreCorruptError, StoreError
+from ..secret import Secret
+from .rows import Attempt, CredentialRow, Lease, StoredToken
+from .sealing import KEY_COLUMNS, SEALED, Sealer
+from .sqlite_schema import MIGRATIONS, NOW, OPEN_STATUSES
 
-__all__ = ["Attempt", "CredentialRow", "Lease", "SQLiteStore", "StoredToken", "probe"]
-
-#: Every secret column: (table, ciphertext column).
-_SECRET_COLUMNS = (
-    ("tb_credential", "at_ct"),
-    ("tb_credential", "rt_ct"),
-    ("tb_attempt", "raw_ct"),
-    ("tb_signing_key", "private_ct"),
-)
+__all__ = ["SQLiteStore", "probe"]
 
 
 def _translate(exc: sqlite3.Error, path: str) -> StoreError:
@@ -77,6 +64,7 @@ class SQLiteStore:
     def __init__(self, path: str, keyring: Keyring, *, busy_timeout: float = 5.0) -> None:
         self.path = path
         self._keyring = keyring
+        self._sealer = Sealer(keyring)
         self._lock = threading.RLock()
         memory = path == ":memory:"
         try:
@@ -90,7 +78,7 @@ class SQLiteStore:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
             self._migrate()
-            self._check_keys()
+            self._sealer.check_keys(blob for (blob,) in self._db.execute(_ALL_SECRETS))
         except BaseException as exc:
             # A store that refuses to open must not keep the file open until a GC cycle runs.
             with contextlib.suppress(AttributeError, sqlite3.Error):
@@ -103,7 +91,7 @@ class SQLiteStore:
 
     @classmethod
     def from_url(cls, url: str, keyring: Keyring, *, busy_timeout: float = 5.0) -> SQLiteStore:
-        """Open ``sqlite:///relative/or/absolute/path`` or ``memory``.
+        """Open ``sqlite:///relative/or/absolute/path`` (``sqlite:///:memory:`` in memory).
 
         Args:
             url: The ``store`` setting.
@@ -113,8 +101,6 @@ class SQLiteStore:
         Returns:
             The store.
         """
-        if url == "memory":
-            return cls(":memory:", keyring, busy_timeout=busy_timeout)
         return cls(url.removeprefix("sqlite:///"), keyring, busy_timeout=busy_timeout)
 
     def __repr__(self) -> str:
@@ -127,11 +113,36 @@ class SQLiteStore:
 
     def pragmas(self) -> dict[str, Any]:
         """The durability settings in force (asserted by tests)."""
-        with self._lock:
-            return {
-                name: self._db.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "busy_timeout")
-            }
+        return {name: self.pragma(name) for name in ("journal_mode", "synchronous", "busy_timeout")}
+
+    def pragma(self, name: str, value: int | str | None = None) -> Any:
+        """Read, or set, one PRAGMA on the store's own connection.
+
+        A documented test hook for SQLite-only faults (``query_only`` makes every write fail
+        as on a read-only disk, ``max_page_count`` as on a full one); engine code never
+        calls it.
+
+        Args:
+            name: A PRAGMA name (letters and underscores only).
+            value: The value to set, or None to read.
+
+        Returns:
+            The PRAGMA's value (after setting it).
+
+        Raises:
+            ValueError: The name or value is not a plain word or number.
+        """
+        if not name.replace("_", "").isalpha() or not str(value or 0).isalnum():
+            raise ValueError("a PRAGMA name is letters and underscores, its value a word")
+        with self._guard():
+            if value is not None:
+                self._db.execute(f"PRAGMA {name} = {value}")
+            row = self._db.execute(f"PRAGMA {name}").fetchone()
+        return None if row is None else row[0]
+
+    def raw(self) -> _RawSQLite:
+        """Test hook: the stored values as persisted (:class:`~.base.RawState`)."""
+        return _RawSQLite(self)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -152,14 +163,16 @@ class SQLiteStore:
             columns = [
                 d[0] for d in self._db.execute("SELECT * FROM tb_credential LIMIT 0").description
             ]
-        return None if row is None else self._decode(dict(zip(columns, row, strict=True)))
+        return (
+            None if row is None else self._sealer.credential(dict(zip(columns, row, strict=True)))
+        )
 
     def states(self) -> list[dict[str, Any]]:
         """Every credential's non-secret columns, for ``tokenbroker status`` (no key needed)."""
         with self._guard():
             cursor = self._db.execute(
                 "SELECT id, provider, scope, account, state, at_expires_at, last_refresh,"
-                " last_error, rt_version, lease_owner, lease_expires_at, rt_ct IS NOT NULL"
+                " last_error, rt_version, lease_owner, lease_expires_at"
                 " FROM tb_credential ORDER BY provider, account, scope, id"
             )
             names = [d[0] for d in cursor.description]
@@ -296,7 +309,7 @@ class SQLiteStore:
         """Record a failed attempt and the credential's resulting state (fenced)."""
         with self._tx():
             if attempt_id is not None:
-                raw_ct = self._seal(raw, "tb_attempt", str(attempt_id), "raw")
+                raw_ct = self._sealer.seal(raw, "tb_attempt", str(attempt_id), "raw")
                 self._db.execute(
                     f"UPDATE tb_attempt SET status = ?, error = ?, raw_ct = ?, finished_at = {NOW}"
                     " WHERE id = ?",
@@ -339,22 +352,15 @@ class SQLiteStore:
             if attempt_id is not None:
                 self._db.execute(
                     "UPDATE tb_attempt SET status = 'received', raw_ct = ? WHERE id = ?",
-                    (self._seal(raw, "tb_attempt", str(attempt_id), "raw"), attempt_id),
+                    (self._sealer.seal(raw, "tb_attempt", str(attempt_id), "raw"), attempt_id),
                 )
             current = self._db.execute(
                 "SELECT at_version FROM tb_credential WHERE id = ?", (lease.id,)
             ).fetchone()
             at_version = (current[0] if current else 0) + 1
-            at_plain = json.dumps(
-                {
-                    "access_token": token.token.access_token,
-                    "token_type": token.token.token_type,
-                    "scope": token.token.scope,
-                }
-            ).encode()
             params: list[Any] = [
                 token.fingerprint,
-                self._seal(at_plain, "tb_credential", lease.id, "at", at_version),
+                self._sealer.seal_access_token(token.token, lease.id, at_version),
                 at_version,
                 token.obtained_at,
                 token.token.expires_at,
@@ -364,7 +370,7 @@ class SQLiteStore:
             rt_sql = ""
             if refresh_token is not None:
                 rt_sql = ", rt_ct = ?, rt_version = ?, seed_digest = COALESCE(?, seed_digest)"
-                rt_ct = self._seal(
+                rt_ct = self._sealer.seal(
                     refresh_token.reveal().encode(), "tb_credential", lease.id, "rt", version
                 )
                 params += [rt_ct, version, seed_digest]
@@ -411,7 +417,7 @@ class SQLiteStore:
             The lease with the new version, or None when fenced out.
         """
         version = lease.rt_version + 1
-        rt_ct = self._seal(seed.reveal().encode(), "tb_credential", lease.id, "rt", version)
+        rt_ct = self._sealer.seal(seed.reveal().encode(), "tb_credential", lease.id, "rt", version)
         with self._tx():
             changed = self._db.execute(
                 "UPDATE tb_credential SET rt_ct = ?, rt_version = ?, seed_digest = ?, at_ct = NULL,"
@@ -496,13 +502,12 @@ class SQLiteStore:
                 (algorithm,),
             ).fetchall()
         return [
-            (kid, self._keyring.decrypt(blob, _aad("tb_signing_key", kid, "private")))
-            for kid, blob in rows
+            (kid, self._sealer.open(blob, "tb_signing_key", kid, "private")) for kid, blob in rows
         ]
 
     def add_signing_key(self, kid: str, algorithm: str, private_pem: bytes) -> None:
         """Store a delegation signing key, encrypted; a no-op if ``kid`` exists."""
-        blob = self._keyring.encrypt(private_pem, _aad("tb_signing_key", kid, "private"))
+        blob = self._sealer.seal(private_pem, "tb_signing_key", kid, "private")
         with self._tx():
             self._db.execute(
                 "INSERT INTO tb_signing_key (kid, algorithm, private_ct, created_at)"
@@ -516,25 +521,17 @@ class SQLiteStore:
         Returns:
             How many ciphertexts were re-encrypted.
         """
-        # (table, key column, ciphertext column, AAD column name, version column or None)
-        columns = [
-            ("tb_credential", "id", "at_ct", "at", "at_version"),
-            ("tb_credential", "id", "rt_ct", "rt", "rt_version"),
-            ("tb_signing_key", "kid", "private_ct", "private", None),
-            ("tb_attempt", "id", "raw_ct", "raw", None),
-        ]
         count = 0
         with self._tx():
-            for table, key, column, name, version in columns:
+            for table, key, column, name, version in SEALED:
                 rows = self._db.execute(
                     f"SELECT {key}, {column}, {version or 'NULL'} FROM {table}"
                     f" WHERE {column} IS NOT NULL"
                 ).fetchall()
                 for row_key, blob, row_version in rows:
-                    if not self._keyring.needs_rotation(blob):
+                    fresh = self._sealer.reseal(blob, table, str(row_key), name, row_version)
+                    if fresh is None:
                         continue
-                    aad = _aad(table, str(row_key), name, row_version)
-                    fresh = self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
                     self._db.execute(
                         f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (fresh, row_key)
                     )
@@ -597,67 +594,47 @@ class SQLiteStore:
             self._db.execute("ROLLBACK")
             raise
 
-    def _check_keys(self) -> None:
-        """Fail closed when stored secrets were made with a key we do not have."""
-        with self._guard():
-            blobs = self._db.execute(_ALL_SECRETS).fetchall()
-        for (blob,) in blobs:
-            if not self._keyring.knows(blob):
-                self._keyring.decrypt(blob, b"")  # raises EncryptionKeyError naming the key id
 
-    def _seal(
-        self, plain: bytes | None, table: str, row: str, column: str, version: int | None = None
-    ) -> bytes | None:
-        if plain is None:
-            return None
-        return self._keyring.encrypt(plain, _aad(table, row, column, version))
+class _RawSQLite:
+    """The SQLite side of the raw test hook (:class:`~.base.RawState`)."""
 
-    def _decode(self, row: dict[str, Any]) -> CredentialRow:
-        token = None
-        if row["at_ct"] is not None:
-            plain = json.loads(
-                self._keyring.decrypt(
-                    row["at_ct"], _aad("tb_credential", row["id"], "at", row["at_version"])
-                )
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def read(self, table: str, key: str | int, column: str) -> Any:
+        with self._store._guard():
+            row = self._store._db.execute(
+                f"SELECT {_word(column)} FROM {_word(table)} WHERE {KEY_COLUMNS[table]} = ?",
+                (key,),
+            ).fetchone()
+        if row is None:
+            raise KeyError((table, key))
+        return row[0]
+
+    def write(self, table: str, key: str | int, column: str, value: Any) -> None:
+        with self._store._tx():
+            self._store._db.execute(
+                f"UPDATE {_word(table)} SET {_word(column)} = ? WHERE {KEY_COLUMNS[table]} = ?",
+                (value, key),
             )
-            token = StoredToken(
-                token=Token(
-                    access_token=plain["access_token"],
-                    token_type=plain["token_type"],
-                    expires_at=row["at_expires_at"],
-                    scope=plain["scope"],
-                ),
-                lifetime=row["at_lifetime"],
-                obtained_at=row["at_obtained_at"],
-                fingerprint=row["fingerprint"],
-            )
-        refresh = None
-        if row["rt_ct"] is not None:
-            aad = _aad("tb_credential", row["id"], "rt", row["rt_version"])
-            refresh = Secret(self._keyring.decrypt(row["rt_ct"], aad).decode())
-        return CredentialRow(
-            id=row["id"],
-            provider=row["provider"],
-            token=token,
-            refresh_token=refresh,
-            rt_version=row["rt_version"],
-            seed_digest=row["seed_digest"],
-            state=row["state"],
-            last_error=row["last_error"],
-            last_refresh=row["last_refresh"],
-            lease_owner=row["lease_owner"],
-            lease_fence=row["lease_fence"],
-            lease_expires_at=row["lease_expires_at"],
-        )
+
+    def persisted(self) -> bytes:
+        if self._store.path == ":memory:":
+            with self._store._guard():
+                return self._store._db.serialize()
+        files = [Path(f"{self._store.path}{suffix}") for suffix in ("", "-wal", "-shm")]
+        return b"".join(f.read_bytes() for f in files if f.exists())
 
 
-def _aad(table: str, row: str, column: str, version: int | None = None) -> bytes:
-    suffix = "" if version is None else f"|{version}"
-    return f"{table}|{row}|{column}{suffix}".encode()
+def _word(name: str) -> str:
+    """A table or column name, checked to be one before it goes into SQL."""
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"not a column name: {name!r}")
+    return name
 
 
 _ALL_SECRETS = " UNION ALL ".join(
-    f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL" for table, column in _SECRET_COLUMNS
+    f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL" for table, _, column, _, _ in SEALED
 )
 
 
@@ -675,7 +652,7 @@ def probe(url: str, keyring: Keyring | None) -> list[ConfigProblem]:
     Returns:
         The problems, at ``store`` or ``encryption_keys``; they name key ids, never keys.
     """
-    if url == "memory":
+    if url.removeprefix("sqlite:///") == ":memory:":
         return []
     path = Path(url.removeprefix("sqlite:///"))
     problems = []
