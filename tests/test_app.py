@@ -320,7 +320,7 @@ def test_json_logs_carry_request_ids_and_no_secrets(
     mine = [line for line in lines if line.get("request_id") == rid]
     assert {line["logger"] for line in mine} >= {"tokenbroker.audit"}
     audits = [line["message"] for line in lines if line["logger"] == "tokenbroker.audit"]
-    assert "token read consumer=etl provider=svc scope=None outcome=ok" in audits
+    assert "token read consumer=etl provider=svc scope=read outcome=ok" in audits
     assert "token read consumer=etl provider=secret-svc scope=None outcome=not_found" in audits
     text = json.dumps(lines)
     assert token not in text and KEY not in text
@@ -557,6 +557,41 @@ def test_audit_lines_show_the_canonical_scope_never_raw_input(
         "token read consumer=reader provider=svc scope=read outcome=ok",
         "token read consumer=reader provider=svc scope=<invalid> outcome=invalid_request",
     ]
+
+
+def test_audit_lines_name_the_scope_that_was_served(
+    scoped: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token read and an invalidate that name no scope are audited with the configured scope
+    they were served (scope=read, as the cache's own line for the token says), never None."""
+    caplog.set_level("INFO", logger="tokenbroker")
+    client = scoped.client
+    read = client.get("/v1/tokens/svc", headers=auth(READER_KEY))
+    body = {"access_token": read.json()["access_token"]}
+    invalidated = client.post("/v1/tokens/svc/invalidate", json=body, headers=auth(READER_KEY))
+    assert (read.status_code, invalidated.status_code) == (200, 200)
+    audits = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
+    assert audits == [
+        "token read consumer=reader provider=svc scope=read outcome=ok",
+        "token invalidate consumer=reader provider=svc scope=read outcome=ok",
+    ]
+    acquired = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.cache"]
+    acquired = [line for line in acquired if line.startswith("token acquired")]
+    assert len(acquired) == 2
+    assert all(line.startswith("token acquired provider=svc scope=read ") for line in acquired)
+
+
+def test_audit_lines_name_the_pool_account_that_was_served(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token read for one account of a login pool is audited with that account."""
+    broker = make_broker({"db": login(auth_server)})
+    registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("db")])])
+    caplog.set_level("INFO", logger="tokenbroker.audit")
+    with Served(create_app(broker, registry)) as client:
+        assert client.get("/v1/tokens/db?account=bob", headers=auth()).status_code == 200
+    audits = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
+    assert audits == ["token read consumer=etl provider=db scope= account=bob outcome=ok"]
 
 
 def test_refresh_token_provider_serves_only_its_configured_scopes(
