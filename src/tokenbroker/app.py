@@ -268,6 +268,7 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     limits: RateLimits | None = None,
+    openapi: bool | None = None,
 ) -> FastAPI:
     """Build the HTTP API around ``broker``.
 
@@ -280,6 +281,8 @@ def create_app(
         metrics: Prometheus metrics; default: a new registry subscribed to ``broker``.
         limits: Rate limits; default: ``server.rate_limit`` per consumer and
             10 failed key checks a minute per client address.
+        openapi: Serve the OpenAPI document at ``/openapi.json``, to consumers with a key
+            only; default: ``server.openapi`` (off: the route does not exist).
 
     Returns:
         The ASGI application.
@@ -294,6 +297,7 @@ def create_app(
         version=__version__,
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,  # served by _add_openapi, behind a key, when enabled
         responses={401: {"model": ErrorResponse}},
         lifespan=_following(registry),
     )
@@ -311,6 +315,8 @@ def create_app(
     _add_probes(app, broker, meter)
     _add_error_handlers(app)
     _document_errors(app)
+    if server.openapi if openapi is None else openapi:
+        _add_openapi(app)
     return app
 
 
@@ -357,6 +363,13 @@ def _document_errors(app: FastAPI) -> None:
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_openapi(app: FastAPI) -> None:
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(_consumer)])
+    async def openapi_document() -> JSONResponse:
+        """The OpenAPI document, for consumers only: it maps every route and parameter."""
+        return JSONResponse(app.openapi())
 
 
 def _described(description: str, ref: dict[str, str]) -> dict[str, Any]:

@@ -476,6 +476,8 @@ class ServerSettings(_Section):
     cors_origins: tuple[Annotated[str, AfterValidator(_origin)], ...] = ()
     #: Peers whose X-Forwarded-For is believed (addresses or CIDR networks); none by default.
     trusted_proxies: tuple[str, ...] = ()
+    #: Serve the OpenAPI document at /openapi.json (to consumers with a key only); off by default.
+    openapi: bool = False
 
     @field_validator("trusted_proxies")
     @classmethod
