@@ -25,9 +25,11 @@ RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+ ")
 UNSAFE = "\r\n\x1b\x00\x7f\x85\u2028\u2029\u202e"
 
 
-def serve_text_logs(tmp_path: Path, auth_server: AuthorizationServer, requests: object) -> str:
-    """Run `tokenbroker serve` with text logs at info, make ``requests(client)``, stop it,
-    and return what it wrote to stderr."""
+def serve_text_logs(
+    tmp_path: Path, auth_server: AuthorizationServer, requests: object, mode: int = 0o600
+) -> str:
+    """Run `tokenbroker serve` with text logs at info (its config file at ``mode``), make
+    ``requests(client)``, stop it, and return what it wrote to stderr."""
     port = free_port()
     path = tmp_path / "tokenbroker.yaml"
     provider = {
@@ -43,7 +45,7 @@ def serve_text_logs(tmp_path: Path, auth_server: AuthorizationServer, requests: 
         "telemetry": {"log_level": "info", "log_format": "text"},
     }
     path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
+    path.chmod(mode)
     process = subprocess.Popen(  # noqa: S603
         [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
         stdout=subprocess.DEVNULL,
@@ -52,7 +54,7 @@ def serve_text_logs(tmp_path: Path, auth_server: AuthorizationServer, requests: 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(lambda: http_status(url + "/livez") == 200, "serve to answer")
+        wait_for(lambda: http_status(url + "/livez") == 200, "serve to answer", timeout=60)
         with httpx.Client(base_url=url, timeout=10) as client:
             requests(client)  # type: ignore[operator]
     finally:
@@ -123,3 +125,20 @@ def test_json_lines_keep_the_values_as_they_were() -> None:
     line = JsonFormatter().format(record)
     assert "\n" not in line and "\r" not in line
     assert json.loads(line)["message"] == f"event {UNSAFE}"
+
+
+def test_serve_logs_a_literal_secret_in_a_config_others_can_read(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """serve warns, as check does, that its config (mode 0644) holds a literal client_secret,
+    without the secret; at 0600 it does not."""
+    path = tmp_path / "tokenbroker.yaml"
+    readable = serve_text_logs(tmp_path, auth_server, lambda client: None, mode=0o644)
+    private = serve_text_logs(tmp_path, auth_server, lambda client: None)
+    warning = (
+        f"WARNING tokenbroker.server config providers.svc.client_secret: is a secret written"
+        f" in {path}, which group or others may read (mode 0644): run `chmod 600 {path}`"
+    )
+    assert warning in readable
+    assert "chmod" not in private
+    assert "svc-secret" not in readable + private
