@@ -37,7 +37,8 @@ def served(broker: Broker) -> Iterator[Served]:
             ("other", hash_key(OTHER_KEY), [parse_rule("secret-svc")]),
         ]
     )
-    served = Served(create_app(broker, registry, limits=RateLimits(auth_failures="1000/minute")))
+    limits = RateLimits(auth_failures="1000/minute")
+    served = Served(create_app(broker, registry, limits=limits, openapi=True))
     with served:
         yield served
 
@@ -59,10 +60,12 @@ def auth(key: str = KEY) -> dict[str, str]:
 
 
 def test_every_route_but_the_probes_needs_a_key(served: Served, broker: Broker) -> None:
-    """Each route of the app answers 401 + WWW-Authenticate without a key; probes answer without."""
+    """Each route of the app (the OpenAPI document included, when served) answers 401 +
+    WWW-Authenticate without a key; probes answer without."""
     client = served.client
     routes = [r for r in served.app.routes if isinstance(r, APIRoute)]
     assert len(routes) >= 8
+    assert "/openapi.json" in {r.path for r in routes}
     for route in routes:
         path = re.sub(r"\{[^}]+\}", "svc", route.path)
         for method in route.methods:
@@ -219,10 +222,47 @@ def test_bad_requests(served: Served, broker: Broker) -> None:
 
 def test_openapi_has_no_refresh_token_field(served: Served, broker: Broker) -> None:
     """No response schema in the OpenAPI document mentions a refresh token."""
-    spec = served.client.get("/openapi.json")
-    assert spec.status_code in (200, 401)
-    document = create_app(broker, ConsumerRegistry()).openapi()
-    assert "refresh_token" not in str(document["components"]["schemas"])
+    spec = served.client.get("/openapi.json", headers=auth())
+    assert spec.status_code == 200
+    assert "refresh_token" not in str(spec.json()["components"]["schemas"])
+
+
+def test_openapi_document_is_served_only_when_enabled_and_only_with_a_key(
+    auth_server: AuthorizationServer,
+) -> None:
+    """By default /openapi.json (and the docs pages) do not exist, with a key or without;
+    with server.openapi: true it answers 401 without a key and the document with one."""
+    import yaml
+
+    from tokenbroker import parse_settings
+
+    def served_with(server: dict[str, object]) -> list[tuple[int, str]]:
+        config = {
+            "store": "memory",
+            "server": server,
+            "providers": {"svc": client_credentials(auth_server)},
+        }
+        registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("svc")])])
+        with (
+            Broker(parse_settings(yaml.safe_dump(config), {})) as broker,
+            Served(create_app(broker, registry)) as client,
+        ):
+            answers = [
+                client.get(p, headers=h)
+                for p in ("/openapi.json", "/docs", "/redoc")
+                for h in ({}, auth())
+            ]
+        return [
+            (a.status_code, a.json().get("openapi") or a.json()["error"]["code"]) for a in answers
+        ]
+
+    not_found = (404, "not_found")
+    assert served_with({}) == [not_found] * 6
+    assert served_with({"openapi": True}) == [
+        (401, "unauthorized"),
+        (200, "3.1.0"),
+        *[not_found] * 4,
+    ]
 
 
 def test_failed_key_checks_are_rate_limited_per_source(broker: Broker) -> None:
@@ -320,7 +360,7 @@ def test_json_logs_carry_request_ids_and_no_secrets(
     mine = [line for line in lines if line.get("request_id") == rid]
     assert {line["logger"] for line in mine} >= {"tokenbroker.audit"}
     audits = [line["message"] for line in lines if line["logger"] == "tokenbroker.audit"]
-    assert "token read consumer=etl provider=svc scope=None outcome=ok" in audits
+    assert "token read consumer=etl provider=svc scope=read outcome=ok" in audits
     assert "token read consumer=etl provider=secret-svc scope=None outcome=not_found" in audits
     text = json.dumps(lines)
     assert token not in text and KEY not in text
@@ -555,6 +595,41 @@ def test_audit_lines_show_the_canonical_scope_never_raw_input(
         "token read consumer=reader provider=svc scope=read outcome=ok",
         "token read consumer=reader provider=svc scope=<invalid> outcome=invalid_request",
     ]
+
+
+def test_audit_lines_name_the_scope_that_was_served(
+    scoped: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token read and an invalidate that name no scope are audited with the configured scope
+    they were served (scope=read, as the cache's own line for the token says), never None."""
+    caplog.set_level("INFO", logger="tokenbroker")
+    client = scoped.client
+    read = client.get("/v1/tokens/svc", headers=auth(READER_KEY))
+    body = {"access_token": read.json()["access_token"]}
+    invalidated = client.post("/v1/tokens/svc/invalidate", json=body, headers=auth(READER_KEY))
+    assert (read.status_code, invalidated.status_code) == (200, 200)
+    audits = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
+    assert audits == [
+        "token read consumer=reader provider=svc scope=read outcome=ok",
+        "token invalidate consumer=reader provider=svc scope=read outcome=ok",
+    ]
+    acquired = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.cache"]
+    acquired = [line for line in acquired if line.startswith("token acquired")]
+    assert len(acquired) == 2
+    assert all(line.startswith("token acquired provider=svc scope=read ") for line in acquired)
+
+
+def test_audit_lines_name_the_pool_account_that_was_served(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token read for one account of a login pool is audited with that account."""
+    broker = make_broker({"db": login(auth_server)})
+    registry = ConsumerRegistry([("etl", hash_key(KEY), [parse_rule("db")])])
+    caplog.set_level("INFO", logger="tokenbroker.audit")
+    with Served(create_app(broker, registry)) as client:
+        assert client.get("/v1/tokens/db?account=bob", headers=auth()).status_code == 200
+    audits = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
+    assert audits == ["token read consumer=etl provider=db scope= account=bob outcome=ok"]
 
 
 def test_refresh_token_provider_serves_only_its_configured_scopes(

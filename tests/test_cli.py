@@ -365,6 +365,7 @@ def test_check_reports_a_store_under_another_key(tmp_path: Path) -> None:
     assert old not in output and new not in output
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     path.write_text(yaml.safe_dump({"store": "sqlite:///tb.db", "encryption_keys": [new, old]}))
+    path.chmod(0o600)  # keys written in the file: only the owner may read it (no warning)
     assert check(path) == (0, f"{path}: ok (0 providers: none)\n")
 
 
@@ -524,3 +525,83 @@ def test_status_names_rows_stored_before_rows_carried_their_scope(
     with closing(sqlite3.connect(tmp_path / "tb.db")) as db:
         version = db.execute("SELECT value FROM tb_meta WHERE name = 'schema_version'").fetchone()
     assert version == (str(len(MIGRATIONS)),)
+
+
+LITERAL = {
+    "client_secret": {"client_secret": CANARY},
+    "default of a variable": {"client_secret": "${UNSET_CHECK_SECRET:-" + CANARY + "}"},
+}
+
+
+@pytest.mark.parametrize("how", sorted(LITERAL))
+def test_check_warns_about_a_literal_secret_others_can_read(
+    tmp_path: Path, auth_server: AuthorizationServer, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """A config file with a secret written in it (not ${VAR}) and mode 0644 gets a warning
+    naming the file, the field, the mode and `chmod 600`, never the secret; check still
+    passes. At 0600 there is no such warning."""
+    monkeypatch.delenv("UNSET_CHECK_SECRET", raising=False)
+    path = write_config(tmp_path, {"svc": client_credentials(auth_server, **LITERAL[how])})
+    path.chmod(0o644)
+    code, output = check(path)
+    assert code == 0, output
+    warning = (
+        f"warning: providers.svc.client_secret: is a secret written in {path}, which group or"
+        f" others may read (mode 0644): run `chmod 600 {path}`"
+    )
+    assert warning in output
+    assert CANARY not in output
+    path.chmod(0o600)
+    code, output = check(path)
+    assert (code, "chmod" in output) == (0, False), output
+
+
+def test_check_accepts_readable_configs_whose_secrets_come_from_variables(
+    tmp_path: Path, auth_server: AuthorizationServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Secrets given as ${VAR} (a redis URL's password too) and a login request template's
+    "{password}" placeholder are not literal secrets: a 0644 file gets no warning."""
+    monkeypatch.setenv("CHECK_SECRET", CANARY)
+    providers = {
+        "svc": client_credentials(auth_server, client_secret="${CHECK_SECRET}"),
+        "db": login(
+            auth_server,
+            credentials=[{"username": "alice", "password": "${CHECK_SECRET}"}],
+            request={"json": {"username": "{username}", "password": "{password}"}},
+        ),
+    }
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "store": "memory",
+                "redis": "redis://:${CHECK_SECRET}@cache:6379/0",
+                "providers": providers,
+            }
+        )
+    )
+    path.chmod(0o644)
+    code, output = check(path)
+    assert code == 0, output
+    assert "chmod" not in output and CANARY not in output
+
+
+def test_check_warns_about_a_credentials_file_others_can_read(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """A login provider's credentials_file that group or others may read gets a warning naming
+    it and its mode, never a password; the config file itself (no literal secret) gets none."""
+    accounts = tmp_path / "accounts.txt"
+    accounts.write_text(f"alice:{CANARY}\n")
+    accounts.chmod(0o640)
+    provider = login(auth_server, credentials_file="accounts.txt")
+    del provider["credentials"]
+    path = write_config(tmp_path, {"db": provider})
+    path.chmod(0o644)
+    code, output = check(path)
+    assert code == 0, output
+    assert (
+        f"warning: providers.db.credentials_file: {accounts} holds passwords, which group or"
+        f" others may read (mode 0640): run `chmod 600 {accounts}`" in output
+    )
+    assert output.count("chmod") == 1 and CANARY not in output

@@ -224,12 +224,14 @@ class TokenRead:
             )
             wanted = query.get("scope", [None])
             account = query.get("account", [None])[-1] or None
-            with audited("token read", caller, provider=provider, scope=_shown(wanted)):
+            with audited("token read", caller, provider=provider, scope=_shown(wanted)) as line:
                 if len(wanted) > 1:
                     raise InvalidRequest("invalid request: scope given more than once")
                 if account and len(account) > 256:
                     raise InvalidRequest("invalid request: account too long")
-                checked = check_allowed(self.broker, caller, provider, wanted[0])
+                checked = line["scope"] = check_allowed(self.broker, caller, provider, wanted[0])
+                if account:
+                    line["account"] = account
                 token = await self.broker.aget_token(provider, checked, account=account)
         except TokenBrokerError as exc:
             await error_response(exc)(scope, receive, send)
@@ -266,6 +268,7 @@ def create_app(
     *,
     metrics: Metrics | None = None,
     limits: RateLimits | None = None,
+    openapi: bool | None = None,
 ) -> FastAPI:
     """Build the HTTP API around ``broker``.
 
@@ -278,6 +281,8 @@ def create_app(
         metrics: Prometheus metrics; default: a new registry subscribed to ``broker``.
         limits: Rate limits; default: ``server.rate_limit`` per consumer and
             10 failed key checks a minute per client address.
+        openapi: Serve the OpenAPI document at ``/openapi.json``, to consumers with a key
+            only; default: ``server.openapi`` (off: the route does not exist).
 
     Returns:
         The ASGI application.
@@ -292,6 +297,7 @@ def create_app(
         version=__version__,
         docs_url=None,
         redoc_url=None,
+        openapi_url=None,  # served by _add_openapi, behind a key, when enabled
         responses={401: {"model": ErrorResponse}},
         lifespan=_following(registry),
     )
@@ -309,6 +315,8 @@ def create_app(
     _add_probes(app, broker, meter)
     _add_error_handlers(app)
     _document_errors(app)
+    if server.openapi if openapi is None else openapi:
+        _add_openapi(app)
     return app
 
 
@@ -357,6 +365,13 @@ def _document_errors(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _add_openapi(app: FastAPI) -> None:
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(_consumer)])
+    async def openapi_document() -> JSONResponse:
+        """The OpenAPI document, for consumers only: it maps every route and parameter."""
+        return JSONResponse(app.openapi())
+
+
 def _described(description: str, ref: dict[str, str]) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ref}}}
 
@@ -386,8 +401,12 @@ def _add_token_routes(
     async def invalidate(provider: str, body: InvalidateIn, caller: Caller) -> JSONResponse:
         """Report a rejected token: it is dropped only if still current, then the current
         token is returned (one refresh however many consumers report it)."""
-        with audited("token invalidate", caller, provider=provider, scope=_shown([body.scope])):
-            checked = check_allowed(broker, caller, provider, body.scope)
+        with audited(
+            "token invalidate", caller, provider=provider, scope=_shown([body.scope])
+        ) as line:
+            checked = line["scope"] = check_allowed(broker, caller, provider, body.scope)
+            if body.account:
+                line["account"] = body.account
             dropped = broker.invalidate(provider, body.access_token, checked, account=body.account)
             token = await broker.aget_token(provider, checked, account=body.account)
         return JSONResponse({**_token_json(token), "invalidated": dropped}, headers=NO_STORE)
@@ -516,16 +535,25 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 @contextlib.contextmanager
-def audited(event: str, caller: Consumer, **fields: object) -> Iterator[None]:
+def audited(event: str, caller: Consumer, **fields: object) -> Iterator[dict[str, object]]:
     """One audit line for what happens inside: consumer, fields, and the outcome
-    (``ok`` or the error code). Fields are names and scopes, never tokens."""
-    details = " ".join(f"{name}={value}" for name, value in fields.items())
+    (``ok`` or the error code). Fields are names and scopes, never tokens.
+
+    Yields:
+        The fields, for the body to replace what was asked with what was served (the
+        normalised scope) before the line is written at the end.
+    """
     try:
-        yield
+        yield fields
     except TokenBrokerError as exc:
-        audit.info("%s consumer=%s %s outcome=%s", event, caller.name, details, _code(exc))
+        audit.info("%s consumer=%s %s outcome=%s", event, caller.name, _details(fields), _code(exc))
         raise
-    audit.info("%s consumer=%s %s outcome=ok", event, caller.name, details)
+    audit.info("%s consumer=%s %s outcome=ok", event, caller.name, _details(fields))
+
+
+def _details(fields: dict[str, object]) -> str:
+    # Values may be request input; the log formatter escapes control characters in them.
+    return " ".join(f"{name}={value}" for name, value in fields.items())
 
 
 def _status(exc: BaseException) -> ErrorStatus | None:

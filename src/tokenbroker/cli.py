@@ -134,7 +134,7 @@ def check(config_path: Path) -> None:
     """
     try:
         settings = load_settings(config_path)
-        for warning in config_warnings(settings):
+        for warning in config_warnings(settings, config_path):
             click.echo(f"warning: {warning}", err=True)
         problems = startup_problems(settings)
         keys = settings.encryption_keys

@@ -3,6 +3,10 @@
 The library only logs through ``logging.getLogger("tokenbroker.…")``; this
 module, used by the CLI alone, installs the handler. Each JSON line carries the
 request id of the HTTP request being served, if any.
+
+Log lines quote request input (provider names, audiences, routes, accounts). JSON escapes
+it; the text format escapes it here, in one place (:class:`TextFormatter`), so no value can
+end a line and start a forged record, whichever call site or field logged it.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
-__all__ = ["JsonFormatter", "configure", "request_id"]
+__all__ = ["TEXT_FORMAT", "JsonFormatter", "TextFormatter", "configure", "escape", "request_id"]
 
 #: The id of the HTTP request being handled (set by the request middleware).
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -39,6 +44,66 @@ class JsonFormatter(logging.Formatter):
             # The class only: exception text can quote values we must not log.
             entry["exception"] = record.exc_info[0].__name__
         return json.dumps(entry, ensure_ascii=False)
+
+
+#: The text format's fields (each escaped by :class:`TextFormatter`).
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+# What a terminal or a line-based log reader takes for the end of a line or for a command:
+# C0 controls (CR, LF, ESC ...), DEL, C1 controls (NEL ...), the Unicode line and paragraph
+# separators, and the bidirectional overrides that make text display as other text. The
+# backslash too, so that an escape in the output was made here, never typed by a client.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\\\\]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    if char == "\\":
+        return "\\\\"
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape(text: str) -> str:
+    """``text`` with every control character written as a visible escape.
+
+    Args:
+        text: Any text.
+
+    Returns:
+        The text on one line: ``\\n`` becomes ``\\x0a``, U+2028 becomes ``\\u2028``, a backslash
+        becomes two; everything else is unchanged.
+    """
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_escaped, text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record, every field escaped (:func:`escape`): the message with its
+    arguments, and any other record attribute the format names (``extra=`` fields too).
+
+    As in JSON, an exception is shown by its class only: its text and traceback can quote
+    values that must not be logged, and span lines.
+
+    Args:
+        fmt: A ``%``-style format; default :data:`TEXT_FORMAT`.
+    """
+
+    def __init__(self, fmt: str = TEXT_FORMAT) -> None:
+        super().__init__(fmt)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape(super().formatMessage(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        if record.exc_info and record.exc_info[0] is not None:
+            line += f" exception={escape(record.exc_info[0].__name__)}"
+        return line
 
 
 class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
@@ -81,7 +146,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     if _installed is not None:
         root.removeHandler(_installed)

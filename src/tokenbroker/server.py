@@ -56,10 +56,10 @@ def _fetch_required(broker: Broker) -> None:
         logger.info("fetching %d required provider token(s)", started)
 
 
-def _configure_logs(broker: Broker) -> None:
+def _configure_logs(broker: Broker, config_path: Path) -> None:
     telemetry = broker.settings.telemetry
     configure(telemetry.log_level, telemetry.log_format)
-    for warning in config_warnings(broker.settings):
+    for warning in config_warnings(broker.settings, config_path):
         logger.warning("config %s", warning)
 
 
@@ -117,7 +117,7 @@ def serve(
         announce: Receives one line per listener once it listens.
     """
     broker = Broker.from_config(config_path)
-    _configure_logs(broker)
+    _configure_logs(broker, config_path)
     address = listen or broker.settings.server.listen
     host, _, port = address.rpartition(":")
     # X-Forwarded-For names the client only when the peer is a configured proxy; uvicorn
@@ -196,7 +196,7 @@ def run_proxy(
         raise ConfigError([ConfigProblem("proxy", "is required to run the proxy")])
     if listen:
         settings = settings.model_copy(update={"listen": listen})
-    _configure_logs(broker)
+    _configure_logs(broker, config_path)
     _fetch_required(broker)
 
     async def main() -> None:

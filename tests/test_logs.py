@@ -1,0 +1,144 @@
+"""Log output: the text format keeps every record on its own line, whatever a client sends;
+JSON stays as it was. Against a real `tokenbroker serve` and through the formatters."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import yaml
+
+from support import client_credentials, free_port, http_status, terminate, wait_for
+from tokenbroker.consumers import hash_key, new_key
+from tokenbroker.logs import JsonFormatter, TextFormatter
+from tokenbroker.testing import AuthorizationServer
+
+KEY = new_key()
+# What a forged record would start with: the text format's timestamp, level and logger.
+FORGED = "1999-12-31 23:59:59,999 INFO tokenbroker.audit token read consumer=bob"
+RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ [\w.]+ ")
+UNSAFE = "\r\n\x1b\x00\x7f\x85\u2028\u2029\u202e"
+
+
+def serve_text_logs(
+    tmp_path: Path, auth_server: AuthorizationServer, requests: object, mode: int = 0o600
+) -> str:
+    """Run `tokenbroker serve` with text logs at info (its config file at ``mode``), make
+    ``requests(client)``, stop it, and return what it wrote to stderr."""
+    port = free_port()
+    path = tmp_path / "tokenbroker.yaml"
+    provider = {
+        **client_credentials(auth_server),
+        "delegation": {"mode": "jwt", "audiences": ["https://files.example"]},
+    }
+    config = {
+        "store": "memory",
+        "defaults": {"retries": 0},
+        "providers": {"svc": provider},
+        "consumers": {"app": {"api_key_sha256": hash_key(KEY), "allow": ["svc"]}},
+        "server": {"listen": f"127.0.0.1:{port}"},
+        "telemetry": {"log_level": "info", "log_format": "text"},
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(mode)
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http_status(url + "/livez") == 200, "serve to answer", timeout=60)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            requests(client)  # type: ignore[operator]
+    finally:
+        err = terminate(process)
+    assert process.returncode == 0, err
+    return err or ""
+
+
+def test_a_forged_audit_line_in_request_input_stays_on_one_line(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """A provider name and a delegation audience carrying a newline and a fake record each give
+    exactly one audit line (the real one, consumer=app) and no line that starts like a record
+    from the injected text, however a reader splits lines."""
+    auth = {"Authorization": f"Bearer {KEY}"}
+
+    def requests(client: httpx.Client) -> None:
+        read = client.get(
+            f"/v1/tokens/x%0a{FORGED} provider=svc scope=read outcome=ok", headers=auth
+        )
+        assert read.status_code == 404
+        body = {"provider": "svc", "audience": f"a{UNSAFE}{FORGED}"}
+        assert client.post("/v1/delegations", json=body, headers=auth).status_code == 404
+
+    lines = serve_text_logs(tmp_path, auth_server, requests).splitlines()
+    carrying = [line for line in lines if "consumer=bob" in line]
+    assert len(carrying) == 2, lines
+    assert all(RECORD.match(line) for line in carrying), carrying
+    assert [line.split(" consumer=")[1].split(" ")[0] for line in carrying] == ["app", "app"]
+    assert [line for line in lines if line.startswith(FORGED[:10])] == []
+    assert "provider=x\\x0a1999-12-31" in carrying[0]
+    assert "audience=a\\x0d\\x0a\\x1b\\x00\\x7f\\x85\\u2028\\u2029\\u202e1999" in carrying[1]
+
+
+def test_text_formatter_escapes_message_arguments_and_extras() -> None:
+    """Control characters in a record's message, its arguments and an extra field the format
+    names come out as visible escapes on one line; a backslash is doubled."""
+    record = logging.LogRecord(
+        "tokenbroker.audit", logging.INFO, __file__, 1, "event%s x=%s", (UNSAFE, "a\\b"), None
+    )
+    record.consumer = f"c{UNSAFE}"
+    line = TextFormatter("%(levelname)s %(consumer)s %(message)s").format(record)
+    assert line.splitlines() == [line]
+    assert not any(char in line for char in UNSAFE)
+    escaped = "\\x0d\\x0a\\x1b\\x00\\x7f\\x85\\u2028\\u2029\\u202e"
+    assert line == f"INFO c{escaped} event{escaped} x=a\\\\b"
+
+
+def test_text_formatter_shows_an_exception_by_its_class_only() -> None:
+    """An exception is named by its class, as in JSON: neither its text nor its traceback
+    (which can quote secrets and span lines) is written."""
+    try:
+        raise ValueError("secret-value\nsecond line")
+    except ValueError:
+        record = logging.LogRecord(
+            "tokenbroker.app", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+        )
+    line = TextFormatter().format(record)
+    assert line.endswith(" ERROR tokenbroker.app failed exception=ValueError")
+    assert "secret-value" not in line and "Traceback" not in line
+
+
+def test_json_lines_keep_the_values_as_they_were() -> None:
+    """The JSON formatter is unchanged: the message decodes to exactly what was logged."""
+    record = logging.LogRecord(
+        "tokenbroker.audit", logging.INFO, __file__, 1, "event %s", (UNSAFE,), None
+    )
+    line = JsonFormatter().format(record)
+    assert "\n" not in line and "\r" not in line
+    assert json.loads(line)["message"] == f"event {UNSAFE}"
+
+
+def test_serve_logs_a_literal_secret_in_a_config_others_can_read(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """serve warns, as check does, that its config (mode 0644) holds a literal client_secret,
+    without the secret; at 0600 it does not."""
+    path = tmp_path / "tokenbroker.yaml"
+    readable = serve_text_logs(tmp_path, auth_server, lambda client: None, mode=0o644)
+    private = serve_text_logs(tmp_path, auth_server, lambda client: None)
+    warning = (
+        f"WARNING tokenbroker.server config providers.svc.client_secret: is a secret written"
+        f" in {path}, which group or others may read (mode 0644): run `chmod 600 {path}`"
+    )
+    assert warning in readable
+    assert "chmod" not in private
+    assert "svc-secret" not in readable + private
