@@ -431,6 +431,11 @@ class ProxySettings(_Frozen):
     retry_after_seconds: float = Field(1.0, gt=0)
     client_body_timeout_seconds: float = Field(60.0, gt=0)
     client_header_timeout_seconds: float = Field(10.0, gt=0)
+    #: An idle client connection (nothing in flight, no request begun) closes after this.
+    client_keepalive_seconds: float = Field(15.0, gt=0)
+    #: Client connections held at once; more get 503 and a close. Default: from the
+    #: process's descriptor limit (:mod:`tokenbroker.descriptors`).
+    max_client_connections: int | None = Field(None, ge=1)
 
     @field_validator("listen", "health_listen")
     @classmethod
@@ -476,6 +481,9 @@ class ServerSettings(_Section):
     cors_origins: tuple[Annotated[str, AfterValidator(_origin)], ...] = ()
     #: Peers whose X-Forwarded-For is believed (addresses or CIDR networks); none by default.
     trusted_proxies: tuple[str, ...] = ()
+    #: Connections the API serves at once (uvicorn's ``limit_concurrency``; more get 503).
+    #: Default: from the process's descriptor limit (:mod:`tokenbroker.descriptors`).
+    max_connections: int | None = Field(None, ge=1)
 
     @field_validator("trusted_proxies")
     @classmethod
