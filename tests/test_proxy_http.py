@@ -7,6 +7,7 @@ import gc
 import hashlib
 import json
 import os
+import select
 import shutil
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from support import BROKEN_BODIES, CHUNKED_HEAD, client_credentials, stampede, w
 from tokenbroker import Broker, parse_settings
 from tokenbroker.config import ProxySettings
 from tokenbroker.consumers import hash_key, new_key
+from tokenbroker.proxy.connection import MAX_PIPELINED
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
 
 CURL = shutil.which("curl")
@@ -424,6 +426,34 @@ def test_pipelined_local_errors_keep_their_place(
     assert replies[0].json() == {"slept": 0.3}
     assert replies[2].json()["query"] == "i=2"
     assert [r.path for r in upstream.records()] == ["/api/slow", "/api/echo"]
+
+
+def test_pipelined_requests_are_parsed_only_a_few_ahead_of_their_answers(
+    proxy: ServedProxy, upstream: RecordingUpstream
+) -> None:
+    """200 requests pipelined in one write behind a slow one are parsed at most
+    MAX_PIPELINED ahead of their answers (the rest waits as bytes), and all 201 answers
+    still come back in order, a body full of CRLFs among them intact."""
+    body = b"x\r\n\r\nGET /api/echo HTTP/1.1\r\n\r\n" * 20  # head ends inside a body
+    batch = [raw("GET", "/api/slow?seconds=1")]
+    for i in range(200):
+        if i == 100:
+            batch.append(raw("POST", f"/api/echo?i={i}", body=body))
+        else:
+            batch.append(raw("GET", f"/api/echo?i={i}"))
+    server = proxy.server
+    with Client(proxy.url) as client:
+        client.send(b"".join(batch))
+        queued = []
+        while not select.select([client.sock], [], [], 0.01)[0]:  # until the slow answer
+            queued.extend(c.queued for c in list(server.connections))
+        replies = [client.read("GET") for _ in range(201)]
+    assert 0 < max(queued) <= MAX_PIPELINED, max(queued)
+    assert replies[0].json() == {"slept": 1.0}
+    assert [r.json()["query"] for r in replies[1:]] == [f"i={i}" for i in range(200)]
+    assert replies[101].json()["method"] == "POST"
+    assert replies[101].json()["body_bytes"] == len(body)
+    assert len(upstream.records()) == 201
 
 
 def test_keep_alive_on_both_sides(proxy: ServedProxy, upstream: RecordingUpstream) -> None:

@@ -716,3 +716,55 @@ def test_proxy_health_reports_the_worst_pool_account(
     assert status.exit_code == 0, status.output
     assert "route / -> db (pool): total 2" in status.output
     assert status.output.splitlines()[1].endswith("; provider failed"), status.output
+
+
+def test_an_idle_keep_alive_connection_is_closed_and_frees_its_token(
+    broker: Broker, upstream: RecordingUpstream
+) -> None:
+    """A connection idle for client_keepalive_seconds after its answer is closed by the proxy
+    and its pool token goes back; one waiting longer than that for its answer is not cut."""
+    settings = _proxy_settings(upstream, client_keepalive_seconds=0.5, refresh_check_seconds=0.1)
+    with ServedProxy(broker, settings) as proxy:
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as slow:
+            slow.sendall(b"GET /api/slow?seconds=1.5 HTTP/1.1\r\nHost: x\r\n\r\n")
+            with socket.create_connection((host, int(port)), timeout=10) as idle:
+                idle.sendall(b"GET /api/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert idle.recv(65536).startswith(b"HTTP/1.1 200 ")
+                answered = time.monotonic()
+                rest = _read_all(idle)  # until the proxy closes the connection
+                waited = time.monotonic() - answered
+            reply = slow.recv(65536)
+        wait_for(lambda: proxy.stats().in_use == 0)
+    assert rest == b""
+    assert 0.4 < waited < 5
+    assert reply.startswith(b"HTTP/1.1 200 ")
+
+
+def test_connections_beyond_max_client_connections_get_503_and_a_close(
+    broker: Broker, upstream: RecordingUpstream
+) -> None:
+    """With max_client_connections held (idle, after one request each), a new connection gets
+    503 and is closed at once, before it sends anything; once one closes, a new one is served."""
+    settings = _proxy_settings(upstream, max_client_connections=2, refresh_check_seconds=0.1)
+    with ServedProxy(broker, settings) as proxy:
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(2)]
+        try:
+            for sock in held:
+                sock.sendall(b"GET /svc/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+            with socket.create_connection((host, int(port)), timeout=10) as extra:
+                refused = _read_all(extra)
+            assert proxy.server.connections and len(proxy.server.connections) == 2
+        finally:
+            held.pop().close()
+        wait_for(lambda: len(proxy.server.connections) == 1)
+        with httpx.Client(base_url=proxy.url) as client:
+            assert client.get("/svc/echo").status_code == 200
+        held[0].close()
+    head, _, body = refused.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == "too_many_connections"
+    assert [r.path for r in upstream.records()] == ["/api/echo"] * 3

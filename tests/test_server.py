@@ -3,8 +3,11 @@ only their configured scopes; a real `serve` process against the real authorizat
 
 from __future__ import annotations
 
+import resource
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,14 +18,16 @@ import yaml
 
 from support import Lines, client_credentials, free_port, http_status, login, terminate, wait_for
 from tokenbroker.consumers import hash_key, new_key
-from tokenbroker.testing import AuthorizationServer, Fault
+from tokenbroker.descriptors import budget
+from tokenbroker.testing import AuthorizationServer, Fault, RecordingUpstream
 
 KEY = new_key()
 
 
 @contextmanager
-def serving(tmp_path: Path, providers: dict[str, Any]) -> Iterator[httpx.Client]:
-    """Run `tokenbroker serve` on a free port; yield a client for it; SIGTERM it afterwards."""
+def serving(tmp_path: Path, providers: dict[str, Any], **server: Any) -> Iterator[httpx.Client]:
+    """Run `tokenbroker serve` on a free port (more ``server:`` settings from ``server``); yield
+    a client for it; SIGTERM it afterwards."""
     port = free_port()
     path = tmp_path / "tokenbroker.yaml"
     config = {
@@ -30,7 +35,7 @@ def serving(tmp_path: Path, providers: dict[str, Any]) -> Iterator[httpx.Client]
         "defaults": {"retries": 0},
         "providers": providers,
         "consumers": {"app": {"api_key_sha256": hash_key(KEY), "allow": ["svc"]}},
-        "server": {"listen": f"127.0.0.1:{port}"},
+        "server": {"listen": f"127.0.0.1:{port}", **server},
         "telemetry": {"log_level": "warning"},
     }
     path.write_text(yaml.safe_dump(config))
@@ -149,3 +154,114 @@ def test_serve_announces_the_address_it_listens_on(
         assert http_status(url + "/livez") == 200
     finally:
         terminate(process)
+
+
+FD_LIMIT = 256
+"""The descriptor limit the `serve` process of the saturation test runs under."""
+
+
+def _limit_descriptors() -> None:
+    """Run in the child only (preexec_fn): lower its soft RLIMIT_NOFILE to FD_LIMIT."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, hard))
+
+
+def _hold(url: str, count: int) -> tuple[list[socket.socket], dict[str, int]]:
+    """Open up to ``count`` connections to ``url``, one request each, left open; the open
+    sockets and how each first answer began (status, or ``none``) — stops early once three
+    get no answer at all (the server has run out of descriptors)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    held: list[socket.socket] = []
+    seen: dict[str, int] = {}
+    for _ in range(count):
+        if seen.get("none", 0) >= 3:
+            break
+        sock = socket.create_connection((host, int(port)), timeout=2)
+        held.append(sock)
+        try:
+            sock.sendall(b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = sock.recv(65536)
+        except OSError:
+            first = b""
+        status = first.split(b" ", 2)[1].decode() if first.startswith(b"HTTP/1.1 ") else "none"
+        seen[status] = seen.get(status, 0) + 1
+    return held, seen
+
+
+def test_api_and_probes_answer_while_the_proxy_holds_more_idle_clients_than_descriptors(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """Under `ulimit -n 256`, 320 idle kept-alive proxy clients (one request each) do not take
+    the process's last descriptors: the proxy caps its clients (503 beyond), and the API's
+    /health, a token read and the proxy's health port answer in under 2 s."""
+    with RecordingUpstream(auth_server) as upstream:
+        port = free_port()
+        path = tmp_path / "tokenbroker.yaml"
+        config = {
+            "store": "memory",
+            "providers": {"svc": client_credentials(auth_server)},
+            "consumers": {"app": {"api_key_sha256": hash_key(KEY), "allow": ["svc"]}},
+            "server": {"listen": f"127.0.0.1:{port}"},
+            "proxy": {
+                "listen": "127.0.0.1:0",
+                "health_listen": "127.0.0.1:0",
+                "routes": [
+                    {"prefix": "/", "upstream": upstream.url + "/api/", "provider": "svc"}
+                    | {"mode": "shared"}
+                ],
+            },
+            "telemetry": {"log_level": "error"},
+        }
+        path.write_text(yaml.safe_dump(config))
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=_limit_descriptors,  # noqa: PLW1509 - only setrlimit, before exec
+        )
+        held: list[socket.socket] = []
+        try:
+            lines = Lines(process.stdout)
+            proxy = lines.until("proxy listening", timeout=30).split()[-1]
+            health = lines.until("health listening", timeout=30).split()[-1]
+            api = f"http://127.0.0.1:{port}"
+            wait_for(lambda: http_status(api + "/livez") == 200, timeout=30)
+            held, seen = _hold(proxy, 320)
+            timings = {}
+            with httpx.Client(timeout=5) as client:
+                for name, url, headers in [
+                    ("api health", api + "/health", {}),
+                    ("token", api + "/v1/tokens/svc", {"Authorization": f"Bearer {KEY}"}),
+                    ("proxy health", health + "/health", {}),
+                ]:
+                    started = time.monotonic()
+                    reply = client.get(url, headers=headers)
+                    timings[name] = (reply.status_code, time.monotonic() - started)
+        finally:
+            for sock in held:
+                sock.close()
+            err = terminate(process)
+    assert process.returncode == 0, err
+    assert seen.get("200", 0) + seen.get("503", 0) == 320, seen
+    assert seen.get("200") == budget(with_proxy=True, limit=FD_LIMIT).proxy_clients, seen
+    assert all(status == 200 and took < 2 for status, took in timings.values()), timings
+
+
+def test_api_connections_beyond_max_connections_get_503(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """With server.max_connections connections open on the API, a request on one more gets 503
+    (uvicorn's limit_concurrency); once they close, the API answers again."""
+    providers = {"svc": client_credentials(auth_server)}
+    with serving(tmp_path, providers, max_connections=4) as client:
+        host, port = str(client.base_url).removeprefix("http://").rstrip("/").rsplit(":", 1)
+        held = [socket.create_connection((host, int(port)), timeout=10) for _ in range(4)]
+        try:
+            with httpx.Client(base_url=client.base_url, timeout=10) as other:
+                crowded = other.get("/livez").status_code
+        finally:
+            for sock in held:
+                sock.close()
+        wait_for(lambda: client.get("/livez").status_code == 200, "the API to answer again")
+    assert crowded == 503

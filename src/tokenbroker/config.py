@@ -460,6 +460,11 @@ class ProxySettings(_Frozen):
     client_request_timeout_seconds: float = Field(120.0, gt=0)
     # No response byte taken by the client for this long closes it (nginx's send_timeout).
     client_send_timeout_seconds: float = Field(60.0, gt=0)
+    #: An idle client connection (nothing in flight, no request begun) closes after this.
+    client_keepalive_seconds: float = Field(15.0, gt=0)
+    #: Client connections held at once; more get 503 and a close. Default: from the
+    #: process's descriptor limit (:mod:`tokenbroker.descriptors`).
+    max_client_connections: int | None = Field(None, ge=1)
 
     @field_validator("listen", "health_listen")
     @classmethod
@@ -507,6 +512,9 @@ class ServerSettings(_Section):
     trusted_proxies: tuple[str, ...] = ()
     #: Serve the OpenAPI document at /openapi.json (to consumers with a key only); off by default.
     openapi: bool = False
+    #: Connections the API serves at once (uvicorn's ``limit_concurrency``; more get 503).
+    #: Default: from the process's descriptor limit (:mod:`tokenbroker.descriptors`).
+    max_connections: int | None = Field(None, ge=1)
 
     @field_validator("trusted_proxies")
     @classmethod

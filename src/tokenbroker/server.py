@@ -25,6 +25,7 @@ from .api_protocol import BoundedHeadProtocol
 from .app import create_app
 from .broker import Broker
 from .config import ProxySettings, config_warnings
+from .descriptors import budget
 from .errors import ConfigError, ConfigProblem
 from .logs import configure
 from .proxy import ProxyServer, compiled
@@ -123,6 +124,11 @@ def serve(
     # X-Forwarded-For names the client only when the peer is a configured proxy; uvicorn
     # would otherwise believe it from any loopback peer.
     trusted = list(broker.settings.server.trusted_proxies)
+    # Bounded by the descriptor budget too, so a flood on the API cannot take the
+    # descriptors the proxy and the probes need (nor the proxy's take the API's).
+    limit = broker.settings.server.max_connections
+    if limit is None:
+        limit = budget(with_proxy=broker.settings.proxy is not None).api_connections
     config = uvicorn.Config(
         create_app(broker),
         host=host.strip("[]") or "127.0.0.1",
@@ -134,6 +140,7 @@ def serve(
         server_header=False,
         proxy_headers=bool(trusted),
         forwarded_allow_ips=trusted,
+        limit_concurrency=limit,
     )
 
     async def main() -> None:

@@ -12,6 +12,7 @@ from ..broker import Broker
 from ..cache import DEGRADED
 from ..config import ProxySettings
 from ..consumers import ConsumerRegistry
+from ..descriptors import budget
 from ..errors import ProviderError
 from ..metrics import ProxyMetrics
 from ..pool import PoolStats
@@ -42,6 +43,11 @@ class ProxyServer:
             the broker's configured and stored consumers. While the proxy listens it
             follows the store (:meth:`ConsumerRegistry.follow`), so added and removed
             consumers take effect within a second.
+
+    Attributes:
+        max_connections: Client connections held at once (``max_client_connections``,
+            else derived from the descriptor limit); a connection beyond it gets 503 and
+            is closed at once.
     """
 
     def __init__(
@@ -63,6 +69,9 @@ class ProxyServer:
             )
         self.limits = RateLimits()  # wrong consumer keys per client address, as in the API
         self.connections: set[ClientConnection] = set()
+        self.max_connections = (
+            settings.max_client_connections or budget(with_proxy=True).proxy_clients
+        )
         self.responses: dict[int, int] = {}
         self.rejected: dict[str, int] = {}
         self.started = time.time()
@@ -212,8 +221,9 @@ class ProxyServer:
         self.metrics.close()
 
     async def _maintain(self) -> None:
-        """Keep tokens warm, reap idle leases, close stale upstream connections, and drop
-        clients whose request head or body did not arrive in time or who stopped reading."""
+        """Keep tokens warm, reap idle leases, close stale upstream connections, drop
+        clients whose request head or body did not arrive in time or who stopped reading,
+        and close client connections idle for ``client_keepalive_seconds``."""
         every = self.settings.refresh_check_seconds
         while True:
             await asyncio.sleep(min(every, 1.0))
@@ -223,6 +233,7 @@ class ProxyServer:
                 head_limit = self.settings.client_header_timeout_seconds
                 request_limit = self.settings.client_request_timeout_seconds
                 send_limit = self.settings.client_send_timeout_seconds
+                idle_limit = self.settings.client_keepalive_seconds
                 for connection in list(self.connections):
                     if connection.send_stalled(now, send_limit):
                         connection.time_out_send()
@@ -232,6 +243,8 @@ class ProxyServer:
                         connection.time_out_head()
                     elif connection.request_overdue(now, request_limit):
                         connection.time_out_request()
+                    elif connection.idle(now, idle_limit):
+                        connection.close()
                 self.broker.refresh_due()
                 for route in self.routes.routes:
                     route.upstream.sweep()
