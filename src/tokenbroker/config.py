@@ -476,6 +476,10 @@ class ServerSettings(_Section):
     cors_origins: tuple[Annotated[str, AfterValidator(_origin)], ...] = ()
     #: Peers whose X-Forwarded-For is believed (addresses or CIDR networks); none by default.
     trusted_proxies: tuple[str, ...] = ()
+    #: Seconds a request body may stay silent before 408 (the proxy's name for it).
+    client_body_timeout_seconds: float = Field(10.0, gt=0, le=86_400, allow_inf_nan=False)
+    #: Seconds a whole request, head and body, may take to arrive before 408.
+    client_request_timeout_seconds: float = Field(120.0, gt=0, le=86_400, allow_inf_nan=False)
 
     @field_validator("trusted_proxies")
     @classmethod
