@@ -102,8 +102,9 @@ class BoundedHeadProtocol(HttpToolsProtocol):
         self._budget = HeadBudget(self.max_head)
         self._refused = False
         # The request clocks, in loop time. A request is "arriving" from its first byte (the
-        # accept, for the first) until its last; its body from the end of its head. Requests
-        # that arrive within one read never touch a clock or a timer (the fast token path).
+        # accept, for the first) until its last; its body from the end of its head. A request
+        # that arrives within one read (the fast token path) costs one loop.time() and arms
+        # no timer; only the accept's clock arms one, once per connection.
         self._arriving = False
         self._in_body = False
         self._deadline = math.inf  # the whole request must have arrived by then
