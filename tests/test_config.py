@@ -1138,6 +1138,34 @@ def test_server_section_is_typed(section: dict[str, Any], path: str, words: str)
     assert words in problem.message
 
 
+@pytest.mark.parametrize("field", ["client_body_timeout_seconds", "client_request_timeout_seconds"])
+@pytest.mark.parametrize(
+    ("value", "words"),
+    [
+        (0, "greater than 0"),
+        (-1, "greater than 0"),
+        (float("nan"), "finite"),
+        (float("inf"), "finite"),
+        (86_401, "less than or equal to 86400"),
+        ("soon", "valid number"),
+    ],
+)
+def test_server_request_timeouts_are_checked(field: str, value: object, words: str) -> None:
+    """The API's body-silence and whole-request bounds must be finite seconds in (0, 1 day]
+    (a timer cannot be armed for never); the problem names the field."""
+    problem = only(problems_of(yaml.safe_dump({"server": {field: value}})), f"server.{field}")
+    assert words in problem.message
+
+
+def test_server_request_timeouts_have_defaults_and_can_be_set() -> None:
+    """By default a body may be silent 10 s and a whole request take 120 s; both can be set."""
+    server = parse_settings("", {}).server
+    assert (server.client_body_timeout_seconds, server.client_request_timeout_seconds) == (10, 120)
+    section = {"client_body_timeout_seconds": 2.5, "client_request_timeout_seconds": 30}
+    server = parse_settings(yaml.safe_dump({"server": section}), {}).server
+    assert (server.client_body_timeout_seconds, server.client_request_timeout_seconds) == (2.5, 30)
+
+
 @pytest.mark.parametrize(
     ("section", "path", "words"),
     [

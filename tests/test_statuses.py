@@ -22,7 +22,7 @@ from tokenbroker.config import ProxySettings
 from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
 from tokenbroker.crypto import generate_key
 from tokenbroker.proxy.http import domain_error, error_reply
-from tokenbroker.statuses import ERROR_STATUS, status_of
+from tokenbroker.statuses import ERROR_STATUS, status_for_code, status_of
 from tokenbroker.testing import AuthorizationServer, Fault, RecordingUpstream, ServedProxy
 
 KEY = new_key()
@@ -100,6 +100,28 @@ def test_every_error_gets_the_same_answer_from_api_proxy_and_client(
     ):
         client.get_token("svc")
     assert type(raised.value) is row.error
+
+
+def test_broker_client_reads_the_apis_408_as_retryable() -> None:
+    """The API's 408 ``request_timeout`` (a request that did not arrive in time) is a row of the
+    table, and BrokerClient raises ProviderUnavailableError for it (sending again may work),
+    not the ProviderMisconfiguredError of an unexpected answer."""
+    row = status_for_code("request_timeout")
+    assert row is not None
+    assert row.status == 408
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        body = {"error": {"code": row.code, "message": row.message}}
+        return httpx.Response(408, json=body, headers={"connection": "close"})
+
+    transport = httpx.MockTransport(answer)
+    with (
+        BrokerClient("http://broker", api_key=KEY, transport=transport) as client,
+        pytest.raises(errors.TokenBrokerError) as raised,
+    ):
+        client.get_token("svc")
+    assert type(raised.value) is errors.ProviderUnavailableError
+    assert "HTTP 408 request_timeout" in str(raised.value)
 
 
 # -- real failures, end to end ----------------------------------------------------------------

@@ -515,6 +515,10 @@ class ServerSettings(_Section):
     #: Connections the API serves at once (uvicorn's ``limit_concurrency``; more get 503).
     #: Default: from the process's descriptor limit (:mod:`tokenbroker.descriptors`).
     max_connections: int | None = Field(None, ge=1)
+    #: Seconds a request body may stay silent before 408 (the proxy's name for it).
+    client_body_timeout_seconds: float = Field(10.0, gt=0, le=86_400, allow_inf_nan=False)
+    #: Seconds a whole request, head and body, may take to arrive before 408.
+    client_request_timeout_seconds: float = Field(120.0, gt=0, le=86_400, allow_inf_nan=False)
 
     @field_validator("trusted_proxies")
     @classmethod

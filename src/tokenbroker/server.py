@@ -1,8 +1,9 @@
 """``tokenbroker serve`` and ``tokenbroker proxy``: the HTTP API and the token proxy on uvloop.
 
 ``serve`` runs the HTTP API on uvicorn (httptools, with request heads bounded while
-they are read: :mod:`~tokenbroker.api_protocol`), and the proxy too when the
-config has a ``proxy:`` section; ``proxy`` runs the proxy alone. Both share one
+they are read, and requests in the time they take to arrive:
+:mod:`~tokenbroker.api_protocol`), and the proxy too when the config has a ``proxy:``
+section; ``proxy`` runs the proxy alone. Both share one
 event loop and one broker, whose tokens a ticker keeps warm.
 """
 
@@ -129,12 +130,16 @@ def serve(
     limit = broker.settings.server.max_connections
     if limit is None:
         limit = budget(with_proxy=broker.settings.proxy is not None).api_connections
+    server = broker.settings.server
+    protocol = BoundedHeadProtocol.bounded(
+        server.client_body_timeout_seconds, server.client_request_timeout_seconds
+    )
     config = uvicorn.Config(
         create_app(broker),
         host=host.strip("[]") or "127.0.0.1",
         port=int(port),
         loop="none",
-        http=BoundedHeadProtocol,
+        http=protocol,
         log_level="warning",
         access_log=False,
         server_header=False,

@@ -39,6 +39,7 @@ __all__ = [
     "PROVIDER_UNAVAILABLE",
     "RATE_LIMITED",
     "REAUTHORIZATION_REQUIRED",
+    "REQUEST_TIMEOUT",
     "STORE_UNAVAILABLE",
     "TOO_MANY_SCOPES",
     "UNAUTHORIZED",
@@ -135,6 +136,11 @@ RATE_LIMITED = ErrorStatus(
     retry_after=True,
 )
 INVALID_REQUEST = ErrorStatus(400, "invalid_request", "invalid request", ProviderMisconfiguredError)
+#: A request that did not arrive in time (its body fell silent, or it took too long in all);
+#: the connection is closed after it. Sending the request again may succeed.
+REQUEST_TIMEOUT = ErrorStatus(
+    408, "request_timeout", "the request did not arrive in time", ProviderUnavailableError
+)
 #: Anything unmapped: a bug or an unexpected fault; clients may retry.
 INTERNAL_ERROR = ErrorStatus(500, "internal_error", "internal error", ProviderUnavailableError)
 
@@ -145,6 +151,7 @@ _BY_CODE = {
         UNAUTHORIZED,
         RATE_LIMITED,
         INVALID_REQUEST,
+        REQUEST_TIMEOUT,
         INTERNAL_ERROR,
     )
 }
