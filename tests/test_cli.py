@@ -524,3 +524,23 @@ def test_status_names_rows_stored_before_rows_carried_their_scope(
     with closing(sqlite3.connect(tmp_path / "tb.db")) as db:
         version = db.execute("SELECT value FROM tb_meta WHERE name = 'schema_version'").fetchone()
     assert version == (str(len(MIGRATIONS)),)
+
+
+def test_consumers_add_subject_and_delegation_rules(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """consumers add --allow delegate:svc --subject alice stores both (list shows them); a
+    malformed --subject or delegate rule is a usage error (exit 2) that stores nothing."""
+    from tokenbroker.crypto import generate_key
+
+    config = file_config(tmp_path, auth_server, [generate_key()])
+    runner = CliRunner()
+    base = ["consumers", "add", "--config", str(config)]
+    added = runner.invoke(main, [*base, "portal", "--allow", "delegate:svc", "--subject", "alice"])
+    assert added.exit_code == 0, added.output
+    for bad in (["--allow", "delegate:svc", "--subject", "a b"], ["--allow", "delegate"]):
+        refused = runner.invoke(main, [*base, "other", *bad])
+        assert refused.exit_code == 2, refused.output
+    listed = runner.invoke(main, ["consumers", "list", "--config", str(config)])
+    assert "portal\tstore\tdelegate:svc, subject=alice" in listed.output
+    assert "other" not in listed.output
