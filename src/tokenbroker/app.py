@@ -413,7 +413,7 @@ def _add_token_routes(
             caller,
             provider=body.provider,
             audience=body.audience,
-            subject=body.subject or caller.subject or caller.name,
+            subject=caller.subject or caller.name if body.subject is None else body.subject,
             object=body.object,
         ) as record:
             check_object(body.object)
