@@ -632,6 +632,22 @@ def test_audit_lines_name_the_pool_account_that_was_served(
     assert audits == ["token read consumer=etl provider=db scope= account=bob outcome=ok"]
 
 
+def test_audit_values_are_quoted_so_a_path_cannot_forge_fields_or_lines(
+    scoped: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A provider name from the path with a newline, a space or a quote is written JSON-quoted
+    in the audit line: one line, and no forged ``outcome=`` field."""
+    caplog.set_level("INFO", logger="tokenbroker.audit")
+    client = scoped.client
+    client.get("/v1/tokens/x%0Aoutcome=ok", headers=auth(READER_KEY))
+    client.get("/v1/tokens/x%20outcome=ok%22", headers=auth(READER_KEY))
+    lines = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
+    assert lines == [
+        'token read consumer=reader provider="x\\noutcome=ok" scope=None outcome=not_found',
+        'token read consumer=reader provider="x outcome=ok\\"" scope=None outcome=not_found',
+    ]
+
+
 def test_refresh_token_provider_serves_only_its_configured_scopes(
     scoped: Served, auth_server: AuthorizationServer
 ) -> None:

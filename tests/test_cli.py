@@ -605,3 +605,23 @@ def test_check_warns_about_a_credentials_file_others_can_read(
         f" others may read (mode 0640): run `chmod 600 {accounts}`" in output
     )
     assert output.count("chmod") == 1 and CANARY not in output
+
+
+def test_consumers_add_subject_and_delegation_rules(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """consumers add --allow delegate:svc --subject alice stores both (list shows them); a
+    malformed --subject or delegate rule is a usage error (exit 2) that stores nothing."""
+    from tokenbroker.crypto import generate_key
+
+    config = file_config(tmp_path, auth_server, [generate_key()])
+    runner = CliRunner()
+    base = ["consumers", "add", "--config", str(config)]
+    added = runner.invoke(main, [*base, "portal", "--allow", "delegate:svc", "--subject", "alice"])
+    assert added.exit_code == 0, added.output
+    for bad in (["--allow", "delegate:svc", "--subject", "a b"], ["--allow", "delegate"]):
+        refused = runner.invoke(main, [*base, "other", *bad])
+        assert refused.exit_code == 2, refused.output
+    listed = runner.invoke(main, ["consumers", "list", "--config", str(config)])
+    assert "portal\tstore\tdelegate:svc, subject=alice" in listed.output
+    assert "other" not in listed.output

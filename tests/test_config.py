@@ -1403,3 +1403,39 @@ def test_client_auth_none_with_credentials_is_rejected(grant: str, field: str, e
     problem = only(problems_of(text), "providers.p")
     assert "client_auth none" in problem.message and field in problem.message
     assert "s3cret" not in problem.message
+
+
+def test_consumer_subject_and_delegation_rules() -> None:
+    """A consumer's `subject` is kept (default None: its name); a malformed one, a delegate:
+    rule naming an unknown provider, and a provider named like a permission word are refused
+    at their fields."""
+    digest = "a" * 64
+    svc = {
+        "grant": "client_credentials",
+        "token_url": "https://idp.example/t",
+        "client_id": "c",
+        "client_secret": "s",
+    }
+
+    def config(consumer: dict[str, Any], providers: dict[str, Any] | None = None) -> str:
+        return yaml.safe_dump(
+            {
+                "providers": providers or {"svc": svc},
+                "consumers": {"web": {"api_key_sha256": digest, **consumer}},
+            }
+        )
+
+    settings = parse_settings(config({"allow": ["delegate:svc"], "subject": "portal@x"}), {})
+    assert settings.consumers["web"].subject == "portal@x"
+    assert (
+        parse_settings(config({"allow": ["delegate-as:svc"]}), {}).consumers["web"].subject is None
+    )
+    assert (
+        "visible ASCII"
+        in only(problems_of(config({"subject": "a b"})), "consumers.web.subject").message
+    )
+    assert (
+        "nope"
+        in only(problems_of(config({"allow": ["delegate:nope"]})), "consumers.web.allow.0").message
+    )
+    assert paths(problems_of(config({}, {"delegate": svc}))) == ["providers"]

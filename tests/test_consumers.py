@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 
 from tokenbroker.config import ConsumerSettings
-from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
+from tokenbroker.consumers import (
+    Consumer,
+    ConsumerRegistry,
+    hash_key,
+    new_key,
+    parse_rule,
+    subject_entry,
+)
 from tokenbroker.crypto import Keyring, generate_key
-from tokenbroker.errors import StoreError
+from tokenbroker.errors import ForbiddenSubjectError, InvalidDelegationError, StoreError
 from tokenbroker.secret import Secret
 from tokenbroker.store import Store, open_store
 
@@ -142,3 +149,71 @@ def test_a_registry_without_a_source_does_not_follow() -> None:
     asyncio.run(asyncio.wait_for(registry.follow(every=0.01), 1))
     assert not registry.reload()
     assert registry.authenticate(KEY) is not None
+
+
+def test_delegation_rules_are_a_permission_of_their_own() -> None:
+    """`delegate:P` and `delegate-as:P` parse (and print) as delegation rules: they allow
+    delegation for P but no token read, and a token rule allows no delegation; a delegation
+    word without exactly one provider is malformed."""
+    delegate, delegate_as, reader = (
+        parse_rule(text) for text in ("delegate:svc", "delegate-as:svc", "svc")
+    )
+    assert (delegate.provider, delegate.action, str(delegate)) == (
+        "svc",
+        "delegate",
+        "delegate:svc",
+    )
+    assert (delegate_as.action, str(delegate_as)) == ("delegate-as", "delegate-as:svc")
+    both = Consumer("web", (delegate,))
+    assert both.may_delegate("svc") and not both.allows("svc") and not both.allows("svc", ["read"])
+    assert not both.may_delegate("other")
+    assert not Consumer("etl", (reader,)).may_delegate("svc")
+    assert Consumer("as", (delegate_as,)).may_delegate("svc")
+    for bad in ("delegate", "delegate:", "delegate:a b", "delegate-as:Svc", "delegate:svc:x"):
+        with pytest.raises(ValueError):
+            parse_rule(bad)
+
+
+def test_subject_is_the_consumers_own_unless_delegate_as() -> None:
+    """A consumer's delegation subject is its configured one, else its name; another subject
+    needs delegate-as for that provider (ForbiddenSubjectError otherwise), and a malformed one
+    is InvalidDelegationError."""
+    rules = (parse_rule("delegate:svc"), parse_rule("delegate-as:other"))
+    named = Consumer("web", rules, "portal")
+    assert named.delegation_subject("svc") == "portal"
+    assert named.delegation_subject("svc", "portal") == "portal"
+    assert Consumer("web", rules).delegation_subject("svc") == "web"
+    with pytest.raises(ForbiddenSubjectError):
+        named.delegation_subject("svc", "admin")
+    assert named.delegation_subject("other", "admin") == "admin"
+    with pytest.raises(InvalidDelegationError):
+        named.delegation_subject("other", "ad min")
+
+
+def test_a_stored_subject_rides_in_the_allow_list(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`subject=NAME` in a stored allow list is the consumer's subject (no store column); a
+    stored list with two subjects or a malformed one is refused and logged by name; a config
+    consumer's `subject` is its subject."""
+    caplog.set_level(logging.WARNING, logger="tokenbroker.consumers")
+    good, twice, bad = new_key(), new_key(), new_key()
+    store.add_consumer("portal", hash_key(good), ["delegate:svc", subject_entry("alice")])
+    store.add_consumer("twice", hash_key(twice), ["svc", "subject=a", "subject=b"])
+    store.add_consumer("bad", hash_key(bad), ["svc", "subject=a b"])
+    configured = {
+        "cfg": ConsumerSettings(
+            api_key_sha256=hash_key(CONFIGURED_KEY), allow=("delegate:svc",), subject="bob"
+        )
+    }
+    registry = ConsumerRegistry.load(configured, store)
+    portal = registry.authenticate(good)
+    assert portal is not None and portal.subject == "alice"
+    assert portal.delegation_subject("svc") == "alice" and not portal.allows("svc")
+    assert registry.authenticate(twice) is None and registry.authenticate(bad) is None
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "twice" in warned and "bad" in warned
+    cfg = registry.authenticate(CONFIGURED_KEY)
+    assert cfg is not None and cfg.delegation_subject("svc") == "bob"
+    with pytest.raises(InvalidDelegationError):
+        subject_entry("a\nb")

@@ -1,27 +1,36 @@
-"""Delegated tokens: minted JWTs bound to audience and object, upstream delegation, 302 redirects."""
+"""Delegated tokens: minted JWTs bound to audience and object, upstream delegation, 302 redirects;
+who may delegate, for which subject and object, and what the token and the audit line name."""
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import jwt
 import pytest
 import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from support import Served, client_credentials
+from support import Served, client_credentials, free_port, http_status, terminate, wait_for
 from tokenbroker import Broker, UnknownProviderError, parse_settings
 from tokenbroker.app import create_app
 from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
 from tokenbroker.crypto import generate_key
 from tokenbroker.testing import AuthorizationServer
 
-KEY = new_key()
+KEY = new_key()  # web: delegate-as:files, delegate:twin
+APP_KEY = new_key()  # app: delegate:files, subject svc-app
+READER_KEY = new_key()  # reader: token rules for files and twin, no delegation rule
 STORE_KEY = generate_key()
+AUDIENCE = "https://files.example"
 
 
 class DelegationUpstream:
@@ -61,6 +70,10 @@ def broker_for(tmp_path: Path, idp: AuthorizationServer, upstream_url: str | Non
                     "max_lifetime_seconds": 120,
                 },
             },
+            "twin": {  # shares the audience: its tokens must not pass as files'
+                **client_credentials(idp),
+                "delegation": {"mode": "jwt", "audiences": ["https://files.example"]},
+            },
             "other": client_credentials(idp),
         },
         "redirects": {
@@ -92,7 +105,13 @@ def broker_for(tmp_path: Path, idp: AuthorizationServer, upstream_url: str | Non
 @pytest.fixture
 def api(tmp_path: Path, auth_server: AuthorizationServer) -> Iterator[tuple[Broker, Any]]:
     broker = broker_for(tmp_path, auth_server)
-    registry = ConsumerRegistry([("web", hash_key(KEY), [parse_rule("files"), parse_rule("seed")])])
+    registry = ConsumerRegistry(
+        [
+            ("web", hash_key(KEY), [parse_rule("delegate-as:files"), parse_rule("delegate:twin")]),
+            ("app", hash_key(APP_KEY), [parse_rule("delegate:files")], "svc-app"),
+            ("reader", hash_key(READER_KEY), [parse_rule("files"), parse_rule("twin")]),
+        ]
+    )
     with broker, Served(create_app(broker, registry)) as client:
         yield broker, client
 
@@ -127,7 +146,8 @@ def test_minted_jwt_is_bound_to_audience_and_object(api: tuple[Broker, Any]) -> 
     assert "refresh_token" not in body
     key = public_key(client, body["token"])
     claims = jwt.decode(body["token"], key, algorithms=["EdDSA"], audience="https://files.example")
-    assert claims["obj"] == "a/b.pdf" and claims["sub"] == "user-7" and claims["azp"] == "files"
+    assert claims["obj"] == "a/b.pdf" and claims["sub"] == "user-7"
+    assert claims["azp"] == "web" and claims["act"] == {"sub": "web"}
     assert claims["exp"] - claims["iat"] == 120
     assert body["expires_in"] <= 120
     with pytest.raises(jwt.InvalidAudienceError):
@@ -153,7 +173,7 @@ def test_signing_keys_survive_restarts(tmp_path: Path, auth_server: Authorizatio
     with broker_for(tmp_path, auth_server) as second:
         assert second.jwks() == before
         assert second._signer("EdDSA").verify(
-            token, audience="https://files.example", issuer="tokenbroker"
+            token, audience="https://files.example", issuer="tokenbroker/files"
         )
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("tb.db*"))
     assert b"PRIVATE KEY" not in raw
@@ -173,9 +193,10 @@ def test_redirect_is_a_no_store_302_with_a_fresh_token(api: tuple[Broker, Any]) 
     )
     token = parse_qs(location.query)["token"][0]
     claims = broker._signer("EdDSA").verify(
-        token, audience="https://files.example", issuer="tokenbroker"
+        token, audience="https://files.example", issuer="tokenbroker/files"
     )
     assert claims["obj"] == "reports/q3.pdf"
+    assert claims["sub"] == claims["azp"] == claims["act"]["sub"] == "web"
     assert second.headers["location"] != first.headers["location"]
 
 
@@ -190,6 +211,8 @@ def test_redirect_is_a_no_store_302_with_a_fresh_token(api: tuple[Broker, Any]) 
         "a%252e%252e/b",
         "a%00b",
         "a%2F..%2Fb",
+        "/etc/passwd",
+        "a//b",
     ],
 )
 def test_redirect_refuses_traversal(api: tuple[Broker, Any], path: str) -> None:
@@ -266,3 +289,201 @@ def test_rotate_keys_reencrypts_signing_keys(
         assert [kid for kid, _ in only_new.signing_keys("EdDSA")] == [before["keys"][0]["kid"]]
     finally:
         only_new.close()
+
+
+def delegate(client: Any, key: str, **body: Any) -> Any:
+    """POST /v1/delegations for ``files`` (unless ``body`` names another provider)."""
+    return client.post(
+        "/v1/delegations",
+        json={"provider": "files", "audience": AUDIENCE, **body},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+
+
+def test_token_rules_do_not_allow_delegation(api: tuple[Broker, Any]) -> None:
+    """A consumer with token rules but no delegate: rule gets, for delegations and redirects,
+    the byte-identical 404 of an unknown provider."""
+    _, client = api
+    unknown = delegate(client, READER_KEY, provider="nope")
+    answers = [
+        delegate(client, READER_KEY),
+        delegate(client, READER_KEY, provider="twin"),
+        delegate(client, READER_KEY, subject="admin", object="../../etc/passwd"),
+    ]
+    assert unknown.status_code == 404
+    assert [(r.status_code, r.content) for r in answers] == [(404, unknown.content)] * 3
+    hop = client.get(
+        "/v1/redirects/downloads/a.pdf", headers={"Authorization": f"Bearer {READER_KEY}"}
+    )
+    assert (hop.status_code, hop.content) == (404, unknown.content)
+    assert "location" not in hop.headers
+
+
+def test_subject_is_the_consumers_own_unless_delegate_as(api: tuple[Broker, Any]) -> None:
+    """Without a subject the token's sub is the consumer's configured one; naming another
+    needs delegate-as: (else 403 forbidden_subject, no token); naming its own is fine."""
+    _, client = api
+    own = delegate(client, APP_KEY)
+    assert own.status_code == 200
+    claims = jwt.decode(own.json()["token"], options={"verify_signature": False})
+    assert claims["sub"] == "svc-app" and claims["azp"] == "app"
+    assert claims["act"] == {"sub": "app"}
+    refused = delegate(client, APP_KEY, subject="admin")
+    assert refused.status_code == 403
+    assert refused.json() == {
+        "error": {
+            "code": "forbidden_subject",
+            "message": "this consumer may delegate only for its own subject",
+        }
+    }
+    assert delegate(client, APP_KEY, subject="svc-app").status_code == 200
+    other = delegate(client, KEY, subject="admin")  # web has delegate-as:files
+    assert jwt.decode(other.json()["token"], options={"verify_signature": False})["sub"] == "admin"
+    plain = delegate(client, KEY, provider="twin", subject="admin")  # only delegate:twin
+    assert plain.status_code == 403
+
+
+@pytest.mark.parametrize(
+    "obj",
+    ["../../etc/passwd", "/etc/passwd", "a/../b", "a/./b", "a\\b", "%2e%2e/x", "a//b", "a\nb", ""],
+)
+def test_object_must_be_a_safe_relative_path(api: tuple[Broker, Any], obj: str) -> None:
+    """An object that is not a safe relative path (the redirect path rules) gets 400
+    invalid_delegation and no token, whatever the consumer may do."""
+    _, client = api
+    answer = delegate(client, KEY, object=obj)
+    assert answer.status_code == 400, obj
+    assert answer.json()["error"]["code"] == "invalid_delegation"
+    assert "token" not in answer.json()
+
+
+@pytest.mark.parametrize("subject", ["a b", "a\nb", "", "x" * 257, "ü"])
+def test_a_malformed_subject_is_refused(api: tuple[Broker, Any], subject: str) -> None:
+    """A subject that is not 1-256 visible ASCII characters gets 400 invalid_delegation."""
+    _, client = api
+    answer = delegate(client, KEY, subject=subject)
+    assert answer.status_code == 400, subject
+    assert answer.json()["error"]["code"] in {"invalid_delegation", "invalid_request"}
+
+
+def test_a_token_minted_for_one_provider_does_not_verify_for_another(
+    api: tuple[Broker, Any],
+) -> None:
+    """Two providers delegate to the same audience: with the published JWKS, each token
+    verifies for its own provider's issuer and fails for the other's."""
+    _, client = api
+    files = delegate(client, KEY).json()["token"]
+    twin = delegate(client, KEY, provider="twin").json()["token"]
+    for token, own, other in ((files, "files", "twin"), (twin, "twin", "files")):
+        key = public_key(client, token)
+        claims = jwt.decode(
+            token, key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=f"tokenbroker/{own}"
+        )
+        assert claims["iss"] == f"tokenbroker/{own}"
+        with pytest.raises(jwt.InvalidIssuerError):
+            jwt.decode(
+                token, key, algorithms=["EdDSA"], audience=AUDIENCE, issuer=f"tokenbroker/{other}"
+            )
+
+
+def test_audit_line_names_consumer_subject_object_and_jti_never_the_token(
+    api: tuple[Broker, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each delegation and redirect has an audit line with consumer, provider, audience,
+    subject, object and jti (refusals with their code); no tokenbroker log record holds a
+    token."""
+    _, client = api
+    caplog.set_level(logging.DEBUG, logger="tokenbroker")
+    minted = delegate(client, KEY, subject="user-7", object="a/b.pdf").json()["token"]
+    delegate(client, APP_KEY, subject="admin")
+    hop = client.get("/v1/redirects/downloads/r/q.pdf", headers=HEADERS)
+    hopped = parse_qs(urlsplit(hop.headers["location"]).query)["token"][0]
+    unverified = {"verify_signature": False}
+    jti = jwt.decode(minted, options=unverified)["jti"]
+    hop_jti = jwt.decode(hopped, options=unverified)["jti"]
+    audits = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
+    assert (
+        f"delegation consumer=web provider=files audience={AUDIENCE} subject=user-7"
+        f" object=a/b.pdf jti={jti} outcome=ok"
+    ) in audits
+    assert (
+        f"delegation consumer=app provider=files audience={AUDIENCE} subject=admin"
+        " object=None outcome=forbidden_subject"
+    ) in audits
+    assert (
+        f"redirect consumer=web route=downloads provider=files audience={AUDIENCE}"
+        f" subject=web object=r/q.pdf jti={hop_jti} outcome=ok"
+    ) in audits
+    everything = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("tokenb"))
+    assert minted not in everything and hopped not in everything
+    assert minted.split(".")[2] not in everything and hopped.split(".")[2] not in everything
+
+
+def test_delegation_rules_and_subjects_against_a_real_serve(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """The reported request against a real `serve`: a consumer allowed only token reads of
+    the provider gets 404 for `subject: admin, object: ../../etc/passwd`; one added (while it
+    runs) with `consumers add --allow delegate:files --subject alice` gets 400 for that object,
+    403 for that subject, and a token naming alice as sub and itself as azp and act.sub."""
+    port = free_port()
+    config = tmp_path / "tokenbroker.yaml"
+    settings = {
+        "store": f"sqlite:///{tmp_path / 'tb.db'}",
+        "encryption_keys": [STORE_KEY],
+        "providers": {
+            "files": {
+                **client_credentials(auth_server),
+                "delegation": {"mode": "jwt", "audiences": [AUDIENCE]},
+            }
+        },
+        "consumers": {"reader": {"api_key_sha256": hash_key(READER_KEY), "allow": ["files"]}},
+        "server": {"listen": f"127.0.0.1:{port}"},
+        "telemetry": {"log_level": "warning"},
+    }
+    config.write_text(yaml.safe_dump(settings))
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    attack = {"subject": "admin", "object": "../../etc/passwd"}
+    try:
+        wait_for(lambda: http_status(url + "/livez") == 200, "serve to listen", timeout=30)
+        with httpx.Client(base_url=url, timeout=10) as client:
+            refused = delegate(client, READER_KEY, **attack)
+            unknown = delegate(client, READER_KEY, provider="nope")
+            assert (refused.status_code, refused.content) == (404, unknown.content)
+            added = subprocess.run(  # noqa: S603
+                [sys.executable, "-m", "tokenbroker.cli", "consumers", "add", "portal"]
+                + ["--allow", "delegate:files", "--subject", "alice", "--config", str(config)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            )
+            portal = added.stdout.splitlines()[-1]
+            # serve follows the store's consumers every 0.5 s; poll as slowly, for each refused
+            # poll spends one of the address's 10 failed-key checks a minute
+            deadline = time.monotonic() + 4.5
+            while (status := delegate(client, portal, **attack).status_code) == 401:
+                assert time.monotonic() < deadline, "serve did not accept the new consumer"
+                time.sleep(0.5)
+            assert status == 400
+            assert delegate(client, portal, subject="admin").status_code == 403
+            answer = delegate(client, portal, object="reports/q3.pdf")
+            assert answer.status_code == 200
+            token = answer.json()["token"]
+            jwks = client.get("/.well-known/jwks.json").json()
+    finally:
+        err = terminate(process)
+    assert process.returncode == 0, err
+    kid = jwt.get_unverified_header(token)["kid"]
+    key = next(jwt.PyJWK(k).key for k in jwks["keys"] if k["kid"] == kid)
+    claims = jwt.decode(
+        token, key, algorithms=["EdDSA"], audience=AUDIENCE, issuer="tokenbroker/files"
+    )
+    assert claims["sub"] == "alice" and claims["obj"] == "reports/q3.pdf"
+    assert claims["azp"] == "portal" and claims["act"] == {"sub": "portal"}

@@ -47,7 +47,9 @@ def api_schema() -> Iterator[Any]:
             },
         }
         broker = Broker(parse_settings(yaml.safe_dump(config), {}))
-        registry = ConsumerRegistry([("t", hash_key(KEY), [parse_rule("svc")])])
+        registry = ConsumerRegistry(
+            [("t", hash_key(KEY), [parse_rule("svc"), parse_rule("delegate-as:svc")])]
+        )
         app = create_app(broker, registry, limits=RateLimits(auth_failures="100000/minute"))
         with broker, Served(app) as client:
             schema = schemathesis.openapi.from_url(

@@ -202,7 +202,7 @@ def test_http_session_leaks_no_secret_into_logs_metrics_or_bodies(
             },
         }
         registry = ConsumerRegistry(
-            [("app", hash_key(api_key), [parse_rule(p) for p in ("cc", "rt", "db")])]
+            [("app", hash_key(api_key), [parse_rule(p) for p in ("cc", "rt", "db", "delegate:cc")])]
         )
         bodies: list[str] = []
         token_bodies: list[str] = []

@@ -61,6 +61,8 @@ def test_the_table_maps_each_domain_error_to_its_own_class() -> None:
     statuses = {row.code: row.status for _, row in ERROR_STATUS}
     assert statuses == {
         "too_many_scopes": 400,
+        "invalid_delegation": 400,
+        "forbidden_subject": 403,
         "not_found": 404,
         "reauthorization_required": 409,
         "provider_misconfigured": 500,

@@ -45,6 +45,7 @@ from .api_models import (
 from .broker import Broker
 from .cache import DEGRADED
 from .consumers import Consumer, ConsumerRegistry
+from .delegation import check_object, safe_object
 from .errors import InvalidScopeError, StoreError, TokenBrokerError
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import RequestContext
@@ -411,19 +412,39 @@ def _add_token_routes(
             token = await broker.aget_token(provider, checked, account=body.account)
         return JSONResponse({**_token_json(token), "invalidated": dropped}, headers=NO_STORE)
 
-    @app.post("/v1/delegations", response_model=DelegationOut, responses=errors)
+    delegation_errors: dict[int | str, dict[str, Any]] = {
+        **errors,
+        **{code: {"model": ErrorResponse} for code in (400, 403)},
+    }
+
+    @app.post("/v1/delegations", response_model=DelegationOut, responses=delegation_errors)
     async def delegations(body: DelegationIn, caller: Caller) -> JSONResponse:
-        """A short-lived token for one audience (and object), minted or obtained upstream."""
-        if not _any_scope(caller, body.provider):
+        """A short-lived token for one audience (and object), minted or obtained upstream.
+
+        Needs a ``delegate:PROVIDER`` rule (else the 404 of an unknown provider). The token's
+        subject is the consumer's own; naming another needs ``delegate-as:PROVIDER`` (else 403
+        ``forbidden_subject``). A malformed object or subject is 400 ``invalid_delegation``.
+        """
+        if not caller.may_delegate(body.provider):
             raise NotFound("no such provider")
-        with audited("delegation", caller, provider=body.provider, audience=body.audience):
+        with audited(
+            "delegation",
+            caller,
+            provider=body.provider,
+            audience=body.audience,
+            subject=caller.subject or caller.name if body.subject is None else body.subject,
+            object=body.object,
+        ) as record:
+            check_object(body.object)
             token = await broker.adelegate(
                 body.provider,
                 body.audience,
                 object_=body.object,
-                subject=body.subject,
+                subject=caller.delegation_subject(body.provider, body.subject),
                 lifetime=body.lifetime_seconds,
+                actor=caller.name,
             )
+            record["jti"] = token.jti
         return JSONResponse(
             {
                 "token": token.token,
@@ -448,10 +469,22 @@ def _add_token_routes(
     async def redirect(route: str, path: str, caller: Caller) -> Response:
         """``302`` to the route's upstream with a fresh delegated token in ``Location``."""
         spec = broker.settings.redirects.get(route)
-        if spec is None or not _any_scope(caller, spec.provider) or not _safe_path(path):
+        if spec is None or not caller.may_delegate(spec.provider) or not safe_object(path):
             raise NotFound("no such provider")
-        with audited("redirect", caller, route=route, provider=spec.provider):
-            token = await broker.adelegate(spec.provider, spec.audience, object_=path)
+        subject = caller.delegation_subject(spec.provider)
+        with audited(
+            "redirect",
+            caller,
+            route=route,
+            provider=spec.provider,
+            audience=spec.audience,
+            subject=subject,
+            object=path,
+        ) as record:
+            token = await broker.adelegate(
+                spec.provider, spec.audience, object_=path, subject=subject, actor=caller.name
+            )
+            record["jti"] = token.jti
         location = f"{spec.url.rstrip('/')}/{quote(path)}?{urlencode({spec.param: token.token})}"
         return Response(status_code=302, headers={**NO_STORE, "Location": location})
 
@@ -537,23 +570,33 @@ def _add_error_handlers(app: FastAPI) -> None:
 @contextlib.contextmanager
 def audited(event: str, caller: Consumer, **fields: object) -> Iterator[dict[str, object]]:
     """One audit line for what happens inside: consumer, fields, and the outcome
-    (``ok`` or the error code). Fields are names and scopes, never tokens.
+    (``ok`` or the error code). Fields are names, scopes, subjects, objects and token ids
+    (``jti``), never tokens. A value with anything but visible ASCII (a space, a newline, a
+    quote) is written JSON-quoted, so no input can forge a field or a line.
 
     Yields:
-        The fields, for the body to replace what was asked with what was served (the
-        normalised scope) before the line is written at the end.
+        The fields, for the block to replace what was asked with what was served (the
+        normalised scope, the account) or add to them, before the line is written at the end.
     """
+    record: dict[str, object] = dict(fields)
+
+    def line(outcome: str) -> None:
+        details = " ".join(f"{name}={_audit_value(value)}" for name, value in record.items())
+        audit.info("%s consumer=%s %s outcome=%s", event, caller.name, details, outcome)
+
     try:
-        yield fields
+        yield record
     except TokenBrokerError as exc:
-        audit.info("%s consumer=%s %s outcome=%s", event, caller.name, _details(fields), _code(exc))
+        line(_code(exc))
         raise
-    audit.info("%s consumer=%s %s outcome=ok", event, caller.name, _details(fields))
+    line("ok")
 
 
-def _details(fields: dict[str, object]) -> str:
-    # Values may be request input; the log formatter escapes control characters in them.
-    return " ".join(f"{name}={value}" for name, value in fields.items())
+def _audit_value(value: object) -> str:
+    text = str(value)
+    if text and all("\x21" <= c <= "\x7e" and c != '"' for c in text):
+        return text
+    return json.dumps(text)
 
 
 def _status(exc: BaseException) -> ErrorStatus | None:
@@ -605,20 +648,6 @@ def _shown(values: list[str | None]) -> str | None:
         return " | ".join(str(scope_string(value)) for value in values)
     except InvalidScopeError:
         return "<invalid>"
-
-
-def _any_scope(caller: Consumer, provider: str) -> bool:
-    """Delegation needs some rule for the provider; scopes do not apply."""
-    return any(rule.provider == provider for rule in caller.rules)
-
-
-def _safe_path(path: str) -> bool:
-    """Refuse dot segments, backslashes, control characters and double-encoded separators."""
-    if not path or "\\" in path or any(ord(c) < 0x20 or c == "\x7f" for c in path):
-        return False
-    if any(code in path.lower() for code in ("%2e", "%2f", "%5c", "%00")):
-        return False  # double-encoded separators or dots
-    return all(part not in (".", "..") for part in path.split("/"))
 
 
 def _int(value: float | None) -> int | None:

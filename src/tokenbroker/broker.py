@@ -21,6 +21,7 @@ from .auth import AuthAdapters, TokenTarget
 from .cache import SlotState, Timing, TokenCache, worst
 from .clock import Clock
 from .config import MISSING_KEY, JwtDelegation, Provider, Settings, load_settings
+from .consumers import check_subject
 from .crypto import Keyring, generate_key
 from .delegation import (
     DelegatedToken,
@@ -28,6 +29,8 @@ from .delegation import (
     UpstreamDelegationGrant,
     bound_lifetime,
     check_audience,
+    check_object,
+    issuer_for,
     settings_for,
 )
 from .errors import (
@@ -301,34 +304,47 @@ class Broker(AuthAdapters):
         object_: str | None = None,
         subject: str | None = None,
         lifetime: float | None = None,
+        actor: str | None = None,
     ) -> DelegatedToken:
         """Mint (or obtain upstream) a short-lived delegated token; never cached.
+
+        Whether the caller may name ``subject`` is the HTTP layer's check (consumer rules);
+        here the values are only checked for shape.
 
         Args:
             provider: A provider with a ``delegation:`` section.
             audience: One of its delegation audiences.
-            object_: The object the token is bound to (e.g. a file key).
+            object_: The object the token is bound to (e.g. a file key): a safe relative path.
             subject: On whose behalf (e.g. a user id).
             lifetime: Seconds asked for; capped by ``max_lifetime_seconds`` (and, upstream,
                 by the service token's remaining life).
+            actor: Who asks (the consumer's name): a minted token's ``azp`` and ``act.sub``,
+                an upstream template's ``{consumer}``; None for an embedded caller.
 
         Returns:
             The delegated token.
 
         Raises:
             UnknownProviderError: Unknown provider, no delegation, or an audience it does not list.
+            InvalidDelegationError: ``object_`` is not a safe relative path, or ``subject`` or
+                ``actor`` is malformed.
             ProviderError: Upstream mode: the delegation endpoint's classified failure.
         """
+        check_object(object_)
+        for name in (subject, actor):
+            if name is not None:
+                check_subject(name)
         spec = settings_for(self._provider(provider).delegation, provider)
         check_audience(provider, spec.audiences, audience)
         if isinstance(spec, JwtDelegation):
             return self._signer(spec.algorithm).sign(
-                issuer=spec.issuer,
+                issuer=issuer_for(spec.issuer, provider),
                 provider=provider,
                 audience=audience,
                 lifetime=bound_lifetime(lifetime, spec.max_lifetime_seconds),
                 subject=subject,
                 object_=object_,
+                actor=actor,
             )
         for attempt in (1, 2):
             service = self.get_token(provider)
@@ -337,6 +353,7 @@ class Broker(AuthAdapters):
                 "{audience}": audience,
                 "{object}": object_ or "",
                 "{subject}": subject or "",
+                "{consumer}": actor or "",
                 "{lifetime}": str(int(granted)),
             }
             grant = UpstreamDelegationGrant(provider, spec, service, values)
@@ -360,6 +377,7 @@ class Broker(AuthAdapters):
         object_: str | None = None,
         subject: str | None = None,
         lifetime: float | None = None,
+        actor: str | None = None,
     ) -> DelegatedToken:
         """:meth:`delegate` in a worker thread (it may touch the store and the network)."""
         return await asyncio.to_thread(
@@ -370,6 +388,7 @@ class Broker(AuthAdapters):
                 object_=object_,
                 subject=subject,
                 lifetime=lifetime,
+                actor=actor,
             )
         )
 

@@ -27,7 +27,7 @@ from .config import (
     load_settings,
     startup_problems,
 )
-from .consumers import hash_key, new_key, parse_rule
+from .consumers import hash_key, new_key, parse_rule, subject_entry
 from .crypto import Keyring, generate_key
 from .errors import (
     ConfigError,
@@ -432,10 +432,17 @@ def consumers() -> None:
     "rules",
     multiple=True,
     required=True,
-    help="PROVIDER or PROVIDER:SCOPE (repeatable).",
+    help="PROVIDER, PROVIDER:SCOPE, delegate:PROVIDER or delegate-as:PROVIDER (repeatable).",
+)
+@click.option(
+    "--subject",
+    default=None,
+    help="The subject (sub) of its delegated tokens; default: NAME.",
 )
 @config_option
-def consumers_add(name: str, rules: tuple[str, ...], config_path: Path) -> None:
+def consumers_add(
+    name: str, rules: tuple[str, ...], subject: str | None, config_path: Path
+) -> None:
     """Create a consumer; its key is printed once, alone on the last line."""
     try:
         parsed = [parse_rule(rule) for rule in rules]
@@ -443,11 +450,17 @@ def consumers_add(name: str, rules: tuple[str, ...], config_path: Path) -> None:
         raise click.BadParameter(str(exc), param_hint="--allow") from None
     if not CONSUMER_NAME.match(name):
         raise click.BadParameter("1-64 letters, digits, '_', '.', '-'", param_hint="NAME")
+    entries = [str(rule) for rule in parsed]
+    if subject is not None:
+        try:
+            entries.append(subject_entry(subject))
+        except TokenBrokerError as exc:
+            raise click.BadParameter(str(exc), param_hint="--subject") from None
     key = new_key()
     try:
         store = _open_store(config_path)
         try:
-            store.add_consumer(name, hash_key(key), [str(rule) for rule in parsed])
+            store.add_consumer(name, hash_key(key), entries)
         finally:
             store.close()
     except TokenBrokerError as exc:
@@ -473,7 +486,8 @@ def consumers_list(config_path: Path) -> None:
         _fail(exc)
         return
     for name, spec in sorted(settings.consumers.items()):
-        click.echo(f"{name}\tconfig\t{', '.join(spec.allow)}")
+        shown = [*spec.allow, *([subject_entry(spec.subject)] if spec.subject else [])]
+        click.echo(f"{name}\tconfig\t{', '.join(shown)}")
     for name, _, rules in stored:
         click.echo(f"{name}\tstore\t{', '.join(rules)}")
 

@@ -37,9 +37,9 @@ from pydantic import (
     model_validator,
 )
 
-from .consumers import parse_rule
+from .consumers import DELEGATE, DELEGATE_AS, check_subject, parse_rule
 from .crypto import decode_key
-from .errors import ConfigError, ConfigProblem, InvalidScopeError
+from .errors import ConfigError, ConfigProblem, InvalidDelegationError, InvalidScopeError
 from .names import CONSUMER_NAME_PATTERN, PROVIDER_NAME_PATTERN
 from .scopes import MAX_SCOPE_LENGTH, SCOPE_TOKEN, scope_string
 from .secret import Secret
@@ -131,8 +131,9 @@ class JwtDelegation(_Frozen):
 class UpstreamDelegation(_Frozen):
     """The broker asks an upstream delegation endpoint, with its own service token.
 
-    ``body`` is a JSON template: ``{audience}``, ``{object}``, ``{subject}`` and
-    ``{lifetime}`` are replaced (e.g. the seed's ``file-access/download-tokens``).
+    ``body`` is a JSON template: ``{audience}``, ``{object}``, ``{subject}``, ``{consumer}``
+    (who asked) and ``{lifetime}`` are replaced (e.g. the seed's
+    ``file-access/download-tokens``).
     """
 
     mode: Literal["upstream"]
@@ -566,11 +567,20 @@ def _allow_rule(value: str, info: ValidationInfo) -> str:
     return value
 
 
+def _subject(value: str) -> str:
+    try:
+        return check_subject(value)
+    except InvalidDelegationError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class ConsumerSettings(_Section):
-    """A consumer defined in the config: its key's SHA-256 and what it may ask for."""
+    """A consumer defined in the config: its key's SHA-256, what it may ask for, and the
+    subject of the delegated tokens it gets (default: its name)."""
 
     api_key_sha256: str
     allow: tuple[Annotated[str, AfterValidator(_allow_rule)], ...] = ()
+    subject: Annotated[str, AfterValidator(_subject)] | None = None
 
     @field_validator("api_key_sha256")
     @classmethod
@@ -601,6 +611,14 @@ class Settings(_Frozen):
     @classmethod
     def _store(cls, value: str) -> str:
         backend_for(value)  # ValueError naming every form the registered backends accept
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, value: dict[str, Provider]) -> dict[str, Provider]:
+        for name in (DELEGATE, DELEGATE_AS):
+            if name in value:
+                raise ValueError(f"{name!r} is a word of allow rules, not a provider name")
         return value
 
     @model_validator(mode="after")

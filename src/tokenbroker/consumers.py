@@ -11,6 +11,13 @@ scopes only; a request's scopes must be a subset). The scopes checked are the re
 canonical ones (:func:`tokenbroker.scopes.canonical_scopes`: absent or blank means the
 provider's configured scopes; case-sensitive), the very set the token request asks for.
 
+Delegated tokens need their own rules: ``delegate:provider`` (tokens whose subject is the
+consumer's own) and ``delegate-as:provider`` (also tokens for any other subject the consumer
+names). A token rule alone does not allow delegation, nor a delegation rule token reads; so
+``delegate`` and ``delegate-as`` are not provider names. A consumer's subject is its configured
+``subject``, else its name; a stored consumer keeps it as the ``subject=NAME`` entry of its
+allow list (:func:`subject_entry`), so the store needs no column for it.
+
 A registry built with :meth:`ConsumerRegistry.load` follows the store: a running server
 checks :meth:`~tokenbroker.store.ConsumerStore.consumers_version` every
 :data:`FOLLOW_SECONDS` (off the event loop) and swaps in the new set when it changed, so
@@ -29,21 +36,27 @@ import secrets
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
+from .errors import ForbiddenSubjectError, InvalidDelegationError
 from .names import PROVIDER_NAME_PATTERN
 
 if TYPE_CHECKING:
     from .config import ConsumerSettings
 
 __all__ = [
+    "DELEGATE",
+    "DELEGATE_AS",
     "FOLLOW_SECONDS",
     "Consumer",
     "ConsumerRegistry",
     "ConsumerSource",
+    "check_subject",
     "hash_key",
     "new_key",
+    "parse_allow",
     "parse_rule",
+    "subject_entry",
 ]
 
 logger = logging.getLogger("tokenbroker.consumers")
@@ -54,6 +67,17 @@ FOLLOW_SECONDS = 0.5
 KEY_PREFIX = "tbk_"
 _KEY = re.compile(r"tbk_[A-Za-z0-9_-]{43}\Z")
 _RULE = re.compile(rf"({PROVIDER_NAME_PATTERN})(?::([\x21\x23-\x5b\x5d-\x7e ]+))?\Z")
+_PROVIDER = re.compile(rf"{PROVIDER_NAME_PATTERN}\Z")
+#: A subject: visible ASCII, no spaces (it goes into JWT ``sub``, upstream templates and audit
+#: lines, so no control character or separator may ride along).
+_SUBJECT = re.compile(r"[\x21-\x7e]{1,256}\Z")
+_SUBJECT_ENTRY = "subject="
+
+#: ``delegate:PROVIDER``: delegated tokens for the consumer's own subject.
+DELEGATE = "delegate"
+#: ``delegate-as:PROVIDER``: delegated tokens for any subject the consumer names.
+DELEGATE_AS = "delegate-as"
+Action = Literal["token", "delegate", "delegate-as"]
 
 
 def new_key() -> str:
@@ -72,13 +96,17 @@ class Rule:
 
     Attributes:
         provider: The provider name.
-        scopes: Allowed scopes, or None for any scope.
+        scopes: Allowed scopes, or None for any scope (always None for delegation rules).
+        action: ``token`` (token reads), ``delegate`` or ``delegate-as`` (delegated tokens).
     """
 
     provider: str
     scopes: frozenset[str] | None
+    action: Action = "token"
 
     def __str__(self) -> str:
+        if self.action != "token":
+            return f"{self.action}:{self.provider}"
         return (
             self.provider
             if self.scopes is None
@@ -87,16 +115,69 @@ class Rule:
 
 
 def parse_rule(text: str) -> Rule:
-    """Parse ``provider`` or ``provider:scope1 scope2``.
+    """Parse ``provider``, ``provider:scope1 scope2``, ``delegate:provider`` or
+    ``delegate-as:provider``.
 
     Raises:
         ValueError: For a malformed rule.
     """
     match = _RULE.match(text.strip())
     if not match:
-        raise ValueError("an allow rule is PROVIDER or PROVIDER:SCOPE[ SCOPE...]")
+        raise ValueError(
+            "an allow rule is PROVIDER, PROVIDER:SCOPE[ SCOPE...], delegate:PROVIDER"
+            " or delegate-as:PROVIDER"
+        )
     provider, scopes = match.group(1), match.group(2)
+    if provider in (DELEGATE, DELEGATE_AS):
+        if scopes is None or not _PROVIDER.match(scopes):
+            raise ValueError(f"{provider} takes one provider: {provider}:PROVIDER")
+        return Rule(scopes, None, "delegate" if provider == DELEGATE else "delegate-as")
     return Rule(provider, None if scopes is None else frozenset(scopes.split()))
+
+
+def check_subject(subject: str) -> str:
+    """Refuse a malformed subject (for a consumer's own, or one named in a request).
+
+    Returns:
+        ``subject``, unchanged.
+
+    Raises:
+        InvalidDelegationError: Not 1-256 visible ASCII characters (no space, no control
+            character).
+    """
+    if not _SUBJECT.match(subject):
+        raise InvalidDelegationError("a subject is 1-256 visible ASCII characters")
+    return subject
+
+
+def subject_entry(subject: str) -> str:
+    """The allow-list entry that keeps a stored consumer's subject (``subject=NAME``).
+
+    Raises:
+        InvalidDelegationError: As for :func:`check_subject`.
+    """
+    return _SUBJECT_ENTRY + check_subject(subject)
+
+
+def parse_allow(texts: Iterable[str]) -> tuple[tuple[Rule, ...], str | None]:
+    """A stored allow list: its rules and the subject its ``subject=NAME`` entry names.
+
+    Raises:
+        ValueError: A malformed rule, a malformed subject, or two subject entries.
+    """
+    rules: list[Rule] = []
+    subject: str | None = None
+    for text in texts:
+        if text.startswith(_SUBJECT_ENTRY):
+            if subject is not None:
+                raise ValueError("more than one subject entry")
+            try:
+                subject = check_subject(text.removeprefix(_SUBJECT_ENTRY))
+            except InvalidDelegationError as exc:
+                raise ValueError(str(exc)) from None
+        else:
+            rules.append(parse_rule(text))
+    return tuple(rules), subject
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,10 +187,12 @@ class Consumer:
     Attributes:
         name: The consumer's name (for logs and audit; not a secret).
         rules: What it may ask for.
+        subject: Its configured subject for delegated tokens; None: its name.
     """
 
     name: str
     rules: tuple[Rule, ...]
+    subject: str | None = None
 
     def allows(self, provider: str, scopes: Iterable[str] = ()) -> bool:
         """Whether this consumer may get ``provider`` tokens with ``scopes``.
@@ -121,15 +204,43 @@ class Consumer:
                 only a rule without scopes covers.
 
         Returns:
-            True if some rule covers the request.
+            True if some token rule covers the request (delegation rules never do).
         """
         wanted = frozenset(scopes)
         for rule in self.rules:
-            if rule.provider != provider:
+            if rule.provider != provider or rule.action != "token":
                 continue
             if rule.scopes is None or (wanted and wanted <= rule.scopes):
                 return True
         return False
+
+    def may_delegate(self, provider: str) -> bool:
+        """Whether a ``delegate:`` or ``delegate-as:`` rule names ``provider``."""
+        return any(r.provider == provider and r.action != "token" for r in self.rules)
+
+    def delegation_subject(self, provider: str, requested: str | None = None) -> str:
+        """The subject of a delegated token this consumer asks for (call after
+        :meth:`may_delegate`).
+
+        Args:
+            provider: The provider name.
+            requested: The subject the request names; None: the consumer's own.
+
+        Returns:
+            ``requested`` when given and allowed, else the consumer's subject (or name).
+
+        Raises:
+            InvalidDelegationError: ``requested`` is malformed.
+            ForbiddenSubjectError: ``requested`` is not the consumer's own subject and no
+                ``delegate-as:provider`` rule allows naming another.
+        """
+        own = self.subject or self.name
+        if requested is None or requested == own:
+            return own
+        check_subject(requested)
+        if any(r.provider == provider and r.action == DELEGATE_AS for r in self.rules):
+            return requested
+        raise ForbiddenSubjectError("this consumer may delegate only for its own subject")
 
     def providers(self) -> list[str]:
         """The providers any rule mentions, sorted."""
@@ -144,7 +255,8 @@ class ConsumerSource(Protocol):
         ...  # pragma: no cover
 
     def consumers(self) -> list[tuple[str, str, list[str]]]:
-        """Every stored consumer as ``(name, key digest, allow rules)``."""
+        """Every stored consumer as ``(name, key digest, allow entries)`` (rules, and at most
+        one ``subject=NAME``)."""
         ...  # pragma: no cover
 
 
@@ -153,7 +265,8 @@ class ConsumerRegistry:
     ones as of the last :meth:`reload`.
 
     Args:
-        consumers: ``(name, key digest, rules)`` triples that never change.
+        consumers: ``(name, key digest, rules)`` or ``(name, key digest, rules, subject)``
+            entries that never change.
         source: Where stored consumers are re-read from (see :meth:`follow`); None: none.
 
     Raises:
@@ -162,13 +275,15 @@ class ConsumerRegistry:
 
     def __init__(
         self,
-        consumers: Iterable[tuple[str, str, Iterable[Rule]]] = (),
+        consumers: Iterable[
+            tuple[str, str, Iterable[Rule]] | tuple[str, str, Iterable[Rule], str | None]
+        ] = (),
         *,
         source: ConsumerSource | None = None,
     ) -> None:
         self._fixed: dict[str, Consumer] = {}
-        for name, digest, rules in consumers:
-            self._fixed[digest] = Consumer(name, tuple(rules))
+        for name, digest, rules, *subject in consumers:
+            self._fixed[digest] = Consumer(name, tuple(rules), subject[0] if subject else None)
         self._by_digest = dict(self._fixed)
         self._source = source
         self._version: str | None = None
@@ -186,9 +301,11 @@ class ConsumerRegistry:
     def __len__(self) -> int:
         return len(self._by_digest)
 
-    def add(self, name: str, digest: str, rules: Iterable[Rule]) -> None:
+    def add(
+        self, name: str, digest: str, rules: Iterable[Rule], subject: str | None = None
+    ) -> None:
         """Register a consumer that stays until the process ends (a :meth:`reload` keeps it)."""
-        consumer = Consumer(name, tuple(rules))
+        consumer = Consumer(name, tuple(rules), subject)
         with self._reloading:
             self._fixed[digest] = consumer
             self._by_digest = {**self._by_digest, digest: consumer}
@@ -207,7 +324,7 @@ class ConsumerRegistry:
 
     def reload(self) -> bool:
         """Re-read the stored consumers if the source says they changed. A stored consumer
-        with a malformed rule is left out (and logged by name).
+        with a malformed rule or subject entry is left out (and logged by name).
 
         Returns:
             Whether the stored consumers were re-read.
@@ -225,11 +342,11 @@ class ConsumerRegistry:
             by_digest = dict(self._fixed)
             for name, digest, texts in source.consumers():
                 try:
-                    rules = tuple(parse_rule(text) for text in texts)
+                    rules, subject = parse_allow(texts)
                 except ValueError:
                     logger.warning("stored consumer %s has a malformed allow rule; refused", name)
                     continue
-                by_digest[digest] = Consumer(name, rules)
+                by_digest[digest] = Consumer(name, rules, subject)
             self._by_digest = by_digest  # one reference swap: readers see old or new, whole
             self._version = version
             return True
@@ -271,10 +388,12 @@ class ConsumerRegistry:
         return consumer if hmac.compare_digest(digest, hash_key(key)) else None
 
 
-def _configured(consumers: Mapping[str, ConsumerSettings]) -> list[tuple[str, str, list[Rule]]]:
+def _configured(
+    consumers: Mapping[str, ConsumerSettings],
+) -> list[tuple[str, str, list[Rule], str | None]]:
     """The ``consumers:`` config section (validated by :mod:`tokenbroker.config`) as
-    ``(name, digest, rules)``."""
+    ``(name, digest, rules, subject)``."""
     return [
-        (name, spec.api_key_sha256, [parse_rule(rule) for rule in spec.allow])
+        (name, spec.api_key_sha256, [parse_rule(rule) for rule in spec.allow], spec.subject)
         for name, spec in consumers.items()
     ]

@@ -9,6 +9,13 @@ Two modes, per provider (``delegation:`` in its config):
   for the provider (the seed's ``POST {issuer}/file-access/download-tokens``). The
   request and reply go through the same grant/retry machinery as token requests,
   so errors are classified by the same table.
+
+A minted token names who asked and for whom: ``sub`` is the subject (the consumer's own
+unless it may delegate as others, see :mod:`tokenbroker.consumers`), ``azp`` and
+``act.sub`` (RFC 8693 §4.1) the consumer. Its ``iss`` is the provider's
+(:func:`issuer_for`), so a token minted for one provider does not verify as another's even
+when both list the same audience. Its ``obj`` is a safe relative path (:func:`check_object`,
+the same check as redirect paths).
 """
 
 from __future__ import annotations
@@ -28,9 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from .config import JwtDelegation, UpstreamDelegation
-from .errors import (
-    UnknownProviderError,
-)
+from .errors import InvalidDelegationError, UnknownProviderError
 from .grants import (
     Reply,
     TokenResponse,
@@ -47,6 +52,9 @@ __all__ = [
     "UpstreamDelegationGrant",
     "bound_lifetime",
     "check_audience",
+    "check_object",
+    "issuer_for",
+    "safe_object",
     "settings_for",
 ]
 
@@ -61,6 +69,7 @@ class DelegatedToken:
         expires_at: Unix seconds.
         audience: Who it is for.
         object: The object it is bound to, if any.
+        jti: The JWT ID of a minted token (for audit lines); None for an upstream one.
     """
 
     token: str
@@ -68,6 +77,7 @@ class DelegatedToken:
     expires_at: float
     audience: str
     object: str | None
+    jti: str | None = None
 
     @property
     def expires_in(self) -> int:
@@ -137,29 +147,43 @@ class Signer:
         lifetime: float,
         subject: str | None,
         object_: str | None,
+        actor: str | None = None,
     ) -> DelegatedToken:
         """Mint a JWT (RFC 7519) bound to ``audience`` and ``object_``.
+
+        Args:
+            issuer: ``iss`` (the provider's, :func:`issuer_for`).
+            provider: The provider it is minted for.
+            audience: ``aud``.
+            lifetime: Seconds from now to ``exp``.
+            subject: ``sub``, if any.
+            object_: ``obj``, if any (checked by the caller, :func:`check_object`).
+            actor: Who asked (the consumer): ``azp`` and RFC 8693 ``act: {sub}``; None for
+                an embedded caller.
 
         Returns:
             The token; its ``jti`` is random, ``exp`` is ``iat + lifetime``.
         """
         kid, key = self._loaded()[0]
         now = int(time.time())
+        jti = secrets.token_urlsafe(16)
         claims: dict[str, Any] = {
             "iss": issuer,
             "aud": audience,
             "iat": now,
             "nbf": now,
             "exp": now + int(lifetime),
-            "jti": secrets.token_urlsafe(16),
-            "azp": provider,
+            "jti": jti,
         }
+        if actor:
+            claims["azp"] = actor
+            claims["act"] = {"sub": actor}
         if subject:
             claims["sub"] = subject
         if object_:
             claims["obj"] = object_
         value = jwt.encode(claims, key, algorithm=self.algorithm, headers={"kid": kid})
-        return DelegatedToken(value, "Bearer", float(now + int(lifetime)), audience, object_)
+        return DelegatedToken(value, "Bearer", float(now + int(lifetime)), audience, object_, jti)
 
     def jwks(self) -> dict[str, Any]:
         """The public keys as a JWK Set (RFC 7517)."""
@@ -210,7 +234,8 @@ class UpstreamDelegationGrant:
         provider: The provider name.
         settings: The delegation settings.
         service_token: The broker's own token for the provider.
-        values: Placeholder values (``{audience}``, ``{object}``, ``{subject}``, ``{lifetime}``).
+        values: Placeholder values (``{audience}``, ``{object}``, ``{subject}``, ``{consumer}``,
+            ``{lifetime}``).
     """
 
     def __init__(
@@ -252,6 +277,42 @@ class UpstreamDelegationGrant:
             if isinstance(told, int | float) and not isinstance(told, bool) and told > 0:
                 lifetime = min(lifetime, float(told))
         return TokenResponse(token=Token(token, "Bearer", issued_at + lifetime), lifetime=lifetime)
+
+
+def issuer_for(issuer: str, provider: str) -> str:
+    """The ``iss`` of the tokens minted for ``provider``: the configured issuer + ``/provider``.
+
+    Verifiers check it (as well as ``aud``), so a token minted for one provider is refused
+    by a verifier of another, even one that shares the audience.
+    """
+    return f"{issuer.rstrip('/')}/{provider}"
+
+
+def safe_object(path: str) -> bool:
+    """Whether ``path`` is a safe relative path for a delegated token's object (and a redirect's
+    path): not empty, not absolute; no empty, ``.`` or ``..`` segments (a trailing ``/`` is
+    fine), backslashes, control characters, or (double-)encoded dots, separators or NULs."""
+    if not path or "\\" in path or any(ord(c) < 0x20 or c == "\x7f" for c in path):
+        return False
+    if any(code in path.lower() for code in ("%2e", "%2f", "%5c", "%00")):
+        return False  # double-encoded separators or dots
+    # A leading or doubled "/" would make a joined path absolute (os.path.join drops the base).
+    parts = path.split("/")
+    return all(part not in ("", ".", "..") for part in parts[:-1]) and parts[-1] not in (".", "..")
+
+
+def check_object(object_: str | None) -> str | None:
+    """Refuse an object that is not a safe relative path (:func:`safe_object`).
+
+    Returns:
+        ``object_``, unchanged (None stays None).
+
+    Raises:
+        InvalidDelegationError: The object is unsafe.
+    """
+    if object_ is not None and not safe_object(object_):
+        raise InvalidDelegationError("a delegation's object must be a safe relative path")
+    return object_
 
 
 def check_audience(provider: str, audiences: tuple[str, ...], audience: str) -> None:

@@ -136,7 +136,14 @@ def run_demo(
         settings = parse_settings(DEMO_CONFIG, env)
         with Broker(settings) as broker:
             key = new_key()
-            broker.store.add_consumer("demo", hash_key(key), sorted(settings.providers))
+            delegating = [
+                f"delegate:{name}"
+                for name, provider in sorted(settings.providers.items())
+                if provider.delegation is not None
+            ]
+            broker.store.add_consumer(
+                "demo", hash_key(key), [*sorted(settings.providers), *delegating]
+            )
 
             def on_event(event: Event) -> None:
                 nonlocal refreshes

@@ -8,6 +8,8 @@
     ├── UnknownProviderError            no such provider (or scope/account not valid for it)
     │   ├── InvalidScopeError           a scope that is not RFC 6749 scope-tokens
     │   └── TooManyScopesError          a new scope set beyond the provider's ``max_scopes``
+    ├── InvalidDelegationError          a delegation's object or subject is malformed
+    ├── ForbiddenSubjectError           a consumer asked for a subject it may not delegate for
     ├── StoreError                      the durable store failed (locked, disk full, read-only)
     │   └── StoreCorruptError           a stored row or ciphertext is damaged or was moved
     └── ProviderError                   the identity provider could not give us a token
@@ -36,6 +38,8 @@ __all__ = [
     "ConfigError",
     "ConfigProblem",
     "EncryptionKeyError",
+    "ForbiddenSubjectError",
+    "InvalidDelegationError",
     "InvalidScopeError",
     "InvalidTokenError",
     "LeaseExpiredError",
@@ -96,6 +100,15 @@ class EncryptionKeyError(ConfigError):
 
     def __init__(self, message: str) -> None:
         super().__init__([ConfigProblem("encryption_keys", message)])
+
+
+class InvalidDelegationError(TokenBrokerError):
+    """A delegation's object is not a safe relative path, or its subject is malformed."""
+
+
+class ForbiddenSubjectError(TokenBrokerError):
+    """A consumer asked for a delegated token on behalf of a subject other than its own
+    without a ``delegate-as:PROVIDER`` rule."""
 
 
 class StoreError(TokenBrokerError):

@@ -5,7 +5,9 @@ token 409 ``reauthorization_required``; a provider that rejects the broker's cli
 500 ``provider_misconfigured`` (retrying cannot help, so not a 5xx clients retry);
 a provider down after retries 503 ``provider_unavailable`` with ``Retry-After``; a
 failing store 503 ``store_unavailable`` with ``Retry-After``. Anything unmapped is
-500 ``internal_error``. The HTTP API (:mod:`tokenbroker.app`) and the proxy
+500 ``internal_error``. A delegation whose object is not a safe relative path (or whose
+subject is malformed) is 400 ``invalid_delegation``; one for a subject the consumer may not
+name is 403 ``forbidden_subject``. The HTTP API (:mod:`tokenbroker.app`) and the proxy
 (:mod:`tokenbroker.proxy`) answer from :func:`status_of`; :class:`~tokenbroker.BrokerClient`
 reads an answer's code back into :attr:`ErrorStatus.error` with :func:`status_for_code`.
 
@@ -19,6 +21,8 @@ from dataclasses import dataclass
 
 from .errors import (
     ClientAuthenticationError,
+    ForbiddenSubjectError,
+    InvalidDelegationError,
     PoolExhaustedError,
     ProviderMisconfiguredError,
     ProviderUnavailableError,
@@ -31,7 +35,9 @@ from .errors import (
 
 __all__ = [
     "ERROR_STATUS",
+    "FORBIDDEN_SUBJECT",
     "INTERNAL_ERROR",
+    "INVALID_DELEGATION",
     "INVALID_REQUEST",
     "NOT_FOUND",
     "POOL_EXHAUSTED",
@@ -73,6 +79,18 @@ class ErrorStatus:
 
 
 NOT_FOUND = ErrorStatus(404, "not_found", "no such provider", UnknownProviderError)
+INVALID_DELEGATION = ErrorStatus(
+    400,
+    "invalid_delegation",
+    "invalid delegation: the object must be a safe relative path, the subject visible ASCII",
+    InvalidDelegationError,
+)
+FORBIDDEN_SUBJECT = ErrorStatus(
+    403,
+    "forbidden_subject",
+    "this consumer may delegate only for its own subject",
+    ForbiddenSubjectError,
+)
 TOO_MANY_SCOPES = ErrorStatus(
     400,
     "too_many_scopes",
@@ -116,6 +134,8 @@ STORE_UNAVAILABLE = ErrorStatus(
 #: Domain error → its answer. The first row whose class matches wins (subclasses first).
 ERROR_STATUS: tuple[tuple[type[TokenBrokerError], ErrorStatus], ...] = (
     (TooManyScopesError, TOO_MANY_SCOPES),
+    (InvalidDelegationError, INVALID_DELEGATION),
+    (ForbiddenSubjectError, FORBIDDEN_SUBJECT),
     (UnknownProviderError, NOT_FOUND),
     (ReauthorizationRequiredError, REAUTHORIZATION_REQUIRED),
     (ProviderMisconfiguredError, PROVIDER_MISCONFIGURED),
