@@ -629,7 +629,7 @@ def test_audit_lines_name_the_pool_account_that_was_served(
     with Served(create_app(broker, registry)) as client:
         assert client.get("/v1/tokens/db?account=bob", headers=auth()).status_code == 200
     audits = [r.getMessage() for r in caplog.records if r.name == "tokenbroker.audit"]
-    assert audits == ["token read consumer=etl provider=db scope= account=bob outcome=ok"]
+    assert audits == ['token read consumer=etl provider=db scope="" account=bob outcome=ok']
 
 
 def test_audit_values_are_quoted_so_a_path_cannot_forge_fields_or_lines(

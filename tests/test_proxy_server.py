@@ -290,6 +290,7 @@ def _config(tmp_path: Path, auth_server: AuthorizationServer, upstream: Recordin
             }
         )
     )
+    path.chmod(0o600)  # it holds the login passwords as written (check warns otherwise)
     return path
 
 

@@ -425,8 +425,6 @@ def _add_token_routes(
         subject is the consumer's own; naming another needs ``delegate-as:PROVIDER`` (else 403
         ``forbidden_subject``). A malformed object or subject is 400 ``invalid_delegation``.
         """
-        if not caller.may_delegate(body.provider):
-            raise NotFound("no such provider")
         with audited(
             "delegation",
             caller,
@@ -435,6 +433,8 @@ def _add_token_routes(
             subject=caller.subject or caller.name if body.subject is None else body.subject,
             object=body.object,
         ) as record:
+            if not caller.may_delegate(body.provider):  # audited too, as every refusal is
+                raise NotFound("no such provider")
             check_object(body.object)
             token = await broker.adelegate(
                 body.provider,

@@ -47,6 +47,10 @@ MAX_PIPELINED = 8
 """Requests parsed and not yet answered on one connection, the one being served included
 (one more when a head's end is split between two reads)."""
 _END = b"\r\n\r\n"  # every head ends so (llhttp refuses bare LFs): at most one head per piece
+LINGER_SECONDS = 2.0
+"""How long a refused connection still reads, and drops, what its client sends after the
+error reply before it closes (nginx's lingering close): closing a socket with unread bytes
+makes the kernel send a reset, which can destroy the reply before the client has read it."""
 _BUSY = error_reply(
     503, "too_many_connections", "the proxy holds all the connections it can", close=True
 )
@@ -118,9 +122,9 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if len(server.connections) >= server.max_connections:
             self._refused = True  # whatever it sends is dropped; it never enters the set
-            self.transport.write(_BUSY)
+            self.write(_BUSY)
             server.count_status(503)
-            self.close()
+            self.linger()
             return
         # The first head is timed from the accept.
         self._head_since = self._request_since = self.loop.time()
@@ -511,6 +515,25 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
 
+    def linger(self) -> None:
+        """Send what is queued, end the sending side, and close once the client hangs up
+        or :data:`LINGER_SECONDS` pass; what it sends meanwhile is read and dropped."""
+        self.flush()
+        self._closing = True
+        self._close_leases()
+        transport = self.transport
+        if transport is None or self.closed:
+            return
+        if transport.can_write_eof():
+            transport.write_eof()
+            self.loop.call_later(LINGER_SECONDS, self._end_linger)
+        else:
+            transport.close()
+
+    def _end_linger(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
     def abort(self) -> None:
         """Drop the connection at once (a response failed after it had begun)."""
         self._out = []
@@ -534,7 +557,7 @@ class ClientConnection(asyncio.Protocol):
         status, reply = self._refusal
         self.write(reply)
         self.server.count_status(status)
-        self.close()
+        self.linger()
 
     def __repr__(self) -> str:
         return f"<ClientConnection peer={self.peer} leases={len(self._leases)}>"
