@@ -22,7 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from tokenbroker.logs import configure
+from tokenbroker.telemetry.logs import configure
 
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 

@@ -65,7 +65,7 @@ from _common import (
     pinned,
     render_table,
 )
-from tokenbroker.consumers import hash_key, new_key
+from tokenbroker.engine.consumers import hash_key, new_key
 
 CONNECTIONS = (16, 64)
 WARMUP_SECONDS = 2

@@ -78,7 +78,7 @@ import yaml
 
 from _common import render_table
 from tokenbroker import Broker, ReauthorizationRequiredError, parse_settings
-from tokenbroker.crypto import generate_key
+from tokenbroker.core.crypto import generate_key
 from tokenbroker.testing import AuthorizationServer, Fault
 from tokenbroker.testing.authserver import REFRESH_REPORT_PATH
 

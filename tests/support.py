@@ -92,7 +92,7 @@ class Served:
     def __init__(self, app: Any) -> None:
         import httpx
 
-        from tokenbroker.api_protocol import BoundedHeadProtocol
+        from tokenbroker.api.connection import BoundedHeadProtocol
         from tokenbroker.testing.asgi import ServedApp
 
         self.app = app

@@ -25,8 +25,8 @@ from support import (
     terminate,
     wait_for,
 )
-from tokenbroker.consumers import hash_key, new_key
-from tokenbroker.statuses import REQUEST_TIMEOUT
+from tokenbroker.edge.statuses import REQUEST_TIMEOUT
+from tokenbroker.engine.consumers import hash_key, new_key
 from tokenbroker.testing import AuthorizationServer, Fault
 
 KEY = new_key()

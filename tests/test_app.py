@@ -16,11 +16,12 @@ from fastapi.routing import APIRoute
 from conftest import BrokerFactory
 from support import Served, client_credentials, login, refresh_token, stampede
 from tokenbroker import Broker
-from tokenbroker.app import PUBLIC_PATHS, create_app
-from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
-from tokenbroker.crypto import Keyring, generate_key
-from tokenbroker.ratelimit import RateLimits
-from tokenbroker.secret import Secret
+from tokenbroker.api.app import PUBLIC_PATHS, create_app
+from tokenbroker.core.crypto import Keyring, generate_key
+from tokenbroker.core.rules import parse_rule
+from tokenbroker.core.secret import Secret
+from tokenbroker.edge.ratelimit import RateLimits
+from tokenbroker.engine.consumers import ConsumerRegistry, hash_key, new_key
 from tokenbroker.store import open_store
 from tokenbroker.testing import AuthorizationServer, Fault
 from tokenbroker.testing.asgi import ServedApp
@@ -343,7 +344,7 @@ def test_json_logs_carry_request_ids_and_no_secrets(
     import json
     import logging
 
-    from tokenbroker.logs import configure
+    from tokenbroker.telemetry.logs import configure
 
     configure("info", "json")
     try:

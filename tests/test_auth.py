@@ -9,7 +9,7 @@ import httpx
 import requests
 
 from conftest import BrokerFactory
-from tokenbroker.auth import is_replayable
+from tokenbroker.client.httpx_auth import is_replayable
 from tokenbroker.testing import AuthorizationServer
 
 

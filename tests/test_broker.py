@@ -28,9 +28,9 @@ from tokenbroker import (
     TooManyScopesError,
     UnknownProviderError,
 )
-from tokenbroker.crypto import Keyring, generate_key
-from tokenbroker.events import TokenAcquired
-from tokenbroker.secret import Secret
+from tokenbroker.core.crypto import Keyring, generate_key
+from tokenbroker.core.events import TokenAcquired
+from tokenbroker.core.secret import Secret
 from tokenbroker.store import open_store
 from tokenbroker.testing import AuthorizationServer, Fault, decode_client_secret_basic
 

@@ -21,7 +21,7 @@ from tokenbroker import (
     TokenRequestFailed,
     UnknownProviderError,
 )
-from tokenbroker.events import Event, EventBus
+from tokenbroker.core.events import Event, EventBus
 from tokenbroker.grants import TokenResponse
 
 
@@ -435,7 +435,7 @@ def test_events_report_acquisitions_without_tokens() -> None:
 def test_worst_orders_states_valid_to_reauthorization_required() -> None:
     """worst() ranks valid/empty < refreshing < stale < failed < reauthorization_required,
     and prefers valid to empty among good keys; DEGRADED holds stale and worse."""
-    from tokenbroker.cache import DEGRADED, SlotState, worst
+    from tokenbroker.engine.cache import DEGRADED, SlotState, worst
 
     def slot(state: str) -> SlotState:
         return SlotState("p", state, state, None, None, None)

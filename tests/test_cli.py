@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from support import client_credentials, login
-from tokenbroker.cli import main
+from tokenbroker.cli.main import main
 from tokenbroker.testing import AuthorizationServer
 
 CANARY = "CANARY_SECRET_5b0c1e"
@@ -137,7 +137,7 @@ def test_status_rotate_key_and_missing_key(
 ) -> None:
     """status lists the stored credential without secrets; rotate-key makes the old key unneeded;
     a store whose key is missing refuses to start with a message naming encryption_keys."""
-    from tokenbroker.crypto import generate_key
+    from tokenbroker.core.crypto import generate_key
 
     old, new = generate_key(), generate_key()
     runner = CliRunner()
@@ -173,7 +173,7 @@ def test_status_rotate_key_and_missing_key(
 
 def test_status_on_an_empty_store(tmp_path: Path, auth_server: AuthorizationServer) -> None:
     """status on a fresh store says there is nothing stored yet."""
-    from tokenbroker.crypto import generate_key
+    from tokenbroker.core.crypto import generate_key
 
     config = file_config(tmp_path, auth_server, [generate_key()])
     result = CliRunner().invoke(main, ["status", "--config", str(config)])
@@ -188,10 +188,10 @@ def test_consumers_add_prints_the_key_once_and_stores_only_its_hash(
     SHA-256; the key then works against the HTTP API and stops working once removed."""
     from support import Served
     from tokenbroker import Broker
-    from tokenbroker.app import create_app
+    from tokenbroker.api.app import create_app
     from tokenbroker.config import load_settings
-    from tokenbroker.consumers import hash_key
-    from tokenbroker.crypto import generate_key
+    from tokenbroker.core.crypto import generate_key
+    from tokenbroker.engine.consumers import hash_key
 
     config = file_config(tmp_path, auth_server, [generate_key()])
     runner = CliRunner()
@@ -347,8 +347,8 @@ def test_check_reports_a_store_under_another_key(tmp_path: Path) -> None:
     encryption_keys (by key id, never a key), changing nothing in the folder."""
     import hashlib
 
-    from tokenbroker.crypto import Keyring, decode_key, generate_key
-    from tokenbroker.secret import Secret
+    from tokenbroker.core.crypto import Keyring, decode_key, generate_key
+    from tokenbroker.core.secret import Secret
     from tokenbroker.store import open_store
 
     old, new = generate_key(), generate_key()
@@ -373,7 +373,7 @@ def test_check_reports_a_store_under_another_key(tmp_path: Path) -> None:
 def test_check_reports_a_store_folder_it_cannot_write(tmp_path: Path, where: str) -> None:
     """check says when the store's folder does not exist or cannot take new files (serve could
     not create the store or its journal there), and creates nothing."""
-    from tokenbroker.crypto import generate_key
+    from tokenbroker.core.crypto import generate_key
 
     (tmp_path / "a-file").write_text("not a folder")
     path = tmp_path / "tokenbroker.yaml"
@@ -450,7 +450,7 @@ def test_status_names_provider_scope_account_in_utc_with_the_last_error(
 ) -> None:
     """status rows name provider, scope and account (no hash), say UTC, and show a failed
     credential's last error class and code, never a secret."""
-    from tokenbroker.crypto import generate_key
+    from tokenbroker.core.crypto import generate_key
 
     config = status_config(tmp_path, auth_server, generate_key())
     runner = CliRunner()
@@ -480,7 +480,7 @@ def test_status_shows_a_key_the_config_no_longer_has_as_stale(
 ) -> None:
     """A stored row no configured key maps to (the client id changed, the provider is gone)
     shows as (stale key)."""
-    from tokenbroker.crypto import generate_key
+    from tokenbroker.core.crypto import generate_key
 
     key = generate_key()
     config = status_config(tmp_path, auth_server, key)
@@ -503,7 +503,7 @@ def test_status_names_rows_stored_before_rows_carried_their_scope(
     import sqlite3
     from contextlib import closing
 
-    from tokenbroker.crypto import generate_key
+    from tokenbroker.core.crypto import generate_key
     from tokenbroker.store.sqlite_schema import MIGRATIONS
 
     config = status_config(tmp_path, auth_server, generate_key())
@@ -612,7 +612,7 @@ def test_consumers_add_subject_and_delegation_rules(
 ) -> None:
     """consumers add --allow delegate:svc --subject alice stores both (list shows them); a
     malformed --subject or delegate rule is a usage error (exit 2) that stores nothing."""
-    from tokenbroker.crypto import generate_key
+    from tokenbroker.core.crypto import generate_key
 
     config = file_config(tmp_path, auth_server, [generate_key()])
     runner = CliRunner()

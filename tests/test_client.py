@@ -28,10 +28,11 @@ from tokenbroker import (
     TokenBrokerError,
     UnknownProviderError,
 )
-from tokenbroker.app import create_app
-from tokenbroker.client import BrokerClient
-from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
-from tokenbroker.ratelimit import RateLimits
+from tokenbroker.api.app import create_app
+from tokenbroker.client.remote import BrokerClient
+from tokenbroker.core.rules import parse_rule
+from tokenbroker.edge.ratelimit import RateLimits
+from tokenbroker.engine.consumers import ConsumerRegistry, hash_key, new_key
 from tokenbroker.testing import AuthorizationServer, Fault
 
 KEY = new_key()

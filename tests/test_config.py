@@ -23,8 +23,8 @@ from tokenbroker.config import (
     load_settings,
     parse_settings,
 )
+from tokenbroker.core.secret import Secret
 from tokenbroker.errors import ConfigError, ConfigProblem
-from tokenbroker.secret import Secret
 
 CS_CANARY = "CANARY_CS_5d1e0f2a"
 RT_CANARY = "CANARY_RT_77b3c9d4"

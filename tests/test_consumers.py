@@ -11,17 +11,11 @@ from pathlib import Path
 import pytest
 
 from tokenbroker.config import ConsumerSettings
-from tokenbroker.consumers import (
-    Consumer,
-    ConsumerRegistry,
-    hash_key,
-    new_key,
-    parse_rule,
-    subject_entry,
-)
-from tokenbroker.crypto import Keyring, generate_key
+from tokenbroker.core.crypto import Keyring, generate_key
+from tokenbroker.core.rules import parse_rule, subject_entry
+from tokenbroker.core.secret import Secret
+from tokenbroker.engine.consumers import Consumer, ConsumerRegistry, hash_key, new_key
 from tokenbroker.errors import ForbiddenSubjectError, InvalidDelegationError, StoreError
-from tokenbroker.secret import Secret
 from tokenbroker.store import Store, open_store
 
 KEY = new_key()

@@ -7,7 +7,7 @@ import base64
 import pytest
 
 from tokenbroker import EncryptionKeyError, Secret, StoreCorruptError
-from tokenbroker.crypto import Keyring, generate_key
+from tokenbroker.core.crypto import Keyring, generate_key
 
 AAD = b"tb_credential|svc|rt|1"
 HEADER = 1 + 8  # version byte + key id

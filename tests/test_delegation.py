@@ -21,9 +21,10 @@ from fastapi.responses import JSONResponse
 
 from support import Served, client_credentials, free_port, http_status, terminate, wait_for
 from tokenbroker import Broker, UnknownProviderError, parse_settings
-from tokenbroker.app import create_app
-from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
-from tokenbroker.crypto import generate_key
+from tokenbroker.api.app import create_app
+from tokenbroker.core.crypto import generate_key
+from tokenbroker.core.rules import parse_rule
+from tokenbroker.engine.consumers import ConsumerRegistry, hash_key, new_key
 from tokenbroker.testing import AuthorizationServer
 
 KEY = new_key()  # web: delegate-as:files, delegate:twin
@@ -272,7 +273,7 @@ def test_rotate_keys_reencrypts_signing_keys(
 ) -> None:
     """After rotate-key, the delegation signing key opens with the new key alone (same JWKS)."""
     from tokenbroker import Secret
-    from tokenbroker.crypto import Keyring
+    from tokenbroker.core.crypto import Keyring
     from tokenbroker.store import open_store
 
     with broker_for(tmp_path, auth_server) as broker:

@@ -6,7 +6,7 @@ import resource
 
 import pytest
 
-from tokenbroker.descriptors import MIN_RESERVE, budget
+from tokenbroker.edge.descriptors import MIN_RESERVE, budget
 
 
 @pytest.mark.parametrize("limit", [16, 256, 1024, 65_536])

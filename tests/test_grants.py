@@ -24,6 +24,7 @@ from tokenbroker.config import (
     LoginProvider,
     RefreshTokenProvider,
 )
+from tokenbroker.core.secret import Secret
 from tokenbroker.errors import (
     ClientAuthenticationError,
     InvalidTokenError,
@@ -40,7 +41,6 @@ from tokenbroker.grants import (
     TokenResponse,
     basic_authorization,
 )
-from tokenbroker.secret import Secret
 
 TOKEN_URL = "https://idp.example.com/oauth2/token"
 LOGIN_URL = "https://db.example.com/api/login"

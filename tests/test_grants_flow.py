@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tokenbroker.config import ClientCredentialsProvider, RefreshTokenProvider
+from tokenbroker.core.secret import Secret
 from tokenbroker.errors import (
     ClientAuthenticationError,
     ProviderError,
@@ -37,7 +38,6 @@ from tokenbroker.grants import (
     send_sync,
     token_flow,
 )
-from tokenbroker.secret import Secret
 
 TOKEN_URL = "https://idp.example.com/oauth2/token"
 RT_CANARY = "CANARY_RT_d00d1e55"

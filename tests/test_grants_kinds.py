@@ -8,12 +8,12 @@ from typing import Any, ClassVar, Literal, get_args
 import pytest
 import yaml
 
-from tokenbroker.broker import credential_row
 from tokenbroker.config import Provider, Settings, parse_settings
+from tokenbroker.core.scopes import canonical_scopes
+from tokenbroker.engine.broker import credential_row
+from tokenbroker.engine.refresher import fingerprint
 from tokenbroker.grants import KINDS, GrantKind, kind_of
 from tokenbroker.grants.kinds import LoginKind
-from tokenbroker.refresher import fingerprint
-from tokenbroker.scopes import canonical_scopes
 
 #: Sample providers; the digests below were computed with the code before grant kinds
 #: (``getattr`` on the settings), so stored rows keep their ids across the upgrade.

@@ -16,7 +16,7 @@ import yaml
 
 from support import Served, answers, client_credentials, login, wait_for
 from tokenbroker import Broker
-from tokenbroker.app import create_app
+from tokenbroker.api.app import create_app
 from tokenbroker.config import ProxySettings
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
 

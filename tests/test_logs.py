@@ -14,8 +14,8 @@ import httpx
 import yaml
 
 from support import client_credentials, free_port, http_status, terminate, wait_for
-from tokenbroker.consumers import hash_key, new_key
-from tokenbroker.logs import JsonFormatter, TextFormatter
+from tokenbroker.engine.consumers import hash_key, new_key
+from tokenbroker.telemetry.logs import JsonFormatter, TextFormatter
 from tokenbroker.testing import AuthorizationServer
 
 KEY = new_key()

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from tokenbroker.config import parse_settings
-from tokenbroker.consumers import parse_rule
+from tokenbroker.core.names import CONSUMER_NAME, PROVIDER_NAME
+from tokenbroker.core.rules import parse_rule
 from tokenbroker.errors import ConfigError
-from tokenbroker.names import CONSUMER_NAME, PROVIDER_NAME
 
 NAMES = ["tdx", "a", "db-1", "x_y", "0", "a" * 64, "a" * 65, "Tdx", "-a", "_a", "a.b", "a b", ""]
 

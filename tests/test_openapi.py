@@ -11,9 +11,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis.errors import Unsatisfiable
 
 from support import Served, client_credentials
-from tokenbroker.app import create_app
-from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
-from tokenbroker.ratelimit import RateLimits
+from tokenbroker.api.app import create_app
+from tokenbroker.core.rules import parse_rule
+from tokenbroker.edge.ratelimit import RateLimits
+from tokenbroker.engine.consumers import ConsumerRegistry, hash_key, new_key
 from tokenbroker.testing import AuthorizationServer
 
 KEY = new_key()

@@ -13,8 +13,8 @@ from conftest import POOL_ACCOUNTS, BrokerFactory
 from support import login
 from tokenbroker import Broker, ClientAuthenticationError, ManualClock, ProviderUnavailableError
 from tokenbroker.config import ProxyRoute
-from tokenbroker.events import Event
-from tokenbroker.pool import (
+from tokenbroker.core.events import Event
+from tokenbroker.proxy.pool import (
     CredentialState,
     Lease,
     LeaseExpiredError,

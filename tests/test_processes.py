@@ -18,8 +18,8 @@ import pytest
 import yaml
 
 from process_worker import digest
-from tokenbroker.crypto import Keyring, generate_key
-from tokenbroker.secret import Secret
+from tokenbroker.core.crypto import Keyring, generate_key
+from tokenbroker.core.secret import Secret
 from tokenbroker.store import open_store
 from tokenbroker.testing import AuthorizationServer
 

@@ -25,7 +25,7 @@ from conftest import BrokerFactory
 from support import BROKEN_BODIES, CHUNKED_HEAD, client_credentials, stampede, wait_for
 from tokenbroker import Broker, parse_settings
 from tokenbroker.config import ProxySettings
-from tokenbroker.consumers import hash_key, new_key
+from tokenbroker.engine.consumers import hash_key, new_key
 from tokenbroker.proxy.connection import MAX_PIPELINED
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
 
@@ -1214,7 +1214,7 @@ def test_wrong_consumer_keys_are_throttled_per_address_and_a_valid_key_still_pas
     auth_server: AuthorizationServer, upstream: RecordingUpstream
 ) -> None:
     """200 wrong keys from one address: the first 10 get 401, the rest 429 with
-    ``Retry-After`` (the API's failed-key limit, :mod:`tokenbroker.ratelimit`); a request
+    ``Retry-After`` (the API's failed-key limit, :mod:`tokenbroker.edge.ratelimit`); a request
     without a key is not counted; a valid key from that address is still served; the
     upstream sees only the valid one."""
     key = new_key()

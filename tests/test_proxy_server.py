@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from conftest import BrokerFactory
 from support import Served, answers, client_credentials, login, wait_for
 from tokenbroker import Broker, ConfigError, parse_settings
-from tokenbroker.cli import main
+from tokenbroker.cli.main import main
 from tokenbroker.config import ProxySettings
 from tokenbroker.proxy import compiled
 from tokenbroker.proxy.http import is_unsafe_path
@@ -670,8 +670,8 @@ def test_pool_status_refuses_a_port_that_is_not_a_proxy_health_port(
 ) -> None:
     """pool status against the API port, a plain 404/HTML server, or a closed port prints one
     error line naming the URL and exits 1, without a traceback."""
-    from tokenbroker.app import create_app
-    from tokenbroker.consumers import ConsumerRegistry
+    from tokenbroker.api.app import create_app
+    from tokenbroker.engine.consumers import ConsumerRegistry
 
     web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
     threading.Thread(target=web.serve_forever, daemon=True).start()

@@ -26,8 +26,8 @@ from tokenbroker import (
     ReauthorizationRequiredError,
     parse_settings,
 )
-from tokenbroker.crypto import Keyring, generate_key
-from tokenbroker.secret import Secret
+from tokenbroker.core.crypto import Keyring, generate_key
+from tokenbroker.core.secret import Secret
 from tokenbroker.testing import AuthorizationServer, Fault
 
 KEY = generate_key()
@@ -453,8 +453,8 @@ def test_rotated_refresh_token_in_an_unusable_reply_reaches_no_caller(
 def test_job_and_reply_reprs_show_no_token() -> None:
     """A Job's repr hides the stale access token and a Reply's repr hides its body (both sit in
     frames an error reporter captures)."""
+    from tokenbroker.engine.refresher import Job
     from tokenbroker.grants import Reply, RetryPolicy
-    from tokenbroker.refresher import Job
 
     job = Job(
         "rt", "rt", "f", lambda rt: None, lambda g, p: None, RetryPolicy(), 1, 1, stale="AT_CANARY"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tokenbroker.consumers import Consumer, parse_rule
+from tokenbroker.core.rules import parse_rule
+from tokenbroker.core.scopes import MAX_SCOPE_LENGTH, canonical_scopes, parse_scope, scope_string
+from tokenbroker.engine.consumers import Consumer
 from tokenbroker.errors import InvalidScopeError, UnknownProviderError
-from tokenbroker.scopes import MAX_SCOPE_LENGTH, canonical_scopes, parse_scope, scope_string
 
 
 @pytest.mark.parametrize(

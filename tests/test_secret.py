@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from tokenbroker.secret import REDACTED, Secret
-from tokenbroker.token import Token
+from tokenbroker.core.secret import REDACTED, Secret
+from tokenbroker.core.token import Token
 
 CANARY = "CANARY_SECRET_7f3c9a1e"
 AT_CANARY = "CANARY_AT_0b5d2e8f"

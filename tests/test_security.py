@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tokenbroker import Broker, ManualClock, TokenBrokerError, parse_settings
-from tokenbroker.crypto import generate_key
-from tokenbroker.events import Event
+from tokenbroker.core.crypto import generate_key
+from tokenbroker.core.events import Event
 from tokenbroker.testing import AuthorizationServer, Fault
 
 
@@ -159,8 +159,9 @@ def test_http_session_leaks_no_secret_into_logs_metrics_or_bodies(
     and the store key appear in no log line, no metric and no response; access tokens appear
     only in the token responses that hand them out."""
     from support import Served
-    from tokenbroker.app import create_app
-    from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
+    from tokenbroker.api.app import create_app
+    from tokenbroker.core.rules import parse_rule
+    from tokenbroker.engine.consumers import ConsumerRegistry, hash_key, new_key
 
     tag = uuid.uuid4().hex
     client_secret, password = f"CANARY_CS_{tag}", f"CANARY_PW_{tag}"

@@ -17,8 +17,8 @@ import httpx
 import yaml
 
 from support import Lines, client_credentials, free_port, http_status, login, terminate, wait_for
-from tokenbroker.consumers import hash_key, new_key
-from tokenbroker.descriptors import budget
+from tokenbroker.edge.descriptors import budget
+from tokenbroker.engine.consumers import hash_key, new_key
 from tokenbroker.testing import AuthorizationServer, Fault, RecordingUpstream
 
 KEY = new_key()

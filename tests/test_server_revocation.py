@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from support import client_credentials, free_port, http_status, wait_for
-from tokenbroker.consumers import new_key
-from tokenbroker.crypto import generate_key
+from tokenbroker.core.crypto import generate_key
+from tokenbroker.engine.consumers import new_key
 from tokenbroker.testing import AuthorizationServer, RecordingUpstream
 
 KEY_HEADER = "X-Tokenbroker-Key"

@@ -17,12 +17,13 @@ import yaml
 
 from support import Served, client_credentials, refresh_token
 from tokenbroker import Broker, BrokerClient, errors, parse_settings
-from tokenbroker.app import create_app, error_response
+from tokenbroker.api.app import create_app, error_response
 from tokenbroker.config import ProxySettings
-from tokenbroker.consumers import ConsumerRegistry, hash_key, new_key, parse_rule
-from tokenbroker.crypto import generate_key
+from tokenbroker.core.crypto import generate_key
+from tokenbroker.core.rules import parse_rule
+from tokenbroker.edge.statuses import ERROR_STATUS, status_for_code, status_of
+from tokenbroker.engine.consumers import ConsumerRegistry, hash_key, new_key
 from tokenbroker.proxy.http import domain_error, error_reply
-from tokenbroker.statuses import ERROR_STATUS, status_for_code, status_of
 from tokenbroker.testing import AuthorizationServer, Fault, RecordingUpstream, ServedProxy
 
 KEY = new_key()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenbroker.crypto import Keyring
+from tokenbroker.core.crypto import Keyring
 from tokenbroker.store import open_store
 from tokenbroker.store.memory import MemoryState, MemoryStore
 from tokenbroker.testing.store_conformance import StoreConformance, StoreFactory

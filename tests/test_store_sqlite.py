@@ -33,7 +33,7 @@ from tokenbroker import (
     StoreError,
     parse_settings,
 )
-from tokenbroker.crypto import Keyring, generate_key
+from tokenbroker.core.crypto import Keyring, generate_key
 from tokenbroker.store import Lease
 from tokenbroker.store.sqlite import SQLiteStore
 from tokenbroker.store.sqlite_schema import MIGRATIONS

@@ -6,12 +6,23 @@ are separate sub-modules and are never imported by ``import tokenbroker``.
 
 import logging as _logging
 
-from .auth import BrokerAuth
-from .broker import Broker, open_store
-from .cache import SlotState, Timing, TokenCache
-from .client import BrokerClient
-from .clock import Clock, ManualClock, SystemClock
+from .client.httpx_auth import BrokerAuth
+from .client.remote import BrokerClient
 from .config import Settings, load_settings, parse_settings
+from .core.clock import Clock, ManualClock, SystemClock
+from .core.events import (
+    Event,
+    EventBus,
+    LeaseGranted,
+    RefreshTokenRotated,
+    TokenAcquired,
+    TokenInvalidated,
+    TokenRequestFailed,
+)
+from .core.secret import Secret
+from .core.token import Token
+from .engine.broker import Broker, open_store
+from .engine.cache import SlotState, Timing, TokenCache
 from .errors import (
     ClientAuthenticationError,
     ConfigError,
@@ -31,18 +42,7 @@ from .errors import (
     TooManyScopesError,
     UnknownProviderError,
 )
-from .events import (
-    Event,
-    EventBus,
-    LeaseGranted,
-    RefreshTokenRotated,
-    TokenAcquired,
-    TokenInvalidated,
-    TokenRequestFailed,
-)
-from .secret import Secret
 from .store import Store
-from .token import Token
 
 __version__ = "0.1.0"
 

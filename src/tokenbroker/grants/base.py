@@ -27,6 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from ..config import ClientCredentialsProvider, RefreshTokenProvider
+from ..core.names import OAUTH_ERROR_CODE
+from ..core.secret import Secret
+from ..core.token import Token
 from ..errors import (
     ClientAuthenticationError,
     InvalidTokenError,
@@ -35,9 +38,6 @@ from ..errors import (
     ProviderUnavailableError,
     ReauthorizationRequiredError,
 )
-from ..names import OAUTH_ERROR_CODE
-from ..secret import Secret
-from ..token import Token
 
 __all__ = [
     "KNOWN_ERROR_CODES",

@@ -29,7 +29,7 @@ from ..config import (
     RefreshTokenProvider,
     Rotation,
 )
-from ..secret import Secret
+from ..core.secret import Secret
 from .base import Grant
 from .client_credentials import ClientCredentialsGrant
 from .login import LoginGrant

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from ..config import Credential, LoginProvider
-from ..token import Token
+from ..core.token import Token
 from .base import _ACCEPT, Reply, TokenResponse, _dig, _fill, _lifetime, _token_type, token_at
 
 __all__ = ["LoginGrant"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from ..config import RefreshTokenProvider
-from ..secret import Secret
+from ..core.secret import Secret
 from .base import _OAuthGrant
 
 __all__ = ["RefreshTokenGrant"]

@@ -30,9 +30,9 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from ..pool import Lease, LeaseState
 from .exchange import Exchange
 from .http import HOP_BY_HOP, OVERRIDE_HEADERS, connection_tokens, error_reply
+from .pool import Lease, LeaseState
 
 if TYPE_CHECKING:
     from .routes import Route

@@ -16,10 +16,9 @@ import logging
 import math
 from typing import TYPE_CHECKING
 
+from ..core.token import Token
+from ..edge.statuses import RATE_LIMITED
 from ..errors import TokenBrokerError
-from ..pool import Lease
-from ..statuses import RATE_LIMITED
-from ..token import Token
 from .http import (
     HOP_LINE,
     LAST_CHUNK,
@@ -31,10 +30,11 @@ from .http import (
     status_line,
     strip_hop_by_hop,
 )
+from .pool import Lease
 from .upstream import Outcome, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
-    from ..ratelimit import RateLimits
+    from ..edge.ratelimit import RateLimits
     from .connection import ClientConnection
     from .routes import Route
 

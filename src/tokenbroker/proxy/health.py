@@ -2,8 +2,8 @@
 
 A separate listener (``health_listen``) so probes and scrapes never queue behind
 client connections waiting for a pool token. Plain HTTP/1.1 with keep-alive; request
-heads are bounded while they are read (:class:`~tokenbroker.heads.HeadBudget`): over
-:data:`~tokenbroker.heads.MAX_HEAD_BYTES`, the answer is 431 and the connection closes.
+heads are bounded while they are read (:class:`~tokenbroker.edge.heads.HeadBudget`): over
+:data:`~tokenbroker.edge.heads.MAX_HEAD_BYTES`, the answer is 431 and the connection closes.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from ..heads import HeadBudget, HeadTooLargeError
-from ..metrics import CONTENT_TYPE
+from ..edge.heads import HeadBudget, HeadTooLargeError
+from ..telemetry.metrics import CONTENT_TYPE
 from .http import error_reply, status_line
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """HTTP/1.1 pieces the relay needs: hop-by-hop headers, path checks, framing, error replies.
 
 Failures to get a token are answered from the table the API and BrokerClient share
-(:mod:`tokenbroker.statuses`, through :func:`domain_error`).
+(:mod:`tokenbroker.edge.statuses`, through :func:`domain_error`).
 
 Headers are handled as raw ``bytes`` pairs exactly as httptools (llhttp) hands them
 over; names are compared lowercased.
@@ -14,7 +14,7 @@ import re
 from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
 
-from ..statuses import retry_after, status_of
+from ..edge.statuses import retry_after, status_of
 
 __all__ = [
     "HOP_BY_HOP",

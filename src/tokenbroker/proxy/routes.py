@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from ..broker import Broker
 from ..config import ProxyRoute, ProxySettings
-from ..pool import TokenPool
-from ..scopes import canonical_scopes
+from ..core.scopes import canonical_scopes
+from ..engine.broker import Broker
+from .pool import TokenPool
 from .upstream import UpstreamPool
 
 __all__ = ["Route", "RouteTable"]

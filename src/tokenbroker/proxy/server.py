@@ -8,17 +8,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..broker import Broker
-from ..cache import DEGRADED
 from ..config import ProxySettings
-from ..consumers import ConsumerRegistry
-from ..descriptors import budget
+from ..edge.descriptors import budget
+from ..edge.ratelimit import RateLimits
+from ..engine.broker import Broker
+from ..engine.cache import DEGRADED
+from ..engine.consumers import ConsumerRegistry
 from ..errors import ProviderError
-from ..metrics import ProxyMetrics
-from ..pool import PoolStats
-from ..ratelimit import RateLimits
+from ..telemetry.metrics import ProxyMetrics
 from .connection import ClientConnection
 from .health import HealthConnection
+from .pool import PoolStats
 from .routes import Route, RouteTable
 
 __all__ = ["ProxyServer"]

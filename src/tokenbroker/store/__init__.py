@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..crypto import Keyring
+from ..core.crypto import Keyring
 from ..errors import ConfigProblem, StoreError
 from .base import ConsumerStore, CredentialStore, RawState, SigningKeyStore, Store
 from .memory import MemoryStore

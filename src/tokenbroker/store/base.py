@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ..secret import Secret
+from ..core.secret import Secret
 from .rows import Attempt, CredentialRow, Lease, StoredToken
 
 __all__ = ["ConsumerStore", "CredentialStore", "RawState", "SigningKeyStore", "Store"]

@@ -17,9 +17,9 @@ import threading
 import time
 from typing import Any
 
-from ..crypto import Keyring
+from ..core.crypto import Keyring
+from ..core.secret import Secret
 from ..errors import StoreError
-from ..secret import Secret
 from .rows import Attempt, CredentialRow, Lease, StoredToken
 from .sealing import KEY_COLUMNS, SEALED, Sealer
 from .sqlite_schema import MIGRATIONS, OPEN_STATUSES

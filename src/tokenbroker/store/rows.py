@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..secret import Secret
-from ..token import Token
+from ..core.secret import Secret
+from ..core.token import Token
 
 __all__ = ["Attempt", "CredentialRow", "Lease", "StoredToken"]
 

@@ -1,6 +1,6 @@
 """Encryption at rest, shared by every store backend (checklist D6).
 
-Every secret column holds AES-GCM ciphertext (:mod:`tokenbroker.crypto`) whose associated
+Every secret column holds AES-GCM ciphertext (:mod:`tokenbroker.core.crypto`) whose associated
 data names its place: ``table|row|column[|version]``. A ciphertext copied to another row,
 another column, or put back under another version fails to decrypt (StoreCorruptError)
 instead of yielding a token that belongs elsewhere. Backends keep rows as plain mappings
@@ -15,9 +15,9 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from ..crypto import Keyring
-from ..secret import Secret
-from ..token import Token
+from ..core.crypto import Keyring
+from ..core.secret import Secret
+from ..core.token import Token
 from .rows import CredentialRow, StoredToken
 
 __all__ = ["KEY_COLUMNS", "SEALED", "Sealer", "aad"]

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ..crypto import Keyring
+from ..core.crypto import Keyring
+from ..core.secret import Secret
 from ..errors import ConfigProblem, StoreCorruptError, StoreError
-from ..secret import Secret
 from .rows import Attempt, CredentialRow, Lease, StoredToken
 from .sealing import KEY_COLUMNS, SEALED, Sealer
 from .sqlite_schema import MIGRATIONS, NOW, OPEN_STATUSES

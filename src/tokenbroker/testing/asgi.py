@@ -23,7 +23,7 @@ class ServedApp(Background):
         lifespan: ``"on"`` runs the app's ASGI lifespan (the broker's API uses it to follow
             stored consumers), ``"off"`` does not.
         http: uvicorn's HTTP protocol: a name (``"auto"``) or a class, e.g.
-            :class:`~tokenbroker.api_protocol.BoundedHeadProtocol` as ``serve`` uses.
+            :class:`~tokenbroker.api.connection.BoundedHeadProtocol` as ``serve`` uses.
     """
 
     def __init__(

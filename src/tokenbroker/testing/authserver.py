@@ -2,7 +2,7 @@
 
 :class:`AuthorizationServer` assembles the pieces: authlib's server components
 (:mod:`~tokenbroker.testing.protocol`) over an in-memory store
-(:mod:`~tokenbroker.testing.store`), served by the standard library
+(:mod:`~tokenbroker.testing.records`), served by the standard library
 (:mod:`~tokenbroker.testing.transport`), with request recording
 (:mod:`~tokenbroker.testing.recording`) and fault injection
 (:mod:`~tokenbroker.testing.faults`) in front.
@@ -37,8 +37,9 @@ from tokenbroker.testing.recording import (
     RequestRecord,
     refresh_token_uses,
 )
-from tokenbroker.testing.store import Rotation, TokenStore
 from tokenbroker.testing.transport import BackgroundServer
+
+from .records import Rotation, TokenStore
 
 __all__ = [
     "LOGIN_PATH",

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from joserfc import jwk, jwt
 from joserfc.errors import JoseError
 
-from tokenbroker.testing.store import TokenStore
+from .records import TokenStore
 
 __all__ = [
     "ASSERTION_ALGORITHMS",

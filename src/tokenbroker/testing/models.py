@@ -2,7 +2,7 @@
 
 They implement the duck-typed model interfaces authlib's grants and validators call
 (``ClientMixin`` and ``TokenMixin`` from ``authlib.oauth2.rfc6749.models``). Mutable fields
-are only changed by :class:`~tokenbroker.testing.store.TokenStore` under its lock.
+are only changed by :class:`~tokenbroker.testing.records.TokenStore` under its lock.
 
 A refresh-token *family* is everything descended from one seed: the seed, each rotated
 successor, and every access token issued by refreshing any of them.

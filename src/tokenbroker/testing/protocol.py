@@ -42,7 +42,8 @@ from tokenbroker.testing.clientauth import (
     authenticate_client_secret_basic,
 )
 from tokenbroker.testing.messages import Reply, Request
-from tokenbroker.testing.store import RefreshOutcome, TokenStore
+
+from .records import RefreshOutcome, TokenStore
 
 __all__ = ["LoginRequiredError", "OAuth2Server", "ReuseError"]
 
@@ -219,7 +220,7 @@ class OAuth2Server(_AuthlibServer):  # type: ignore[misc]
             client_id: The client identifier.
 
         Returns:
-            The :class:`~tokenbroker.testing.store.Client`, or ``None``.
+            The :class:`~tokenbroker.testing.records.Client`, or ``None``.
         """
         return self.store.get_client(client_id)
 

@@ -12,10 +12,10 @@ import uvloop
 
 from tokenbroker.testing.background import Background
 
-from ..broker import Broker
 from ..config import ProxySettings
-from ..pool import PoolStats
+from ..engine.broker import Broker
 from ..proxy import ProxyServer
+from ..proxy.pool import PoolStats
 
 __all__ = ["ServedProxy"]
 

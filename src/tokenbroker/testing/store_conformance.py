@@ -27,11 +27,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from tokenbroker.crypto import Keyring, generate_key
 from tokenbroker.errors import EncryptionKeyError, StoreCorruptError, StoreError
-from tokenbroker.secret import Secret
 from tokenbroker.store import Lease, RawState, Store, StoredToken
-from tokenbroker.token import Token
+
+from ..core.crypto import Keyring, generate_key
+from ..core.secret import Secret
+from ..core.token import Token
 
 __all__ = ["StoreConformance", "StoreFactory", "keyring", "refresh", "stored"]
 

@@ -1,0 +1,5 @@
+"""``python -m tokenbroker.cli``: the same as the ``tokenbroker`` command."""
+
+from .main import main
+
+main()

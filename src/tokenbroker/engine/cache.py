@@ -1,0 +1,656 @@
+"""The token cache: lock-free hits, single-flight fetches, refresh-ahead (STYLE 5).
+
+For every key the cache holds at most one access token and at most one
+in-flight fetch (a *flight*). The rules:
+
+* A hit is a dict lookup and one clock compare — no lock, no event loop.
+* Past ``refresh_ahead`` of a token's lifetime, the first caller starts one
+  background refresh and everyone keeps getting the current token.
+* Background refreshes run on a bounded pool of worker threads (``concurrency``):
+  200 keys due at once make at most that many token requests at a time, and a key
+  whose refresh is still queued keeps serving its current token.
+* Within ``skew`` of expiry a token is never handed out; callers wait for the
+  one flight (threads block on it, asyncio tasks await it) and all get the
+  winner's token or the winner's error.
+* A failed fetch is remembered with backoff: until it may be retried, callers
+  with no valid token get that error without another request to the provider
+  (a reauthorization error is remembered until :meth:`TokenCache.reset`).
+* :meth:`TokenCache.invalidate` drops a token only if it is still the current
+  one, so many consumers reporting the same rejected token cause one fetch; and
+  after it has dropped one, it drops none for that key during the key's
+  ``invalidate_cooldown`` (an upstream that rejects every token cannot make the
+  cache log in, or rotate a single-use refresh token, once per rejection).
+
+Sync and async callers share the same slots and flights: a flight is a
+:class:`concurrent.futures.Future` that a thread or a task completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import hmac
+import logging
+import math
+import random
+import threading
+from collections.abc import Hashable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+from ..core.clock import Clock, SystemClock
+from ..core.events import EventBus, TokenAcquired, TokenInvalidated, TokenRequestFailed
+from ..core.token import Token
+from ..errors import ProviderError, ProviderUnavailableError, ReauthorizationRequiredError
+from ..grants import TokenResponse
+
+__all__ = ["DEGRADED", "Fetcher", "SlotState", "Timing", "TokenCache", "worst"]
+
+logger = logging.getLogger("tokenbroker.cache")
+
+K = TypeVar("K", bound=Hashable)
+_MAX_BACKOFF = 60.0
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a finished future's exception as seen (its waiter may have gone)."""
+    if not future.cancelled():
+        future.exception()
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """When a key's tokens are refreshed.
+
+    Attributes:
+        skew: Seconds before real expiry after which a token is not handed out.
+        refresh_ahead: Fraction of the lifetime after which a background refresh starts.
+        deadline: Upper bound, in seconds, of one fetch (waiters give up after it).
+        invalidate_cooldown: Seconds after an invalidation dropped a token during which
+            further invalidations of the key are refused (the current token stays).
+    """
+
+    skew: float = 30.0
+    refresh_ahead: float = 0.8
+    deadline: float = 30.0
+    invalidate_cooldown: float = 0.0
+
+
+class Fetcher(Protocol[K]):
+    """What the cache needs from its owner: key resolution and the actual fetching."""
+
+    def resolve(self, raw: Hashable) -> K:
+        """Map the caller's arguments to a canonical key (raise for unknown ones)."""
+
+    def describe(self, key: K) -> tuple[str, str]:
+        """``(provider, key in words)`` for events and status; no secrets."""
+
+    def timing(self, key: K) -> Timing:
+        """The key's refresh timing."""
+
+    def fetch(self, key: K, stale: str | None) -> TokenResponse:
+        """Obtain a token, blocking; ``stale`` is the access token to replace, if any."""
+
+    async def afetch(self, key: K, stale: str | None) -> TokenResponse:
+        """Obtain a token without blocking the event loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class SlotState:
+    """What the cache knows about one key, for status displays.
+
+    Attributes:
+        provider: Provider name.
+        key: The key in words.
+        state: From best to worst: ``valid`` (or ``empty``: never fetched), ``refreshing``
+            (a fetch is under way), ``stale`` (the last fetch failed; the current token is
+            still handed out), ``failed`` (the last fetch failed; no token to hand out),
+            ``reauthorization_required``.
+        valid_until: Wall-clock expiry of the current token, if any.
+        last_refresh: Wall-clock time of the last successful fetch, if any.
+        last_error: Class name of the last failure since then, if any.
+    """
+
+    provider: str
+    key: str
+    state: str
+    valid_until: float | None
+    last_refresh: float | None
+    last_error: str | None
+
+    @property
+    def severity(self) -> int:
+        """The state's rank: 0 for ``valid`` and ``empty``, up to 4 for
+        ``reauthorization_required``."""
+        return _SEVERITY.get(self.state, 0)
+
+
+_SEVERITY = {"valid": 0, "empty": 0, "refreshing": 1, "stale": 2, "failed": 3}
+_SEVERITY["reauthorization_required"] = 4
+#: The states in which a key needs an operator's attention (a health check says degraded).
+DEGRADED = frozenset({"stale", "failed", "reauthorization_required"})
+
+
+def worst(states: list[SlotState]) -> SlotState:
+    """The worst of ``states`` (``valid`` before ``empty`` among the good ones).
+
+    Args:
+        states: At least one state.
+
+    Returns:
+        The one with the highest severity; the first of them on a tie.
+    """
+    return max(states, key=lambda s: (s.severity, s.state == "valid"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    token: Token
+    refresh_at: float
+    hard_expiry: float
+
+
+class _Slot(Generic[K]):
+    __slots__ = (
+        "aliases",
+        "entry",
+        "error",
+        "failures",
+        "flight",
+        "forced_at",
+        "key",
+        "last_refresh",
+        "lock",
+        "rejected",
+        "retry_at",
+    )
+
+    def __init__(self, key: K) -> None:
+        self.key = key
+        self.lock = threading.Lock()
+        self.entry: _Entry | None = None
+        self.flight: Future[_Entry] | None = None
+        self.aliases: set[Hashable] = set()
+        self.error: BaseException | None = None
+        self.retry_at = -math.inf
+        self.failures = 0
+        self.last_refresh: float | None = None
+        self.rejected: str | None = None
+        self.forced_at = -math.inf
+
+    def stale(self) -> str | None:
+        """The access token a new fetch must replace: the current one, or the last rejected."""
+        entry = self.entry
+        return entry.token.access_token if entry is not None else self.rejected
+
+
+class TokenCache(Generic[K]):
+    """Access tokens per key with single-flight fetching and refresh-ahead.
+
+    Args:
+        fetcher: Resolves keys and fetches tokens.
+        clock: Time source; tests inject :class:`~tokenbroker.core.clock.ManualClock`.
+        events: Where :class:`~tokenbroker.core.events.Event` objects go.
+        concurrency: Most background refreshes running at once (worker threads).
+    """
+
+    def __init__(
+        self,
+        fetcher: Fetcher[K],
+        *,
+        clock: Clock | None = None,
+        events: EventBus | None = None,
+        concurrency: int = 8,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self._fetcher = fetcher
+        self._clock = clock or SystemClock()
+        self._now = self._clock.monotonic
+        self._events = events or EventBus()
+        self._hot: dict[Hashable, _Entry] = {}
+        self._aliases: dict[Hashable, _Slot[K]] = {}
+        self._slots: dict[K, _Slot[K]] = {}
+        self._lock = threading.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Threads start on demand, up to ``concurrency``; queued refreshes wait their turn.
+        self._workers = ThreadPoolExecutor(concurrency, thread_name_prefix="tokenbroker-refresh")
+        self._background: set[Future[None]] = set()
+        self._rng = random.Random()  # noqa: S311 - jitter, not security
+
+    def __repr__(self) -> str:
+        return f"TokenCache(keys={len(self._slots)})"
+
+    def get(self, raw: Hashable) -> Token:
+        """Return a valid token for ``raw``, fetching it if needed (blocking).
+
+        Args:
+            raw: The caller's key, resolved by the fetcher.
+
+        Returns:
+            The access token.
+
+        Raises:
+            ProviderError: When no valid token could be obtained.
+            UnknownProviderError: For keys the fetcher does not know.
+        """
+        entry = self._hot.get(raw)
+        if entry is not None and self._now() < entry.refresh_at:
+            return entry.token
+        slot = self._slot(raw)
+        token, flight, leader = self._decide(slot)
+        if token is not None:
+            if leader and flight is not None:
+                self._submit(slot, flight)
+            return token
+        assert flight is not None
+        if leader:
+            self._run_sync(slot, flight, False)
+        try:
+            return flight.result(timeout=self._fetcher.timing(slot.key).deadline + 5.0).token
+        except FutureTimeout:
+            raise self._stuck(slot) from None
+
+    def peek(self, raw: Hashable) -> Token | None:
+        """The token for ``raw`` if it is cached and not yet due for refresh; never fetches.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            The token, or None (then call :meth:`get` or :meth:`aget`).
+        """
+        entry = self._hot.get(raw)
+        if entry is not None and self._now() < entry.refresh_at:
+            return entry.token
+        return None
+
+    async def aget(self, raw: Hashable) -> Token:
+        """Like :meth:`get`, awaiting instead of blocking; a hit never yields to the loop.
+
+        Args:
+            raw: The caller's key, resolved by the fetcher.
+
+        Returns:
+            The access token.
+        """
+        entry = self._hot.get(raw)
+        if entry is not None and self._now() < entry.refresh_at:
+            return entry.token
+        slot = self._slot(raw)
+        token, flight, leader = self._decide(slot)
+        if leader and flight is not None:
+            if token is not None:
+                self._submit(slot, flight)
+            else:
+                task = asyncio.get_running_loop().create_task(self._run_async(slot, flight))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        if token is not None:
+            return token
+        assert flight is not None
+        timeout = self._fetcher.timing(slot.key).deadline + 5.0
+        waiter = asyncio.wrap_future(flight)
+        # A caller that gives up (cancelled, or the loop shutting down) must not leave
+        # the shared fetch's failure behind as an "exception was never retrieved" error.
+        waiter.add_done_callback(_retrieve)
+        try:
+            async with asyncio.timeout(timeout):
+                done = await asyncio.shield(waiter)
+        except TimeoutError:
+            raise self._stuck(slot) from None
+        return done.token
+
+    def invalidate(self, raw: Hashable, access_token: str) -> bool:
+        """Drop the current token, but only if it is ``access_token`` (compare-and-invalidate)
+        and the key's ``invalidate_cooldown`` has passed since it last dropped one.
+
+        Args:
+            raw: The caller's key.
+            access_token: The token the caller found rejected.
+
+        Returns:
+            True if it was the current token and was dropped; False if it was not current,
+            or if it was kept because of the cooldown.
+        """
+        slot = self._slot(raw)
+        cooldown = self._fetcher.timing(slot.key).invalidate_cooldown
+        with slot.lock:
+            entry = slot.entry
+            if entry is None or not hmac.compare_digest(
+                entry.token.access_token.encode(), access_token.encode()
+            ):
+                return False
+            now = self._now()
+            held = now < slot.forced_at + cooldown
+            if not held:
+                self._install(slot, None)
+                slot.rejected = access_token
+                slot.forced_at = now
+        provider, key = self._fetcher.describe(slot.key)
+        if held:
+            logger.debug(
+                "token invalidation within the cooldown ignored provider=%s %s", provider, key
+            )
+            return False
+        logger.info("token invalidated provider=%s %s", provider, key)
+        self._events.emit(TokenInvalidated(provider, key))
+        return True
+
+    def reset(self, raw: Hashable) -> None:
+        """Forget a key's token and remembered error (e.g. after re-authorisation).
+
+        Args:
+            raw: The caller's key.
+        """
+        slot = self._slot(raw)
+        with slot.lock:
+            self._install(slot, None)
+            slot.error, slot.retry_at, slot.failures = None, -math.inf, 0
+
+    def refresh_due(self) -> int:
+        """Start a background refresh for every key past its refresh-ahead point.
+
+        Callers trigger refresh-ahead themselves; a service calls this from a
+        ticker so tokens stay warm even when nobody asks for a while. Never blocks:
+        the refreshes queue for the bounded pool of refresh workers.
+
+        Returns:
+            How many refreshes were started.
+        """
+        started = 0
+        for slot in list(self._slots.values()):
+            entry = slot.entry
+            if entry is None or self._now() < entry.refresh_at:
+                continue
+            with slot.lock:
+                now = self._now()
+                if slot.flight is not None or now < slot.retry_at or slot.entry is not entry:
+                    continue
+                flight = self._new_flight(slot)
+            self._submit(slot, flight)
+            started += 1
+        return started
+
+    def prefetch(self, raw: Hashable) -> bool:
+        """Start a background fetch for ``raw`` unless it has a token not yet due for refresh,
+        a fetch in flight, or a remembered failure still backing off. Never blocks.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            True if a fetch was started.
+        """
+        slot = self._slot(raw)
+        with slot.lock:
+            now = self._now()
+            entry = slot.entry
+            if entry is not None and now < entry.refresh_at:
+                return False
+            if slot.flight is not None or now < slot.retry_at:
+                return False
+            flight = self._new_flight(slot)
+        self._submit(slot, flight)
+        return True
+
+    def usable(self, raw: Hashable) -> bool:
+        """Whether ``raw`` has a token that may still be handed out; never fetches.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            True if a caller would get a token without waiting for a fetch.
+        """
+        slot = self._find(raw)
+        entry = slot.entry if slot is not None else None
+        return entry is not None and self._now() < entry.hard_expiry
+
+    def state(self, raw: Hashable) -> SlotState | None:
+        """What the cache knows about one key; never fetches.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            Its state, or None if the cache has not seen the key.
+        """
+        slot = self._find(raw)
+        return None if slot is None else self._state(slot, self._now())
+
+    def states(self) -> list[SlotState]:
+        """A snapshot of every key the cache has seen.
+
+        Returns:
+            One :class:`SlotState` per canonical key.
+        """
+        now = self._now()
+        return [self._state(slot, now) for slot in list(self._slots.values())]
+
+    async def aclose(self) -> None:
+        """Wait for the fetches and background refreshes under way to finish."""
+        waiting: list[asyncio.Future[None]] = [*self._tasks]
+        waiting += [asyncio.wrap_future(f) for f in list(self._background)]
+        if waiting:
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+    def close(self) -> None:
+        """Drop queued background refreshes (their waiters get an error); running ones finish."""
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _find(self, raw: Hashable) -> _Slot[K] | None:
+        """The slot for ``raw`` if the cache has one; never creates one."""
+        slot = self._aliases.get(raw)
+        if slot is None:
+            slot = self._slots.get(self._fetcher.resolve(raw))
+        return slot
+
+    def _state(self, slot: _Slot[K], now: float) -> SlotState:
+        provider, key = self._fetcher.describe(slot.key)
+        entry, error = slot.entry, slot.error
+        if isinstance(error, ReauthorizationRequiredError):
+            state = "reauthorization_required"
+        elif slot.flight is not None:
+            state = "refreshing"
+        elif entry is not None and now < entry.hard_expiry:
+            state = "stale" if error is not None else "valid"
+        else:
+            state = "failed" if error is not None else "empty"
+        return SlotState(
+            provider=provider,
+            key=key,
+            state=state,
+            valid_until=entry.token.expires_at if entry else None,
+            last_refresh=slot.last_refresh,
+            last_error=type(error).__name__ if error is not None else None,
+        )
+
+    def _submit(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
+        """Queue a background refresh of ``slot`` (whose ``flight`` the caller just opened)."""
+        try:
+            job = self._workers.submit(self._run_sync, slot, flight, True)
+        except RuntimeError:  # closed: nobody refreshes any more
+            self._abandon(slot, flight)
+            return
+        self._background.add(job)
+        job.add_done_callback(functools.partial(self._finished, slot, flight))
+
+    def _finished(self, slot: _Slot[K], flight: Future[_Entry], job: Future[None]) -> None:
+        self._background.discard(job)
+        if job.cancelled():  # dropped from the queue by close()
+            self._abandon(slot, flight)
+
+    def _abandon(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
+        """Settle a flight that will never run, so its waiters do not wait for nothing."""
+        provider, _ = self._fetcher.describe(slot.key)
+        with slot.lock:
+            slot.flight = None  # (no other flight can have started: this one was open)
+        flight.set_exception(
+            ProviderUnavailableError(f"{provider}: the token cache is closed", provider=provider)
+        )
+
+    def _slot(self, raw: Hashable) -> _Slot[K]:
+        slot = self._aliases.get(raw)
+        if slot is not None:
+            return slot
+        key = self._fetcher.resolve(raw)
+        with self._lock:
+            slot = self._slots.get(key)
+            if slot is None:
+                slot = self._slots[key] = _Slot(key)
+            with slot.lock:
+                slot.aliases.add(raw)
+                self._aliases[raw] = slot
+                if slot.entry is not None:
+                    self._hot[raw] = slot.entry
+        return slot
+
+    def _decide(self, slot: _Slot[K]) -> tuple[Token | None, Future[_Entry] | None, bool]:
+        """Under the slot lock: serve a token, join a flight, or lead a new one."""
+        with slot.lock:
+            now = self._now()
+            entry = slot.entry
+            if entry is not None and now < entry.hard_expiry:
+                if now >= entry.refresh_at and slot.flight is None and now >= slot.retry_at:
+                    return entry.token, self._new_flight(slot), True
+                return entry.token, None, False
+            if slot.flight is not None:
+                return None, slot.flight, False
+            if slot.error is not None and now < slot.retry_at:
+                # A fresh traceback per raise: re-raising one object would pile every
+                # caller's frames onto it for as long as the error is remembered.
+                raise slot.error.with_traceback(None)
+            return None, self._new_flight(slot), True
+
+    @staticmethod
+    def _new_flight(slot: _Slot[K]) -> Future[_Entry]:
+        flight: Future[_Entry] = Future()
+        flight.set_running_or_notify_cancel()  # waiters can never cancel it for the others
+        slot.flight = flight
+        return flight
+
+    def _run_sync(self, slot: _Slot[K], flight: Future[_Entry], background: bool) -> None:
+        started, wall = self._now(), self._clock.time()
+        try:
+            response = self._fetcher.fetch(slot.key, slot.stale())
+        except BaseException as exc:
+            self._settle_error(slot, flight, exc, started, background)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._settle(slot, flight, response, started, wall, background)
+
+    async def _run_async(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
+        started, wall = self._now(), self._clock.time()
+        try:
+            response = await self._fetcher.afetch(slot.key, slot.stale())
+        except BaseException as exc:
+            self._settle_error(slot, flight, exc, started, False)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            self._settle(slot, flight, response, started, wall, False)
+
+    def _settle(
+        self,
+        slot: _Slot[K],
+        flight: Future[_Entry],
+        response: TokenResponse,
+        started: float,
+        wall: float,
+        background: bool,
+    ) -> None:
+        timing = self._fetcher.timing(slot.key)
+        lifetime = response.lifetime
+        duration = self._now() - started  # this fetch's time, before any shift below
+        if response.issued_at is not None:  # obtained by another process: count from then
+            # Relative to this flight's start, not to now: waiting for the other process's
+            # refresh must not age its token (that would make the next refresh early).
+            shift = min(response.issued_at - wall, self._now() - started)
+            started, wall = started + shift, wall + shift
+        skew = min(timing.skew, lifetime / 2)
+        hard = started + lifetime - skew
+        refresh_at = started + lifetime * timing.refresh_ahead
+        if refresh_at >= hard:
+            refresh_at = started + (hard - started) * timing.refresh_ahead
+        token = dataclasses.replace(response.token, expires_at=wall + lifetime)
+        entry = _Entry(token=token, refresh_at=refresh_at, hard_expiry=hard)
+        with slot.lock:
+            self._install(slot, entry)
+            slot.flight = None
+            slot.error, slot.retry_at, slot.failures = None, -math.inf, 0
+            slot.last_refresh = wall
+            slot.rejected = None
+        flight.set_result(entry)
+        provider, key = self._fetcher.describe(slot.key)
+        logger.info(
+            "token acquired provider=%s %s expires_in=%.0f background=%s duration_ms=%.1f",
+            provider,
+            key,
+            lifetime,
+            background,
+            duration * 1000,
+        )
+        self._events.emit(TokenAcquired(provider, key, background, duration, lifetime))
+
+    def _settle_error(
+        self,
+        slot: _Slot[K],
+        flight: Future[_Entry],
+        exc: BaseException,
+        started: float,
+        background: bool,
+    ) -> None:
+        provider, key = self._fetcher.describe(slot.key)
+        if not isinstance(exc, Exception):  # cancelled or interrupted: not the provider's fault
+            with slot.lock:
+                slot.flight = None
+            flight.set_exception(
+                ProviderUnavailableError(f"{provider}: token fetch interrupted", provider=provider)
+            )
+            return
+        now = self._now()
+        with slot.lock:
+            slot.flight = None
+            slot.failures += 1
+            slot.error = exc
+            if isinstance(exc, ReauthorizationRequiredError):
+                slot.retry_at = math.inf
+            else:
+                backoff = min(_MAX_BACKOFF, 2.0 ** (slot.failures - 1))
+                backoff *= self._rng.uniform(0.5, 1.0)
+                told = getattr(exc, "retry_after", None)
+                slot.retry_at = now + max(backoff, told or 0.0)
+        flight.set_exception(exc)
+        code = exc.code if isinstance(exc, ProviderError) else "internal_error"
+        logger.warning(
+            "token request failed provider=%s %s error=%s background=%s",
+            provider,
+            key,
+            type(exc).__name__,
+            background,
+        )
+        self._events.emit(
+            TokenRequestFailed(provider, key, background, now - started, type(exc).__name__, code)
+        )
+
+    def _install(self, slot: _Slot[K], entry: _Entry | None) -> None:
+        """Publish ``entry`` under every alias (caller holds ``slot.lock``)."""
+        slot.entry = entry
+        for alias in slot.aliases:
+            if entry is None:
+                self._hot.pop(alias, None)
+            else:
+                self._hot[alias] = entry
+
+    def _stuck(self, slot: _Slot[K]) -> ProviderUnavailableError:
+        provider, _ = self._fetcher.describe(slot.key)
+        return ProviderUnavailableError(
+            f"{provider}: gave up waiting for the token fetch", provider=provider
+        )

@@ -1,0 +1,220 @@
+"""Prometheus metrics on an injected registry; the only module importing prometheus_client.
+
+:class:`Metrics` subscribes to the broker's events. Labels carry provider names,
+outcomes, route templates and states — never a token, a consumer key or a path
+with ids (STYLE 11).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..core.events import Event, TokenAcquired, TokenInvalidated, TokenRequestFailed
+from ..engine.broker import Broker
+
+if TYPE_CHECKING:
+    from ..proxy.pool import PoolStats
+
+__all__ = ["CONTENT_TYPE", "Metrics", "ProxyMetrics"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ProxyView(Protocol):
+    """What the proxy metrics read from the proxy server."""
+
+    broker: Broker
+    responses: dict[int, int]
+    rejected: dict[str, int]
+    connections: Any
+
+    def pool_stats(self) -> list[tuple[Any, PoolStats]]:
+        """Each pool route with its pool's snapshot."""
+
+
+class _CredentialStates(Collector):
+    """``tokenbroker_credentials{state}``, read from the cache at scrape time."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "tokenbroker_credentials", "Cached credentials by state.", labels=["state"]
+        )
+        counts: dict[str, int] = {}
+        for slot in self._broker.states():
+            counts[slot.state] = counts.get(slot.state, 0) + 1
+        for state, count in sorted(counts.items()):
+            family.add_metric([state], count)
+        return [family]
+
+
+class Metrics:
+    """The broker's Prometheus metrics.
+
+    Args:
+        broker: Whose events to count.
+        registry: Where the metrics live (a fresh one by default, so tests stay isolated).
+    """
+
+    def __init__(self, broker: Broker, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.token_requests = Counter(
+            "tokenbroker_token_requests_total",
+            "Token requests to providers, by outcome (ok or the error code).",
+            ["provider", "outcome"],
+            registry=self.registry,
+        )
+        self.refresh_duration = Histogram(
+            "tokenbroker_refresh_duration_seconds",
+            "Duration of token exchanges with providers, retries included.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.cache_misses = Counter(
+            "tokenbroker_cache_misses_total",
+            "Token reads a caller had to wait for (cold or expired key).",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.invalidations = Counter(
+            "tokenbroker_invalidations_total",
+            "Tokens dropped because a consumer reported them rejected.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.consumer_requests = Counter(
+            "tokenbroker_consumer_requests_total",
+            "Requests to the broker's HTTP API, by route template and status.",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        self.token_reads = Counter(
+            "tokenbroker_token_reads_total",
+            "Tokens handed to consumers over HTTP.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self.up = Gauge("tokenbroker_up", "1 while the broker runs.", registry=self.registry)
+        self.up.set(1)
+        self.registry.register(_CredentialStates(broker))
+        self._unsubscribe = broker.subscribe(self.on_event)
+
+    def __repr__(self) -> str:
+        return "Metrics()"
+
+    def on_event(self, event: Event) -> None:
+        """Count one broker event."""
+        if isinstance(event, TokenAcquired):
+            self.token_requests.labels(event.provider, "ok").inc()
+            self.refresh_duration.labels(event.provider).observe(event.duration)
+            if not event.background:
+                self.cache_misses.labels(event.provider).inc()
+        elif isinstance(event, TokenRequestFailed):
+            self.token_requests.labels(event.provider, event.code).inc()
+            self.refresh_duration.labels(event.provider).observe(event.duration)
+        elif isinstance(event, TokenInvalidated):
+            self.invalidations.labels(event.provider).inc()
+
+    def render(self) -> bytes:
+        """The exposition text for ``/metrics``."""
+        return generate_latest(self.registry)
+
+    def close(self) -> None:
+        """Stop counting events."""
+        self._unsubscribe()
+
+
+class _ProxyCollector(Collector):
+    """The proxy's pool and response figures, read at scrape time (no per-request cost)."""
+
+    def __init__(self, server: ProxyView) -> None:
+        self._server = server
+
+    def collect(self) -> list[Metric]:
+        tokens = GaugeMetricFamily(
+            "tokenbroker_pool_tokens", "Pool tokens by state.", labels=["route", "state"]
+        )
+        waiting = GaugeMetricFamily(
+            "tokenbroker_pool_waiting", "Client connections waiting for a token.", labels=["route"]
+        )
+        per_credential = {
+            kind: CounterMetricFamily(
+                f"tokenbroker_pool_credential_{kind}",
+                text,
+                labels=["route", "provider", "account"],
+            )
+            for kind, text in (
+                ("uses", "Requests served with the account's token."),
+                ("errors", "Rejected tokens and failed logins of the account."),
+                ("refreshes", "Logins of the account."),
+            )
+        }
+        for route, stats in self._server.pool_stats():
+            prefix = route.spec.prefix
+            tokens.add_metric([prefix, "in_use"], stats.in_use)
+            tokens.add_metric([prefix, "available"], stats.available)
+            tokens.add_metric([prefix, "total"], stats.total)
+            waiting.add_metric([prefix], stats.waiting)
+            for c in stats.credentials:
+                labels = [prefix, route.provider, c.account]
+                per_credential["uses"].add_metric(labels, c.uses)
+                per_credential["errors"].add_metric(labels, c.errors)
+                per_credential["refreshes"].add_metric(labels, c.refreshes)
+        responses = CounterMetricFamily(
+            "tokenbroker_proxy_responses",
+            "Responses to proxy clients by status.",
+            labels=["status"],
+        )
+        for status, count in sorted(self._server.responses.items()):
+            responses.add_metric([str(status)], count)
+        rejected = CounterMetricFamily(
+            "tokenbroker_proxy_upstream_rejections",
+            "Upstream 401s answered by re-reading the token and retrying.",
+            labels=["provider"],
+        )
+        for provider, count in sorted(self._server.rejected.items()):
+            rejected.add_metric([provider], count)
+        connections = GaugeMetricFamily("tokenbroker_proxy_connections", "Open client connections.")
+        connections.add_metric([], len(self._server.connections))
+        return [tokens, waiting, *per_credential.values(), responses, rejected, connections]
+
+
+class ProxyMetrics(Metrics):
+    """The broker's metrics plus the proxy's pools, lease waits and responses.
+
+    Args:
+        server: The proxy (a :class:`tokenbroker.proxy.ProxyServer`).
+    """
+
+    def __init__(self, server: ProxyView) -> None:
+        super().__init__(server.broker)
+        self.lease_wait = Histogram(
+            "tokenbroker_pool_lease_wait_seconds",
+            "Time client connections waited for a pool token.",
+            ["provider"],
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.registry.register(_ProxyCollector(server))
+        self._unsubscribers = [
+            route.pool.subscribe(self._on_lease)
+            for route, _ in server.pool_stats()
+            if route.pool is not None
+        ]
+
+    def _on_lease(self, event: Event) -> None:
+        wait = getattr(event, "wait", None)
+        if wait is not None:
+            self.lease_wait.labels(event.provider).observe(wait)
+
+    def close(self) -> None:
+        """Stop counting events."""
+        super().close()
+        for unsubscribe in self._unsubscribers:
+            unsubscribe()
