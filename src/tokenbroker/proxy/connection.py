@@ -124,7 +124,7 @@ class ClientConnection(asyncio.Protocol):
             self._refused = True  # whatever it sends is dropped; it never enters the set
             self.write(_BUSY)
             server.count_status(503)
-            self.linger()
+            self.close()  # at once, not lingering: its descriptor is what the cap protects
             return
         # The first head is timed from the accept.
         self._head_since = self._request_since = self.loop.time()
