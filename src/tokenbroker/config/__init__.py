@@ -1,10 +1,10 @@
 """Configuration: YAML with ``${VAR}`` interpolation and ``.env``, validated into frozen
 settings (secrets redacted). The only place that reads environment variables and files."""
 
-from .settings import (
-    MISSING_KEY,
+from .checks import MISSING_KEY, config_warnings, startup_problems
+from .loading import default_config_path, load_settings, parse_settings
+from .providers import (
     ClientCredentialsProvider,
-    ConsumerSettings,
     Credential,
     Defaults,
     Delegation,
@@ -12,20 +12,18 @@ from .settings import (
     LoginProvider,
     LoginRequest,
     Provider,
+    RefreshTokenProvider,
+    Rotation,
+    UpstreamDelegation,
+)
+from .sections import (
+    ConsumerSettings,
     ProxyRoute,
     ProxySettings,
     Redirect,
-    RefreshTokenProvider,
-    Rotation,
     ServerSettings,
     Settings,
     TelemetrySettings,
-    UpstreamDelegation,
-    config_warnings,
-    default_config_path,
-    load_settings,
-    parse_settings,
-    startup_problems,
 )
 
 __all__ = [
