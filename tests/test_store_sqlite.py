@@ -204,11 +204,11 @@ def test_newer_schema_is_refused(db_path: Path, key: str) -> None:
 
 _WRITER = """
 import sys, time
-from tokenbroker.crypto import Keyring
-from tokenbroker.secret import Secret
+from tokenbroker.core.crypto import Keyring
+from tokenbroker.core.secret import Secret
 from tokenbroker.store import StoredToken
 from tokenbroker.store.sqlite import SQLiteStore
-from tokenbroker.token import Token
+from tokenbroker.core.token import Token
 
 path, key, owner, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 store = SQLiteStore(path, Keyring([Secret(key)]), busy_timeout=5.0)

@@ -25,7 +25,7 @@ from .base import ConsumerStore, CredentialStore, RawState, SigningKeyStore, Sto
 from .memory import MemoryStore
 from .rows import Attempt, CredentialRow, Lease, StoredToken
 from .sqlite import SQLiteStore
-from .sqlite import probe as _probe_sqlite
+from .sqlite_probe import probe as _probe_sqlite
 
 __all__ = [
     "Attempt",

@@ -6,46 +6,27 @@ transaction and bumps a fence counter; every write that matters carries
 
 ``store: sqlite:///path`` is a file in WAL mode with ``synchronous=FULL``;
 ``sqlite:///:memory:`` is the same schema in process memory. Secret columns are sealed by
-:mod:`.sealing`; the schema and the database clock are in :mod:`.sqlite_schema`.
+:mod:`.sealing`; the schema and the database clock are in :mod:`.sqlite_schema`; opening,
+migrating, transactions and the translation of SQLite's faults in :mod:`.sqlite_connection`;
+the read-only check behind ``tokenbroker check`` in :mod:`.sqlite_probe`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import secrets
 import sqlite3
-import tempfile
-import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from ..core.crypto import Keyring
 from ..core.secret import Secret
-from ..errors import ConfigProblem, StoreCorruptError, StoreError
+from ..errors import StoreError
 from .rows import Attempt, CredentialRow, Lease, StoredToken
-from .sealing import KEY_COLUMNS, SEALED, Sealer
-from .sqlite_schema import MIGRATIONS, NOW, OPEN_STATUSES
+from .sealing import SEALED, Sealer
+from .sqlite_connection import RawSQLite, SQLiteConnection
+from .sqlite_schema import ALL_SECRETS, NOW, OPEN_STATUSES
 
-__all__ = ["SQLiteStore", "probe"]
-
-
-def _translate(exc: sqlite3.Error, path: str) -> StoreError:
-    """A StoreError naming the store's file and why it failed (SQLite's messages carry table
-    and column names, never bound values)."""
-    text = str(exc).lower()
-    where = "the in-memory store" if path == ":memory:" else f"the store {path}"
-    if isinstance(exc, sqlite3.DatabaseError) and ("not a database" in text or "malformed" in text):
-        return StoreCorruptError(f"{where} is damaged ({exc})")
-    if "locked" in text or "busy" in text:
-        return StoreError(f"{where} stayed locked beyond its busy timeout")
-    if "full" in text:
-        return StoreError(f"{where}: the disk is full")
-    if "readonly" in text or "read-only" in text:
-        return StoreError(f"{where} is read-only ({exc})")
-    return StoreError(f"{where} failed: {type(exc).__name__}: {exc}")
+__all__ = ["SQLiteStore"]
 
 
 class SQLiteStore:
@@ -65,29 +46,8 @@ class SQLiteStore:
         self.path = path
         self._keyring = keyring
         self._sealer = Sealer(keyring)
-        self._lock = threading.RLock()
-        memory = path == ":memory:"
-        try:
-            if not memory and not Path(path).exists():
-                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            self._db = sqlite3.connect(
-                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
-            )
-            if not memory:
-                self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout * 1000)}")
-            self._migrate()
-            self._sealer.check_keys(blob for (blob,) in self._db.execute(_ALL_SECRETS))
-        except BaseException as exc:
-            # A store that refuses to open must not keep the file open until a GC cycle runs.
-            with contextlib.suppress(AttributeError, sqlite3.Error):
-                self._db.close()
-            if isinstance(exc, sqlite3.Error):
-                raise _translate(exc, path) from None
-            if isinstance(exc, OSError):
-                raise StoreError(f"cannot open the store {path}: {exc.strerror}") from None
-            raise
+        self._conn = SQLiteConnection(path, busy_timeout, self._check_keys)
+        self._db = self._conn.db
 
     @classmethod
     def from_url(cls, url: str, keyring: Keyring, *, busy_timeout: float = 5.0) -> SQLiteStore:
@@ -108,8 +68,7 @@ class SQLiteStore:
 
     def close(self) -> None:
         """Close the connection."""
-        with self._lock:
-            self._db.close()
+        self._conn.close()
 
     def pragmas(self) -> dict[str, Any]:
         """The durability settings in force (asserted by tests)."""
@@ -132,23 +91,17 @@ class SQLiteStore:
         Raises:
             ValueError: The name or value is not a plain word or number.
         """
-        if not name.replace("_", "").isalpha() or not str(value or 0).isalnum():
-            raise ValueError("a PRAGMA name is letters and underscores, its value a word")
-        with self._guard():
-            if value is not None:
-                self._db.execute(f"PRAGMA {name} = {value}")
-            row = self._db.execute(f"PRAGMA {name}").fetchone()
-        return None if row is None else row[0]
+        return self._conn.pragma(name, value)
 
-    def raw(self) -> _RawSQLite:
+    def raw(self) -> RawSQLite:
         """Test hook: the stored values as persisted (:class:`~.base.RawState`)."""
-        return _RawSQLite(self)
+        return RawSQLite(self._conn)
 
     # -- reading -------------------------------------------------------------------------------
 
     def now(self) -> float:
         """The database clock, Unix seconds."""
-        with self._guard():
+        with self._conn.guard():
             value: float = self._db.execute(f"SELECT {NOW}").fetchone()[0]
             return value
 
@@ -158,7 +111,7 @@ class SQLiteStore:
         Raises:
             StoreCorruptError: A ciphertext fails its integrity check.
         """
-        with self._guard():
+        with self._conn.guard():
             row = self._db.execute("SELECT * FROM tb_credential WHERE id = ?", (row_id,)).fetchone()
             columns = [
                 d[0] for d in self._db.execute("SELECT * FROM tb_credential LIMIT 0").description
@@ -169,7 +122,7 @@ class SQLiteStore:
 
     def states(self) -> list[dict[str, Any]]:
         """Every credential's non-secret columns, for ``tokenbroker status`` (no key needed)."""
-        with self._guard():
+        with self._conn.guard():
             cursor = self._db.execute(
                 "SELECT id, provider, scope, account, state, at_expires_at, last_refresh,"
                 " last_error, rt_version, lease_owner, lease_expires_at"
@@ -180,7 +133,7 @@ class SQLiteStore:
 
     def attempts(self, row_id: str) -> list[Attempt]:
         """Every recorded refresh attempt of a credential, oldest first."""
-        with self._guard():
+        with self._conn.guard():
             rows = self._db.execute(
                 "SELECT id, from_version, fence, started_at, status, recovery FROM tb_attempt"
                 " WHERE credential_id = ? ORDER BY id",
@@ -217,7 +170,7 @@ class SQLiteStore:
         Returns:
             The lease, or None when someone else holds it.
         """
-        with self._tx():
+        with self._conn.tx():
             self._db.execute(
                 "INSERT INTO tb_credential (id, provider, scope, account, updated_at)"
                 f" VALUES (?, ?, ?, ?, {NOW}) ON CONFLICT (id) DO UPDATE SET"
@@ -238,7 +191,7 @@ class SQLiteStore:
 
     def release(self, lease: Lease) -> None:
         """Give the lease back if we still hold it (a no-op after a takeover)."""
-        with self._tx():
+        with self._conn.tx():
             self._db.execute(
                 "UPDATE tb_credential SET lease_owner = NULL, lease_expires_at = NULL"
                 " WHERE id = ? AND lease_fence = ? AND lease_owner = ?",
@@ -253,7 +206,7 @@ class SQLiteStore:
         Returns:
             The attempt id, or None when the lease was lost (fenced out).
         """
-        with self._tx():
+        with self._conn.tx():
             changed = self._db.execute(
                 "UPDATE tb_credential SET state = 'refreshing', updated_at = "
                 + NOW
@@ -281,7 +234,7 @@ class SQLiteStore:
         Returns:
             Whether the lease was still ours; a fenced-out holder changes nothing.
         """
-        with self._tx():
+        with self._conn.tx():
             held = self._db.execute(
                 "SELECT 1 FROM tb_credential WHERE id = ? AND lease_fence = ?",
                 (lease.id, lease.fence),
@@ -307,7 +260,7 @@ class SQLiteStore:
         raw: bytes | None = None,
     ) -> None:
         """Record a failed attempt and the credential's resulting state (fenced)."""
-        with self._tx():
+        with self._conn.tx():
             if attempt_id is not None:
                 raw_ct = self._sealer.seal(raw, "tb_attempt", str(attempt_id), "raw")
                 self._db.execute(
@@ -348,7 +301,7 @@ class SQLiteStore:
             True when applied, False when fenced out (orphaned).
         """
         version = lease.rt_version + (1 if refresh_token is not None else 0)
-        with self._tx():
+        with self._conn.tx():
             if attempt_id is not None:
                 self._db.execute(
                     "UPDATE tb_attempt SET status = 'received', raw_ct = ? WHERE id = ?",
@@ -400,7 +353,7 @@ class SQLiteStore:
         Returns:
             Whether the lease was still ours.
         """
-        with self._tx():
+        with self._conn.tx():
             return (
                 self._db.execute(
                     f"UPDATE tb_credential SET state = ?, last_error = ?, updated_at = {NOW}"
@@ -418,7 +371,7 @@ class SQLiteStore:
         """
         version = lease.rt_version + 1
         rt_ct = self._sealer.seal(seed.reveal().encode(), "tb_credential", lease.id, "rt", version)
-        with self._tx():
+        with self._conn.tx():
             changed = self._db.execute(
                 "UPDATE tb_credential SET rt_ct = ?, rt_version = ?, seed_digest = ?, at_ct = NULL,"
                 f" state = 'active', last_error = NULL, updated_at = {NOW}"
@@ -441,7 +394,7 @@ class SQLiteStore:
         Raises:
             StoreError: When the name exists already (or the store fails).
         """
-        with self._tx():
+        with self._conn.tx():
             taken = self._db.execute(
                 "SELECT 1 FROM tb_consumer WHERE name = ? OR key_sha256 = ?", (name, key_sha256)
             ).fetchone()
@@ -461,7 +414,7 @@ class SQLiteStore:
         Returns:
             Whether it existed.
         """
-        with self._tx():
+        with self._conn.tx():
             removed = self._db.execute("DELETE FROM tb_consumer WHERE name = ?", (name,)).rowcount
             if removed:
                 self._consumers_changed()
@@ -470,7 +423,7 @@ class SQLiteStore:
     def consumers_version(self) -> str:
         """A value that changes whenever a stored consumer is added or removed (one row read:
         servers poll it to notice changes made by other processes)."""
-        with self._guard():
+        with self._conn.guard():
             row = self._db.execute(
                 "SELECT value FROM tb_meta WHERE name = 'consumers_version'"
             ).fetchone()
@@ -487,7 +440,7 @@ class SQLiteStore:
 
     def consumers(self) -> list[tuple[str, str, list[str]]]:
         """Every stored consumer as ``(name, key digest, allow rules)``."""
-        with self._guard():
+        with self._conn.guard():
             rows = self._db.execute(
                 "SELECT name, key_sha256, allow FROM tb_consumer ORDER BY name"
             ).fetchall()
@@ -495,7 +448,7 @@ class SQLiteStore:
 
     def signing_keys(self, algorithm: str) -> list[tuple[str, bytes]]:
         """The delegation signing keys for ``algorithm`` as ``(kid, private PEM)``, newest first."""
-        with self._guard():
+        with self._conn.guard():
             rows = self._db.execute(
                 "SELECT kid, private_ct FROM tb_signing_key WHERE algorithm = ?"
                 " ORDER BY created_at DESC, kid",
@@ -508,7 +461,7 @@ class SQLiteStore:
     def add_signing_key(self, kid: str, algorithm: str, private_pem: bytes) -> None:
         """Store a delegation signing key, encrypted; a no-op if ``kid`` exists."""
         blob = self._sealer.seal(private_pem, "tb_signing_key", kid, "private")
-        with self._tx():
+        with self._conn.tx():
             self._db.execute(
                 "INSERT INTO tb_signing_key (kid, algorithm, private_ct, created_at)"
                 f" VALUES (?, ?, ?, {NOW}) ON CONFLICT (kid) DO NOTHING",
@@ -522,7 +475,7 @@ class SQLiteStore:
             How many ciphertexts were re-encrypted.
         """
         count = 0
-        with self._tx():
+        with self._conn.tx():
             for table, key, column, name, version in SEALED:
                 rows = self._db.execute(
                     f"SELECT {key}, {column}, {version or 'NULL'} FROM {table}"
@@ -538,175 +491,6 @@ class SQLiteStore:
                     count += 1
         return count
 
-    # -- internals -----------------------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def _guard(self) -> Iterator[None]:
-        with self._lock:
-            try:
-                yield
-            except sqlite3.Error as exc:
-                raise _translate(exc, self.path) from None
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        """A write transaction: ``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any error."""
-        with self._guard():
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error:
-                with contextlib.suppress(sqlite3.Error):
-                    self._db.execute("ROLLBACK")
-                raise
-
-    def _migrate(self) -> None:
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS tb_meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)"
-        )
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            row = self._db.execute(
-                "SELECT value FROM tb_meta WHERE name = 'schema_version'"
-            ).fetchone()
-            version = int(row[0]) if row else 0
-            if version > len(MIGRATIONS):
-                raise StoreError(
-                    f"the store has schema version {version}; "
-                    f"this tokenbroker knows up to {len(MIGRATIONS)}"
-                )
-            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
-                    self._db.execute(statement)
-                self._db.execute(
-                    "INSERT INTO tb_meta (name, value) VALUES ('schema_version', ?)"
-                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-                    (str(number),),
-                )
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-
-
-class _RawSQLite:
-    """The SQLite side of the raw test hook (:class:`~.base.RawState`)."""
-
-    def __init__(self, store: SQLiteStore) -> None:
-        self._store = store
-
-    def read(self, table: str, key: str | int, column: str) -> Any:
-        with self._store._guard():
-            row = self._store._db.execute(
-                f"SELECT {_word(column)} FROM {_word(table)} WHERE {KEY_COLUMNS[table]} = ?",
-                (key,),
-            ).fetchone()
-        if row is None:
-            raise KeyError((table, key))
-        return row[0]
-
-    def write(self, table: str, key: str | int, column: str, value: Any) -> None:
-        with self._store._tx():
-            self._store._db.execute(
-                f"UPDATE {_word(table)} SET {_word(column)} = ? WHERE {KEY_COLUMNS[table]} = ?",
-                (value, key),
-            )
-
-    def persisted(self) -> bytes:
-        if self._store.path == ":memory:":
-            with self._store._guard():
-                return self._store._db.serialize()
-        files = [Path(f"{self._store.path}{suffix}") for suffix in ("", "-wal", "-shm")]
-        return b"".join(f.read_bytes() for f in files if f.exists())
-
-
-def _word(name: str) -> str:
-    """A table or column name, checked to be one before it goes into SQL."""
-    if not name.replace("_", "").isalnum():
-        raise ValueError(f"not a column name: {name!r}")
-    return name
-
-
-_ALL_SECRETS = " UNION ALL ".join(
-    f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL" for table, _, column, _, _ in SEALED
-)
-
-
-def probe(url: str, keyring: Keyring | None) -> list[ConfigProblem]:
-    """What would stop the store at ``url`` from opening, found without writing anything.
-
-    The store's folder must take new files (the store itself, SQLite's journal). An existing
-    store is opened read-only, without migrating: its schema must be one this version knows,
-    and every stored secret must be under a key of ``keyring`` (skipped when None).
-
-    Args:
-        url: The ``store`` setting.
-        keyring: The configured encryption keys, or None when there are none.
-
-    Returns:
-        The problems, at ``store`` or ``encryption_keys``; they name key ids, never keys.
-    """
-    if url.removeprefix("sqlite:///") == ":memory:":
-        return []
-    path = Path(url.removeprefix("sqlite:///"))
-    problems = []
-    try:
-        with tempfile.TemporaryFile(dir=path.parent):
-            pass
-    except OSError as exc:
-        problems.append(
-            ConfigProblem("store", f"cannot create files in {path.parent}: {exc.strerror}")
-        )
-    if path.is_file():
-        try:
-            problems += _probe_file(path, keyring)
-        except sqlite3.Error as exc:
-            problems.append(ConfigProblem("store", str(_translate(exc, str(path)))))
-    return problems
-
-
-def _probe_file(path: Path, keyring: Keyring | None) -> list[ConfigProblem]:
-    # With no -wal file beside it, no process has the store open: read it as immutable, so
-    # not even SQLite's shared-memory file is created. Otherwise plain read-only.
-    live = path.with_name(path.name + "-wal").exists()
-    uri = f"{path.resolve().as_uri()}?mode=ro{'' if live else '&immutable=1'}"
-    db = sqlite3.connect(uri, uri=True)
-    try:
-        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-        version = 0
-        if "tb_meta" in tables:
-            row = db.execute("SELECT value FROM tb_meta WHERE name = 'schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-        if version > len(MIGRATIONS):
-            message = (
-                f"has schema version {version}; this tokenbroker knows up to {len(MIGRATIONS)}"
-            )
-            return [ConfigProblem("store", message)]
-        if keyring is None or not {"tb_credential", "tb_attempt", "tb_signing_key"} <= tables:
-            return []
-        blobs = db.execute(_ALL_SECRETS).fetchall()
-    finally:
-        db.close()
-    unknown: dict[str, int] = {}
-    for (blob,) in blobs:
-        try:
-            known = keyring.knows(blob)
-        except StoreCorruptError as exc:
-            return [ConfigProblem("store", str(exc))]
-        if not known:
-            key_id = Keyring.key_id(blob).hex()
-            unknown[key_id] = unknown.get(key_id, 0) + 1
-    return [
-        ConfigProblem(
-            "encryption_keys",
-            f"{count} stored secret(s) are encrypted with key {key_id}, which is not among "
-            "encryption_keys (add that key back; `tokenbroker rotate-key` then moves them)",
-        )
-        for key_id, count in sorted(unknown.items())
-    ]
+    def _check_keys(self, db: sqlite3.Connection) -> None:
+        """Refuse to open when a stored secret needs a key the keyring lacks."""
+        self._sealer.check_keys(blob for (blob,) in db.execute(ALL_SECRETS))

@@ -6,7 +6,9 @@ only ever appended. The SQL is kept portable; the database clock is one expressi
 
 from __future__ import annotations
 
-__all__ = ["MIGRATIONS", "NOW", "OPEN_STATUSES"]
+from .sealing import SEALED
+
+__all__ = ["ALL_SECRETS", "MIGRATIONS", "NOW", "OPEN_STATUSES"]
 
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
 
@@ -73,3 +75,8 @@ MIGRATIONS = [
 
 #: Attempt statuses that may have reached the provider without a stored outcome.
 OPEN_STATUSES = ("intent", "in_doubt")
+
+#: Every sealed value in the database, one per row (what the keyring must be able to open).
+ALL_SECRETS = " UNION ALL ".join(
+    f"SELECT {column} FROM {table} WHERE {column} IS NOT NULL" for table, _, column, _, _ in SEALED
+)

@@ -37,38 +37,32 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
-import hashlib
 import itertools
-import json
 import logging
-import socket
-import struct
-import termios
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from http import HTTPStatus
-from typing import Any, Self
-from urllib.parse import parse_qs, urlsplit
+from dataclasses import dataclass
+from typing import Self
 
 import httpx
 
 from tokenbroker.testing.authserver import AuthorizationServer
 from tokenbroker.testing.background import Background
+from tokenbroker.testing.upstream_endpoints import ROUTES, Handler, status
+from tokenbroker.testing.wire import (
+    LINE_LIMIT,
+    BadRequestError,
+    Exchange,
+    WireRequest,
+    close_writer,
+    read_body,
+    read_head,
+)
 
 __all__ = ["RecordingUpstream", "UpstreamRecord"]
 
 log = logging.getLogger("tokenbroker.testing.upstream")
 
-PIECE = 64 * 1024
-#: Bytes 0..250 repeated, long enough that any 64 KiB piece is one slice of it.
-_PATTERN = bytes(range(251)) * (PIECE // 251 + 2)
-_MAX_HEADERS = 100
-_LINE_LIMIT = 64 * 1024
 _IDLE_SECONDS = 30.0
-_FLUSH_SECONDS = 2.0
-_MAX_SLOW_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -91,107 +85,6 @@ class UpstreamRecord:
     path: str
     connection: int
     headers: tuple[tuple[str, str], ...]
-
-
-class _BadRequestError(Exception):
-    """The bytes on the connection are not an HTTP/1.1 request we can answer."""
-
-
-@dataclass
-class _Request:
-    method: str
-    path: str
-    query: str
-    version: str
-    headers: list[tuple[str, str]]
-    body_bytes: int = 0
-    body_sha256: str = field(default_factory=lambda: hashlib.sha256().hexdigest())
-
-    def header(self, name: str) -> str:
-        values = [v for n, v in self.headers if n == name]
-        return ", ".join(values)
-
-    def tokens(self, name: str) -> set[str]:
-        return {t.strip().lower() for t in self.header(name).split(",") if t.strip()}
-
-    @property
-    def bearer(self) -> str:
-        scheme, _, value = self.header("authorization").partition(" ")
-        return value.strip() if scheme.lower() == "bearer" else ""
-
-    def param(self, name: str, default: str = "") -> str:
-        values = parse_qs(self.query, keep_blank_values=True).get(name)
-        return values[0] if values else default
-
-
-class _Exchange:
-    """The response side of one request: status line and headers, then the body."""
-
-    def __init__(self, writer: asyncio.StreamWriter, request: _Request, keep_alive: bool) -> None:
-        self.writer = writer
-        self.head_only = request.method == "HEAD"
-        self.chunking = request.version == "HTTP/1.1"
-        self.keep_alive = keep_alive
-        self.aborted = False
-
-    async def start(self, status: int, headers: Iterable[tuple[str, str]]) -> None:
-        lines = [f"HTTP/1.1 {status} {_reason(status)}"]
-        fields = list(headers)
-        if not self.keep_alive and not any(n.lower() == "connection" for n, _ in fields):
-            fields.append(("Connection", "close"))
-        lines += [f"{name}: {value}" for name, value in fields]
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        await self.writer.drain()
-
-    async def write(self, data: bytes | memoryview) -> None:
-        if not self.head_only and data:
-            self.writer.write(data)
-            await self.writer.drain()
-
-    async def send(self, status: int, body: bytes, headers: Iterable[tuple[str, str]] = ()) -> None:
-        await self.start(status, [*headers, ("Content-Length", str(len(body)))])
-        await self.write(body)
-
-    async def send_json(
-        self, status: int, payload: Any, headers: Iterable[tuple[str, str]] = ()
-    ) -> None:
-        body = json.dumps(payload, separators=(",", ":")).encode()
-        await self.send(status, body, [("Content-Type", "application/json"), *headers])
-
-    async def reset(self) -> None:
-        """Flush what was written, then close with SO_LINGER 0 so the kernel sends RST."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _FLUSH_SECONDS
-        while _unsent(self.writer) and loop.time() < deadline:
-            await asyncio.sleep(0.001)
-        sock = self.writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.writer.transport.abort()
-        self.keep_alive = False
-        self.aborted = True
-
-
-def _unsent(writer: asyncio.StreamWriter) -> int:
-    """Bytes still in asyncio's buffer or the kernel's send queue (unsent or unacked)."""
-    pending = writer.transport.get_write_buffer_size()
-    sock = writer.get_extra_info("socket")
-    if sock is None:
-        return pending
-    with contextlib.suppress(OSError):
-        queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, struct.pack("i", 0))
-        pending += struct.unpack("i", queued)[0]
-    return pending
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Status"
-
-
-Handler = Callable[[_Request, _Exchange], Awaitable[None]]
 
 
 class RecordingUpstream(Background):
@@ -219,18 +112,6 @@ class RecordingUpstream(Background):
         self._stopping: asyncio.Event | None = None
         self._port = 0
         self._verifier: httpx.AsyncClient | None = None
-        self._routes: dict[str, tuple[tuple[str, ...], Handler]] = {
-            "/api/echo": (("GET", "POST", "PUT"), self._echo),
-            "/api/upload": (("POST", "PUT"), self._upload),
-            "/api/download": (("GET",), self._download),
-            "/api/reset": (("GET",), self._reset),
-            "/api/reset-mid": (("GET",), self._reset_mid),
-            "/api/slow": (("GET",), self._slow),
-            "/api/unframed": (("GET",), self._unframed),
-            "/api/redirect": (("GET",), self._redirect),
-            "/api/hop": (("GET",), self._hop),
-            "/api/trailers": (("GET",), self._trailers),
-        }
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -323,7 +204,7 @@ class RecordingUpstream(Background):
         with self._lock:
             return frozenset(self._open)
 
-    def _record(self, request: _Request, connection: int) -> None:
+    def _record(self, request: WireRequest, connection: int) -> None:
         record = UpstreamRecord(
             client=request.header("x-client"),
             token=request.bearer,
@@ -365,7 +246,7 @@ class RecordingUpstream(Background):
 
         async with httpx.AsyncClient(timeout=10) as self._verifier:
             try:
-                server = await asyncio.start_server(accept, "127.0.0.1", 0, limit=_LINE_LIMIT)
+                server = await asyncio.start_server(accept, "127.0.0.1", 0, limit=LINE_LIMIT)
             except OSError as exc:
                 ready.set_exception(exc)
                 return
@@ -382,12 +263,12 @@ class RecordingUpstream(Background):
         with self._lock:
             self._accepted += 1
             self._open.add(connection)
-        exchange: _Exchange | None = None
+        exchange: Exchange | None = None
         try:
             while True:
                 try:
                     async with asyncio.timeout(_IDLE_SECONDS):
-                        request = await _read_head(reader)
+                        request = await read_head(reader)
                 except TimeoutError:
                     break
                 if request is None:
@@ -396,17 +277,17 @@ class RecordingUpstream(Background):
                 keep_alive = request.version == "HTTP/1.1" and "close" not in request.tokens(
                     "connection"
                 )
-                exchange = _Exchange(writer, request, keep_alive)
+                exchange = Exchange(writer, request, keep_alive)
                 body = request.header("content-length") not in ("", "0") or request.header(
                     "transfer-encoding"
                 )
                 if body and request.tokens("expect") == {"100-continue"}:
                     writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                await _read_body(reader, request)
+                await read_body(reader, request)
                 await self._respond(request, exchange)
                 if not exchange.keep_alive:
                     break
-        except _BadRequestError:
+        except BadRequestError:
             exchange = None
             with contextlib.suppress(OSError):
                 writer.write(
@@ -423,9 +304,9 @@ class RecordingUpstream(Background):
             with self._lock:
                 self._open.discard(connection)
             if not (exchange is not None and exchange.aborted):
-                await _close(writer)
+                await close_writer(writer)
 
-    async def _respond(self, request: _Request, exchange: _Exchange) -> None:
+    async def _respond(self, request: WireRequest, exchange: Exchange) -> None:
         if request.path.startswith("/api/"):
             token = request.bearer
             try:
@@ -440,9 +321,9 @@ class RecordingUpstream(Background):
         methods: tuple[str, ...]
         handler: Handler
         if request.path.startswith("/api/status/"):
-            methods, handler = ("GET",), self._status
-        elif request.path in self._routes:
-            methods, handler = self._routes[request.path]
+            methods, handler = ("GET",), status
+        elif request.path in ROUTES:
+            methods, handler = ROUTES[request.path]
         else:
             await exchange.send_json(404, {"error": "not_found"})
             return
@@ -461,195 +342,3 @@ class RecordingUpstream(Background):
             self._idp.resource_url, headers={"Authorization": f"Bearer {token}"}
         )
         return verdict.status_code == 200
-
-    # -- endpoints -----------------------------------------------------------------------
-
-    async def _echo(self, request: _Request, exchange: _Exchange) -> None:
-        headers = {name: request.header(name) for name, _ in request.headers}
-        payload = {
-            # HEAD gets GET's headers, so its Content-Length must be that of GET's body
-            "method": "GET" if request.method == "HEAD" else request.method,
-            "path": request.path,
-            "query": request.query,
-            "headers": headers,
-            "body_bytes": request.body_bytes,
-            "body_sha256": request.body_sha256,
-        }
-        await exchange.send_json(200, payload)
-
-    async def _upload(self, request: _Request, exchange: _Exchange) -> None:
-        await exchange.send_json(200, {"bytes": request.body_bytes, "sha256": request.body_sha256})
-
-    async def _download(self, request: _Request, exchange: _Exchange) -> None:
-        size = request.param("bytes", "0")
-        if not size.isdigit() or int(size) > 1 << 40:
-            await exchange.send_json(400, {"error": "bytes must be an integer 0..2**40"})
-            return
-        total = int(size)
-        chunked = request.param("chunked") == "1"
-        framing = [("Transfer-Encoding", "chunked")] if chunked else [("Content-Length", size)]
-        if chunked and not exchange.chunking:  # HTTP/1.0 has no chunking: delimit by closing
-            chunked, framing, exchange.keep_alive = False, [], False
-        await exchange.start(200, [("Content-Type", "application/octet-stream"), *framing])
-        view = memoryview(_PATTERN)
-        offset = 0
-        while offset < total and not exchange.head_only:
-            piece = min(PIECE, total - offset)
-            data = view[offset % 251 : offset % 251 + piece]
-            if chunked:
-                exchange.writer.write(b"%x\r\n" % piece)
-                exchange.writer.write(data)
-                exchange.writer.write(b"\r\n")
-                await exchange.writer.drain()
-            else:
-                await exchange.write(data)
-            offset += piece
-        if chunked:
-            await exchange.write(b"0\r\n\r\n")
-
-    async def _status(self, request: _Request, exchange: _Exchange) -> None:
-        code = request.path.removeprefix("/api/status/")
-        if not (code.isdigit() and 200 <= int(code) <= 599):
-            await exchange.send_json(404, {"error": "not_found"})
-            return
-        status = int(code)
-        if status in (204, 304):
-            await exchange.start(status, [])
-        else:
-            await exchange.send_json(status, {"status": status})
-
-    async def _reset(self, request: _Request, exchange: _Exchange) -> None:
-        await exchange.reset()
-
-    async def _reset_mid(self, request: _Request, exchange: _Exchange) -> None:
-        await exchange.start(200, [("Content-Type", "text/plain"), ("Content-Length", "1000")])
-        await exchange.write(b"0123456789")
-        await exchange.reset()
-
-    async def _slow(self, request: _Request, exchange: _Exchange) -> None:
-        try:
-            seconds = float(request.param("seconds", "1"))
-        except ValueError:
-            seconds = -1.0
-        if not 0 <= seconds <= _MAX_SLOW_SECONDS:
-            await exchange.send_json(400, {"error": f"seconds must be 0..{_MAX_SLOW_SECONDS}"})
-            return
-        await asyncio.sleep(seconds)
-        await exchange.send_json(200, {"slept": seconds})
-
-    async def _unframed(self, request: _Request, exchange: _Exchange) -> None:
-        await exchange.start(200, [("Content-Type", "text/plain")])
-        await exchange.write(b"unframed-body")
-        exchange.keep_alive = False
-
-    async def _redirect(self, request: _Request, exchange: _Exchange) -> None:
-        await exchange.send_json(302, {"location": "/api/echo"}, [("Location", "/api/echo")])
-
-    async def _hop(self, request: _Request, exchange: _Exchange) -> None:
-        persistence = "keep-alive" if exchange.keep_alive else "close"
-        headers = [
-            ("Connection", f"{persistence}, X-Hop-Secret"),
-            ("X-Hop-Secret", "1"),
-            ("Keep-Alive", "timeout=5"),
-            ("Proxy-Authenticate", "Basic"),
-            ("Upgrade", "h2c"),
-            ("Trailer", "X-T"),
-            ("X-End-To-End", "kept"),
-        ]
-        await exchange.send_json(200, {"hop": True}, headers)
-
-    async def _trailers(self, request: _Request, exchange: _Exchange) -> None:
-        if not exchange.chunking:
-            exchange.keep_alive = False
-            await exchange.start(200, [("Content-Type", "text/plain")])
-            await exchange.write(b"trailer-body")
-            return
-        framing = [("Transfer-Encoding", "chunked"), ("Trailer", "X-T")]
-        await exchange.start(200, [("Content-Type", "text/plain"), *framing])
-        await exchange.write(b"8\r\ntrailer-\r\n4\r\nbody\r\n0\r\nX-T: 1\r\n\r\n")
-
-
-async def _read_head(reader: asyncio.StreamReader) -> _Request | None:
-    """Read a request line and header section (RFC 9112 §2-§5); ``None`` at a clean EOF."""
-    try:
-        line = await reader.readline()
-        while line in (b"\r\n", b"\n"):  # RFC 9112 §2.2: ignore empty lines before a request
-            line = await reader.readline()
-        if not line:
-            return None
-        parts = line.decode("latin-1").rstrip("\r\n").split(" ")
-        if len(parts) != 3 or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
-            raise _BadRequestError(line)
-        method, target, version = parts
-        headers: list[tuple[str, str]] = []
-        while (line := await reader.readline()) not in (b"\r\n", b"\n"):
-            name, colon, value = line.decode("latin-1").partition(":")
-            if not colon or not name or name != name.strip() or len(headers) >= _MAX_HEADERS:
-                raise _BadRequestError(line)
-            headers.append((name.lower(), value.strip()))
-    except ValueError as exc:  # a line over the limit
-        raise _BadRequestError("line too long") from exc
-    if target.startswith(("http://", "https://")):
-        parts_ = urlsplit(target)
-        path, query = parts_.path or "/", parts_.query
-    else:
-        path, _, query = target.partition("?")
-    return _Request(method, path, query, version, headers)
-
-
-async def _read_body(reader: asyncio.StreamReader, request: _Request) -> None:
-    """Consume the body (RFC 9112 §6.3) in pieces, recording its size and SHA-256."""
-    digest = hashlib.sha256()
-    size = 0
-    async for piece in _body_pieces(reader, request):
-        digest.update(piece)
-        size += len(piece)
-    request.body_bytes = size
-    request.body_sha256 = digest.hexdigest()
-
-
-async def _body_pieces(reader: asyncio.StreamReader, request: _Request) -> AsyncIterator[bytes]:
-    coding = request.tokens("transfer-encoding")
-    if coding:
-        if coding != {"chunked"}:
-            raise _BadRequestError("unsupported transfer coding")
-        while True:
-            line = await reader.readline()
-            size = line.split(b";", 1)[0].strip()
-            if not size or size.strip(b"0123456789abcdefABCDEF"):
-                raise _BadRequestError("bad chunk size")
-            left = int(size, 16)
-            if left == 0:
-                while (line := await reader.readline()) not in (b"\r\n", b"\n"):
-                    if not line:
-                        raise asyncio.IncompleteReadError(b"", None)
-                return
-            async for piece in _pieces(reader, left):
-                yield piece
-            await reader.readexactly(2)
-    length = request.header("content-length")
-    if not length:
-        return
-    if not length.isdigit():
-        raise _BadRequestError("bad content-length")
-    async for piece in _pieces(reader, int(length)):
-        yield piece
-
-
-async def _pieces(reader: asyncio.StreamReader, left: int) -> AsyncIterator[bytes]:
-    """Exactly ``left`` bytes from ``reader``, in pieces of at most :data:`PIECE`."""
-    while left:
-        piece = await reader.read(min(left, PIECE))
-        if not piece:
-            raise asyncio.IncompleteReadError(b"", left)
-        left -= len(piece)
-        yield piece
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        async with asyncio.timeout(_FLUSH_SECONDS):
-            await writer.wait_closed()
-    except (OSError, TimeoutError):
-        writer.transport.abort()
