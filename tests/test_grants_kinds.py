@@ -10,7 +10,7 @@ import yaml
 
 from tokenbroker.config import Provider, Settings, parse_settings
 from tokenbroker.core.scopes import canonical_scopes
-from tokenbroker.engine.broker import credential_row
+from tokenbroker.engine.credentials import credential_row
 from tokenbroker.engine.refresher import fingerprint
 from tokenbroker.grants import KINDS, GrantKind, kind_of
 from tokenbroker.grants.kinds import LoginKind

@@ -10,7 +10,7 @@ from tokenbroker import ConfigError, StoreError, parse_settings
 from tokenbroker.config import startup_problems
 from tokenbroker.core.crypto import Keyring, generate_key
 from tokenbroker.core.secret import Secret
-from tokenbroker.engine.broker import open_store as open_configured
+from tokenbroker.engine.credentials import store_for as open_configured
 from tokenbroker.store import Backend, is_persistent, open_store, probe, register_backend, schemes
 from tokenbroker.store.memory import MemoryStore
 from tokenbroker.store.sqlite import SQLiteStore

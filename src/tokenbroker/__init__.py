@@ -21,7 +21,7 @@ from .core.events import (
 )
 from .core.secret import Secret
 from .core.token import Token
-from .engine.broker import Broker, open_store
+from .engine.broker import Broker
 from .engine.cache import SlotState, Timing, TokenCache
 from .errors import (
     ClientAuthenticationError,
@@ -90,6 +90,5 @@ __all__ = [
     "UnknownProviderError",
     "__version__",
     "load_settings",
-    "open_store",
     "parse_settings",
 ]

@@ -29,8 +29,9 @@ from ..config import (
 from ..core.crypto import Keyring, generate_key
 from ..core.names import CONSUMER_NAME
 from ..core.rules import parse_rule, subject_entry
-from ..engine.broker import Broker, credential_label, open_store
+from ..engine.broker import Broker
 from ..engine.consumers import hash_key, new_key
+from ..engine.credentials import credential_label, store_for
 from ..errors import (
     ConfigError,
     ConfigProblem,
@@ -342,7 +343,7 @@ def _open_store(config_path: Path, settings: Settings | None = None) -> Store:
     problems = startup_problems(settings)
     if problems:
         raise ConfigError(problems)
-    return open_store(settings)
+    return store_for(settings)
 
 
 @main.command()

@@ -84,7 +84,9 @@ _MAX_ACCOUNT = 256
 _MAX_BODY = 1 << 20
 
 
-class _Key(NamedTuple):
+class _RequestKey(NamedTuple):
+    """Keys the local cache: provider, scope and account as they are asked of the broker."""
+
     provider: str
     scope: str | None
     account: str | None
@@ -145,9 +147,9 @@ class BrokerClient(AuthAdapters):
             trust_env=False,
             headers={"Accept": "application/json"},
         )
-        self._rejected: dict[_Key, str] = {}
+        self._rejected: dict[_RequestKey, str] = {}
         self._rejected_lock = threading.Lock()
-        self._cache: TokenCache[_Key] = TokenCache(self, clock=clock)
+        self._cache: TokenCache[_RequestKey] = TokenCache(self, clock=clock)
 
     def __repr__(self) -> str:
         return f"BrokerClient({self.url!r})"
@@ -226,7 +228,7 @@ class BrokerClient(AuthAdapters):
 
     # -- the cache's Fetcher ---------------------------------------------------------------
 
-    def resolve(self, raw: Hashable) -> _Key:
+    def resolve(self, raw: Hashable) -> _RequestKey:
         """Canonical key for ``(provider, scope, account)``: scopes sorted, names checked.
 
         Raises:
@@ -246,19 +248,19 @@ class BrokerClient(AuthAdapters):
             not isinstance(account, str) or not 0 < len(account) <= _MAX_ACCOUNT
         ):
             raise UnknownProviderError(f"{provider}: account must be 1-{_MAX_ACCOUNT} chars")
-        return _Key(provider, scope, account)
+        return _RequestKey(provider, scope, account)
 
-    def describe(self, key: _Key) -> tuple[str, str]:
+    def describe(self, key: _RequestKey) -> tuple[str, str]:
         """``(provider, key in words)`` for events and logs; no secrets."""
         if key.account is not None:
             return key.provider, f"account={key.account}"
         return key.provider, f"scope={key.scope}" if key.scope is not None else ""
 
-    def timing(self, key: _Key) -> Timing:
+    def timing(self, key: _RequestKey) -> Timing:
         """The client's refresh timing (the same for every key)."""
         return self._timing
 
-    def fetch(self, key: _Key, stale: str | None) -> TokenResponse:
+    def fetch(self, key: _RequestKey, stale: str | None) -> TokenResponse:
         """One broker request: report ``stale`` if it was rejected, else read it (cache calls this).
 
         Returns:
@@ -284,7 +286,7 @@ class BrokerClient(AuthAdapters):
                     del self._rejected[key]
         return response
 
-    async def afetch(self, key: _Key, stale: str | None) -> TokenResponse:
+    async def afetch(self, key: _RequestKey, stale: str | None) -> TokenResponse:
         """:meth:`fetch` in a worker thread, so the event loop never blocks on the broker."""
         return await asyncio.to_thread(self.fetch, key, stale)
 
@@ -294,7 +296,7 @@ class BrokerClient(AuthAdapters):
         self.resolve((provider, _joined(scope), account))  # malformed names fail now
         return TokenTarget(self, provider, _joined(scope), account)
 
-    def _request(self, key: _Key, rejected: str | None) -> httpx.Request:
+    def _request(self, key: _RequestKey, rejected: str | None) -> httpx.Request:
         path = f"/v1/tokens/{key.provider}"
         if rejected is None:
             params = {

@@ -28,55 +28,35 @@ Sync and async callers share the same slots and flights: a flight is a
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import hmac
 import logging
-import math
 import random
 import threading
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..core.clock import Clock, SystemClock
 from ..core.events import EventBus, TokenAcquired, TokenInvalidated, TokenRequestFailed
 from ..core.token import Token
-from ..errors import ProviderError, ProviderUnavailableError, ReauthorizationRequiredError
+from ..errors import ProviderError, ProviderUnavailableError
 from ..grants import TokenResponse
+from .slot import DEGRADED, Entry, Slot, SlotState, Timing, schedule, worst
 
+# DEGRADED, SlotState and worst live in .slot; importers of them from here keep working.
 __all__ = ["DEGRADED", "Fetcher", "SlotState", "Timing", "TokenCache", "worst"]
 
 logger = logging.getLogger("tokenbroker.cache")
 
 K = TypeVar("K", bound=Hashable)
-_MAX_BACKOFF = 60.0
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a finished future's exception as seen (its waiter may have gone)."""
     if not future.cancelled():
         future.exception()
-
-
-@dataclass(frozen=True, slots=True)
-class Timing:
-    """When a key's tokens are refreshed.
-
-    Attributes:
-        skew: Seconds before real expiry after which a token is not handed out.
-        refresh_ahead: Fraction of the lifetime after which a background refresh starts.
-        deadline: Upper bound, in seconds, of one fetch (waiters give up after it).
-        invalidate_cooldown: Seconds after an invalidation dropped a token during which
-            further invalidations of the key are refused (the current token stays).
-    """
-
-    skew: float = 30.0
-    refresh_ahead: float = 0.8
-    deadline: float = 30.0
-    invalidate_cooldown: float = 0.0
 
 
 class Fetcher(Protocol[K]):
@@ -96,95 +76,6 @@ class Fetcher(Protocol[K]):
 
     async def afetch(self, key: K, stale: str | None) -> TokenResponse:
         """Obtain a token without blocking the event loop."""
-
-
-@dataclass(frozen=True, slots=True)
-class SlotState:
-    """What the cache knows about one key, for status displays.
-
-    Attributes:
-        provider: Provider name.
-        key: The key in words.
-        state: From best to worst: ``valid`` (or ``empty``: never fetched), ``refreshing``
-            (a fetch is under way), ``stale`` (the last fetch failed; the current token is
-            still handed out), ``failed`` (the last fetch failed; no token to hand out),
-            ``reauthorization_required``.
-        valid_until: Wall-clock expiry of the current token, if any.
-        last_refresh: Wall-clock time of the last successful fetch, if any.
-        last_error: Class name of the last failure since then, if any.
-    """
-
-    provider: str
-    key: str
-    state: str
-    valid_until: float | None
-    last_refresh: float | None
-    last_error: str | None
-
-    @property
-    def severity(self) -> int:
-        """The state's rank: 0 for ``valid`` and ``empty``, up to 4 for
-        ``reauthorization_required``."""
-        return _SEVERITY.get(self.state, 0)
-
-
-_SEVERITY = {"valid": 0, "empty": 0, "refreshing": 1, "stale": 2, "failed": 3}
-_SEVERITY["reauthorization_required"] = 4
-#: The states in which a key needs an operator's attention (a health check says degraded).
-DEGRADED = frozenset({"stale", "failed", "reauthorization_required"})
-
-
-def worst(states: list[SlotState]) -> SlotState:
-    """The worst of ``states`` (``valid`` before ``empty`` among the good ones).
-
-    Args:
-        states: At least one state.
-
-    Returns:
-        The one with the highest severity; the first of them on a tie.
-    """
-    return max(states, key=lambda s: (s.severity, s.state == "valid"))
-
-
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    token: Token
-    refresh_at: float
-    hard_expiry: float
-
-
-class _Slot(Generic[K]):
-    __slots__ = (
-        "aliases",
-        "entry",
-        "error",
-        "failures",
-        "flight",
-        "forced_at",
-        "key",
-        "last_refresh",
-        "lock",
-        "rejected",
-        "retry_at",
-    )
-
-    def __init__(self, key: K) -> None:
-        self.key = key
-        self.lock = threading.Lock()
-        self.entry: _Entry | None = None
-        self.flight: Future[_Entry] | None = None
-        self.aliases: set[Hashable] = set()
-        self.error: BaseException | None = None
-        self.retry_at = -math.inf
-        self.failures = 0
-        self.last_refresh: float | None = None
-        self.rejected: str | None = None
-        self.forced_at = -math.inf
-
-    def stale(self) -> str | None:
-        """The access token a new fetch must replace: the current one, or the last rejected."""
-        entry = self.entry
-        return entry.token.access_token if entry is not None else self.rejected
 
 
 class TokenCache(Generic[K]):
@@ -211,9 +102,9 @@ class TokenCache(Generic[K]):
         self._clock = clock or SystemClock()
         self._now = self._clock.monotonic
         self._events = events or EventBus()
-        self._hot: dict[Hashable, _Entry] = {}
-        self._aliases: dict[Hashable, _Slot[K]] = {}
-        self._slots: dict[K, _Slot[K]] = {}
+        self._hot: dict[Hashable, Entry] = {}
+        self._aliases: dict[Hashable, Slot[K]] = {}
+        self._slots: dict[K, Slot[K]] = {}
         self._lock = threading.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         # Threads start on demand, up to ``concurrency``; queued refreshes wait their turn.
@@ -349,7 +240,7 @@ class TokenCache(Generic[K]):
         slot = self._slot(raw)
         with slot.lock:
             self._install(slot, None)
-            slot.error, slot.retry_at, slot.failures = None, -math.inf, 0
+            slot.clear_error()
 
     def refresh_due(self) -> int:
         """Start a background refresh for every key past its refresh-ahead point.
@@ -370,7 +261,7 @@ class TokenCache(Generic[K]):
                 now = self._now()
                 if slot.flight is not None or now < slot.retry_at or slot.entry is not entry:
                     continue
-                flight = self._new_flight(slot)
+                flight = slot.open_flight()
             self._submit(slot, flight)
             started += 1
         return started
@@ -393,7 +284,7 @@ class TokenCache(Generic[K]):
                 return False
             if slot.flight is not None or now < slot.retry_at:
                 return False
-            flight = self._new_flight(slot)
+            flight = slot.open_flight()
         self._submit(slot, flight)
         return True
 
@@ -444,34 +335,26 @@ class TokenCache(Generic[K]):
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _find(self, raw: Hashable) -> _Slot[K] | None:
+    def _find(self, raw: Hashable) -> Slot[K] | None:
         """The slot for ``raw`` if the cache has one; never creates one."""
         slot = self._aliases.get(raw)
         if slot is None:
             slot = self._slots.get(self._fetcher.resolve(raw))
         return slot
 
-    def _state(self, slot: _Slot[K], now: float) -> SlotState:
+    def _state(self, slot: Slot[K], now: float) -> SlotState:
         provider, key = self._fetcher.describe(slot.key)
         entry, error = slot.entry, slot.error
-        if isinstance(error, ReauthorizationRequiredError):
-            state = "reauthorization_required"
-        elif slot.flight is not None:
-            state = "refreshing"
-        elif entry is not None and now < entry.hard_expiry:
-            state = "stale" if error is not None else "valid"
-        else:
-            state = "failed" if error is not None else "empty"
         return SlotState(
             provider=provider,
             key=key,
-            state=state,
+            state=slot.state(now),
             valid_until=entry.token.expires_at if entry else None,
             last_refresh=slot.last_refresh,
             last_error=type(error).__name__ if error is not None else None,
         )
 
-    def _submit(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
+    def _submit(self, slot: Slot[K], flight: Future[Entry]) -> None:
         """Queue a background refresh of ``slot`` (whose ``flight`` the caller just opened)."""
         try:
             job = self._workers.submit(self._run_sync, slot, flight, True)
@@ -481,12 +364,12 @@ class TokenCache(Generic[K]):
         self._background.add(job)
         job.add_done_callback(functools.partial(self._finished, slot, flight))
 
-    def _finished(self, slot: _Slot[K], flight: Future[_Entry], job: Future[None]) -> None:
+    def _finished(self, slot: Slot[K], flight: Future[Entry], job: Future[None]) -> None:
         self._background.discard(job)
         if job.cancelled():  # dropped from the queue by close()
             self._abandon(slot, flight)
 
-    def _abandon(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
+    def _abandon(self, slot: Slot[K], flight: Future[Entry]) -> None:
         """Settle a flight that will never run, so its waiters do not wait for nothing."""
         provider, _ = self._fetcher.describe(slot.key)
         with slot.lock:
@@ -495,7 +378,7 @@ class TokenCache(Generic[K]):
             ProviderUnavailableError(f"{provider}: the token cache is closed", provider=provider)
         )
 
-    def _slot(self, raw: Hashable) -> _Slot[K]:
+    def _slot(self, raw: Hashable) -> Slot[K]:
         slot = self._aliases.get(raw)
         if slot is not None:
             return slot
@@ -503,7 +386,7 @@ class TokenCache(Generic[K]):
         with self._lock:
             slot = self._slots.get(key)
             if slot is None:
-                slot = self._slots[key] = _Slot(key)
+                slot = self._slots[key] = Slot(key)
             with slot.lock:
                 slot.aliases.add(raw)
                 self._aliases[raw] = slot
@@ -511,31 +394,12 @@ class TokenCache(Generic[K]):
                     self._hot[raw] = slot.entry
         return slot
 
-    def _decide(self, slot: _Slot[K]) -> tuple[Token | None, Future[_Entry] | None, bool]:
+    def _decide(self, slot: Slot[K]) -> tuple[Token | None, Future[Entry] | None, bool]:
         """Under the slot lock: serve a token, join a flight, or lead a new one."""
         with slot.lock:
-            now = self._now()
-            entry = slot.entry
-            if entry is not None and now < entry.hard_expiry:
-                if now >= entry.refresh_at and slot.flight is None and now >= slot.retry_at:
-                    return entry.token, self._new_flight(slot), True
-                return entry.token, None, False
-            if slot.flight is not None:
-                return None, slot.flight, False
-            if slot.error is not None and now < slot.retry_at:
-                # A fresh traceback per raise: re-raising one object would pile every
-                # caller's frames onto it for as long as the error is remembered.
-                raise slot.error.with_traceback(None)
-            return None, self._new_flight(slot), True
+            return slot.decide(self._now())
 
-    @staticmethod
-    def _new_flight(slot: _Slot[K]) -> Future[_Entry]:
-        flight: Future[_Entry] = Future()
-        flight.set_running_or_notify_cancel()  # waiters can never cancel it for the others
-        slot.flight = flight
-        return flight
-
-    def _run_sync(self, slot: _Slot[K], flight: Future[_Entry], background: bool) -> None:
+    def _run_sync(self, slot: Slot[K], flight: Future[Entry], background: bool) -> None:
         started, wall = self._now(), self._clock.time()
         try:
             response = self._fetcher.fetch(slot.key, slot.stale())
@@ -546,7 +410,7 @@ class TokenCache(Generic[K]):
         else:
             self._settle(slot, flight, response, started, wall, background)
 
-    async def _run_async(self, slot: _Slot[K], flight: Future[_Entry]) -> None:
+    async def _run_async(self, slot: Slot[K], flight: Future[Entry]) -> None:
         started, wall = self._now(), self._clock.time()
         try:
             response = await self._fetcher.afetch(slot.key, slot.stale())
@@ -559,8 +423,8 @@ class TokenCache(Generic[K]):
 
     def _settle(
         self,
-        slot: _Slot[K],
-        flight: Future[_Entry],
+        slot: Slot[K],
+        flight: Future[Entry],
         response: TokenResponse,
         started: float,
         wall: float,
@@ -568,25 +432,11 @@ class TokenCache(Generic[K]):
     ) -> None:
         timing = self._fetcher.timing(slot.key)
         lifetime = response.lifetime
-        duration = self._now() - started  # this fetch's time, before any shift below
-        if response.issued_at is not None:  # obtained by another process: count from then
-            # Relative to this flight's start, not to now: waiting for the other process's
-            # refresh must not age its token (that would make the next refresh early).
-            shift = min(response.issued_at - wall, self._now() - started)
-            started, wall = started + shift, wall + shift
-        skew = min(timing.skew, lifetime / 2)
-        hard = started + lifetime - skew
-        refresh_at = started + lifetime * timing.refresh_ahead
-        if refresh_at >= hard:
-            refresh_at = started + (hard - started) * timing.refresh_ahead
-        token = dataclasses.replace(response.token, expires_at=wall + lifetime)
-        entry = _Entry(token=token, refresh_at=refresh_at, hard_expiry=hard)
+        duration = self._now() - started  # this fetch's time, before any shift for issued_at
+        entry = schedule(response, timing, started, wall, self._now())
         with slot.lock:
             self._install(slot, entry)
-            slot.flight = None
-            slot.error, slot.retry_at, slot.failures = None, -math.inf, 0
-            slot.last_refresh = wall
-            slot.rejected = None
+            slot.succeeded(entry)
         flight.set_result(entry)
         provider, key = self._fetcher.describe(slot.key)
         logger.info(
@@ -601,8 +451,8 @@ class TokenCache(Generic[K]):
 
     def _settle_error(
         self,
-        slot: _Slot[K],
-        flight: Future[_Entry],
+        slot: Slot[K],
+        flight: Future[Entry],
         exc: BaseException,
         started: float,
         background: bool,
@@ -617,16 +467,7 @@ class TokenCache(Generic[K]):
             return
         now = self._now()
         with slot.lock:
-            slot.flight = None
-            slot.failures += 1
-            slot.error = exc
-            if isinstance(exc, ReauthorizationRequiredError):
-                slot.retry_at = math.inf
-            else:
-                backoff = min(_MAX_BACKOFF, 2.0 ** (slot.failures - 1))
-                backoff *= self._rng.uniform(0.5, 1.0)
-                told = getattr(exc, "retry_after", None)
-                slot.retry_at = now + max(backoff, told or 0.0)
+            slot.failed(exc, now, self._rng)
         flight.set_exception(exc)
         code = exc.code if isinstance(exc, ProviderError) else "internal_error"
         logger.warning(
@@ -640,7 +481,7 @@ class TokenCache(Generic[K]):
             TokenRequestFailed(provider, key, background, now - started, type(exc).__name__, code)
         )
 
-    def _install(self, slot: _Slot[K], entry: _Entry | None) -> None:
+    def _install(self, slot: Slot[K], entry: Entry | None) -> None:
         """Publish ``entry`` under every alias (caller holds ``slot.lock``)."""
         slot.entry = entry
         for alias in slot.aliases:
@@ -649,7 +490,7 @@ class TokenCache(Generic[K]):
             else:
                 self._hot[alias] = entry
 
-    def _stuck(self, slot: _Slot[K]) -> ProviderUnavailableError:
+    def _stuck(self, slot: Slot[K]) -> ProviderUnavailableError:
         provider, _ = self._fetcher.describe(slot.key)
         return ProviderUnavailableError(
             f"{provider}: gave up waiting for the token fetch", provider=provider
