@@ -32,7 +32,7 @@ import httptools
 
 from .exchange import Exchange
 from .http import HOP_BY_HOP, OVERRIDE_HEADERS, connection_tokens, error_reply
-from .pool import Lease, LeaseState
+from .lease import LeaseState, PoolLease
 
 if TYPE_CHECKING:
     from .routes import Route
@@ -106,7 +106,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[Exchange] = deque()
         self._out: list[bytes] = []
         self._pauses: set[str] = set()
-        self._leases: dict[Route, Lease] = {}  # read by Exchange._fast too
+        self._leases: dict[Route, PoolLease] = {}  # read by Exchange._fast too
         self.write_paused = False
         self.closed = False
         self.body_moved = 0.0
@@ -333,7 +333,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- used by exchanges ---------------------------------------------------------------------
 
-    async def lease(self, route: Route) -> Lease:
+    async def lease(self, route: Route) -> PoolLease:
         """This connection's lease on ``route``'s pool, taken on first use and kept."""
         lease = self._leases.get(route)
         if lease is not None and lease.state is LeaseState.ACTIVE:

@@ -30,7 +30,7 @@ from .http import (
     status_line,
     strip_hop_by_hop,
 )
-from .pool import Lease
+from .lease import PoolLease
 from .upstream import Outcome, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Exchange"]
 
-_Resume = tuple["Route", Token, Lease | None, "Outcome | UpstreamError"]
+_Resume = tuple["Route", Token, PoolLease | None, "Outcome | UpstreamError"]
 
 logger = logging.getLogger("tokenbroker.proxy")
 
@@ -159,8 +159,8 @@ class Exchange:
         self._chunked_out = False
         self._body_waiter: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[Outcome | UpstreamError] | None = None
-        self._fast_state: tuple[Route, Token, Lease | None] | None = None
-        self._lease: Lease | None = None
+        self._fast_state: tuple[Route, Token, PoolLease | None] | None = None
+        self._lease: PoolLease | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- request body, fed by the client connection ------------------------------------------
