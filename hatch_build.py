@@ -2,7 +2,7 @@
 
 Off by default, so a plain install (and every editable one) stays pure Python. Turn it
 on for a wheel with ``HATCH_BUILD_HOOK_ENABLE_CUSTOM=1`` (``make compiled`` does): the
-four modules every proxied request runs through become C extensions next to their
+modules every proxied request runs through become C extensions next to their
 ``.py`` sources, which Python imports first. Same code, same tests, about a sixth
 less CPU per request (``bench/proxy.py`` prints which build it measured).
 """
@@ -23,6 +23,7 @@ MODULES = [
     "tokenbroker/proxy/http.py",
     "tokenbroker/proxy/upstream.py",
     "tokenbroker/proxy/exchange.py",
+    "tokenbroker/proxy/admission.py",
     "tokenbroker/proxy/connection.py",
 ]
 

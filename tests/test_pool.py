@@ -16,11 +16,11 @@ from tokenbroker.config import ProxyRoute
 from tokenbroker.core.events import Event
 from tokenbroker.proxy.pool import (
     CredentialState,
-    Lease,
     LeaseExpiredError,
     LeaseGranted,
     LeaseState,
     PoolExhaustedError,
+    PoolLease,
     TokenPool,
 )
 from tokenbroker.testing import AuthorizationServer
@@ -49,7 +49,7 @@ def make_pool(broker: Broker) -> Iterator[Callable[..., TokenPool]]:
         pool.close()
 
 
-async def _hold_all(pool: TokenPool) -> list[Lease]:
+async def _hold_all(pool: TokenPool) -> list[PoolLease]:
     return [await pool.acquire(f"holder-{i}") for i in range(pool.stats().total)]
 
 
@@ -353,7 +353,7 @@ def test_reap_expires_a_lease_past_max_age(make_pool: Callable[..., TokenPool]) 
     clock = ManualClock()
     pool = make_pool(max_lease_age=60, clock=clock)
 
-    async def main() -> Lease:
+    async def main() -> PoolLease:
         lease = await pool.acquire("client")
         for _ in range(7):
             clock.advance(10)

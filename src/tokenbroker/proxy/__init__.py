@@ -7,7 +7,7 @@ current token. Built on ``asyncio.Protocol`` and httptools (llhttp) for
 connection-level control; run it on uvloop.
 """
 
-from . import connection, exchange, http, upstream
+from . import admission, connection, exchange, http, upstream
 from .server import ProxyServer
 
 __all__ = ["ProxyServer", "compiled"]
@@ -18,5 +18,5 @@ def compiled() -> bool:
     ``make compiled``; see ``hatch_build.py``), False for the pure-Python sources."""
     return all(
         not (module.__file__ or ".py").endswith(".py")
-        for module in (connection, exchange, http, upstream)
+        for module in (admission, connection, exchange, http, upstream)
     )

@@ -30,19 +30,27 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from .exchange import Exchange
-from .http import HOP_BY_HOP, OVERRIDE_HEADERS, connection_tokens, error_reply
-from .pool import Lease, LeaseState
+from .exchange import ProxiedRequest
+from .http import (
+    MAX_HEAD_BYTES,
+    REPLACED_HEADERS,
+    BadFramingError,
+    BadVersionError,
+    HeadTooLargeError,
+    UnknownCodingError,
+    connection_tokens,
+    error_reply,
+)
+from .lease import LeaseState, PoolLease
 
 if TYPE_CHECKING:
+    from .host import ProxyHost
     from .routes import Route
-    from .server import ProxyServer
 
 __all__ = ["ClientConnection"]
 
 logger = logging.getLogger("tokenbroker.proxy")
 
-MAX_HEAD_BYTES = 65_536
 MAX_PIPELINED = 8
 """Requests parsed and not yet answered on one connection, the one being served included
 (one more when a head's end is split between two reads)."""
@@ -54,22 +62,6 @@ makes the kernel send a reset, which can destroy the reply before the client has
 _BUSY = error_reply(
     503, "too_many_connections", "the proxy holds all the connections it can", close=True
 )
-# Replaced by the proxy: credentials, framing, and forwarding headers (rebuilt, not appended);
-# and never forwarded: headers that override the request line upstream.
-_DROP = (
-    HOP_BY_HOP
-    | OVERRIDE_HEADERS
-    | {
-        b"authorization",
-        b"host",
-        b"content-length",
-        b"expect",
-        b"forwarded",
-        b"x-forwarded-for",
-        b"x-forwarded-host",
-        b"x-forwarded-proto",
-    }
-)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -79,34 +71,34 @@ class ClientConnection(asyncio.Protocol):
         server: The proxy this connection belongs to.
     """
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyHost) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "unknown"
         self.forwarded = b"\r\n"
         self._parser = httptools.HttpRequestParser(self)
-        self._drop = _DROP | server.key_header
+        self._drop = REPLACED_HEADERS | server.key_header
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_bytes = 0
         self._raw_head = 0  # bytes read since the parser last handed over a head or body part
         self._body_left = 0  # Content-Length body bytes still to come (0 when unknown)
         self._backlog = b""  # bytes read but not parsed while MAX_PIPELINED requests wait
-        self._head_since = math.inf  # when the head being read began to arrive
-        self._request_since = math.inf  # when the request being read began (reading time only)
+        self.head_since = math.inf  # when the head being read began to arrive
+        self.request_since = math.inf  # when the request being read began (reading time only)
         self._paused_at = 0.0  # when reading last stopped
-        self._send_since = 0.0  # when the client last took response bytes while writing waited
-        self._unsent = 0  # bytes waiting for the client then
-        self._idle_since = math.inf  # when the last answer went out with nothing after it
+        self.send_since = 0.0  # when the client last took response bytes while writing waited
+        self.unsent = 0  # bytes waiting for the client then
+        self.idle_since = math.inf  # when the last answer went out with nothing after it
         self._refused = False  # a broken request: nothing more is parsed
         self._refusal: tuple[int, bytes] | None = None  # its status and error reply
         self._closing = False
-        self._parsing: Exchange | None = None
-        self._current: Exchange | None = None
-        self._queue: deque[Exchange] = deque()
+        self.parsing: ProxiedRequest | None = None
+        self.current: ProxiedRequest | None = None
+        self._queue: deque[ProxiedRequest] = deque()
         self._out: list[bytes] = []
-        self._pauses: set[str] = set()
-        self._leases: dict[Route, Lease] = {}  # read by Exchange._fast too
+        self.pauses: set[str] = set()
+        self.leases: dict[Route, PoolLease] = {}  # read by ProxiedRequest._fast too
         self.write_paused = False
         self.closed = False
         self.body_moved = 0.0
@@ -127,7 +119,7 @@ class ClientConnection(asyncio.Protocol):
             self.close()  # at once, not lingering: its descriptor is what the cap protects
             return
         # The first head is timed from the accept.
-        self._head_since = self._request_since = self.loop.time()
+        self.head_since = self.request_since = self.loop.time()
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -142,11 +134,11 @@ class ClientConnection(asyncio.Protocol):
         if self._backlog:  # (reading is paused; a read already under way still lands)
             self._backlog += data
             return
-        if self._parsing is None and self._head_since == math.inf:
+        if self.parsing is None and self.head_since == math.inf:
             # The first bytes of a head (cleared when the head is complete). The rest of a
             # read that completes a request is not timed until more bytes come: such a
             # connection holds no more than one idle between requests does.
-            self._head_since = self._request_since = self.loop.time()
+            self.head_since = self.request_since = self.loop.time()
         self._parse(data)
 
     def _parse(self, data: bytes) -> None:
@@ -162,18 +154,18 @@ class ClientConnection(asyncio.Protocol):
             # Upgrades are not relayed: the request (complete: llhttp ended it) is
             # answered, then the connection closes; what follows is another protocol.
             self._refused = True
-            last = self._queue[-1] if self._queue else self._current
+            last = self._queue[-1] if self._queue else self.current
             if last is not None:
                 last.close_after = True
             else:
                 self.close()
         except httptools.HttpParserError as exc:
             cause = exc.__context__
-            if isinstance(cause, _HeadTooLarge):
+            if isinstance(cause, HeadTooLargeError):
                 self.refuse(431, "headers_too_large", "the request head is too large")
-            elif isinstance(cause, _BadVersion):
+            elif isinstance(cause, BadVersionError):
                 self.refuse(505, "version_not_supported", "only HTTP/1.0 and 1.1 are served")
-            elif isinstance(cause, _UnknownCoding):
+            elif isinstance(cause, UnknownCodingError):
                 self.refuse(501, "not_implemented", "only the chunked transfer coding is served")
             else:
                 self.refuse(400, "bad_request", "malformed HTTP request")
@@ -185,7 +177,7 @@ class ClientConnection(asyncio.Protocol):
         # would leave one endless line unbounded.
         self._raw_head += len(data)
         self._parser.feed_data(data)
-        if self._parsing is not None:  # a body is still coming: note when it last moved
+        if self.parsing is not None:  # a body is still coming: note when it last moved
             self.body_moved = self.loop.time()
         if self._raw_head > MAX_HEAD_BYTES:
             self.refuse(431, "headers_too_large", "the request head is too large")
@@ -216,25 +208,25 @@ class ClientConnection(asyncio.Protocol):
         self.server.connections.discard(self)
         self._backlog = b""
         queued, self._queue = self._queue, deque()
-        current = self._current
+        current = self.current
         if current is not None and not current.done:
             current.abandon()
-        for exchange in queued:
-            exchange.close_after = True
+        for request in queued:
+            request.close_after = True
         self._close_leases()
 
     def pause_writing(self) -> None:
         self.write_paused = True
         if self.transport is not None:
-            self._send_since = self.loop.time()
-            self._unsent = self.transport.get_write_buffer_size()
-        current = self._current
+            self.send_since = self.loop.time()
+            self.unsent = self.transport.get_write_buffer_size()
+        current = self.current
         if current is not None and current.upstream is not None:
             current.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        current = self._current
+        current = self.current
         if current is not None and current.upstream is not None:
             current.upstream.resume_reading()
 
@@ -244,13 +236,13 @@ class ClientConnection(asyncio.Protocol):
         self._url += url
         self._head_bytes += len(url)
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge
+            raise HeadTooLargeError
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_bytes += len(name) + len(value) + 4
         if self._head_bytes > MAX_HEAD_BYTES:
-            raise _HeadTooLarge
-        if self._parsing is None:
+            raise HeadTooLargeError
+        if self.parsing is None:
             self._headers.append((name, value))
         # else a trailer field of a chunked body (RFC 9112 §7.1.2): counted, dropped, never
         # forwarded and never a header of the next request
@@ -279,20 +271,20 @@ class ClientConnection(asyncio.Protocol):
             elif lower in self.server.key_header:
                 key = value.decode("latin-1")
         if listed:  # rare: headers the client's Connection header names are hop-by-hop too
-            listed -= _DROP
+            listed -= REPLACED_HEADERS
             lines = [line for line in lines if line.split(b":", 1)[0].lower() not in listed]
         version = parser.get_http_version()
         if version not in ("1.1", "1.0"):  # llhttp also takes 0.9 and 2.0 lines
-            raise _BadVersion
+            raise BadVersionError
         if codings:
             # RFC 9112 §6.3: unless chunked is last the body length cannot be known; §6.1:
             # in HTTP/1.0 the framing is faulty (a 1.0 hop on the way may have ignored it).
             if version == "1.0" or codings.rpartition(b",")[2].strip().lower() != b"chunked":
-                raise _BadFraming
+                raise BadFramingError
             if codings.strip().lower() != b"chunked":  # a coding we cannot undo (nginx: 501)
-                raise _UnknownCoding
+                raise UnknownCodingError
             chunked = True
-        exchange = Exchange(
+        request = ProxiedRequest(
             self,
             parser.get_method(),
             self._url,
@@ -307,35 +299,35 @@ class ClientConnection(asyncio.Protocol):
         self._url = b""  # ready for the next request (no on_message_begin callback: cheaper)
         self._headers = []
         self._head_bytes = self._raw_head = 0
-        self._head_since = math.inf
-        if self._request_since == math.inf:  # its head came in the read that ended the last
-            self._request_since = self.loop.time()
-        self._parsing = exchange
-        if self._current is None:
-            self._current = exchange  # (_start, inlined: per request)
-            exchange.begin()
+        self.head_since = math.inf
+        if self.request_since == math.inf:  # its head came in the read that ended the last
+            self.request_since = self.loop.time()
+        self.parsing = request
+        if self.current is None:
+            self.current = request  # (_start, inlined: per request)
+            request.begin()
         else:
-            self._queue.append(exchange)
+            self._queue.append(request)
             self.pause_reading("pipeline")
 
     def on_body(self, body: bytes) -> None:
         self._raw_head = 0
         self._body_left -= len(body)
-        if self._parsing is not None:
-            self._parsing.request_body(body)
+        if self.parsing is not None:
+            self.parsing.request_body(body)
 
     def on_message_complete(self) -> None:
-        exchange, self._parsing = self._parsing, None
+        request, self.parsing = self.parsing, None
         self._head_bytes = self._raw_head = self._body_left = 0  # (trailer fields were counted)
-        self._request_since = math.inf
-        if exchange is not None:
-            exchange.request_end()
+        self.request_since = math.inf
+        if request is not None:
+            request.request_end()
 
-    # -- used by exchanges ---------------------------------------------------------------------
+    # -- used by its requests and the proxy's tick -------------------------------------------
 
-    async def lease(self, route: Route) -> Lease:
+    async def lease(self, route: Route) -> PoolLease:
         """This connection's lease on ``route``'s pool, taken on first use and kept."""
-        lease = self._leases.get(route)
+        lease = self.leases.get(route)
         if lease is not None and lease.state is LeaseState.ACTIVE:
             return lease
         assert route.pool is not None
@@ -343,7 +335,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or self._closing:  # the client left while the grant was being delivered
             lease.close()
             raise asyncio.CancelledError
-        self._leases[route] = lease
+        self.leases[route] = lease
         return lease
 
     @property
@@ -353,72 +345,9 @@ class ClientConnection(asyncio.Protocol):
 
     def holds_expired_lease(self) -> bool:
         """True when a lease was reaped and no request is being served."""
-        return self._current is None and any(
-            lease.state is LeaseState.EXPIRED for lease in self._leases.values()
+        return self.current is None and any(
+            lease.state is LeaseState.EXPIRED for lease in self.leases.values()
         )
-
-    def body_stalled(self, now: float, limit: float) -> bool:
-        """A request body stopped arriving for ``limit`` seconds while we were reading."""
-        return (
-            self._parsing is not None
-            and not self._pauses
-            and self._parsing.content_length != 0
-            and now - self.body_moved > limit
-        )
-
-    def head_stalled(self, now: float, limit: float) -> bool:
-        """A request head has been arriving for ``limit`` seconds and is not complete
-        (while nothing is being served: the client may wait for a response first)."""
-        return self._current is None and now - self._head_since > limit
-
-    def request_overdue(self, now: float, limit: float) -> bool:
-        """The request being read (head and body) has been arriving for ``limit`` seconds
-        of reading time, however it trickles; time spent not reading (paused for the
-        upstream, a pipelined request or a lease) is not the client's and is not counted."""
-        return (
-            not self._pauses
-            and self._current is self._parsing
-            and now - self._request_since > limit
-        )
-
-    def send_stalled(self, now: float, limit: float) -> bool:
-        """The client has taken no response bytes for ``limit`` seconds while writing waits
-        for it (nginx's ``send_timeout``: between two successful writes, not the whole
-        response). Progress is read from the write buffer, once per check."""
-        if not self.write_paused or self.transport is None or self.closed:
-            return False
-        unsent = self.transport.get_write_buffer_size()
-        if unsent < self._unsent:
-            self._send_since = now
-        self._unsent = unsent
-        return now - self._send_since > limit
-
-    def time_out_request(self) -> None:
-        """Give up on a client whose request did not arrive in time (408, then close)."""
-        self.refuse(408, "request_timeout", "the request took too long to arrive")
-
-    def time_out_send(self) -> None:
-        """Drop a client that stopped reading its response (its request ends and its
-        leases are freed as the connection is lost, in the same loop pass)."""
-        self.abort()
-
-    def idle(self, now: float, limit: float) -> bool:
-        """Nothing has arrived or been in flight for ``limit`` seconds since the last
-        answer (a kept-alive connection between requests: nginx's ``keepalive_timeout``)."""
-        return (
-            self._current is None
-            and self._parsing is None
-            and self._head_since == math.inf
-            and now - self._idle_since > limit
-        )
-
-    def time_out_body(self) -> None:
-        """Give up on a client whose request body stalled (408 if nothing was answered)."""
-        self.refuse(408, "request_timeout", "the request body stalled")
-
-    def time_out_head(self) -> None:
-        """Give up on a client whose request head did not arrive in time (408)."""
-        self.refuse(408, "request_timeout", "the request head took too long")
 
     def refuse(self, status: int, code: str, message: str) -> None:
         """End a request the client broke, and then the connection: the one place for a
@@ -434,15 +363,15 @@ class ClientConnection(asyncio.Protocol):
         if self._refused or self._closing:
             return
         self._refused = True
-        self._head_since = self._request_since = math.inf
+        self.head_since = self.request_since = math.inf
         self._backlog = b""
-        broken, self._parsing = self._parsing, None
+        broken, self.parsing = self.parsing, None
         self._refusal = (status, error_reply(status, code, message, close=True))
-        current = self._current
+        current = self.current
         if broken is not None and broken is not current:  # queued behind current: never begun
             self._queue.remove(broken)
         elif broken is not None:  # the request being served broke off
-            self._current = None
+            self.current = None
             broken.abandon()
             if broken.responded:
                 self.abort()
@@ -469,31 +398,31 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_reading(self, reason: str) -> None:
         """Stop reading from the client for ``reason`` (until :meth:`resume_reading`)."""
-        if not self._pauses:
+        if not self.pauses:
             self._paused_at = self.loop.time()
             if self.transport is not None and not self.closed:
                 self.transport.pause_reading()
-        self._pauses.add(reason)
+        self.pauses.add(reason)
 
     def resume_reading(self, reason: str) -> None:
         """Drop one reason to stop reading; read again when none is left."""
-        if reason not in self._pauses:
+        if reason not in self.pauses:
             return
-        self._pauses.discard(reason)
-        if not self._pauses:
-            self._request_since += self.loop.time() - self._paused_at  # not the client's time
+        self.pauses.discard(reason)
+        if not self.pauses:
+            self.request_since += self.loop.time() - self._paused_at  # not the client's time
             if self.transport is not None and not self.closed:
                 self.transport.resume_reading()
 
-    def finished(self, exchange: Exchange) -> None:
-        """``exchange`` is over: start the next pipelined request, or close."""
+    def finished(self, request: ProxiedRequest) -> None:
+        """``request`` is over: start the next pipelined request, or close."""
         self.flush()
-        if self._current is exchange:
-            self._current = None
+        if self.current is request:
+            self.current = None
         if self.closed or self._closing:
             return
-        self._idle_since = self.loop.time()  # (idle() looks at it only once nothing is left)
-        if exchange.close_after:
+        self.idle_since = self.loop.time()  # (idle() looks at it only once nothing is left)
+        if request.close_after:
             self.close()
             return
         if self._queue:
@@ -504,7 +433,7 @@ class ClientConnection(asyncio.Protocol):
         if self._backlog:  # room in the pipeline again: parse what was held back
             backlog, self._backlog = self._backlog, b""
             self._parse(backlog)
-        if self._pauses and not self._queue and not self._backlog and not self._closing:
+        if self.pauses and not self._queue and not self._backlog and not self._closing:
             self.resume_reading("pipeline")
 
     def close(self) -> None:
@@ -543,14 +472,14 @@ class ClientConnection(asyncio.Protocol):
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _start(self, exchange: Exchange) -> None:
-        self._current = exchange
-        exchange.begin()
+    def _start(self, request: ProxiedRequest) -> None:
+        self.current = request
+        request.begin()
 
     def _close_leases(self) -> None:
-        for lease in self._leases.values():
+        for lease in self.leases.values():
             lease.close()
-        self._leases.clear()
+        self.leases.clear()
 
     def _send_refusal(self) -> None:
         assert self._refusal is not None
@@ -560,20 +489,4 @@ class ClientConnection(asyncio.Protocol):
         self.linger()
 
     def __repr__(self) -> str:
-        return f"<ClientConnection peer={self.peer} leases={len(self._leases)}>"
-
-
-class _BadFraming(Exception):
-    """A request ``Transfer-Encoding`` that does not end in ``chunked``, or any in HTTP/1.0."""
-
-
-class _UnknownCoding(Exception):
-    """A request transfer coding other than exactly ``chunked`` (``gzip, chunked``…)."""
-
-
-class _BadVersion(Exception):
-    """A request line with an HTTP version other than 1.0 and 1.1."""
-
-
-class _HeadTooLarge(Exception):
-    """The request line and headers exceed :data:`MAX_HEAD_BYTES`."""
+        return f"<ClientConnection peer={self.peer} leases={len(self.leases)}>"

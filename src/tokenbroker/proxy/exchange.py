@@ -1,6 +1,6 @@
 """One request through the proxy: take a token, send it upstream, relay the answer.
 
-An :class:`Exchange` is created when a request's headers are parsed. Its
+A :class:`ProxiedRequest` is created when a request's headers are parsed. Its
 :meth:`run` coroutine picks the route, leases or reads the token, sends the head
 and body upstream and waits for the outcome; the response itself streams through
 the :class:`~tokenbroker.proxy.upstream.ResponseSink` callbacks without waiting
@@ -13,34 +13,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import TYPE_CHECKING
 
 from ..core.token import Token
-from ..edge.statuses import RATE_LIMITED
 from ..errors import TokenBrokerError
+from .admission import admit, answer_error
 from .http import (
     HOP_LINE,
     LAST_CHUNK,
-    NEVER_FORWARDED,
+    authorization_line,
     chunk,
     domain_error,
-    error_reply,
     is_unsafe_path,
     status_line,
     strip_hop_by_hop,
 )
-from .pool import Lease
+from .lease import PoolLease
 from .upstream import Outcome, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
-    from ..edge.ratelimit import RateLimits
     from .connection import ClientConnection
     from .routes import Route
 
-__all__ = ["Exchange"]
+__all__ = ["ProxiedRequest"]
 
-_Resume = tuple["Route", Token, Lease | None, "Outcome | UpstreamError"]
+_Resume = tuple["Route", Token, PoolLease | None, "Outcome | UpstreamError"]
 
 logger = logging.getLogger("tokenbroker.proxy")
 
@@ -50,22 +47,7 @@ _NO_BODY_STATUS = (204, 304)
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
-_AUTH_LINES: dict[str, bytes] = {}
-
-
-def _authorization(token: Token) -> bytes:
-    """The ``authorization`` header line for ``token``, encoded once per token."""
-    line = _AUTH_LINES.get(token.access_token)
-    if line is None:
-        if len(_AUTH_LINES) >= 4096:  # tokens rotate: keep the memo small
-            _AUTH_LINES.clear()
-        line = _AUTH_LINES[token.access_token] = b"authorization: %b\r\n" % (
-            token.authorization.encode()
-        )
-    return line
-
-
-class Exchange:
+class ProxiedRequest:
     """One request on a client connection and its response (a ``ResponseSink``).
 
     Args:
@@ -159,8 +141,8 @@ class Exchange:
         self._chunked_out = False
         self._body_waiter: asyncio.Future[None] | None = None
         self._waiter: asyncio.Future[Outcome | UpstreamError] | None = None
-        self._fast_state: tuple[Route, Token, Lease | None] | None = None
-        self._lease: Lease | None = None
+        self._fast_state: tuple[Route, Token, PoolLease | None] | None = None
+        self._lease: PoolLease | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- request body, fed by the client connection ------------------------------------------
@@ -224,7 +206,7 @@ class Exchange:
             return False
         lease = None
         if route.pool is not None:
-            lease = conn._leases.get(route)
+            lease = conn.leases.get(route)
             token = lease.token_nowait() if lease is not None else None
         else:
             token = server.broker.peek_token(route.provider, route.scope)
@@ -306,15 +288,15 @@ class Exchange:
             if self.responded:
                 conn.abort()
             elif exc.timeout:
-                self._fail(504, "upstream_timeout", str(exc))
+                answer_error(self, 504, "upstream_timeout", str(exc))
             else:
-                self._fail(502, "upstream_unavailable", str(exc))
+                answer_error(self, 502, "upstream_unavailable", str(exc))
         # (A name of its own: mypyc types a name by its first binding, UpstreamError above.)
         except Exception as failure:  # no token (or a bug): answer from the shared table
             if not isinstance(failure, TokenBrokerError):
                 logger.error("proxy request failed error=%s", type(failure).__name__)
             status, code, message, retry_after = domain_error(failure)
-            self._fail(status, code, message, retry_after=retry_after)
+            answer_error(self, status, code, message, retry_after=retry_after)
         finally:
             self._stop()
             self.body.clear()
@@ -322,7 +304,7 @@ class Exchange:
 
     async def _prepare(self) -> tuple[Route, Token] | None:
         """Route, lease and token, and the whole body when it is to be kept for a resend."""
-        route = self._route()
+        route = admit(self)
         if route is None:
             return None
         conn = self.conn
@@ -408,62 +390,6 @@ class Exchange:
         if not self.body_done:  # answered before the whole body came: don't reuse
             self.close_after = True
 
-    def _route(self) -> Route | None:
-        """The route for this request, or None after answering with an error.
-
-        In order: TRACE and CONNECT (405, whatever the route, as nginx answers), the
-        target's form and path (400), the consumer key (401, or 429 once the client's
-        address is over its budget of wrong keys), the route (404), the route's methods
-        (405 with ``Allow``).
-        """
-        if self.method in NEVER_FORWARDED:
-            self._fail(405, "method_not_allowed", "TRACE and CONNECT are never forwarded")
-            return None
-        path, _, _ = self.target.partition(b"?")
-        if not path.startswith(b"/"):  # absolute-form or '*': not for a reverse proxy
-            self.close_after = True
-            self._fail(400, "bad_request", "the request target must be an absolute path")
-            return None
-        if is_unsafe_path(path):
-            self._fail(400, "bad_path", "the path has a traversal or ambiguous form")
-            return None
-        server = self.conn.server
-        route = server.routes.match(path)
-        consumers = server.consumers
-        if consumers is not None:
-            consumer = consumers.authenticate(self.key)
-            if consumer is None:
-                self._refuse_key(server.limits)
-                return None
-            if route is not None and not consumer.allows(route.provider, route.scopes):
-                route = None
-        if route is None:
-            self._fail(404, "no_route", "no route serves this path")
-            return None
-        if self.method not in route.methods:
-            self._fail(
-                405,
-                "method_not_allowed",
-                "this route does not forward the request's method",
-                extra=((b"allow", route.allow),),
-            )
-            return None
-        return route
-
-    def _refuse_key(self, limits: RateLimits) -> None:
-        """Answer a missing or wrong consumer key as the API does: a wrong key counts
-        against the client address's budget (:meth:`RateLimits.failed`), and once over
-        it the answer is 429 with ``Retry-After`` instead of 401."""
-        wait: float | None = None
-        if self.key is not None:
-            address = self.conn.peer.rpartition(":")[0]  # "host:port"; IPv6 keeps its colons
-            wait = limits.failed(address or self.conn.peer)
-        if wait is None:
-            self._fail(401, "unauthorized", "a valid consumer key is required")
-        else:
-            row = RATE_LIMITED
-            self._fail(row.status, row.code, row.message, retry_after=math.ceil(wait))
-
     def _head(self, route: Route, token: Token) -> bytes:
         path, sep, query = self.target.partition(b"?")
         lines = [
@@ -474,7 +400,7 @@ class Exchange:
             query,
             route.request_suffix,  # " HTTP/1.1\r\nhost: ...\r\n"
             *self.header_lines,
-            _authorization(token),
+            authorization_line(token),
         ]
         if self.chunked_in:
             lines.append(b"transfer-encoding: chunked\r\n")
@@ -482,36 +408,6 @@ class Exchange:
             lines.append(b"content-length: %d\r\n" % self.content_length)
         lines.append(self.conn.forwarded)
         return b"".join(lines)
-
-    def _fail(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        retry_after: int | None = None,
-        extra: tuple[tuple[bytes, bytes], ...] = (),
-    ) -> None:
-        """Answer with an error, unless a response has begun (then drop the connection)."""
-        if self.responded:
-            self.conn.abort()
-            return
-        if not self.body_done:
-            self.close_after = True  # the unread body is still on the wire
-        self.status = status
-        self.responded = True
-        self.conn.server.count_status(status)
-        self.conn.write(
-            error_reply(
-                status,
-                code,
-                message,
-                close=self.close_after,
-                retry_after=retry_after,
-                extra=extra,
-            )
-        )
-        self.conn.flush()
 
     # -- ResponseSink -------------------------------------------------------------------------
 
@@ -596,4 +492,4 @@ class Exchange:
             self._fast_done(result)
 
     def __repr__(self) -> str:
-        return f"<Exchange {self.method.decode()} status={self.status}>"
+        return f"<ProxiedRequest {self.method.decode()} status={self.status}>"

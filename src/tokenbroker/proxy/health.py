@@ -10,26 +10,40 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import TYPE_CHECKING, cast
+from typing import Any, Protocol, cast
 
 import httptools
 
 from ..edge.heads import HeadBudget, HeadTooLargeError
-from ..telemetry.metrics import CONTENT_TYPE
+from ..telemetry.metrics import CONTENT_TYPE, ProxyMetrics
 from .http import error_reply, status_line
 
-if TYPE_CHECKING:
-    from .server import ProxyServer
-
-__all__ = ["HealthConnection"]
+__all__ = ["HealthConnection", "HealthSource"]
 
 _JSON = b"application/json"
+
+
+class HealthSource(Protocol):
+    """What the health port reads of the proxy;
+    :class:`~tokenbroker.proxy.server.ProxyServer` implements it.
+
+    Attributes:
+        metrics: Rendered for ``/metrics``.
+    """
+
+    metrics: ProxyMetrics
+
+    def health(self) -> dict[str, Any]:
+        """The ``/health`` document."""
+
+    def ready(self) -> bool:
+        """Whether ``/readyz`` answers 200."""
 
 
 class HealthConnection(asyncio.Protocol):
     """One connection to the health port."""
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: HealthSource) -> None:
         self._server = server
         self._parser = httptools.HttpRequestParser(self)
         self._url = b""

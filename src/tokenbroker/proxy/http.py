@@ -1,4 +1,5 @@
-"""HTTP/1.1 pieces the relay needs: hop-by-hop headers, path checks, framing, error replies.
+"""HTTP/1.1 pieces the relay needs: which headers are forwarded, path checks, framing,
+the request-head errors the client connection refuses, and error replies.
 
 Failures to get a token are answered from the table the API and BrokerClient share
 (:mod:`tokenbroker.edge.statuses`, through :func:`domain_error`).
@@ -14,13 +15,21 @@ import re
 from http import HTTPStatus
 from urllib.parse import unquote_to_bytes
 
+from ..core.token import Token
 from ..edge.statuses import retry_after, status_of
 
 __all__ = [
     "HOP_BY_HOP",
     "HOP_LINE",
+    "MAX_HEAD_BYTES",
     "NEVER_FORWARDED",
     "OVERRIDE_HEADERS",
+    "REPLACED_HEADERS",
+    "BadFramingError",
+    "BadVersionError",
+    "HeadTooLargeError",
+    "UnknownCodingError",
+    "authorization_line",
     "chunk",
     "connection_tokens",
     "domain_error",
@@ -57,6 +66,44 @@ OVERRIDE_HEADERS = frozenset(
 """Request headers some frameworks (IIS URL Rewrite, Symfony, Laravel, Express
 method-override…) obey instead of the request line: they would let a client leave the
 route's prefix or its methods. Never forwarded."""
+
+REPLACED_HEADERS = (
+    HOP_BY_HOP
+    | OVERRIDE_HEADERS
+    | {
+        b"authorization",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"forwarded",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-proto",
+    }
+)
+"""Request headers never forwarded as the client sent them: credentials, framing and
+forwarding headers are the proxy's own (rebuilt, not appended), and the rest would
+override the request line upstream."""
+
+MAX_HEAD_BYTES = 65_536
+"""The most bytes a request line and its headers may take (more: 431)."""
+
+
+class BadFramingError(Exception):
+    """A request ``Transfer-Encoding`` that does not end in ``chunked``, or any in HTTP/1.0."""
+
+
+class UnknownCodingError(Exception):
+    """A request transfer coding other than exactly ``chunked`` (``gzip, chunked``…)."""
+
+
+class BadVersionError(Exception):
+    """A request line with an HTTP version other than 1.0 and 1.1."""
+
+
+class HeadTooLargeError(Exception):
+    """The request line and headers exceed :data:`MAX_HEAD_BYTES`."""
+
 
 NEVER_FORWARDED = frozenset({b"TRACE", b"CONNECT"})
 """Methods refused whatever the route (405, as nginx answers): an upstream answering TRACE
@@ -136,6 +183,21 @@ def strip_hop_by_hop(block: bytes) -> tuple[bytes, set[bytes]]:
 def connection_tokens(value: bytes) -> set[bytes]:
     """The lowercased header names a ``Connection`` header lists."""
     return {token.strip().lower() for token in value.split(b",") if token.strip()}
+
+
+_AUTH_LINES: dict[str, bytes] = {}
+
+
+def authorization_line(token: Token) -> bytes:
+    """The ``authorization`` header line for ``token``, encoded once per token."""
+    line = _AUTH_LINES.get(token.access_token)
+    if line is None:
+        if len(_AUTH_LINES) >= 4096:  # tokens rotate: keep the memo small
+            _AUTH_LINES.clear()
+        line = _AUTH_LINES[token.access_token] = b"authorization: %b\r\n" % (
+            token.authorization.encode()
+        )
+    return line
 
 
 def chunk(data: bytes) -> bytes:

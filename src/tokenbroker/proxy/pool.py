@@ -2,59 +2,41 @@
 
 A login provider with N accounts can serve at most N clients at once when each
 client must keep one account for the life of its connection. :class:`TokenPool`
-hands out :class:`Lease` objects, modelled on httpcore's connection pool: every
-decision is made under one lock on the pool, I/O (logging in) happens outside
-it, and pool, credentials and leases are explicit state machines.
-
-Lease states::
-
-    WAITING ──► ACTIVE ──► CLOSING ──► RELEASED      (closed; last request ended)
-       │          │  └───────────────► RELEASED      (closed with nothing in flight)
-       │          └──► EXPIRED                       (reaped: idle too long or too old)
-       └──► CANCELLED                                (wait timed out or was cancelled)
-
-Credential states: ``AVAILABLE`` (idle, leasable), ``LEASED`` (held by one
-lease), ``REFRESHING`` (being logged in by :meth:`TokenPool.warm`), ``FAILED``
-(its last login failed permanently; leased again only after a good
-:meth:`TokenPool.warm`).
-
-The token is never stored on a lease: :meth:`Lease.token` reads the broker's
-*current* token for the leased account on every request, so a background
-refresh or a re-login after :meth:`Lease.report_rejected` applies to the next
-request.
+hands out :class:`~tokenbroker.proxy.lease.PoolLease` objects, modelled on httpcore's
+connection pool: every decision is made under one lock on the pool, I/O (logging in)
+happens outside it, and pool, credentials (:mod:`~tokenbroker.proxy.credential`) and
+leases (:mod:`~tokenbroker.proxy.lease`, where the lease states are drawn) are explicit
+state machines.
 
 The pool is driven from one event loop; only :meth:`TokenPool.stats` and the
-broker's event callbacks may run on other threads (e.g. a metrics scrape). A
-request's :meth:`Lease.begin` and :meth:`Lease.end` on an active lease only bump
-counters that the loop alone writes, so they skip the lock.
+broker's event callbacks may run on other threads (e.g. a metrics scrape).
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import math
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..core.clock import Clock, SystemClock
 from ..core.events import Event, EventBus, LeaseGranted, TokenAcquired
-from ..core.token import Token
 from ..engine.broker import Broker
 from ..errors import LeaseExpiredError, PoolExhaustedError, ProviderError
+from .credential import Credential, CredentialState, CredentialStats
+from .lease import LeaseState, PoolLease
 
 __all__ = [
     "CredentialState",
     "CredentialStats",
-    "Lease",
     "LeaseExpiredError",
     "LeaseGranted",
     "LeaseState",
     "PoolExhaustedError",
+    "PoolLease",
     "PoolStats",
     "TokenPool",
 ]
@@ -62,47 +44,6 @@ __all__ = [
 logger = logging.getLogger("tokenbroker.pool")
 
 Progress = Callable[[int, int], None]
-
-
-class LeaseState(enum.Enum):
-    """Where a :class:`Lease` is in its life."""
-
-    WAITING = "waiting"
-    ACTIVE = "active"
-    CLOSING = "closing"
-    RELEASED = "released"
-    CANCELLED = "cancelled"
-    EXPIRED = "expired"
-
-
-class CredentialState(enum.Enum):
-    """Where one account of the pool is."""
-
-    AVAILABLE = "available"
-    LEASED = "leased"
-    REFRESHING = "refreshing"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class CredentialStats:
-    """Counters of one account; never a token.
-
-    Attributes:
-        account: The account name.
-        state: Its current state.
-        uses: Requests begun on it.
-        errors: Rejections reported plus failed logins.
-        refreshes: Tokens obtained for it (logins).
-        idle_seconds: Seconds since a request last began on it (None: never used).
-    """
-
-    account: str
-    state: CredentialState
-    uses: int
-    errors: int
-    refreshes: int
-    idle_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,149 +63,6 @@ class PoolStats:
     available: int
     waiting: int
     credentials: tuple[CredentialStats, ...]
-
-
-class _Credential:
-    """One account's state and counters; mutated only under the pool's lock."""
-
-    def __init__(self, account: str, order: int, peek: Callable[[], Token | None]) -> None:
-        self.account = account
-        self.peek = peek  # the broker's cached token for this account, without fetching
-        self.state = CredentialState.AVAILABLE
-        self.broken = False
-        self.idle_since = order
-        self.uses = 0
-        self.errors = 0
-        self.refreshes = 0
-        self.last_used: float | None = None  # the pool clock's monotonic reading
-
-    def __repr__(self) -> str:
-        return f"<Credential [{self.state.name}] account={self.account!r}>"
-
-
-class Lease:
-    """One client connection's claim on one credential, from :meth:`TokenPool.acquire`.
-
-    Wrap each request in :meth:`request` (or :meth:`begin` / :meth:`end`) and call
-    :meth:`close` when the client connection closes; the credential returns to the
-    pool once the lease is closed *and* no request is in flight.
-    """
-
-    def __init__(self, pool: TokenPool, owner: str) -> None:
-        self._pool = pool
-        self.owner = owner
-        self.state = LeaseState.WAITING
-        self._credential: _Credential | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._in_flight = 0
-        self._acquired_at = 0.0
-        self._active_at = 0.0
-
-    @property
-    def account(self) -> str | None:
-        """The leased account's name while the lease holds one."""
-        credential = self._credential
-        return credential.account if credential is not None else None
-
-    @property
-    def in_flight(self) -> int:
-        """Requests begun and not yet ended."""
-        return self._in_flight
-
-    async def token(self) -> Token:
-        """Return the leased account's current token, logging in if it has none.
-
-        Returns:
-            The token; read afresh on every call so refreshes take effect.
-
-        Raises:
-            LeaseExpiredError: The lease was reaped.
-            RuntimeError: The lease is not holding a credential.
-            ProviderError: Logging in failed (counted as an error of the account).
-        """
-        account = self._pool._holding(self)
-        try:
-            return await self._pool._broker.aget_token(self._pool.provider, account=account)
-        except ProviderError as exc:
-            self._pool._fetch_failed(account, exc)
-            raise
-
-    def token_nowait(self) -> Token | None:
-        """The leased account's token if it is cached and fresh, else None (never fetches).
-
-        The synchronous fast path of :meth:`token`; None also when the lease holds nothing.
-        """
-        credential = self._credential
-        if credential is None or self.state is not LeaseState.ACTIVE:
-            return None
-        return credential.peek()
-
-    def report_rejected(self, access_token: str) -> bool:
-        """Report that the upstream rejected ``access_token`` (e.g. a 401).
-
-        The broker drops it only if it is still the account's current token
-        (compare-and-invalidate), so many reports of one token cause one re-login.
-
-        Args:
-            access_token: The token the upstream rejected.
-
-        Returns:
-            True if it was current and was dropped.
-
-        Raises:
-            LeaseExpiredError: The lease was reaped.
-            RuntimeError: The lease is not holding a credential.
-        """
-        account = self._pool._holding(self)
-        self._pool._count_error(account)
-        return self._pool._broker.invalidate(self._pool.provider, access_token, account=account)
-
-    def begin(self) -> None:
-        """Mark a request on this connection as started.
-
-        Raises:
-            LeaseExpiredError: The lease was reaped; acquire a new one.
-            RuntimeError: The lease is closed or not yet granted.
-        """
-        credential = self._credential
-        if self.state is LeaseState.ACTIVE and credential is not None:
-            # Counters only, written by the pool's event loop alone: no lock on the
-            # per-request path (stats() may read them a moment stale).
-            self._in_flight += 1
-            self._active_at = credential.last_used = self._pool._clock.monotonic()
-            credential.uses += 1
-            return
-        self._pool._begin(self)  # raises the right error under the lock
-
-    def end(self) -> None:
-        """Mark a request begun with :meth:`begin` as finished."""
-        if self.state is LeaseState.ACTIVE and self._in_flight > 0:
-            self._in_flight -= 1
-            self._active_at = self._pool._clock.monotonic()
-            return
-        self._pool._end(self)  # the last request of a closing lease releases it
-
-    @contextmanager
-    def request(self) -> Iterator[Lease]:
-        """``with lease.request(): ...`` — :meth:`begin` on entry, :meth:`end` on exit."""
-        self.begin()
-        try:
-            yield self
-        finally:
-            self.end()
-
-    def close(self) -> None:
-        """The client connection closed; idempotent.
-
-        The credential returns to the pool now, or when the last in-flight request ends.
-        """
-        self._pool._close(self)
-
-    def __repr__(self) -> str:
-        return (
-            f"<Lease [{self.state.name}] owner={self.owner!r} account={self.account!r} "
-            f"in_flight={self._in_flight}>"
-        )
 
 
 class TokenPool:
@@ -307,11 +105,11 @@ class TokenPool:
         self._clock: Clock = clock or SystemClock()
         self._lock = threading.Lock()
         self._credentials = {
-            name: _Credential(name, i, broker.peeker(provider, account=name))
+            name: Credential(name, i, broker.peeker(provider, account=name))
             for i, name in enumerate(accounts)
         }
-        self._waiters: deque[Lease] = deque()
-        self._leases: set[Lease] = set()
+        self._waiters: deque[PoolLease] = deque()
+        self._leases: set[PoolLease] = set()
         self._released = len(accounts)
         self._closed = False
         self._events = EventBus()
@@ -319,7 +117,7 @@ class TokenPool:
 
     # -- public API ------------------------------------------------------------------------
 
-    async def acquire(self, owner: str) -> Lease:
+    async def acquire(self, owner: str) -> PoolLease:
         """Lease a credential, waiting first-in first-out while none is free.
 
         Cancelling the call (the client went away) leaves the queue without a credential.
@@ -334,7 +132,7 @@ class TokenPool:
             PoolExhaustedError: Nothing became free within ``wait_timeout``, or the
                 pool was closed.
         """
-        lease = Lease(self, owner)
+        lease = PoolLease(self, owner)
         started = self._clock.monotonic()
         with self._lock:
             if self._closed:
@@ -482,12 +280,12 @@ class TokenPool:
 
     # -- decisions, all under self._lock ---------------------------------------------------
 
-    def _pick(self) -> _Credential | None:
+    def _pick(self) -> Credential | None:
         """The available credential idle longest, spreading use over accounts."""
         free = [c for c in self._credentials.values() if c.state is CredentialState.AVAILABLE]
         return min(free, key=lambda c: c.idle_since) if free else None
 
-    def _grant(self, lease: Lease, credential: _Credential) -> None:
+    def _grant(self, lease: PoolLease, credential: Credential) -> None:
         now = self._clock.monotonic()
         credential.state = CredentialState.LEASED
         lease._credential = credential
@@ -495,7 +293,7 @@ class TokenPool:
         lease._acquired_at = lease._active_at = now
         self._leases.add(lease)
 
-    def _put_back(self, credential: _Credential) -> None:
+    def _put_back(self, credential: Credential) -> None:
         """Hand a freed credential to the first live waiter, else mark it idle."""
         if credential.broken:
             credential.state = CredentialState.FAILED
@@ -513,7 +311,7 @@ class TokenPool:
         credential.idle_since = self._released
         self._released += 1
 
-    def _release(self, lease: Lease, state: LeaseState) -> None:
+    def _release(self, lease: PoolLease, state: LeaseState) -> None:
         credential = lease._credential
         lease.state = state
         lease._credential = None
@@ -521,7 +319,7 @@ class TokenPool:
         if credential is not None:
             self._put_back(credential)
 
-    def _abandon(self, lease: Lease, *, keep: bool) -> bool:
+    def _abandon(self, lease: PoolLease, *, keep: bool) -> bool:
         """Settle a wait that ended without its result; True if the lease keeps a credential."""
         with self._lock:
             if lease.state is LeaseState.WAITING:
@@ -534,7 +332,7 @@ class TokenPool:
                 self._release(lease, LeaseState.CANCELLED)
             return False
 
-    def _holding(self, lease: Lease) -> str:
+    def _holding(self, lease: PoolLease) -> str:
         with self._lock:
             credential = lease._credential
             if lease.state is LeaseState.EXPIRED:
@@ -543,7 +341,7 @@ class TokenPool:
                 raise RuntimeError(f"{lease!r} holds no credential")
             return credential.account
 
-    def _begin(self, lease: Lease) -> None:
+    def _begin(self, lease: PoolLease) -> None:
         with self._lock:
             if lease.state is LeaseState.EXPIRED:
                 raise LeaseExpiredError("the lease was reaped; acquire a new one")
@@ -553,7 +351,7 @@ class TokenPool:
             lease._active_at = lease._credential.last_used = self._clock.monotonic()
             lease._credential.uses += 1
 
-    def _end(self, lease: Lease) -> None:
+    def _end(self, lease: PoolLease) -> None:
         with self._lock:
             if lease._in_flight <= 0:
                 raise RuntimeError(f"end() without begin() on {lease!r}")
@@ -562,7 +360,7 @@ class TokenPool:
             if lease.state is LeaseState.CLOSING and not lease._in_flight:
                 self._release(lease, LeaseState.RELEASED)
 
-    def _close(self, lease: Lease) -> None:
+    def _close(self, lease: PoolLease) -> None:
         with self._lock:
             if lease.state is LeaseState.ACTIVE:
                 if lease._in_flight:
@@ -599,7 +397,7 @@ class TokenPool:
 
     # -- I/O outside the lock --------------------------------------------------------------
 
-    async def _wait(self, lease: Lease, waiter: asyncio.Future[None]) -> None:
+    async def _wait(self, lease: PoolLease, waiter: asyncio.Future[None]) -> None:
         try:
             async with asyncio.timeout(self._wait_timeout):
                 await waiter

@@ -6,6 +6,7 @@ from collections.abc import Iterable
 from urllib.parse import urlsplit
 
 from ..config import ProxyRoute, ProxySettings
+from ..core.clock import Clock
 from ..core.scopes import canonical_scopes
 from ..engine.broker import Broker
 from .pool import TokenPool
@@ -27,9 +28,22 @@ class Route:
         scopes: The scopes its tokens are asked for, which the consumer ACL checks.
         methods: The request methods it forwards.
         allow: The ``Allow`` header value of its 405 answers.
+
+    Args:
+        spec: The route's settings.
+        broker: Reads the tokens (and logs in the pool's accounts).
+        settings: The ``proxy:`` section.
+        clock: The token pool's time source (default: the system's).
     """
 
-    def __init__(self, spec: ProxyRoute, broker: Broker, settings: ProxySettings) -> None:
+    def __init__(
+        self,
+        spec: ProxyRoute,
+        broker: Broker,
+        settings: ProxySettings,
+        *,
+        clock: Clock | None = None,
+    ) -> None:
         self.spec = spec
         self.provider = spec.provider
         self.scope = spec.scope
@@ -62,6 +76,7 @@ class Route:
                 idle_timeout=spec.idle_timeout_seconds,
                 max_lease_age=spec.max_lease_seconds,
                 retry_after=settings.retry_after_seconds,
+                clock=clock,
             )
             if spec.mode == "pool"
             else None

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from ..config import ProxySettings
+from ..core.clock import Clock, SystemClock
 from ..edge.descriptors import budget
 from ..edge.ratelimit import RateLimits
 from ..engine.broker import Broker
@@ -20,6 +20,7 @@ from .connection import ClientConnection
 from .health import HealthConnection
 from .pool import PoolStats
 from .routes import Route, RouteTable
+from .timeouts import ClientTimeouts
 
 __all__ = ["ProxyServer"]
 
@@ -43,6 +44,8 @@ class ProxyServer:
             the broker's configured and stored consumers. While the proxy listens it
             follows the store (:meth:`ConsumerRegistry.follow`), so added and removed
             consumers take effect within a second.
+        clock: Time source of the start time and the token pools (default: the system's);
+            timers and deadlines use the event loop's time.
 
     Attributes:
         max_connections: Client connections held at once (``max_client_connections``,
@@ -56,10 +59,14 @@ class ProxyServer:
         settings: ProxySettings,
         *,
         consumers: ConsumerRegistry | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.broker = broker
         self.settings = settings
-        self.routes = RouteTable(Route(spec, broker, settings) for spec in settings.routes)
+        self.clock: Clock = clock or SystemClock()
+        self.routes = RouteTable(
+            Route(spec, broker, settings, clock=self.clock) for spec in settings.routes
+        )
         header = settings.consumer_header
         self.key_header = frozenset({header.lower().encode()}) if header else frozenset()
         self.consumers: ConsumerRegistry | None = None
@@ -74,7 +81,8 @@ class ProxyServer:
         )
         self.responses: dict[int, int] = {}
         self.rejected: dict[str, int] = {}
-        self.started = time.time()
+        self.started = self.clock.time()
+        self.timeouts = ClientTimeouts(settings)
         self.metrics = ProxyMetrics(self)
         self._servers: list[asyncio.Server] = []
         self._tick: asyncio.Task[None] | None = None
@@ -229,22 +237,8 @@ class ProxyServer:
             await asyncio.sleep(min(every, 1.0))
             try:
                 now = asyncio.get_running_loop().time()
-                limit = self.settings.client_body_timeout_seconds
-                head_limit = self.settings.client_header_timeout_seconds
-                request_limit = self.settings.client_request_timeout_seconds
-                send_limit = self.settings.client_send_timeout_seconds
-                idle_limit = self.settings.client_keepalive_seconds
                 for connection in list(self.connections):
-                    if connection.send_stalled(now, send_limit):
-                        connection.time_out_send()
-                    elif connection.body_stalled(now, limit):
-                        connection.time_out_body()
-                    elif connection.head_stalled(now, head_limit):
-                        connection.time_out_head()
-                    elif connection.request_overdue(now, request_limit):
-                        connection.time_out_request()
-                    elif connection.idle(now, idle_limit):
-                        connection.close()
+                    self.timeouts.enforce(connection, now)
                 self.broker.refresh_due()
                 for route in self.routes.routes:
                     route.upstream.sweep()

@@ -202,7 +202,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.used += 1
         self._timeout = timeout
         self.deadline = self._loop.time() + timeout if sent else math.inf
-        self._pool._waiting.add(self)  # (watch, inlined: per request)
+        self._pool._waiting.add(self)  # carrying an exchange: the pool's expire() checks it
         if len(data) == 1:
             self.transport.write(data[0])
         else:
@@ -377,10 +377,6 @@ class UpstreamPool:
             self._idle.append(connection)
         else:
             connection.close()
-
-    def watch(self, connection: UpstreamConnection) -> None:
-        """``connection`` carries an exchange: :meth:`expire` checks its deadline."""
-        self._waiting.add(connection)
 
     def unwatch(self, connection: UpstreamConnection) -> None:
         """``connection``'s exchange ended."""
