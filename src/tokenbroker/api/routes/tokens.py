@@ -18,6 +18,7 @@ from urllib.parse import parse_qs
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from ...core.token import Token
@@ -103,14 +104,15 @@ class TokenRead:
 
 def add_routes(app: FastAPI, broker: Broker, meter: Metrics) -> None:
     """Add the token read (served by :class:`TokenRead`) and the invalidation to ``app``."""
-    app.add_api_route(
+    app.router.add_api_route(
         "/v1/tokens/{provider}",
         get_token,
         methods=["GET"],
         response_model=TokenOut,
         responses=ERRORS,
+        route_class_override=_DeclaredRoute,
     )
-    cast(APIRoute, app.router.routes[-1]).app = TokenRead(broker, meter)
+    cast(_DeclaredRoute, app.router.routes[-1]).app = TokenRead(broker, meter)
 
     @app.post("/v1/tokens/{provider}/invalidate", response_model=InvalidateOut, responses=ERRORS)
     async def invalidate(provider: str, body: InvalidateIn, caller: Caller) -> JSONResponse:
@@ -125,6 +127,22 @@ def add_routes(app: FastAPI, broker: Broker, meter: Metrics) -> None:
             dropped = broker.invalidate(provider, body.access_token, checked, account=body.account)
             token = await broker.aget_token(provider, checked, account=body.account)
         return JSONResponse({**token_json(token), "invalidated": dropped}, headers=NO_STORE)
+
+
+class _DeclaredRoute(APIRoute):
+    """A route FastAPI documents from its endpoint's declaration, whose requests go to its
+    ``app`` (set after construction) by Starlette's plain matching: the hot route skips
+    FastAPI's included-router lookups too (about a microsecond a request); it is never
+    included in another router."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = Route.matches(self, scope)
+        if match is not Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await Route.handle(self, scope, receive, send)
 
 
 def token_json(token: Token) -> dict[str, Any]:
