@@ -16,7 +16,8 @@ from fastapi.routing import APIRoute
 from conftest import BrokerFactory
 from support import Served, client_credentials, login, refresh_token, stampede
 from tokenbroker import Broker
-from tokenbroker.api.app import PUBLIC_PATHS, create_app
+from tokenbroker.api.access import PUBLIC_PATHS
+from tokenbroker.api.app import create_app
 from tokenbroker.core.crypto import Keyring, generate_key
 from tokenbroker.core.rules import parse_rule
 from tokenbroker.core.secret import Secret

@@ -17,7 +17,8 @@ import yaml
 
 from support import Served, client_credentials, refresh_token
 from tokenbroker import Broker, BrokerClient, errors, parse_settings
-from tokenbroker.api.app import create_app, error_response
+from tokenbroker.api.app import create_app
+from tokenbroker.api.errors import error_response
 from tokenbroker.config import ProxySettings
 from tokenbroker.core.crypto import generate_key
 from tokenbroker.core.rules import parse_rule

@@ -1,7 +1,7 @@
 """Request and response schemas of the HTTP API (what the OpenAPI document shows).
 
 No response schema has a refresh-token field; token responses are built by
-:mod:`tokenbroker.api.app` with ``Cache-Control: no-store``.
+:mod:`tokenbroker.api.routes` with ``Cache-Control: no-store``.
 """
 
 from __future__ import annotations
