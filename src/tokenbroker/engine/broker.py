@@ -47,7 +47,7 @@ from .delegation import (
     issuer_for,
     settings_for,
 )
-from .refresher import Job, Refresher, fingerprint
+from .refresher import Refresher, RefreshJob, fingerprint
 
 if TYPE_CHECKING:
     pass
@@ -186,7 +186,7 @@ class Broker(AuthAdapters):
         self.events = EventBus()
         self._owns_store = store is None
         self.store = store if store is not None else open_store(settings)
-        self._refresher = Refresher(self.store, hook=hook)
+        self._refresher = Refresher(self.store, hook=hook, clock=clock)
         # One TLS context for every client: building one costs ~20 ms of CPU.
         self._http = httpx.Client(
             transport=transport,
@@ -526,7 +526,7 @@ class Broker(AuthAdapters):
         kind = kind_of(settings)
         rotation = kind.rotation(settings)
         lease = _pick(self.settings.defaults.lease_seconds, 2 * policy.deadline + 10)
-        job = Job(
+        job = RefreshJob(
             row_id=row_id,
             provider=key.provider,
             fingerprint=digest,
@@ -631,7 +631,13 @@ class Broker(AuthAdapters):
         )
 
     def _send(self, grant: Grant, policy: RetryPolicy) -> Exchange:
-        return send_sync(self._http, token_flow(grant, policy), policy.max_response_bytes)
+        clock = self._refresher.clock  # the broker's injected clock, or the system's
+        return send_sync(
+            self._http,
+            token_flow(grant, policy, clock=clock),
+            policy.max_response_bytes,
+            clock=clock,
+        )
 
 
 def _pick(value: _T | None, default: _T) -> _T:
