@@ -552,3 +552,21 @@ def test_api_key_never_appears_in_reprs_errors_or_logs(
     for text in [*texts, caplog.text]:
         assert KEY not in text
         assert bad not in text
+
+
+def test_a_read_tokens_expiry_counts_from_the_injected_clock() -> None:
+    """A token read from the broker expires ``expires_in`` seconds after the client's injected
+    clock's wall time, not the system's."""
+
+    def broker(request: httpx.Request) -> httpx.Response:
+        body = {"access_token": "at", "token_type": "Bearer", "expires_in": 600, "scope": None}
+        return httpx.Response(200, json=body)
+
+    clock = ManualClock()
+    transport = httpx.MockTransport(broker)
+    with BrokerClient(
+        "http://broker.test", api_key=KEY, clock=clock, transport=transport
+    ) as client:
+        response = client.fetch(client.resolve(("svc", None, None)), None)
+    assert response.token.expires_at == clock.time() + 600
+    assert response.token.seconds_left(clock) == 600

@@ -488,3 +488,33 @@ def test_delegation_rules_and_subjects_against_a_real_serve(
     )
     assert claims["sub"] == "alice" and claims["obj"] == "reports/q3.pdf"
     assert claims["azp"] == "portal" and claims["act"] == {"sub": "portal"}
+
+
+def test_minted_times_follow_the_injected_clock(tmp_path: Path) -> None:
+    """A minted token's ``iat``/``nbf``/``exp`` and ``expires_at`` are the injected clock's wall
+    time, and a parent's remaining life is measured on the same clock."""
+    from tokenbroker.core.clock import ManualClock
+    from tokenbroker.core.crypto import Keyring
+    from tokenbroker.core.secret import Secret
+    from tokenbroker.engine.delegation import Signer, bound_lifetime
+    from tokenbroker.store.memory import MemoryStore
+
+    clock = ManualClock()
+    clock.advance(5)
+    signer = Signer(MemoryStore(Keyring([Secret(generate_key())])), clock=clock)
+    minted = signer.sign(
+        issuer="https://tb/p",
+        provider="p",
+        audience="files",
+        lifetime=120,
+        subject=None,
+        object_=None,
+    )
+    claims = jwt.decode(minted.token, options={"verify_signature": False})
+    now = int(clock.time())
+    assert (claims["iat"], claims["nbf"], claims["exp"]) == (now, now, now + 120)
+    assert minted.expires_at == now + 120
+    assert minted.seconds_left(clock) == 120
+    clock.advance(100)
+    assert minted.seconds_left(clock) == 20
+    assert bound_lifetime(300, 600, clock.time() + 42, clock=clock) == 42

@@ -505,3 +505,60 @@ def test_flow_returns_the_parsed_token() -> None:
     with pytest.raises(StopIteration) as stop:
         flow.send(Reply(200, httpx.Headers(), b'{"access_token": "at-9"}'))
     assert stop.value.value.result().token.access_token == "at-9"
+
+
+def test_flow_deadlines_and_issued_at_follow_the_injected_clock() -> None:
+    """The attempt deadline, the overall deadline and ``issued_at`` are readings of the
+    injected clock: a retry is dropped once the ManualClock passes the deadline, and a
+    token's ``expires_at`` counts from the clock's wall time."""
+    from tokenbroker.core.clock import ManualClock
+
+    clock = ManualClock()
+    policy = RetryPolicy(retries=5, timeout=2.0, deadline=10.0, backoff=0.01)
+    flow = token_flow(cc_grant(), policy, random.Random(1), clock=clock)
+    first = next(flow)
+    assert isinstance(first, httpx.Request)
+    assert first.extensions["tokenbroker.attempt_deadline"] == clock.monotonic() + 2.0
+    clock.advance(10.0)  # the whole deadline passes while the first attempt fails
+    with pytest.raises(StopIteration) as stop:
+        flow.send(ProviderUnavailableError("idp: down", provider="idp"))
+    assert isinstance(stop.value.value.error, ProviderUnavailableError)
+
+    flow = token_flow(cc_grant(), policy, random.Random(1), clock=clock)
+    next(flow)
+    body = json.dumps({"access_token": "at", "token_type": "Bearer", "expires_in": 60}).encode()
+    with pytest.raises(StopIteration) as stop:
+        flow.send(Reply(200, httpx.Headers({"content-type": "application/json"}), body))
+    assert stop.value.value.result().token.expires_at == clock.time() + 60
+
+
+def test_driver_sleeps_and_checks_bodies_with_what_it_is_given() -> None:
+    """The driver's retry pauses go to the injected sleep (a ManualClock's: no real wait) and a
+    body is judged slow by the injected clock, the one the flow stamped its deadline with."""
+    from tokenbroker.core.clock import ManualClock
+
+    clock = ManualClock()
+    policy = RetryPolicy(retries=3, timeout=2.0, deadline=600.0, backoff=100.0)
+    script = Script(respond(503), respond())
+    started = time.monotonic()
+    flow = token_flow(cc_grant(), policy, random.Random(1), clock=clock)
+    with httpx.Client(transport=httpx.MockTransport(script)) as client:
+        result = send_sync(client, flow, 4096, clock=clock, sleep=clock.sleep).result()
+    assert result.token.access_token == "at-1"
+    assert script.attempts == 2
+    assert clock.monotonic() > 0  # the backoff was slept on the fake clock
+    assert time.monotonic() - started < 5.0
+
+    def slow_body(request: httpx.Request) -> httpx.Response:
+        def chunks() -> Iterator[bytes]:
+            yield b'{"access_token": "at", '
+            clock.advance(3.0)  # past the 2 s attempt deadline, on the injected clock only
+            yield b'"token_type": "Bearer", "expires_in": 60}'
+
+        return httpx.Response(200, content=chunks())
+
+    flow = token_flow(cc_grant(), RetryPolicy(retries=0, timeout=2.0), clock=clock)
+    with httpx.Client(transport=httpx.MockTransport(slow_body)) as client:
+        error = send_sync(client, flow, 4096, clock=clock, sleep=clock.sleep).error
+    assert isinstance(error, ProviderUnavailableError)
+    assert "too slow" in str(error)

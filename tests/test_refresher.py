@@ -451,13 +451,83 @@ def test_rotated_refresh_token_in_an_unusable_reply_reaches_no_caller(
 
 
 def test_job_and_reply_reprs_show_no_token() -> None:
-    """A Job's repr hides the stale access token and a Reply's repr hides its body (both sit in
+    """A RefreshJob's repr hides the stale access token and a Reply's repr hides its body (both sit in
     frames an error reporter captures)."""
-    from tokenbroker.engine.refresher import Job
+    from tokenbroker.engine.refresher import RefreshJob
     from tokenbroker.grants import Reply, RetryPolicy
 
-    job = Job(
+    job = RefreshJob(
         "rt", "rt", "f", lambda rt: None, lambda g, p: None, RetryPolicy(), 1, 1, stale="AT_CANARY"
     )
     assert "AT_CANARY" not in repr(job)
     assert "RT_CANARY" not in repr(Reply(200, httpx.Headers(), b'{"refresh_token": "RT_CANARY"}'))
+
+
+def clocked_job(clock: ManualClock, sends: list[int], **overrides: Any) -> Any:
+    """A client-credentials RefreshJob whose send returns a 100 s token stamped by ``clock``."""
+    from tokenbroker.core.token import Token
+    from tokenbroker.engine.refresher import RefreshJob
+    from tokenbroker.grants import Exchange, RetryPolicy, TokenResponse
+
+    def send(grant: Any, policy: Any) -> Exchange:
+        sends.append(1)
+        token = Token(f"at-{len(sends)}", "Bearer", clock.time() + 100)
+        return Exchange(response=TokenResponse(token=token, lifetime=100.0))
+
+    fields: dict[str, Any] = {
+        "row_id": "row",
+        "provider": "cc",
+        "fingerprint": "f",
+        "build": lambda refresh_token: None,
+        "send": send,
+        "policy": RetryPolicy(deadline=5.0),
+        "skew": 10.0,
+        "lease_seconds": 20.0,
+        **overrides,
+    }
+    return RefreshJob(**fields)
+
+
+def test_stored_token_is_usable_by_the_injected_clock() -> None:
+    """Whether a stored token is still usable is read from the injected clock: it is reused
+    until the ManualClock reaches its expiry minus skew, then fetched again (1 send, then 2)."""
+    from tokenbroker.engine.refresher import Refresher
+    from tokenbroker.store.memory import MemoryStore
+
+    clock = ManualClock()
+    sends: list[int] = []
+    refresher = Refresher(MemoryStore(Keyring([Secret(KEY)])), clock=clock, sleep=clock.sleep)
+    assert refresher.run(clocked_job(clock, sends)).token.access_token == "at-1"
+    clock.advance(89)
+    assert refresher.run(clocked_job(clock, sends)).token.access_token == "at-1"
+    assert len(sends) == 1
+    clock.advance(1)
+    assert refresher.run(clocked_job(clock, sends)).token.access_token == "at-2"
+    assert len(sends) == 2
+
+
+def test_waiting_for_a_held_lease_gives_up_on_the_injected_clock() -> None:
+    """A live holder's lease is waited for until deadline + lease seconds have passed on the
+    injected clock (its fake sleep advances it), then the caller fails without sending."""
+    import time
+
+    from tokenbroker.engine.refresher import Refresher
+    from tokenbroker.store.memory import MemoryStore
+
+    clock = ManualClock()
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.sleep(seconds)
+
+    store = MemoryStore(Keyring([Secret(KEY)]))
+    assert store.acquire("row", "cc", "elsewhere:1:x", 3600) is not None
+    sends: list[int] = []
+    started = time.monotonic()
+    with pytest.raises(ProviderUnavailableError) as caught:
+        Refresher(store, clock=clock, sleep=sleep).run(clocked_job(clock, sends))
+    assert caught.value.sent is False
+    assert sends == []
+    assert 25.0 < sum(slept) < 25.2  # deadline 5 s + lease 20 s, in fake seconds
+    assert time.monotonic() - started < 2.0  # and no real waiting

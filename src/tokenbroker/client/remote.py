@@ -34,13 +34,12 @@ import math
 import re
 import ssl
 import threading
-import time
 from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import httpx
 
-from ..core.clock import Clock
+from ..core.clock import Clock, SystemClock
 from ..core.names import BROKER_ERROR_CODE, PROVIDER_NAME
 from ..core.scopes import scope_string
 from ..core.secret import Secret
@@ -149,7 +148,8 @@ class BrokerClient(AuthAdapters):
         )
         self._rejected: dict[_RequestKey, str] = {}
         self._rejected_lock = threading.Lock()
-        self._cache: TokenCache[_RequestKey] = TokenCache(self, clock=clock)
+        self._clock: Clock = clock or SystemClock()
+        self._cache: TokenCache[_RequestKey] = TokenCache(self, clock=self._clock)
 
     def __repr__(self) -> str:
         return f"BrokerClient({self.url!r})"
@@ -279,7 +279,7 @@ class BrokerClient(AuthAdapters):
         if report:
             logger.info("reporting a rejected token to the broker provider=%s", key.provider)
         status, headers, body = self._send(self._request(key, stale if report else None))
-        response = _parse(key.provider, status, headers, body)
+        response = _parse(key.provider, status, headers, body, self._clock.time())
         if report:
             with self._rejected_lock:
                 if self._rejected.get(key) is rejected:
@@ -346,8 +346,11 @@ def _joined(scope: str | Iterable[str] | None) -> str | None:
     return scope_string(scope)
 
 
-def _parse(provider: str, status: int, headers: httpx.Headers, body: bytes) -> TokenResponse:
-    """Turn the broker's answer into a token, or raise the mapped domain error."""
+def _parse(
+    provider: str, status: int, headers: httpx.Headers, body: bytes, now: float
+) -> TokenResponse:
+    """Turn the broker's answer into a token (``expires_at`` counted from ``now``, the
+    client's wall time), or raise the mapped domain error."""
     if status != 200:
         raise _status_error(provider, status, headers, body)
     data = _json(body)
@@ -367,7 +370,7 @@ def _parse(provider: str, status: int, headers: httpx.Headers, body: bytes) -> T
         or not (scope is None or isinstance(scope, str))
     ):
         raise _malformed(provider)
-    token = Token(access_token, token_type, time.time() + lifetime, scope)
+    token = Token(access_token, token_type, now + lifetime, scope)
     return TokenResponse(token=token, lifetime=float(lifetime))
 
 

@@ -1,8 +1,11 @@
-"""Clocks: the cache reads time only through an injected :class:`Clock`.
+"""Clocks: the engine reads time only through an injected :class:`Clock`.
 
-Expiry decisions use ``monotonic()`` (immune to wall-clock jumps); the
-absolute ``expires_at`` reported to consumers uses ``time()``. Tests use
-:class:`ManualClock` and move time forward instead of sleeping.
+The cache, the refresher, the retry flow and its driver, delegation and the broker
+client all take a ``clock`` (default :class:`SystemClock`). Expiry decisions and
+deadlines use ``monotonic()`` (immune to wall-clock jumps); absolute times handed to
+consumers or written into tokens (``expires_at``, ``iat``/``exp``) use ``time()``.
+Tests use :class:`ManualClock` and move time forward instead of sleeping; its
+:meth:`ManualClock.sleep` can stand in for an injected ``sleep``.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The real clocks of this machine."""
+    """The real clocks of this machine: ``time.monotonic`` and ``time.time``."""
 
     monotonic = staticmethod(time.monotonic)
     time = staticmethod(time.time)
@@ -67,6 +70,20 @@ class ManualClock:
             raise ValueError("a clock cannot go backwards")
         with self._lock:
             self._offset += seconds
+
+    def sleep(self, seconds: float) -> None:
+        """A fake ``time.sleep``: advance the clock instead of waiting.
+
+        Pass it where a component takes an injected ``sleep``, so a wait loop with a
+        deadline on this clock ends without real waiting.
+
+        Args:
+            seconds: How long the caller asked to sleep; must not be negative.
+
+        Raises:
+            ValueError: For a negative duration.
+        """
+        self.advance(seconds)
 
     def __repr__(self) -> str:
         return f"ManualClock(monotonic={self._offset})"

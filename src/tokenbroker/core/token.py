@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
+from .clock import Clock, SystemClock
+
 __all__ = ["Token"]
+
+_SYSTEM_CLOCK = SystemClock()
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -26,8 +29,19 @@ class Token:
 
     @property
     def expires_in(self) -> int:
-        """Whole seconds left before ``expires_at`` (0 when past), by the wall clock."""
-        return max(0, int(self.expires_at - time.time()))
+        """Whole seconds left before ``expires_at`` (0 when past), by the system wall clock."""
+        return self.seconds_left(_SYSTEM_CLOCK)
+
+    def seconds_left(self, clock: Clock) -> int:
+        """Whole seconds left before ``expires_at`` (0 when past), by ``clock``'s wall time.
+
+        Args:
+            clock: The clock to read (a broker's own, or a test's :class:`ManualClock`).
+
+        Returns:
+            ``expires_at - clock.time()`` rounded down, at least 0.
+        """
+        return max(0, int(self.expires_at - clock.time()))
 
     @property
     def authorization(self) -> str:

@@ -65,4 +65,6 @@ class RateLimits:
 
     def _wait(self, item: RateLimitItem, *keys: str) -> float:
         reset = self._limiter.get_window_stats(item, *keys).reset_time
+        # ``reset_time`` is on the ``limits`` library's clock, which is always time.time()
+        # (its storages take no clock), so the wait is measured on that same clock.
         return max(1.0, math.ceil(reset - time.time()))

@@ -76,7 +76,7 @@ class Broker(AuthAdapters):
         self.events = EventBus()
         self._owns_store = store is None
         self.store = store if store is not None else store_for(settings)
-        self._refresher = Refresher(self.store, hook=hook)
+        self._refresher = Refresher(self.store, hook=hook, clock=clock)
         # One TLS context for every client: building one costs ~20 ms of CPU.
         self._http = httpx.Client(
             transport=transport,
@@ -414,4 +414,10 @@ class Broker(AuthAdapters):
         return TokenTarget(self, provider, scope, account)
 
     def _send(self, grant: Grant, policy: RetryPolicy) -> Exchange:
-        return send_sync(self._http, token_flow(grant, policy), policy.max_response_bytes)
+        clock = self._refresher.clock  # the broker's injected clock, or the system's
+        return send_sync(
+            self._http,
+            token_flow(grant, policy, clock=clock),
+            policy.max_response_bytes,
+            clock=clock,
+        )

@@ -6,7 +6,7 @@ and the grant sends (DESIGN §3.2), refusing unknown names, scopes a provider ca
 serve, and new scope sets beyond ``max_scopes``. The rest answers, per provider, what
 the broker needs to fetch: the refresh :class:`~tokenbroker.engine.slot.Timing`, the
 :class:`~tokenbroker.grants.RetryPolicy`, the grant, and the refresher's
-:class:`~tokenbroker.engine.refresher.Job`. A provider's own value wins over
+:class:`~tokenbroker.engine.refresher.RefreshJob`. A provider's own value wins over
 ``defaults``. Nothing here does I/O.
 """
 
@@ -23,7 +23,7 @@ from ..core.secret import Secret
 from ..errors import TooManyScopesError, UnknownProviderError
 from ..grants import Exchange, Grant, RetryPolicy, kind_of
 from .credentials import credential_row
-from .refresher import Job
+from .refresher import RefreshJob
 from .slot import Timing
 
 __all__ = ["CredentialKey", "ProviderCatalog", "scope_alias"]
@@ -165,7 +165,7 @@ class ProviderCatalog:
         key: CredentialKey,
         stale: str | None,
         send: Callable[[Grant, RetryPolicy], Exchange],
-    ) -> Job:
+    ) -> RefreshJob:
         """The refresher's job for one fetch of ``key``.
 
         Args:
@@ -183,7 +183,7 @@ class ProviderCatalog:
         kind = kind_of(settings)
         rotation = kind.rotation(settings)
         lease = _pick(self.settings.defaults.lease_seconds, 2 * policy.deadline + 10)
-        return Job(
+        return RefreshJob(
             row_id=row_id,
             provider=key.provider,
             fingerprint=digest,

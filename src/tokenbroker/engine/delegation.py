@@ -15,7 +15,8 @@ unless it may delegate as others, see :mod:`tokenbroker.engine.consumers`), ``az
 ``act.sub`` (RFC 8693 §4.1) the consumer. Its ``iss`` is the provider's
 (:func:`issuer_for`), so a token minted for one provider does not verify as another's even
 when both list the same audience. Its ``obj`` is a safe relative path (:func:`check_object`,
-the same check as redirect paths).
+the same check as redirect paths). Its ``iat``/``nbf``/``exp`` and the bound on its lifetime
+are read from an injected :class:`~tokenbroker.core.clock.Clock` (default: the system's).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import json
 import math
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from ..config import JwtDelegation, UpstreamDelegation
+from ..core.clock import Clock, SystemClock
 from ..core.token import Token
 from ..errors import InvalidDelegationError, UnknownProviderError
 from ..grants import Reply, TokenResponse, _dig, _fill, token_at
@@ -51,6 +52,8 @@ __all__ = [
     "safe_object",
     "settings_for",
 ]
+
+_SYSTEM_CLOCK = SystemClock()
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -75,15 +78,30 @@ class DelegatedToken:
 
     @property
     def expires_in(self) -> int:
-        """Whole seconds left (0 when past)."""
-        return max(0, int(self.expires_at - time.time()))
+        """Whole seconds left (0 when past), by the system wall clock."""
+        return self.seconds_left(_SYSTEM_CLOCK)
+
+    def seconds_left(self, clock: Clock) -> int:
+        """Whole seconds left before ``expires_at`` (0 when past), by ``clock``'s wall time.
+
+        Args:
+            clock: The clock to read.
+
+        Returns:
+            ``expires_at - clock.time()`` rounded down, at least 0.
+        """
+        return max(0, int(self.expires_at - clock.time()))
 
     def __repr__(self) -> str:
         return f"DelegatedToken(audience={self.audience!r}, expires_at={self.expires_at:.0f})"
 
 
 def bound_lifetime(
-    requested: float | None, maximum: float, parent_expires_at: float | None = None
+    requested: float | None,
+    maximum: float,
+    parent_expires_at: float | None = None,
+    *,
+    clock: Clock = _SYSTEM_CLOCK,
 ) -> float:
     """The lifetime to grant: as asked, never above the maximum or the parent's remaining life.
 
@@ -91,13 +109,14 @@ def bound_lifetime(
         requested: Seconds asked for (None: the maximum).
         maximum: The configured cap.
         parent_expires_at: Expiry of the service token it derives from, if any.
+        clock: Whose wall time the parent's remaining life is measured on.
 
     Returns:
         Seconds, at least 1.
     """
     lifetime = min(requested or maximum, maximum)
     if parent_expires_at is not None:
-        lifetime = min(lifetime, parent_expires_at - time.time())
+        lifetime = min(lifetime, parent_expires_at - clock.time())
     return max(1.0, math.floor(lifetime))
 
 
@@ -107,11 +126,15 @@ class Signer:
     Args:
         store: Where signing keys live.
         algorithm: ``EdDSA`` (Ed25519) or ``ES256`` (P-256).
+        clock: Source of ``iat``, ``nbf`` and ``exp`` (default: the system's).
     """
 
-    def __init__(self, store: SigningKeyStore, algorithm: str = "EdDSA") -> None:
+    def __init__(
+        self, store: SigningKeyStore, algorithm: str = "EdDSA", *, clock: Clock | None = None
+    ) -> None:
         self._store = store
         self.algorithm = algorithm
+        self._clock = clock or _SYSTEM_CLOCK
         self._lock = threading.Lock()
         self._keys: list[tuple[str, Any]] | None = None
 
@@ -156,10 +179,11 @@ class Signer:
                 an embedded caller.
 
         Returns:
-            The token; its ``jti`` is random, ``exp`` is ``iat + lifetime``.
+            The token; its ``jti`` is random, ``iat`` is the clock's wall time and ``exp``
+            is ``iat + lifetime``.
         """
         kid, key = self._loaded()[0]
-        now = int(time.time())
+        now = int(self._clock.time())
         jti = secrets.token_urlsafe(16)
         claims: dict[str, Any] = {
             "iss": issuer,

@@ -16,7 +16,10 @@
    then mark the credential ``reauthorization_required`` — never a retry storm.
 
 ``hook(point)`` is called at ``before_send``, ``after_reply`` and ``after_commit``;
-the crash benchmark kills the process there.
+the crash benchmark kills the process there. Every time read goes through the injected
+:class:`~tokenbroker.core.clock.Clock` (the broker passes its own) and every pause through
+the injected ``sleep``, so tests drive the waits with a
+:class:`~tokenbroker.core.clock.ManualClock`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..core.clock import Clock, SystemClock
 from ..core.secret import Secret
 from ..core.token import Token
 from ..errors import (
@@ -46,7 +50,7 @@ from ..errors import (
 from ..grants import Exchange, Grant, RetryPolicy, TokenResponse
 from ..store import CredentialRow, CredentialStore, Lease, StoredToken
 
-__all__ = ["Job", "Refresher", "fingerprint", "owner_id"]
+__all__ = ["RefreshJob", "Refresher", "fingerprint", "owner_id"]
 
 logger = logging.getLogger("tokenbroker.refresher")
 
@@ -92,7 +96,7 @@ def _holder_is_gone(owner: str | None) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Job:
+class RefreshJob:
     """One fetch for one credential row.
 
     Attributes:
@@ -150,18 +154,29 @@ class _Pending:
 
 
 class Refresher:
-    """Runs :class:`Job` objects against a :class:`~tokenbroker.store.CredentialStore`.
+    """Runs :class:`RefreshJob` objects against a :class:`~tokenbroker.store.CredentialStore`.
 
     Args:
         store: The durable store.
         hook: Called with a crash-point name (tests and the crash benchmark).
+        clock: Time source for the give-up deadline, the lease budget and whether a stored
+            token is still usable (default: the system's).
+        sleep: Pauses between looks at a lease someone else holds and between commit tries
+            (tests pass :meth:`~tokenbroker.core.clock.ManualClock.sleep`).
     """
 
     def __init__(
-        self, store: CredentialStore, *, hook: Callable[[str], None] | None = None
+        self,
+        store: CredentialStore,
+        *,
+        hook: Callable[[str], None] | None = None,
+        clock: Clock | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.store = store
         self.owner = owner_id()
+        self.clock: Clock = clock or SystemClock()
+        self._sleep = sleep
         self._hook = hook or (lambda point: None)
         self._rng = random.Random()  # noqa: S311 - jitter, not security
         # Replies received but not committed (store down), by row: retried under the next lease.
@@ -170,7 +185,7 @@ class Refresher:
     def __repr__(self) -> str:
         return f"Refresher(store={self.store!r})"
 
-    def run(self, job: Job) -> TokenResponse:
+    def run(self, job: RefreshJob) -> TokenResponse:
         """Get a token for ``job``: from the store if another process refreshed, else fetch it.
 
         Returns:
@@ -181,7 +196,7 @@ class Refresher:
             ReauthorizationRequiredError: The credential is marked dead.
             StoreError: The store failed; nothing was half-written.
         """
-        give_up = time.monotonic() + job.policy.deadline + job.lease_seconds
+        give_up = self.clock.monotonic() + job.policy.deadline + job.lease_seconds
         pause = 0.005
         while True:
             row = self.store.load(job.row_id)
@@ -206,17 +221,17 @@ class Refresher:
                 logger.warning("taking over the lease of a dead process provider=%s", job.provider)
                 lease = acquire(steal_from=row.lease_owner)
             if lease is None:
-                if time.monotonic() > give_up:
+                if self.clock.monotonic() > give_up:
                     raise ProviderUnavailableError(
                         f"{job.provider}: another process's refresh did not finish in time",
                         provider=job.provider,
                         sent=False,
                     )
-                time.sleep(pause * self._rng.uniform(0.5, 1.5))
+                self._sleep(pause * self._rng.uniform(0.5, 1.5))
                 pause = min(pause * 2, 0.1)
                 continue
             try:
-                return self._under_lease(job, lease, time.monotonic())
+                return self._under_lease(job, lease, self.clock.monotonic())
             except _Retry:
                 continue
             finally:
@@ -225,7 +240,7 @@ class Refresher:
 
     # -- under the lease -----------------------------------------------------------------------
 
-    def _under_lease(self, job: Job, lease: Lease, acquired: float) -> TokenResponse:
+    def _under_lease(self, job: RefreshJob, lease: Lease, acquired: float) -> TokenResponse:
         row = self.store.load(job.row_id)
         pending = self._pending.pop(job.row_id, None)
         if pending is not None and pending.rt_version == lease.rt_version:
@@ -278,7 +293,7 @@ class Refresher:
             raise _Retry
         return response
 
-    def _send_once(self, job: Job, lease: Lease, acquired: float) -> TokenResponse:
+    def _send_once(self, job: RefreshJob, lease: Lease, acquired: float) -> TokenResponse:
         """A grant without a refresh token: send, and store the reply or the failure."""
         self._check_time(job, acquired)
         self._hook("before_send")
@@ -297,7 +312,7 @@ class Refresher:
         self._hook("after_commit")
         return response
 
-    def _recovery(self, job: Job, lease: Lease) -> tuple[RetryPolicy, bool]:
+    def _recovery(self, job: RefreshJob, lease: Lease) -> tuple[RetryPolicy, bool]:
         """Decide what earlier in-doubt attempts allow (step 7)."""
         open_attempts = self.store.open_attempts(job.row_id)
         if not open_attempts or not job.single_use:
@@ -326,7 +341,7 @@ class Refresher:
 
     def _record_failure(
         self,
-        job: Job,
+        job: RefreshJob,
         lease: Lease,
         attempt: int,
         exchange: Exchange,
@@ -359,7 +374,7 @@ class Refresher:
 
     def _commit(
         self,
-        job: Job,
+        job: RefreshJob,
         lease: Lease,
         attempt: int | None,
         response: TokenResponse,
@@ -389,12 +404,12 @@ class Refresher:
                             lease.rt_version, attempt, response, refresh_token
                         )
                     raise
-                time.sleep(0.05 * number)
+                self._sleep(0.05 * number)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _check_time(self, job: Job, acquired: float) -> None:
+    def _check_time(self, job: RefreshJob, acquired: float) -> None:
         """Step 4: send only if the lease outlives the whole exchange."""
-        left = job.lease_seconds - (time.monotonic() - acquired)
+        left = job.lease_seconds - (self.clock.monotonic() - acquired)
         if left <= job.policy.deadline + 1.0:
             raise ProviderUnavailableError(
                 f"{job.provider}: lease too short to refresh safely",
@@ -402,14 +417,14 @@ class Refresher:
                 sent=False,
             )
 
-    def _usable(self, stored: StoredToken | None, job: Job) -> TokenResponse | None:
+    def _usable(self, stored: StoredToken | None, job: RefreshJob) -> TokenResponse | None:
         if stored is None or stored.fingerprint != job.fingerprint:
             return None
         token: Token = stored.token
         if job.stale is not None and token.access_token == job.stale:
             return None
         skew = min(job.skew, stored.lifetime / 2)
-        if time.time() >= token.expires_at - skew:
+        if self.clock.time() >= token.expires_at - skew:
             return None
         return TokenResponse(token=token, lifetime=stored.lifetime, issued_at=stored.obtained_at)
 
@@ -428,7 +443,7 @@ def _fenced(still_ours: bool) -> None:
         raise _Retry
 
 
-def _dead(row: CredentialRow | None, job: Job) -> bool:
+def _dead(row: CredentialRow | None, job: RefreshJob) -> bool:
     """The credential is marked ``reauthorization_required`` for the configured seed."""
     return (
         row is not None
@@ -438,5 +453,5 @@ def _dead(row: CredentialRow | None, job: Job) -> bool:
     )
 
 
-def _reauth(job: Job, why: str) -> ReauthorizationRequiredError:
+def _reauth(job: RefreshJob, why: str) -> ReauthorizationRequiredError:
     return ReauthorizationRequiredError(f"{job.provider}: {why}", provider=job.provider)

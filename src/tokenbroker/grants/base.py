@@ -209,6 +209,8 @@ class _OAuthGrant:
 
     def _assertion(self) -> str:
         """A client assertion JWT (RFC 7523 §3): fresh ``jti``, ``exp`` 60 s ahead."""
+        # The provider checks iat/exp against its real clock, so an injected (fake) clock
+        # would only make it reject the assertion: this one read is the system's.
         now = int(time.time())
         settings = self.settings
         claims = {
@@ -314,6 +316,7 @@ def retry_after(headers: httpx.Headers) -> float | None:
         when = parsedate_to_datetime(value).timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
+    # An HTTP-date is on the server's real wall clock: compare it with ours, not a fake one.
     return min(max(0.0, when - time.time()), _MAX_RETRY_AFTER)
 
 

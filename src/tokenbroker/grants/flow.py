@@ -5,7 +5,9 @@ to send or a :class:`Sleep`, and is sent back a :class:`~tokenbroker.grants.Repl
 or the classified failure of that send (the driver in :mod:`tokenbroker.grants.send`
 translates transport exceptions). It retries what is retryable (5xx, 429, network
 errors, timeouts, malformed replies) with exponential backoff and full jitter,
-honours ``Retry-After``, and never runs past one overall deadline.
+honours ``Retry-After``, and never runs past one overall deadline — measured on the
+injected :class:`~tokenbroker.core.clock.Clock`, so tests move a
+:class:`~tokenbroker.core.clock.ManualClock` instead of sleeping.
 
 The exchange ends in an :class:`Exchange` record, never in a raised error: what the
 refresh protocol must know about a failure (how many sends the provider may have
@@ -17,12 +19,12 @@ refresh token) travels in that record, and the error callers receive
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Generator
 from dataclasses import dataclass
 
 import httpx
 
+from ..core.clock import Clock, SystemClock
 from ..errors import ProviderError, ProviderUnavailableError
 from .base import Grant, Reply, TokenResponse
 
@@ -111,20 +113,31 @@ Outcome = Reply | ProviderError | None
 Flow = Generator[httpx.Request | Sleep, Outcome, Exchange]
 
 
-def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = None) -> Flow:
+def token_flow(
+    grant: Grant,
+    policy: RetryPolicy,
+    rng: random.Random | None = None,
+    *,
+    clock: Clock | None = None,
+) -> Flow:
     """The retry policy for one token exchange.
+
+    Each request carries ``tokenbroker.attempt_deadline``, a ``clock.monotonic()`` reading
+    the driver checks the body against, so the driver must be given the same clock.
 
     Args:
         grant: Builds each attempt's request and parses the reply.
         policy: Retries, timeouts, deadline, backoff.
         rng: Source of jitter (injected by tests).
+        clock: Time source for the deadlines and for ``issued_at`` (default: the system's).
 
     Returns:
         A generator; its return value is the :class:`Exchange`: the token response, or the
         last classified failure once retries or the deadline run out.
     """
     jitter = rng or random.Random()  # noqa: S311 - jitter, not security
-    started = time.monotonic()
+    clock = clock or SystemClock()
+    started = clock.monotonic()
     give_up_at = started + policy.deadline
     attempt = doubtful = 0
     unusable: bytes | None = None
@@ -132,14 +145,14 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
         attempt += 1
         request = grant.build_request()
         request.extensions["tokenbroker.provider"] = grant.provider
-        remaining = give_up_at - time.monotonic()
+        remaining = give_up_at - clock.monotonic()
         request.extensions["timeout"] = httpx.Timeout(
             max(0.001, min(policy.timeout, remaining))
         ).as_dict()
-        request.extensions["tokenbroker.attempt_deadline"] = time.monotonic() + min(
+        request.extensions["tokenbroker.attempt_deadline"] = clock.monotonic() + min(
             policy.timeout, remaining
         )
-        issued_at = time.time()
+        issued_at = clock.time()
         outcome = yield request
         try:
             if isinstance(outcome, ProviderError):
@@ -165,7 +178,7 @@ def token_flow(grant: Grant, policy: RetryPolicy, rng: random.Random | None = No
         told = getattr(error, "retry_after", None)
         if told is not None:
             delay = max(delay, told)
-        if time.monotonic() + delay >= give_up_at:
+        if clock.monotonic() + delay >= give_up_at:
             return failed
         yield Sleep(delay)
 

@@ -3,15 +3,19 @@
 It contains no policy: :func:`~tokenbroker.grants.flow.token_flow` decides what to
 send, when to sleep and when to stop; :func:`send_sync` only does what it is told.
 The broker's async API runs the same driver in a worker thread (the store's calls
-block too), so there is no second, async copy of it (STYLE 4).
+block too), so there is no second, async copy of it (STYLE 4). Its clock and its
+sleep are injected: the clock must be the flow's (the attempt deadline is a reading
+of it), and a test may pass :meth:`~tokenbroker.core.clock.ManualClock.sleep`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import httpx
 
+from ..core.clock import Clock, SystemClock
 from ..errors import ProviderError, ProviderUnavailableError
 from .base import Reply
 from .flow import Exchange, Flow, Outcome, Sleep
@@ -52,27 +56,38 @@ def _slow(provider: str) -> ProviderUnavailableError:
     return ProviderUnavailableError(f"{provider}: reply too slow", provider=provider)
 
 
-def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> Exchange:
+def send_sync(
+    client: httpx.Client,
+    flow: Flow,
+    max_bytes: int,
+    *,
+    clock: Clock | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> Exchange:
     """Drive ``flow`` with a blocking client.
 
     Args:
         client: The HTTP client (never follows redirects).
         flow: From :func:`token_flow`.
         max_bytes: Body size cap.
+        clock: The clock the flow was given (its attempt deadlines are readings of it);
+            default: the system's.
+        sleep: Carries out the flow's :class:`Sleep` instructions.
 
     Returns:
         The flow's :class:`Exchange`.
     """
+    clock = clock or SystemClock()
     item = next(flow)
     while True:
         try:
             if isinstance(item, Sleep):
-                time.sleep(item.seconds)
+                sleep(item.seconds)
                 item = flow.send(None)
                 continue
             outcome: Outcome
             try:
-                outcome = _read_sync(client, item, max_bytes)
+                outcome = _read_sync(client, item, max_bytes, clock)
             except ProviderError as exc:
                 outcome = exc
             except httpx.HTTPError as exc:
@@ -86,7 +101,8 @@ def send_sync(client: httpx.Client, flow: Flow, max_bytes: int) -> Exchange:
 class _Body:
     """Collects a reply body, refusing it past the size cap or the attempt's deadline."""
 
-    def __init__(self, request: httpx.Request, max_bytes: int) -> None:
+    def __init__(self, request: httpx.Request, max_bytes: int, clock: Clock) -> None:
+        self._clock = clock
         self._provider = _provider(request)
         self._deadline = request.extensions["tokenbroker.attempt_deadline"]
         self._max_bytes = max_bytes
@@ -97,7 +113,7 @@ class _Body:
         self._size += len(chunk)
         if self._size > self._max_bytes:
             raise _too_large(self._provider)
-        if time.monotonic() > self._deadline:
+        if self._clock.monotonic() > self._deadline:
             raise _slow(self._provider)
         self._chunks.append(chunk)
 
@@ -105,8 +121,8 @@ class _Body:
         return Reply(response.status_code, response.headers, b"".join(self._chunks))
 
 
-def _read_sync(client: httpx.Client, request: httpx.Request, max_bytes: int) -> Reply:
-    body = _Body(request, max_bytes)
+def _read_sync(client: httpx.Client, request: httpx.Request, max_bytes: int, clock: Clock) -> Reply:
+    body = _Body(request, max_bytes, clock)
     response = client.send(request, stream=True)
     try:
         for chunk in response.iter_bytes():
