@@ -4,6 +4,7 @@ only their configured scopes; a real `serve` process against the real authorizat
 from __future__ import annotations
 
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
 from support import Lines, client_credentials, free_port, http_status, login, terminate, wait_for
@@ -154,6 +156,78 @@ def test_serve_announces_the_address_it_listens_on(
         assert http_status(url + "/livez") == 200
     finally:
         terminate(process)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_gracefully_on_either_signal(
+    tmp_path: Path, auth_server: AuthorizationServer, signum: signal.Signals
+) -> None:
+    """SIGINT (Ctrl-C) and SIGTERM both end a listening `serve` with status 0 and no
+    traceback."""
+    path = tmp_path / "tokenbroker.yaml"
+    config = {"store": "memory", "providers": {"svc": client_credentials(auth_server)}}
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)]
+        + ["--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = Lines(process.stdout).until("listening", timeout=30).rsplit(" ", 1)[1]
+        assert http_status(url + "/livez") == 200
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_serve_stops_at_once_while_the_proxy_logs_in(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """SIGTERM while `serve` still logs in the proxy's pool ends it promptly with status 0,
+    before anything listens (as `tokenbroker proxy` does)."""
+    accounts = [{"username": f"user{i}", "password": "pw"} for i in range(20)]
+    for account in accounts:
+        auth_server.add_account(account["username"], account["password"])
+    auth_server.latency = 0.5  # 20 logins one at a time: 10 s unless interrupted
+    path = tmp_path / "tokenbroker.yaml"
+    config = {
+        "store": "memory",
+        "providers": {"db": login(auth_server, credentials=accounts)},
+        "server": {"listen": "127.0.0.1:0"},
+        "proxy": {
+            "listen": "127.0.0.1:0",
+            "login_concurrency": 1,
+            "routes": [{"prefix": "/", "upstream": "http://127.0.0.1:9", "provider": "db"}],
+        },
+    }
+    path.write_text(yaml.safe_dump(config))
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: auth_server.count("login") >= 1)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=20)
+        elapsed = time.monotonic() - started
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0, err
+    assert "listening" not in out
+    assert elapsed < 3.0
+    assert auth_server.count("login") < 20
 
 
 FD_LIMIT = 256

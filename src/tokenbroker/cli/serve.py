@@ -3,8 +3,10 @@
 ``serve`` runs the HTTP API on uvicorn (httptools, with request heads bounded while
 they are read, and requests in the time they take to arrive:
 :mod:`~tokenbroker.api.connection`), and the proxy too when the config has a ``proxy:``
-section; ``proxy`` runs the proxy alone. Both share one
-event loop and one broker, whose tokens a ticker keeps warm.
+section; ``proxy`` runs the proxy alone. Both run on one start-up skeleton (:func:`_run`):
+logs configured, required providers fetched, one event loop and one broker whose tokens a
+ticker keeps warm, pools logged in, listeners announced, and one way to stop — SIGINT or
+SIGTERM ends the process gracefully with status 0, even while a pool is still logging in.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import uvicorn
 import uvloop
@@ -37,6 +40,7 @@ logger = logging.getLogger("tokenbroker.server")
 
 Progress = Callable[[int, int], None]
 Announce = Callable[[str], None]
+T = TypeVar("T")
 
 
 def _keep_warm(broker: Broker, stop: threading.Event, every: float = 1.0) -> None:
@@ -88,11 +92,17 @@ async def _start_proxy(
 
 
 class _AnnouncingServer(uvicorn.Server):
-    """uvicorn's server, announcing each address it listens on once it does."""
+    """uvicorn's server, announcing each address it listens on once it does, and leaving the
+    signals to :class:`_Shutdown` (uvicorn would otherwise take SIGINT and SIGTERM for itself
+    and raise them again once it has stopped)."""
 
     def __init__(self, config: uvicorn.Config, announce: Announce) -> None:
         super().__init__(config)
         self._announce = announce
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -103,38 +113,22 @@ class _AnnouncingServer(uvicorn.Server):
                 self._announce(f"API listening on http://{shown}:{port}")
 
 
-def serve(
-    config_path: Path,
-    listen: str | None = None,
-    *,
-    progress: Progress | None = None,
-    announce: Announce = print,
-) -> None:
-    """Run the broker's HTTP API (and the proxy, if configured) until interrupted.
-
-    Args:
-        config_path: The YAML configuration.
-        listen: ``host:port``; default ``server.listen`` from the config, else 127.0.0.1:8750.
-        progress: Called as ``progress(done, total)`` while pool accounts log in.
-        announce: Receives one line per listener once it listens.
-    """
-    broker = Broker.from_config(config_path)
-    _configure_logs(broker, config_path)
-    address = listen or broker.settings.server.listen
+def _api_config(broker: Broker, address: str) -> uvicorn.Config:
+    """uvicorn's configuration for the broker's HTTP API on ``address`` (``host:port``)."""
     host, _, port = address.rpartition(":")
+    server = broker.settings.server
     # X-Forwarded-For names the client only when the peer is a configured proxy; uvicorn
     # would otherwise believe it from any loopback peer.
-    trusted = list(broker.settings.server.trusted_proxies)
+    trusted = list(server.trusted_proxies)
     # Bounded by the descriptor budget too, so a flood on the API cannot take the
     # descriptors the proxy and the probes need (nor the proxy's take the API's).
-    limit = broker.settings.server.max_connections
+    limit = server.max_connections
     if limit is None:
         limit = budget(with_proxy=broker.settings.proxy is not None).api_connections
-    server = broker.settings.server
     protocol = BoundedHeadProtocol.bounded(
         server.client_body_timeout_seconds, server.client_request_timeout_seconds
     )
-    config = uvicorn.Config(
+    return uvicorn.Config(
         create_app(broker),
         host=host.strip("[]") or "127.0.0.1",
         port=int(port),
@@ -148,39 +142,158 @@ def serve(
         limit_concurrency=limit,
     )
 
-    async def main() -> None:
-        # uvicorn re-raises the signal that stopped it once it has shut down; with this
-        # as the handler it restores, that only ends the loop, and the proxy and the
-        # broker still close cleanly.
-        serving = False
 
-        def on_signal(signum: int, frame: object) -> None:
-            if not serving:  # still logging in the pool: stop right away
-                raise KeyboardInterrupt
+class _Shutdown:
+    """The one way both commands stop: SIGINT or SIGTERM, caught on the event loop.
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, on_signal)
-        proxy = None
-        if broker.settings.proxy is not None:
-            proxy = await _start_proxy(broker, broker.settings.proxy, progress, announce)
+    The first signal asks for a graceful stop (:attr:`requested`): a pool still logging in
+    is abandoned at once, listeners close and open API requests may finish. A second
+    SIGINT (Ctrl-C again) sets :attr:`forced` too: the API stops waiting for them.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.forced = asyncio.Event()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Catch the signals on ``loop`` until :meth:`remove`."""
+        for signum in self.SIGNALS:
+            loop.add_signal_handler(signum, self._on_signal, signum)
+
+    def remove(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Give the signals back to their default handling."""
+        for signum in self.SIGNALS:
+            loop.remove_signal_handler(signum)
+
+    def _on_signal(self, signum: int) -> None:
+        if self.requested.is_set() and signum == signal.SIGINT:
+            self.forced.set()
+        self.requested.set()
+
+    async def before(self, work: Awaitable[T]) -> T | None:
+        """``work``'s result, or None when a stop is requested first (``work`` is then
+        cancelled)."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self.requested.wait())
         try:
-            serving = True
-            await _AnnouncingServer(config, announce).serve()
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+        return task.result()
+
+    async def stop(self, server: uvicorn.Server) -> None:
+        """Ask ``server`` to stop once a stop is requested, and to force it if forced."""
+        await self.requested.wait()
+        server.should_exit = True
+        await self.forced.wait()
+        server.force_exit = True
+
+
+async def _serve_until_stopped(
+    broker: Broker,
+    proxy_settings: ProxySettings | None,
+    api: uvicorn.Config | None,
+    progress: Progress | None,
+    announce: Announce,
+) -> None:
+    """Log in the proxy's pools and listen (when ``proxy_settings``), then serve the API (when
+    ``api``) or wait, until SIGINT or SIGTERM; close the proxy on the way out."""
+    loop = asyncio.get_running_loop()
+    shutdown = _Shutdown()
+    shutdown.install(loop)
+    try:
+        proxy = None
+        if proxy_settings is not None:
+            proxy = await shutdown.before(_start_proxy(broker, proxy_settings, progress, announce))
+            if proxy is None:
+                logger.info("stopped before serving")
+                return
+        try:
+            if api is None:
+                await shutdown.requested.wait()
+                return
+            server = _AnnouncingServer(api, announce)
+            stopping = asyncio.ensure_future(shutdown.stop(server))
+            try:
+                await server.serve()
+            finally:
+                stopping.cancel()
         finally:
             if proxy is not None:
                 await proxy.close()
+    finally:
+        shutdown.remove(loop)
 
-    _fetch_required(broker)
+
+def _run(
+    broker: Broker,
+    config_path: Path,
+    *,
+    proxy: ProxySettings | None,
+    api_listen: str | None,
+    progress: Progress | None,
+    announce: Announce,
+) -> None:
+    """The start-up skeleton of ``serve`` and ``proxy``: configure logs, start fetching the
+    required providers, keep tokens warm, then on one uvloop event loop log in the pools,
+    listen, announce each listener, wait for SIGINT or SIGTERM (:class:`_Shutdown`) and close
+    the listeners; the broker is closed last, whatever happened.
+
+    Args:
+        broker: The broker to serve; this function closes it.
+        config_path: The YAML configuration ``broker`` was read from (for its warnings).
+        proxy: The proxy to run, or None for none.
+        api_listen: ``host:port`` of the HTTP API, or None for no API.
+        progress: Called as ``progress(done, total)`` while pool accounts log in.
+        announce: Receives one line per listener once it listens.
+    """
     stop = threading.Event()
-    if broker.settings.proxy is None:  # (the proxy's own tick keeps tokens warm otherwise)
-        threading.Thread(target=_keep_warm, args=(broker, stop), daemon=True).start()
     try:
-        uvloop.run(main())
-    except KeyboardInterrupt:
+        _configure_logs(broker, config_path)
+        api = None if api_listen is None else _api_config(broker, api_listen)
+        _fetch_required(broker)
+        if proxy is None:  # (the proxy's own tick keeps tokens warm otherwise)
+            threading.Thread(target=_keep_warm, args=(broker, stop), daemon=True).start()
+        uvloop.run(_serve_until_stopped(broker, proxy, api, progress, announce))
+    except KeyboardInterrupt:  # Ctrl-C before the loop caught the signals
         logger.info("stopped before serving")
     finally:
         stop.set()
         broker.close()
+
+
+def serve(
+    config_path: Path,
+    listen: str | None = None,
+    *,
+    progress: Progress | None = None,
+    announce: Announce = print,
+) -> None:
+    """Run the broker's HTTP API (and the proxy, if configured) until SIGINT or SIGTERM.
+
+    Args:
+        config_path: The YAML configuration.
+        listen: ``host:port``; default ``server.listen`` from the config, else 127.0.0.1:8750.
+        progress: Called as ``progress(done, total)`` while pool accounts log in.
+        announce: Receives one line per listener once it listens.
+    """
+    broker = Broker.from_config(config_path)
+    address = listen or broker.settings.server.listen
+    _run(
+        broker,
+        config_path,
+        proxy=broker.settings.proxy,
+        api_listen=address,
+        progress=progress,
+        announce=announce,
+    )
 
 
 def run_proxy(
@@ -208,29 +321,11 @@ def run_proxy(
         raise ConfigError([ConfigProblem("proxy", "is required to run the proxy")])
     if listen:
         settings = settings.model_copy(update={"listen": listen})
-    _configure_logs(broker, config_path)
-    _fetch_required(broker)
-
-    async def main() -> None:
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stopping.set)
-        starting = asyncio.ensure_future(_start_proxy(broker, settings, progress, announce))
-        signalled = asyncio.ensure_future(stopping.wait())
-        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():  # stopped while logging in the pool
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
-            return
-        proxy = starting.result()
-        try:
-            await signalled
-        finally:
-            await proxy.close()
-
-    try:
-        uvloop.run(main())
-    finally:
-        broker.close()
+    _run(
+        broker,
+        config_path,
+        proxy=settings,
+        api_listen=None,
+        progress=progress,
+        announce=announce,
+    )
