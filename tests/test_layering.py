@@ -26,6 +26,7 @@ LAYERS = {
     "telemetry": 5,
     "api": 5,
     "proxy": 5,
+    "jobs": 5,
     "cli": 6,
     "testing": 6,
     "__init__": 4,  # the library's surface: engine, client, config, core
