@@ -19,6 +19,7 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from conftest import BrokerFactory
 from support import Served, client_credentials, free_port, http_status, terminate, wait_for
 from tokenbroker import Broker, UnknownProviderError, parse_settings
 from tokenbroker.api.app import create_app
@@ -518,3 +519,27 @@ def test_minted_times_follow_the_injected_clock(tmp_path: Path) -> None:
     clock.advance(100)
     assert minted.seconds_left(clock) == 20
     assert bound_lifetime(300, 600, clock.time() + 42, clock=clock) == 42
+
+
+def test_a_broker_mints_on_its_injected_clock(make_broker: BrokerFactory) -> None:
+    """A broker given a clock signs delegated tokens on it (``iat``/``exp`` are the clock's time,
+    not the system's), so delegation tests need no sleeping."""
+    from tokenbroker.core.clock import ManualClock
+
+    clock = ManualClock()
+    clock.advance(1000)
+    broker = make_broker(
+        {
+            "files": {
+                "grant": "client_credentials",
+                "token_url": "http://127.0.0.1:9/token",
+                "client_id": "c",
+                "client_secret": "s",
+                "delegation": {"mode": "jwt", "audiences": ["https://files.example"]},
+            }
+        },
+        clock=clock,
+    )
+    minted = broker.delegate("files", "https://files.example", lifetime=60)
+    claims = jwt.decode(minted.token, options={"verify_signature": False})
+    assert (claims["iat"], claims["exp"]) == (int(clock.time()), int(clock.time()) + 60)

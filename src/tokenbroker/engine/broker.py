@@ -230,14 +230,18 @@ class Broker(AuthAdapters):
                 issuer=issuer_for(spec.issuer, provider),
                 provider=provider,
                 audience=audience,
-                lifetime=bound_lifetime(lifetime, spec.max_lifetime_seconds),
+                lifetime=bound_lifetime(
+                    lifetime, spec.max_lifetime_seconds, clock=self._refresher.clock
+                ),
                 subject=subject,
                 object_=object_,
                 actor=actor,
             )
         for attempt in (1, 2):
             service = self.get_token(provider)
-            granted = bound_lifetime(lifetime, spec.max_lifetime_seconds, service.expires_at)
+            granted = bound_lifetime(
+                lifetime, spec.max_lifetime_seconds, service.expires_at, clock=self._refresher.clock
+            )
             values = {
                 "{audience}": audience,
                 "{object}": object_ or "",
@@ -296,7 +300,9 @@ class Broker(AuthAdapters):
     def _signer(self, algorithm: str) -> Signer:
         signer = self._signers.get(algorithm)
         if signer is None:
-            signer = self._signers.setdefault(algorithm, Signer(self.store, algorithm))
+            signer = self._signers.setdefault(
+                algorithm, Signer(self.store, algorithm, clock=self._refresher.clock)
+            )
         return signer
 
     def subscribe(self, subscriber: Callable[[Event], None]) -> Callable[[], None]:
