@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from tokenbroker.testing import AuthorizationServer
@@ -161,6 +165,44 @@ def terminate(process: Any) -> str | None:
             process.kill()
             process.wait()
     return err
+
+
+class Serving:
+    """A running `tokenbroker serve` (see :func:`serve_process`): its API URL, and once it has
+    stopped, what it wrote to stderr."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.stderr = ""
+
+
+@contextlib.contextmanager
+def serve_process(
+    path: Path, config: dict[str, Any], *, mode: int = 0o600, timeout: float = 60
+) -> Iterator[Serving]:
+    """Write ``config`` (whose ``server.listen`` names a free port) to ``path`` at ``mode``, run
+    `tokenbroker serve` on it until the block ends (SIGTERM), and check it exited 0.
+
+    Yields:
+        The running server, once its ``/livez`` answers 200.
+    """
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(mode)
+    process = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    serving = Serving("http://" + config["server"]["listen"])
+    try:
+        wait_for(lambda: http_status(serving.url + "/livez") == 200, "serve to listen", timeout)
+        yield serving
+    finally:
+        serving.stderr = terminate(process) or ""
+    assert process.returncode == 0, serving.stderr
 
 
 class Lines:

@@ -7,23 +7,18 @@ import contextlib
 import json
 import select
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import yaml
 
 from support import (
     CLIENT_ID,
     CLIENT_SECRET,
     client_credentials,
     free_port,
-    http_status,
-    terminate,
-    wait_for,
+    serve_process,
 )
 from tokenbroker.edge.statuses import REQUEST_TIMEOUT
 from tokenbroker.engine.consumers import hash_key, new_key
@@ -69,20 +64,8 @@ def api(tmp_path_factory: pytest.TempPathFactory, idp: AuthorizationServer) -> I
         },
         "telemetry": {"log_level": "warning"},
     }
-    path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_status(url + "/livez") == 200, "serve to listen", timeout=30)
-        yield url
-    finally:
-        err = terminate(process)
-    assert process.returncode == 0, err
+    with serve_process(path, config, timeout=30) as served:
+        yield served.url
 
 
 def _connect(url: str) -> socket.socket:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import httpx
-import yaml
 
-from support import client_credentials, free_port, http_status, terminate, wait_for
+from support import client_credentials, free_port, serve_process
 from tokenbroker.engine.consumers import hash_key, new_key
 from tokenbroker.telemetry.logs import JsonFormatter, TextFormatter
 from tokenbroker.testing import AuthorizationServer
@@ -44,23 +42,12 @@ def serve_text_logs(
         "server": {"listen": f"127.0.0.1:{port}"},
         "telemetry": {"log_level": "info", "log_format": "text"},
     }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(mode)
-    process = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_status(url + "/livez") == 200, "serve to answer", timeout=60)
-        with httpx.Client(base_url=url, timeout=10) as client:
-            requests(client)  # type: ignore[operator]
-    finally:
-        err = terminate(process)
-    assert process.returncode == 0, err
-    return err or ""
+    with (
+        serve_process(path, config, mode=mode) as served,
+        httpx.Client(base_url=served.url, timeout=10) as client,
+    ):
+        requests(client)  # type: ignore[operator]
+    return served.stderr
 
 
 def test_a_forged_audit_line_in_request_input_stays_on_one_line(

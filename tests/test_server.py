@@ -18,7 +18,16 @@ import httpx
 import pytest
 import yaml
 
-from support import Lines, client_credentials, free_port, http_status, login, terminate, wait_for
+from support import (
+    Lines,
+    client_credentials,
+    free_port,
+    http_status,
+    login,
+    serve_process,
+    terminate,
+    wait_for,
+)
 from tokenbroker.edge.descriptors import budget
 from tokenbroker.engine.consumers import hash_key, new_key
 from tokenbroker.testing import AuthorizationServer, Fault, RecordingUpstream
@@ -40,21 +49,11 @@ def serving(tmp_path: Path, providers: dict[str, Any], **server: Any) -> Iterato
         "server": {"listen": f"127.0.0.1:{port}", **server},
         "telemetry": {"log_level": "warning"},
     }
-    path.write_text(yaml.safe_dump(config))
-    process = subprocess.Popen(  # noqa: S603
-        [sys.executable, "-m", "tokenbroker.cli", "serve", "--config", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: http_status(url + "/livez") == 200)
-        with httpx.Client(base_url=url, timeout=10) as client:
-            yield client
-    finally:
-        err = terminate(process)
-    assert process.returncode == 0, err
+    with (
+        serve_process(path, config) as served,
+        httpx.Client(base_url=served.url, timeout=10) as client,
+    ):
+        yield client
 
 
 def test_required_provider_is_fetched_at_start(
