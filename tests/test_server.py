@@ -63,7 +63,7 @@ def test_required_provider_is_fetched_at_start(
     one token request."""
     providers = {"svc": client_credentials(auth_server, required=True)}
     with serving(tmp_path, providers) as client:
-        wait_for(lambda: client.get("/readyz").status_code == 200)
+        wait_for(lambda: client.get("/readyz").status_code == 200, "ready", timeout=30)
         assert client.get("/readyz").json()["providers"] == {"svc": "valid"}
     assert auth_server.count("client_credentials") == 1
 
@@ -78,7 +78,7 @@ def test_a_refused_scope_does_not_make_the_broker_unready(
         # Readiness first through the configured scope (this works with or without start-up
         # fetching), then the refused one.
         assert client.get("/v1/tokens/svc", headers={"Authorization": f"Bearer {KEY}"}).is_success
-        wait_for(lambda: client.get("/readyz").status_code == 200)
+        wait_for(lambda: client.get("/readyz").status_code == 200, "ready", timeout=30)
         refused = client.get(
             "/v1/tokens/svc", params={"scope": "admin"}, headers={"Authorization": f"Bearer {KEY}"}
         )
