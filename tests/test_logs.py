@@ -3,6 +3,7 @@ JSON stays as it was. Against a real `tokenbroker serve` and through the formatt
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
@@ -12,8 +13,17 @@ from pathlib import Path
 import httpx
 
 from support import client_credentials, free_port, serve_process
+from tokenbroker import Broker, parse_settings
+from tokenbroker.core.events import (
+    JobFinished,
+    JobItemFinished,
+    JobPhaseChanged,
+    JobStarted,
+    TokenAcquired,
+)
+from tokenbroker.core.secret import Secret
 from tokenbroker.engine.consumers import hash_key, new_key
-from tokenbroker.telemetry.logs import JsonFormatter, TextFormatter
+from tokenbroker.telemetry.logs import JsonFormatter, TextFormatter, log_job_event
 from tokenbroker.testing import AuthorizationServer
 
 KEY = new_key()
@@ -131,3 +141,79 @@ def test_serve_logs_a_literal_secret_in_a_config_others_can_read(
     assert warning in readable
     assert "chmod" not in private
     assert "svc-secret" not in readable + private
+
+
+def test_json_lines_carry_the_allowed_extra_fields_and_no_others() -> None:
+    """Extras named in FIELDS become JSON keys with their types kept (a Secret as its redacted
+    text); an unlisted extra (uvicorn's color_message, a 'password') is left out."""
+    logger = logging.getLogger("tokenbroker.jobs")
+    record = logger.makeRecord(
+        "tokenbroker.jobs", logging.INFO, __file__, 1, "job warm started", (), None,
+        extra={
+            "event": "job_started", "job_id": "job_x", "kind": "warm", "phase": None,
+            "elapsed_ms": 12.5, "retryable": True, "reason": Secret("hunter2"),
+            "color_message": "\x1b[32mjob\x1b[0m", "password": "hunter2",
+        },
+    )  # fmt: skip
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["event"] == "job_started" and entry["job_id"] == "job_x"
+    assert entry["kind"] == "warm" and entry["phase"] is None
+    assert entry["elapsed_ms"] == 12.5 and entry["retryable"] is True
+    assert entry["reason"] == "**********"
+    assert "color_message" not in entry and "password" not in entry
+    assert "hunter2" not in json.dumps(entry)
+
+
+def test_job_events_give_one_json_line_per_start_phase_failure_and_finish() -> None:
+    """A job of 10,000 items (2 failed) published on a real broker's bus gives exactly 7
+    tokenbroker.jobs lines (start, 3 phases, 2 failed items, finish), each with event,
+    job_id, kind, phase and elapsed_ms; token events give none."""
+    broker = Broker(parse_settings("store: memory\nproviders: {}\n", {}))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("tokenbroker.jobs")
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    unsubscribe = broker.subscribe(log_job_event)
+    job = {"provider": "pool", "job_id": "job_abc", "kind": "warm"}
+    try:
+        emit = broker.events.emit
+        emit(TokenAcquired("pool", "account=a", background=False, duration=0.1, expires_in=60))
+        emit(JobStarted(**job))
+        emit(JobPhaseChanged(**job, phase="resolve"))
+        emit(JobPhaseChanged(**job, phase="fetch", previous="resolve", previous_duration=0.1))
+        for n in range(10_000):
+            failed = n in {17, 9_000}
+            emit(
+                JobItemFinished(
+                    **job, phase="fetch", item=f"user{n}", elapsed=n / 1000,
+                    outcome="failed" if failed else "ok",
+                    reason="invalid_grant" if failed else None,
+                )
+            )  # fmt: skip
+        emit(JobPhaseChanged(**job, phase="verify", previous="fetch", elapsed=10.0))
+        emit(JobFinished(**job, status="partial", phase="verify", ok=9_998, failed=2, elapsed=10.5))
+    finally:
+        unsubscribe()
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        broker.close()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == [
+        "job_started", "job_phase", "job_phase", "job_item_failed", "job_item_failed",
+        "job_phase", "job_finished",
+    ]  # fmt: skip
+    for line in lines:
+        assert {"event", "job_id", "kind", "phase", "elapsed_ms"} <= line.keys()
+        assert line["job_id"] == "job_abc" and line["kind"] == "warm"
+        assert line["logger"] == "tokenbroker.jobs"
+    assert [line["item"] for line in lines if line["event"] == "job_item_failed"] == [
+        "user17", "user9000",
+    ]  # fmt: skip
+    assert lines[3]["level"] == "warning" and lines[3]["reason"] == "invalid_grant"
+    assert lines[3]["elapsed_ms"] == 17.0
+    assert lines[-1]["status"] == "partial" and lines[-1]["elapsed_ms"] == 10500.0
+    assert lines[-1]["ok"] == 9_998 and lines[-1]["failed"] == 2
+    assert lines[-1]["level"] == "warning" and lines[-1]["phase"] == "verify"

@@ -2,6 +2,18 @@
 
 Events carry names, scopes, durations and error classes — never a token or
 a secret — so any subscriber may log or count them freely.
+
+Job lifecycle events (:class:`JobStarted`, :class:`JobPhaseChanged`,
+:class:`JobItemFinished`, :class:`JobFinished`) travel on the same bus: the job runner
+publishes them with ``broker.events.emit(...)``; the metrics and the job log lines
+(:mod:`tokenbroker.telemetry`) subscribe. They use plain strings for kinds, phases and
+statuses because the core does not know the job model. A job's events, in order::
+
+    JobStarted, JobPhaseChanged (first phase), JobItemFinished*, JobPhaseChanged, ...,
+    JobFinished
+
+``JobFinished`` may also come without ``JobStarted`` on the same instance (a queued job
+canceled, or a reaper ending a job another instance lost).
 """
 
 from __future__ import annotations
@@ -14,6 +26,11 @@ from dataclasses import dataclass
 __all__ = [
     "Event",
     "EventBus",
+    "JobEvent",
+    "JobFinished",
+    "JobItemFinished",
+    "JobPhaseChanged",
+    "JobStarted",
     "LeaseGranted",
     "RefreshTokenRotated",
     "TokenAcquired",
@@ -88,6 +105,100 @@ class LeaseGranted(Event):
     """
 
     wait: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobEvent(Event):
+    """Base of a job's lifecycle events (all fields keyword-only).
+
+    Attributes:
+        provider: The provider the job works on; ``""`` for a kind that spans every
+            provider (``rotate_key``).
+        key: Unused by jobs (``""``); kept so job events are :class:`Event` records.
+        job_id: The job's id (for logs; never a metric label).
+        kind: The job kind (``warm``, ``refresh``, ``rotate_key``, ``keepalive``, ``authorize``).
+        elapsed: Seconds since the job started running on this instance (0 before it did).
+    """
+
+    provider: str = ""
+    key: str = ""
+    job_id: str
+    kind: str
+    elapsed: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobStarted(JobEvent):
+    """A job moved to ``running`` on this instance.
+
+    Attributes:
+        resumed: True when it continues a job whose previous owner was lost (the reaper
+            re-queued it) or a retry; False for its first run.
+    """
+
+    resumed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobPhaseChanged(JobEvent):
+    """A running job entered ``phase``.
+
+    Attributes:
+        phase: The phase it entered.
+        previous: The phase it left (None when ``phase`` is the first).
+        previous_duration: Seconds ``previous`` took (None with no previous phase).
+    """
+
+    phase: str
+    previous: str | None = None
+    previous_duration: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobItemFinished(JobEvent):
+    """One item of a job ended (after its retries).
+
+    Publish one per item; subscribers count, they do not print (the job's SSE events are
+    the coalesced view).
+
+    Attributes:
+        phase: The phase the item belongs to.
+        item: The item's name (an account, a scope, a row id; never a secret).
+        outcome: ``ok`` or ``failed``.
+        attempts: How many tries it took (1 when no retry was needed).
+        reason: For a failed item, the error code (``invalid_grant``, ``timeout``); else None.
+        retryable: For a failed item, whether a retry job may succeed.
+    """
+
+    phase: str
+    item: str
+    outcome: str
+    attempts: int = 1
+    reason: str | None = None
+    retryable: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobFinished(JobEvent):
+    """A job reached a final status.
+
+    Attributes:
+        status: ``done``, ``partial``, ``failed`` or ``canceled``.
+        phase: The phase it was in when it ended (None if it never entered one).
+        phase_duration: Seconds spent in ``phase`` (None with no phase, or when the
+            phase did not run on this instance, e.g. a reaper ending a lost job).
+        ok: Items that ended ok.
+        failed: Items that failed.
+        error_type: For a ``failed`` job that failed as a whole, its ``error.type``
+            (``worker_lost``); else None.
+    """
+
+    status: str
+    phase: str | None = None
+    phase_duration: float | None = None
+    ok: int = 0
+    failed: int = 0
+    error_type: str | None = None
 
 
 Subscriber = Callable[[Event], None]

@@ -7,6 +7,18 @@ request id of the HTTP request being served, if any.
 Log lines quote request input (provider names, audiences, routes, accounts). JSON escapes
 it; the text format escapes it here, in one place (:class:`TextFormatter`), so no value can
 end a line and start a forged record, whichever call site or field logged it.
+
+Structured fields: a record's ``extra=`` values whose names are in :data:`FIELDS` become
+keys of its JSON line (the text format shows them when its format names them). Other extras
+are left out — an allow-list, so a value nobody reviewed (uvicorn's ``color_message``, a
+field someone named ``password``) never reaches a log line by accident.
+
+Job log lines (issue 16) follow one convention, on the ``tokenbroker.jobs`` logger: the
+fields ``event`` (``job_started``, ``job_phase``, ``job_item_failed``, ``job_finished``),
+``job_id``, ``kind``, ``phase`` and ``elapsed_ms``, plus ``status``, ``item``, ``reason``
+where they apply. :func:`log_job_event` writes them from the job lifecycle events of
+:mod:`tokenbroker.core.events`; subscribe it with ``broker.subscribe(log_job_event)``. One
+line per start, phase change, failed item and finish — never one per successful item.
 """
 
 from __future__ import annotations
@@ -19,7 +31,42 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "TextFormatter", "configure", "escape", "request_id"]
+from ..core.events import Event, JobEvent, JobFinished, JobItemFinished, JobPhaseChanged, JobStarted
+
+__all__ = [
+    "FIELDS",
+    "TEXT_FORMAT",
+    "JsonFormatter",
+    "TextFormatter",
+    "configure",
+    "escape",
+    "job_logger",
+    "log_job_event",
+    "request_id",
+]
+
+#: The ``extra=`` names a JSON line carries as its own keys (see the module docstring).
+FIELDS = frozenset(
+    {
+        "attempts",
+        "elapsed_ms",
+        "error_type",
+        "event",
+        "failed",
+        "item",
+        "job_id",
+        "kind",
+        "ok",
+        "phase",
+        "provider",
+        "reason",
+        "retryable",
+        "status",
+    }
+)
+
+#: Where job log lines go.
+job_logger = logging.getLogger("tokenbroker.jobs")
 
 #: The id of the HTTP request being handled (set by the request middleware).
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -28,7 +75,9 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, request id, exception class."""
+    """One JSON object per record: time, level, logger, message, request id, exception class,
+    and the record's :data:`FIELDS` extras (numbers, booleans and None as they are; any
+    other value as its ``str``, so a :class:`~tokenbroker.core.secret.Secret` stays redacted)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -40,6 +89,11 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
+        fields = FIELDS.intersection(record.__dict__)
+        for name in sorted(fields):
+            value = record.__dict__[name]
+            ok = value is None or isinstance(value, bool | int | float)
+            entry[name] = value if ok else str(value)
         if record.exc_info and record.exc_info[0] is not None:
             # The class only: exception text can quote values we must not log.
             entry["exception"] = record.exc_info[0].__name__
@@ -104,6 +158,60 @@ class TextFormatter(logging.Formatter):
         if record.exc_info and record.exc_info[0] is not None:
             line += f" exception={escape(record.exc_info[0].__name__)}"
         return line
+
+
+_JOB_EVENT_NAMES: dict[type[JobEvent], str] = {
+    JobStarted: "job_started",
+    JobPhaseChanged: "job_phase",
+    JobItemFinished: "job_item_failed",
+    JobFinished: "job_finished",
+}
+
+
+def log_job_event(event: Event) -> None:
+    """Write one ``tokenbroker.jobs`` log line for a job lifecycle event (a broker
+    subscriber; other events and successful items are ignored).
+
+    Levels: info for a start, a phase change and a ``done`` or ``canceled`` finish;
+    warning for a failed item and a ``partial`` or ``failed`` finish.
+
+    Args:
+        event: Any broker event.
+    """
+    if not isinstance(event, JobEvent) or type(event) not in _JOB_EVENT_NAMES:
+        return
+    name = _JOB_EVENT_NAMES[type(event)]
+    if isinstance(event, JobItemFinished) and event.outcome == "ok":
+        return
+    fields: dict[str, Any] = {
+        "event": name,
+        "job_id": event.job_id,
+        "kind": event.kind,
+        "phase": getattr(event, "phase", None),
+        "elapsed_ms": round(event.elapsed * 1000, 1),
+    }
+    if event.provider:
+        fields["provider"] = event.provider
+    level = logging.INFO
+    if isinstance(event, JobStarted):
+        message = "job %s started" + (" (resumed)" if event.resumed else "")
+        args: tuple[Any, ...] = (event.kind,)
+    elif isinstance(event, JobPhaseChanged):
+        message, args = "job %s entered phase %s", (event.kind, event.phase)
+    elif isinstance(event, JobItemFinished):
+        level = logging.WARNING
+        fields.update(item=event.item, reason=event.reason, retryable=event.retryable)
+        fields["attempts"] = event.attempts
+        message, args = "job %s item failed: %s", (event.kind, event.reason)
+    else:
+        assert isinstance(event, JobFinished)
+        if event.status in {"partial", "failed"}:
+            level = logging.WARNING
+        fields.update(status=event.status, ok=event.ok, failed=event.failed)
+        if event.error_type is not None:
+            fields["error_type"] = event.error_type
+        message, args = "job %s %s", (event.kind, event.status)
+    job_logger.log(level, message, *args, extra=fields)
 
 
 class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]

@@ -7,21 +7,35 @@ with ids (STYLE 11).
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..core.events import Event, TokenAcquired, TokenInvalidated, TokenRequestFailed
+from ..core.events import (
+    Event,
+    JobFinished,
+    JobItemFinished,
+    JobPhaseChanged,
+    JobStarted,
+    TokenAcquired,
+    TokenInvalidated,
+    TokenRequestFailed,
+)
 from ..engine.broker import Broker
 
 if TYPE_CHECKING:
     from ..proxy.pool import PoolStats
 
-__all__ = ["CONTENT_TYPE", "Metrics", "ProxyMetrics"]
+__all__ = ["CONTENT_TYPE", "PHASE_BUCKETS", "Metrics", "ProxyMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: Phase duration buckets (seconds): a login phase takes milliseconds, warming 200 accounts
+#: or re-encrypting a large store takes minutes to hours.
+PHASE_BUCKETS = (0.01, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600)
 
 
 class ProxyView(Protocol):
@@ -102,6 +116,41 @@ class Metrics:
         )
         self.up = Gauge("tokenbroker_up", "1 while the broker runs.", registry=self.registry)
         self.up.set(1)
+        self.jobs = Counter(
+            "tokenbroker_jobs_total",
+            "Jobs that reached a final status, by kind and status.",
+            ["kind", "status"],
+            registry=self.registry,
+        )
+        self.jobs_running = Gauge(
+            "tokenbroker_jobs_running",
+            "Jobs running on this instance, by kind.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.phase_duration = Histogram(
+            "tokenbroker_job_phase_duration_seconds",
+            "How long job phases took, by kind and phase.",
+            ["kind", "phase"],
+            buckets=PHASE_BUCKETS,
+            registry=self.registry,
+        )
+        self.job_items = Counter(
+            "tokenbroker_job_items_total",
+            "Job items that ended, by kind and outcome (ok or failed).",
+            ["kind", "outcome"],
+            registry=self.registry,
+        )
+        self.sse_streams = Gauge(
+            "tokenbroker_sse_streams",
+            "Open Server-Sent Event streams of jobs.",
+            registry=self.registry,
+        )
+        self.sse_streams.set_function(lambda: 0)
+        # The running jobs by id, so a repeated or unmatched JobFinished cannot push the
+        # gauge below the truth; ids stay here, never in a label.
+        self._running: dict[str, str] = {}
+        self._running_lock = threading.Lock()
         self.registry.register(_CredentialStates(broker))
         self._unsubscribe = broker.subscribe(self.on_event)
 
@@ -120,6 +169,39 @@ class Metrics:
             self.refresh_duration.labels(event.provider).observe(event.duration)
         elif isinstance(event, TokenInvalidated):
             self.invalidations.labels(event.provider).inc()
+        elif isinstance(event, JobItemFinished):
+            self.job_items.labels(event.kind, event.outcome).inc()
+        elif isinstance(event, JobPhaseChanged):
+            if event.previous is not None and event.previous_duration is not None:
+                self.phase_duration.labels(event.kind, event.previous).observe(
+                    event.previous_duration
+                )
+        elif isinstance(event, JobStarted):
+            with self._running_lock:
+                if event.job_id in self._running:
+                    return
+                self._running[event.job_id] = event.kind
+            self.jobs_running.labels(event.kind).inc()
+        elif isinstance(event, JobFinished):
+            self._on_job_finished(event)
+
+    def _on_job_finished(self, event: JobFinished) -> None:
+        self.jobs.labels(event.kind, event.status).inc()
+        if event.phase is not None and event.phase_duration is not None:
+            self.phase_duration.labels(event.kind, event.phase).observe(event.phase_duration)
+        with self._running_lock:
+            kind = self._running.pop(event.job_id, None)
+        if kind is not None:
+            self.jobs_running.labels(kind).dec()
+
+    def count_streams(self, count: Callable[[], int]) -> None:
+        """Read ``tokenbroker_sse_streams`` from ``count()`` at each scrape.
+
+        Args:
+            count: Returns the open job event streams (e.g. the SSE hub's subscriber
+                count); called from the scraping thread, so it must be cheap and thread-safe.
+        """
+        self.sse_streams.set_function(count)
 
     def render(self) -> bytes:
         """The exposition text for ``/metrics``."""
