@@ -211,7 +211,7 @@ for _scheme in ("postgresql", "postgres"):
     register_backend(
         Backend(
             scheme=_scheme,
-            form=f"{_scheme}://…",
+            form=f"{_scheme}://HOST/DB",
             open=_open_postgres,
             valid=_postgres_valid,
             persistent=lambda url: True,

@@ -101,7 +101,9 @@ def parse_url(url: str, timeout: float = 5.0) -> tuple[str, PoolSettings, str]:
     if not settings.timeout > 0:
         raise ValueError("timeout must be a positive number of seconds")
     query = {**DSN_DEFAULTS, **query}
-    conninfo = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(query, quote_via=quote)))
+    conninfo = urlunsplit(
+        parts._replace(scheme="postgresql", query=urlencode(query, quote_via=quote))
+    )
     host = parts.hostname or "localhost"
     where = f"{parts.username}@{host}" if parts.username else host
     display = f"postgresql://{where}{f':{parts.port}' if parts.port else ''}{parts.path}"
