@@ -8,7 +8,7 @@ COMPILED := .venv-compiled
 # uv lives in the project's own venv: nothing is installed outside this folder.
 UV := $(BIN)/uv
 
-.PHONY: run test lint typecheck pytest compiled pytest-compiled bench bench-deps install install-run clean
+.PHONY: run test lint typecheck pytest compiled pytest-compiled bench bench-deps test-deps install install-run clean
 
 $(BIN)/uv:
 	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
@@ -31,7 +31,14 @@ lint: install
 typecheck: install
 	$(BIN)/mypy src
 
-pytest: install
+# Debian's PostgreSQL server binaries: the tests run their own server from them (tests/pg.py;
+# a service the package starts is not used). As root, with no standard input.
+test-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql </dev/null; \
+	fi
+
+pytest: install test-deps
 	$(BIN)/pytest --cov --cov-report=term -p no:cacheprovider $(PYTEST_ARGS)
 
 # The proxy's tests again, on the compiled build (the speed of bench/proxy.py's figures).

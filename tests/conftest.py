@@ -12,6 +12,9 @@ from support import CLIENT_ID, CLIENT_SECRET, client_credentials, login
 from tokenbroker import Broker, parse_settings
 from tokenbroker.testing import AuthorizationServer
 
+# The real PostgreSQL server fixtures (postgres_server, pg_url).
+pytest_plugins = ["pg"]
+
 
 @pytest.fixture
 def auth_server() -> Iterator[AuthorizationServer]:

@@ -42,11 +42,16 @@ def test_open_store_picks_the_backend_by_scheme(
         store.close()
 
 
-@pytest.mark.parametrize("url", ["postgresql://db/x", "memory:///x", "redis", "sqlite://x", ""])
+@pytest.mark.parametrize(
+    "url", ["mysql://db/x", "postgresql://", "memory:///x", "redis", "sqlite://x", ""]
+)
 def test_unknown_or_malformed_url_is_refused_naming_the_forms(url: str) -> None:
     """open_store refuses a URL no backend accepts with a StoreError listing the forms; config
     validation gives the same list at `store`; probe reports it."""
-    with pytest.raises(StoreError, match=r"memory, memory://, sqlite:///PATH"):
+    with pytest.raises(
+        StoreError,
+        match=r"memory, memory://, postgres://HOST/DB, postgresql://HOST/DB, sqlite:///PATH",
+    ):
         open_store(url, keys())
     with pytest.raises(ConfigError) as caught:
         parse_settings(f"store: '{url}'\n", {})

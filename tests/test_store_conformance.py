@@ -12,9 +12,12 @@ from tokenbroker.store.memory import MemoryState, MemoryStore
 from tokenbroker.testing.store_conformance import StoreConformance, StoreFactory
 
 
-@pytest.fixture(params=["sqlite-file", "sqlite-memory", "memory"])
+@pytest.fixture(params=["sqlite-file", "sqlite-memory", "memory", "postgres"])
 def store_factory(request: pytest.FixtureRequest, tmp_path: Path) -> StoreFactory:
-    """Each backend open_store knows; a PostgreSQL backend adds itself here."""
+    """Each backend open_store knows (postgres: a fresh database on the session's own server)."""
+    if request.param == "postgres":
+        pg_url = request.getfixturevalue("pg_url")
+        return StoreFactory("postgres", lambda keys: open_store(pg_url, keys))
     if request.param == "sqlite-file":
         url = f"sqlite:///{tmp_path / 'conformance.db'}"
         return StoreFactory("sqlite-file", lambda keys: open_store(url, keys))

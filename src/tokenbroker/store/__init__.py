@@ -7,9 +7,10 @@
 ``sqlite:///PATH``          a SQLite file, WAL, ``synchronous=FULL`` (the default)
 ``sqlite:///:memory:``      the same SQLite schema in process memory
 ``memory://``, ``memory``   the pure-Python in-process backend (nothing survives the process)
+``postgresql://…``          a PostgreSQL database shared by replicas (extra ``postgres``)
 ==========================  ==============================================================
 
-A new backend (e.g. ``postgresql``) registers itself with :func:`register_backend` and must
+A new backend registers itself with :func:`register_backend` and must
 pass :mod:`tokenbroker.testing.store_conformance` unchanged. Engine code names only the
 protocols (:class:`Store` and its parts) and :func:`open_store`.
 """
@@ -23,6 +24,8 @@ from ..core.crypto import Keyring
 from ..errors import ConfigProblem, StoreError
 from .base import ConsumerStore, CredentialStore, RawState, SigningKeyStore, Store
 from .memory import MemoryStore
+from .postgres_probe import MISSING_EXTRA as _PG_MISSING
+from .postgres_probe import probe as _probe_postgres
 from .rows import Attempt, CredentialRow, Lease, StoredToken
 from .sqlite import SQLiteStore
 from .sqlite_probe import probe as _probe_sqlite
@@ -186,3 +189,32 @@ register_backend(
         probe=lambda url, keyring: [],
     )
 )
+
+
+def _open_postgres(url: str, keyring: Keyring, busy_timeout: float) -> Store:
+    """Open a ``postgresql://`` store; psycopg is imported only now (an optional extra)."""
+    try:
+        from .postgres import PostgresStore  # noqa: PLC0415 - needs the 'postgres' extra
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] in ("psycopg", "psycopg_pool"):
+            raise StoreError(_PG_MISSING) from None
+        raise
+    return PostgresStore.from_url(url, keyring, busy_timeout=busy_timeout)
+
+
+def _postgres_valid(url: str) -> bool:
+    rest = url.partition("://")[2]
+    return bool(rest) and not rest.startswith("?")
+
+
+for _scheme in ("postgresql", "postgres"):
+    register_backend(
+        Backend(
+            scheme=_scheme,
+            form=f"{_scheme}://HOST/DB",
+            open=_open_postgres,
+            valid=_postgres_valid,
+            persistent=lambda url: True,
+            probe=_probe_postgres,
+        )
+    )
