@@ -8,7 +8,7 @@ COMPILED := .venv-compiled
 # uv lives in the project's own venv: nothing is installed outside this folder.
 UV := $(BIN)/uv
 
-.PHONY: run test lint typecheck pytest compiled pytest-compiled bench bench-deps install install-run clean
+.PHONY: run test test-deps lint typecheck pytest compiled pytest-compiled bench bench-deps install install-run clean
 
 $(BIN)/uv:
 	@[ -x $(BIN)/python ] || $(PY) -m venv $(VENV)
@@ -31,7 +31,12 @@ lint: install
 typecheck: install
 	$(BIN)/mypy src
 
-pytest: install
+# Debian's redis-server, which the cluster tests start on their own ports (issue 17).
+test-deps:
+	@command -v redis-server >/dev/null || { apt-get update && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server; }
+
+pytest: install test-deps
 	$(BIN)/pytest --cov --cov-report=term -p no:cacheprovider $(PYTEST_ARGS)
 
 # The proxy's tests again, on the compiled build (the speed of bench/proxy.py's figures).

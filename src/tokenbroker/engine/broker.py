@@ -61,6 +61,8 @@ class Broker(AuthAdapters):
         coordinator: Carries change notices between processes (see
             :mod:`~tokenbroker.engine.coordination`); default: Redis when ``settings.redis``
             is set (closed with the broker), else none (waiters poll the store).
+        coordination_wait: With a coordinator, the longest wait for another process's
+            "credential changed" notice before the store is read again (lost notices).
 
     Raises:
         ConfigError: ``redis`` is set but the ``redis`` extra is not installed.
@@ -77,6 +79,7 @@ class Broker(AuthAdapters):
         store: Store | None = None,
         hook: Callable[[str], None] | None = None,
         coordinator: Coordinator | None = None,
+        coordination_wait: float = 0.5,
     ) -> None:
         self.settings = settings
         self.events = EventBus()
@@ -89,7 +92,13 @@ class Broker(AuthAdapters):
             coordinator = coordinator_for(settings.redis, settings.store)
         #: Change notices between processes (None: each process polls the store).
         self.coordinator = coordinator
-        self._refresher = Refresher(self.store, hook=hook, clock=clock, coordinator=coordinator)
+        self._refresher = Refresher(
+            self.store,
+            hook=hook,
+            clock=clock,
+            coordinator=coordinator,
+            wait_seconds=coordination_wait,
+        )
         # One TLS context for every client: building one costs ~20 ms of CPU.
         self._http = httpx.Client(
             transport=transport,
