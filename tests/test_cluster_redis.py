@@ -4,6 +4,7 @@ limits, and consumer changes fanned out in milliseconds."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import subprocess
@@ -225,6 +226,8 @@ def test_consumer_removal_reaches_another_process_through_pubsub(
         assert seen < 5
     finally:
         follower.cancel()
+        concurrent.futures.wait([follower], 5)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+        loop.close()
         broker.close()

@@ -89,7 +89,12 @@ class Broker(AuthAdapters):
         if coordinator is None and settings.redis is not None:
             from ..cluster import coordinator_for  # noqa: PLC0415 - only in cluster mode
 
-            coordinator = coordinator_for(settings.redis, settings.store)
+            try:
+                coordinator = coordinator_for(settings.redis, settings.store)
+            except BaseException:
+                if self._owns_store:
+                    self.store.close()
+                raise
         #: Change notices between processes (None: each process polls the store).
         self.coordinator = coordinator
         self._refresher = Refresher(

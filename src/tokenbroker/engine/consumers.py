@@ -268,7 +268,10 @@ class ConsumerRegistry:
             await self._follow(every, None)
             return
         with self.coordinator.watch(CONSUMERS) as watch:
-            await self._follow(every, watch)
+            try:
+                await self._follow(every, watch)
+            finally:
+                watch.notify()  # frees the worker thread still waiting on it
 
     async def _follow(self, every: float, watch: Watch | None) -> None:
         failing = False
