@@ -31,11 +31,16 @@ lint: install
 typecheck: install
 	$(BIN)/mypy src
 
-# Debian's PostgreSQL server binaries: the tests run their own server from them (tests/pg.py;
-# a service the package starts is not used). As root, with no standard input.
+# Debian's PostgreSQL server binaries and redis-server: the tests run their own servers from
+# them on free ports (tests/pg.py, tests/redis_server.py; services the packages start are not
+# used). As root, with no standard input.
 test-deps:
-	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql </dev/null; \
+	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		missing="$$missing postgresql"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	if [ -n "$$missing" ]; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y$$missing </dev/null; \
 	fi
 
 pytest: install test-deps

@@ -177,7 +177,12 @@ def test_probes_and_readiness(
 ) -> None:
     """livez is always 200; readyz waits for required providers; health reports degradation."""
     client = served.client
-    assert client.get("/livez").json() == {"status": "ok", "store": None, "providers": None}
+    assert client.get("/livez").json() == {
+        "status": "ok",
+        "store": None,
+        "providers": None,
+        "degraded": None,
+    }
     assert client.get("/readyz").status_code == 503
     client.get("/v1/tokens/svc", headers=auth())
     assert client.get("/readyz").status_code == 200

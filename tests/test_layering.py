@@ -23,6 +23,8 @@ LAYERS = {
     # Beside the engine: Broker uses the adapters, BrokerClient the engine's TokenCache.
     "client": 4,
     "engine": 4,
+    # Beside the engine: Redis coordination implementing the engine's Coordinator protocol.
+    "cluster": 4,
     "telemetry": 5,
     "api": 5,
     "proxy": 5,

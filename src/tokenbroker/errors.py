@@ -12,6 +12,7 @@
     ├── ForbiddenSubjectError           a consumer asked for a subject it may not delegate for
     ├── StoreError                      the durable store failed (locked, disk full, read-only)
     │   └── StoreCorruptError           a stored row or ciphertext is damaged or was moved
+    ├── CoordinationUnavailableError    Redis did not answer; every caller falls back
     └── ProviderError                   the identity provider could not give us a token
         ├── ProviderMisconfiguredError  a 4xx we cannot fix by retrying            (not retried)
         │   └── ClientAuthenticationError  401/403 or ``invalid_client``           (not retried)
@@ -124,6 +125,14 @@ class StoreCorruptError(StoreError):
     """A stored row or ciphertext is damaged, or was moved to another row or column."""
 
     code = "store_corrupt"
+
+
+class CoordinationUnavailableError(TokenBrokerError):
+    """Redis did not answer in time, or its circuit breaker is open.
+
+    Never reaches a consumer: every caller falls back (to polling the store, to its own
+    rate-limit counts), because Redis only makes things faster and never decides.
+    """
 
 
 class UnknownProviderError(TokenBrokerError):

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from .. import __version__
+from ..cluster import windows_for
 from ..edge.ratelimit import RateLimits
 from ..engine.broker import Broker
 from ..engine.consumers import ConsumerRegistry
@@ -56,7 +57,9 @@ def create_app(
     """
     registry = consumers
     if registry is None:
-        registry = ConsumerRegistry.load(broker.settings.consumers, broker.store)
+        registry = ConsumerRegistry.load(
+            broker.settings.consumers, broker.store, broker.coordinator
+        )
     meter = metrics or Metrics(broker)
     server = broker.settings.server
     app = FastAPI(
@@ -68,7 +71,9 @@ def create_app(
         responses={401: {"model": ErrorResponse}},
         lifespan=following(registry),
     )
-    app.state.limits = limits or RateLimits(server.rate_limit)
+    app.state.limits = limits or RateLimits(
+        server.rate_limit, shared=windows_for(broker.coordinator)
+    )
     app.state.consumers = registry
     origins = list(server.cors_origins)
     if origins:

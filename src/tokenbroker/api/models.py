@@ -116,3 +116,5 @@ class Status(BaseModel):
     status: str
     store: str | None = None
     providers: dict[str, str] | None = None
+    #: Parts the broker runs without, with the reason (``{"redis": "redis unreachable: …"}``).
+    degraded: dict[str, str] | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..config import load_settings
+from ..config import Settings, load_settings
 from ..core.names import CONSUMER_NAME
 from ..core.rules import parse_rule, subject_entry
 from ..engine.consumers import hash_key, new_key
@@ -58,11 +58,13 @@ def consumers_add(
             raise click.BadParameter(str(exc), param_hint="--subject") from None
     key = new_key()
     try:
-        store = open_store(config_path)
+        settings = load_settings(config_path)
+        store = open_store(config_path, settings)
         try:
             store.add_consumer(name, hash_key(key), entries)
         finally:
             store.close()
+        _announce(settings)
     except TokenBrokerError as exc:
         fail(exc)
     click.echo(f"consumer {name} may use: {', '.join(str(r) for r in parsed)}", err=True)
@@ -96,14 +98,27 @@ def consumers_list(config_path: Path) -> None:
 def consumers_remove(name: str, config_path: Path) -> None:
     """Delete a stored consumer; its key stops working."""
     try:
-        store = open_store(config_path)
+        settings = load_settings(config_path)
+        store = open_store(config_path, settings)
         try:
             removed = store.remove_consumer(name)
         finally:
             store.close()
+        _announce(settings)
     except TokenBrokerError as exc:
         fail(exc)
     if not removed:
         click.echo(f"error: no stored consumer named {name!r}", err=True)
         raise SystemExit(3)
     click.echo(f"removed {name}")
+
+
+def _announce(settings: Settings) -> None:
+    """Tell running brokers at once (cluster mode) that the stored consumers changed; without
+    Redis, or when it does not answer, they notice within their poll (half a second)."""
+    if settings.redis is None:
+        return
+    from ..cluster import announce  # noqa: PLC0415 - only in cluster mode
+    from ..engine.coordination import CONSUMERS  # noqa: PLC0415
+
+    announce(settings.redis, settings.store, CONSUMERS)

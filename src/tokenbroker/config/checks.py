@@ -5,6 +5,7 @@ a setting nothing reads yet). No message quotes a value from the file.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Any
@@ -57,11 +58,9 @@ def config_warnings(
         One problem per such setting; the setting's value is never quoted.
     """
     warnings = [] if path is None else _readable_secrets(Path(path))
-    if settings.redis is not None:
+    if settings.redis is not None and importlib.util.find_spec("redis") is None:
         warnings.append(
-            ConfigProblem(
-                "redis", "is not used yet: coalescing, events and rate limits stay per process"
-            )
+            ConfigProblem("redis", "needs the redis client: pip install 'tokenbroker[redis]'")
         )
     if settings.telemetry.otlp_endpoint is not None:
         warnings.append(

@@ -5,24 +5,43 @@ The failed-key limit applies to failures only: a key is checked first, and a val
 served whatever its address's failures (keys have 256 random bits, so the limit is about
 load and noise from wrong keys, not about making guessing feasible or not).
 
-Built on the ``limits`` library's moving windows with in-memory storage (its
-Redis storage is a later config switch). A blocked caller learns how long to
-wait (``Retry-After``).
+Built on the ``limits`` library's moving windows with in-memory storage. In cluster mode
+the counts are shared by every process through :class:`SharedWindows` (Redis, see
+:mod:`tokenbroker.cluster.windows`), so N replicas do not multiply a limit by N; when Redis
+does not answer the in-process counts apply instead (degraded, never down). A blocked
+caller learns how long to wait (``Retry-After``).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Protocol
 
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-__all__ = ["DEFAULT_AUTH_FAILURES", "RateLimits"]
+from ..errors import CoordinationUnavailableError
+
+__all__ = ["DEFAULT_AUTH_FAILURES", "RateLimits", "SharedWindows"]
 
 #: Failed key checks allowed per client address before it is told to wait.
 DEFAULT_AUTH_FAILURES = "10/minute"
+
+
+class SharedWindows(Protocol):
+    """Moving windows counted across processes (cluster mode)."""
+
+    def hit(self, name: str, key: str, limit: int, window: float) -> float | None:
+        """Count one hit of ``key`` in window ``name`` (``limit`` hits per ``window`` seconds).
+
+        Returns:
+            None when counted, else seconds until a hit is allowed again.
+
+        Raises:
+            CoordinationUnavailableError: The shared counts cannot be reached now.
+        """
 
 
 class RateLimits:
@@ -31,12 +50,20 @@ class RateLimits:
     Args:
         per_consumer: e.g. ``50/second`` for each consumer, or None for no limit.
         auth_failures: Failed authentications allowed per client address.
+        shared: Counts shared with other processes; None (or unreachable): this process's.
 
     Raises:
         ValueError: For a limit string the ``limits`` library cannot parse.
     """
 
-    def __init__(self, per_consumer: str | None = None, auth_failures: str = DEFAULT_AUTH_FAILURES):
+    def __init__(
+        self,
+        per_consumer: str | None = None,
+        auth_failures: str = DEFAULT_AUTH_FAILURES,
+        *,
+        shared: SharedWindows | None = None,
+    ):
+        self.shared = shared
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
         self._consumer: RateLimitItem | None = parse(per_consumer) if per_consumer else None
         self._failures = parse(auth_failures)
@@ -53,15 +80,26 @@ class RateLimits:
         Returns:
             Seconds ``source`` must wait once over its budget of failures, else None.
         """
-        if self._limiter.hit(self._failures, "fail", source):
-            return None
-        return self._wait(self._failures, "fail", source)
+        return self._hit(self._failures, "fail", source)
 
     def consumer_blocked(self, name: str) -> float | None:
         """Count one request of consumer ``name``; seconds to wait if over its limit, or None."""
-        if self._consumer is None or self._limiter.hit(self._consumer, "consumer", name):
+        if self._consumer is None:
             return None
-        return self._wait(self._consumer, "consumer", name)
+        return self._hit(self._consumer, "consumer", name)
+
+    def _hit(self, item: RateLimitItem, name: str, key: str) -> float | None:
+        """One hit, counted across processes when possible, else in this one."""
+        if self.shared is not None:
+            try:
+                wait = self.shared.hit(name, key, item.amount, item.get_expiry())
+            except CoordinationUnavailableError:
+                pass  # the breaker logged it once; count here meanwhile
+            else:
+                return None if wait is None else max(1.0, math.ceil(wait))
+        if self._limiter.hit(item, name, key):
+            return None
+        return self._wait(item, name, key)
 
     def _wait(self, item: RateLimitItem, *keys: str) -> float:
         reset = self._limiter.get_window_stats(item, *keys).reset_time

@@ -30,6 +30,7 @@ from ..grants import Exchange, Grant, RetryPolicy, TokenResponse, send_sync, tok
 from ..store import Store
 from .cache import TokenCache
 from .catalog import CredentialKey, ProviderCatalog, scope_alias
+from .coordination import Coordinator
 from .credentials import store_for
 from .delegation import (
     DelegatedToken,
@@ -57,8 +58,14 @@ class Broker(AuthAdapters):
         store: An opened store (default: the one the settings name, see
             :func:`~tokenbroker.engine.credentials.store_for`).
         hook: Called with a crash-point name during refreshes (the crash benchmark).
+        coordinator: Carries change notices between processes (see
+            :mod:`~tokenbroker.engine.coordination`); default: Redis when ``settings.redis``
+            is set (closed with the broker), else none (waiters poll the store).
+        coordination_wait: With a coordinator, the longest wait for another process's
+            "credential changed" notice before the store is read again (lost notices).
 
     Raises:
+        ConfigError: ``redis`` is set but the ``redis`` extra is not installed.
         EncryptionKeyError: Stored secrets need a key that is not configured.
         StoreError: The store cannot be opened.
     """
@@ -71,12 +78,32 @@ class Broker(AuthAdapters):
         transport: httpx.BaseTransport | None = None,
         store: Store | None = None,
         hook: Callable[[str], None] | None = None,
+        coordinator: Coordinator | None = None,
+        coordination_wait: float = 0.5,
     ) -> None:
         self.settings = settings
         self.events = EventBus()
         self._owns_store = store is None
         self.store = store if store is not None else store_for(settings)
-        self._refresher = Refresher(self.store, hook=hook, clock=clock)
+        self._owns_coordinator = coordinator is None and settings.redis is not None
+        if coordinator is None and settings.redis is not None:
+            from ..cluster import coordinator_for  # noqa: PLC0415 - only in cluster mode
+
+            try:
+                coordinator = coordinator_for(settings.redis, settings.store)
+            except BaseException:
+                if self._owns_store:
+                    self.store.close()
+                raise
+        #: Change notices between processes (None: each process polls the store).
+        self.coordinator = coordinator
+        self._refresher = Refresher(
+            self.store,
+            hook=hook,
+            clock=clock,
+            coordinator=coordinator,
+            wait_seconds=coordination_wait,
+        )
         # One TLS context for every client: building one costs ~20 ms of CPU.
         self._http = httpx.Client(
             transport=transport,
@@ -324,6 +351,12 @@ class Broker(AuthAdapters):
             started += self._cache.prefetch((name, None, None))
         return started
 
+    def degraded(self) -> dict[str, str]:
+        """The parts the broker runs without right now, by component, with the reason (e.g.
+        ``{"redis": "redis unreachable: TimeoutError"}``); never a URL or a secret."""
+        reason = self.coordinator.degraded() if self.coordinator is not None else None
+        return {"redis": reason} if reason is not None else {}
+
     def required(self) -> list[str]:
         """The names of the ``required: true`` providers, sorted."""
         return self._catalog.required()
@@ -378,6 +411,8 @@ class Broker(AuthAdapters):
         broker opened it)."""
         self._cache.close()
         self._http.close()
+        if self._owns_coordinator and self.coordinator is not None:
+            self.coordinator.close()
         if self._owns_store:
             self.store.close()
 

@@ -21,8 +21,10 @@ allow list (:func:`subject_entry`), so the store needs no column for it.
 A registry built with :meth:`ConsumerRegistry.load` follows the store: a running server
 checks :meth:`~tokenbroker.store.ConsumerStore.consumers_version` every
 :data:`FOLLOW_SECONDS` (off the event loop) and swaps in the new set when it changed, so
-``tokenbroker consumers add`` and ``remove`` take effect without a restart. Authentication
-itself stays a dictionary lookup.
+``tokenbroker consumers add`` and ``remove`` take effect without a restart. With a
+:class:`~tokenbroker.engine.coordination.Coordinator` (cluster mode: Redis), a "consumers
+changed" notice wakes the follower at once; the check every :data:`FOLLOW_SECONDS` stays as
+the fallback for notices lost or Redis down. Authentication itself stays a dictionary lookup.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..core.rules import DELEGATE_AS, Rule, check_subject, parse_allow, parse_rule
 from ..errors import ForbiddenSubjectError
+from .coordination import CONSUMERS, Coordinator, Watch
 
 if TYPE_CHECKING:
     from ..config import ConsumerSettings
@@ -160,6 +163,7 @@ class ConsumerRegistry:
         consumers: ``(name, key digest, rules)`` or ``(name, key digest, rules, subject)``
             entries that never change.
         source: Where stored consumers are re-read from (see :meth:`follow`); None: none.
+        coordinator: Wakes :meth:`follow` when another process changed the stored consumers.
 
     Raises:
         StoreError: ``source`` fails on the first read.
@@ -172,7 +176,9 @@ class ConsumerRegistry:
         ] = (),
         *,
         source: ConsumerSource | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
+        self.coordinator = coordinator
         self._fixed: dict[str, Consumer] = {}
         for name, digest, rules, *subject in consumers:
             self._fixed[digest] = Consumer(name, tuple(rules), subject[0] if subject else None)
@@ -204,15 +210,19 @@ class ConsumerRegistry:
 
     @classmethod
     def load(
-        cls, settings: Mapping[str, ConsumerSettings], source: ConsumerSource
+        cls,
+        settings: Mapping[str, ConsumerSettings],
+        source: ConsumerSource,
+        coordinator: Coordinator | None = None,
     ) -> ConsumerRegistry:
         """Consumers from the config section plus those stored by ``tokenbroker consumers add``,
-        re-read from ``source`` by :meth:`reload` (run :meth:`follow` while serving).
+        re-read from ``source`` by :meth:`reload` (run :meth:`follow` while serving), at once
+        on a ``coordinator`` notice.
 
         Raises:
             StoreError: When the stored consumers cannot be read.
         """
-        return cls(_configured(settings), source=source)
+        return cls(_configured(settings), source=source, coordinator=coordinator)
 
     def reload(self) -> bool:
         """Re-read the stored consumers if the source says they changed. A stored consumer
@@ -245,17 +255,31 @@ class ConsumerRegistry:
 
     async def follow(self, every: float = FOLLOW_SECONDS) -> None:
         """Keep in step with the source until cancelled: :meth:`reload` every ``every``
-        seconds in a worker thread, never on the event loop. A failing source is logged once
-        (by error class) and retried; the consumers already loaded stay in force meanwhile.
+        seconds, and at once on a coordinator's "consumers changed" notice, in a worker thread,
+        never on the event loop. A failing source is logged once (by error class) and
+        retried; the consumers already loaded stay in force meanwhile.
 
         Args:
-            every: Seconds between checks.
+            every: Seconds between checks (with a coordinator: the longest wait for a notice).
         """
         if self._source is None:
             return
+        if self.coordinator is None:
+            await self._follow(every, None)
+            return
+        with self.coordinator.watch(CONSUMERS) as watch:
+            try:
+                await self._follow(every, watch)
+            finally:
+                watch.notify()  # frees the worker thread still waiting on it
+
+    async def _follow(self, every: float, watch: Watch | None) -> None:
         failing = False
         while True:
-            await asyncio.sleep(every)
+            if watch is None:
+                await asyncio.sleep(every)
+            else:
+                await asyncio.to_thread(watch.wait, every)
             try:
                 await asyncio.to_thread(self.reload)
             except Exception as exc:

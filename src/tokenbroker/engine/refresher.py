@@ -15,6 +15,12 @@
    inside ``reuse_grace_seconds`` retry with the same token; with no grace retry once,
    then mark the credential ``reauthorization_required`` — never a retry storm.
 
+With a :class:`~tokenbroker.engine.coordination.Coordinator` (cluster mode: Redis), a caller
+waiting for another process's lease waits for its "credential changed" notice (published
+when any holder releases a lease) instead of polling blindly, and re-reads the store after
+the notice *or* after ``wait_seconds``, since notices can be lost; while the coordinator is
+degraded it polls with backoff as without one. The lease alone decides who refreshes.
+
 ``hook(point)`` is called at ``before_send``, ``after_reply`` and ``after_commit``;
 the crash benchmark kills the process there. Every time read goes through the injected
 :class:`~tokenbroker.core.clock.Clock` (the broker passes its own) and every pause through
@@ -49,6 +55,7 @@ from ..errors import (
 )
 from ..grants import Exchange, Grant, RetryPolicy, TokenResponse
 from ..store import CredentialRow, CredentialStore, Lease, StoredToken
+from .coordination import Coordinator, Watch, credential_topic
 
 __all__ = ["RefreshJob", "Refresher", "fingerprint", "owner_id"]
 
@@ -163,6 +170,9 @@ class Refresher:
             token is still usable (default: the system's).
         sleep: Pauses between looks at a lease someone else holds and between commit tries
             (tests pass :meth:`~tokenbroker.core.clock.ManualClock.sleep`).
+        coordinator: Carries "credential changed" notices between processes; None: poll.
+        wait_seconds: With a coordinator, the longest wait for a notice before looking at the
+            store again (the fallback when a notice is lost).
     """
 
     def __init__(
@@ -172,8 +182,12 @@ class Refresher:
         hook: Callable[[str], None] | None = None,
         clock: Clock | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        coordinator: Coordinator | None = None,
+        wait_seconds: float = 0.5,
     ) -> None:
         self.store = store
+        self.coordinator = coordinator
+        self.wait_seconds = wait_seconds
         self.owner = owner_id()
         self.clock: Clock = clock or SystemClock()
         self._sleep = sleep
@@ -196,6 +210,15 @@ class Refresher:
             ReauthorizationRequiredError: The credential is marked dead.
             StoreError: The store failed; nothing was half-written.
         """
+        coordinator = self.coordinator
+        if coordinator is None:
+            return self._run(job, None)
+        topic = credential_topic(job.row_id)
+        # Watch before the first look at the lease: a release published in between still wakes.
+        with coordinator.watch(topic) as watch:
+            return self._run(job, watch)
+
+    def _run(self, job: RefreshJob, watch: Watch | None) -> TokenResponse:
         give_up = self.clock.monotonic() + job.policy.deadline + job.lease_seconds
         pause = 0.005
         while True:
@@ -227,7 +250,7 @@ class Refresher:
                         provider=job.provider,
                         sent=False,
                     )
-                self._sleep(pause * self._rng.uniform(0.5, 1.5))
+                self._wait(watch, pause)
                 pause = min(pause * 2, 0.1)
                 continue
             try:
@@ -237,6 +260,18 @@ class Refresher:
             finally:
                 with contextlib.suppress(StoreError):
                     self.store.release(lease)
+                if self.coordinator is not None:
+                    # Whatever happened under the lease, waiters elsewhere look again now.
+                    self.coordinator.publish(credential_topic(job.row_id))
+
+    def _wait(self, watch: Watch | None, pause: float) -> None:
+        """Wait for another process's lease: for its notice when the coordinator works (then,
+        or after ``wait_seconds``, the caller re-reads the store), else a jittered pause."""
+        coordinator = self.coordinator
+        if watch is not None and coordinator is not None and coordinator.degraded() is None:
+            watch.wait(self.wait_seconds)
+            return
+        self._sleep(pause * self._rng.uniform(0.5, 1.5))
 
     # -- under the lease -----------------------------------------------------------------------
 

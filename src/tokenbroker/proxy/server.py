@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ..cluster import windows_for
 from ..config import ProxySettings
 from ..core.clock import Clock, SystemClock
 from ..edge.descriptors import budget
@@ -72,9 +73,11 @@ class ProxyServer:
         self.consumers: ConsumerRegistry | None = None
         if header:
             self.consumers = consumers or ConsumerRegistry.load(
-                broker.settings.consumers, broker.store
+                broker.settings.consumers, broker.store, broker.coordinator
             )
-        self.limits = RateLimits()  # wrong consumer keys per client address, as in the API
+        self.limits = RateLimits(
+            shared=windows_for(broker.coordinator)
+        )  # wrong consumer keys per client address, as in the API
         self.connections: set[ClientConnection] = set()
         self.max_connections = (
             settings.max_client_connections or budget(with_proxy=True).proxy_clients

@@ -68,6 +68,25 @@ class _CredentialStates(Collector):
         return [family]
 
 
+class _Degraded(Collector):
+    """``tokenbroker_degraded{component}``: 1 while the broker runs without that part (Redis
+    unreachable), read from the broker at scrape time; 0 for a configured part that works."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "tokenbroker_degraded",
+            "1 while a part of the broker is unavailable and it serves without it.",
+            labels=["component"],
+        )
+        missing = self._broker.degraded()
+        if self._broker.coordinator is not None or missing:
+            family.add_metric(["redis"], 1 if "redis" in missing else 0)
+        return [family]
+
+
 class Metrics:
     """The broker's Prometheus metrics.
 
@@ -152,6 +171,7 @@ class Metrics:
         self._running: dict[str, str] = {}
         self._running_lock = threading.Lock()
         self.registry.register(_CredentialStates(broker))
+        self.registry.register(_Degraded(broker))
         self._unsubscribe = broker.subscribe(self.on_event)
 
     def __repr__(self) -> str:

@@ -82,9 +82,16 @@ class _StoreCheck:
 
 async def _health(broker: Broker, store: _StoreCheck) -> Status:
     """The store's answer and each provider's worst state over its configured scopes and every
-    pool account; ``degraded`` when the store fails or a provider is stale, failed or needs
-    reauthorization."""
+    pool account; ``degraded`` when the store fails, a provider is stale, failed or needs
+    reauthorization, or the broker runs without a part (Redis unreachable: named, with the
+    reason, under ``degraded``)."""
     state = await store()
     providers = broker.provider_states()
-    bad = state != "ok" or any(value in DEGRADED for value in providers.values())
-    return Status(status="degraded" if bad else "ok", store=state, providers=providers)
+    missing = broker.degraded()
+    bad = state != "ok" or bool(missing) or any(value in DEGRADED for value in providers.values())
+    return Status(
+        status="degraded" if bad else "ok",
+        store=state,
+        providers=providers,
+        degraded=missing or None,
+    )
