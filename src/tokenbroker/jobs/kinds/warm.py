@@ -79,11 +79,15 @@ class Warm(JobKind):
         ctx.broker.get_token(provider, **target_of(ctx, provider, item))
 
     def verify_item(self, ctx: KindContext, item: str) -> None:
-        """The item's token is in the cache, fresh.
+        """The item's token is fresh in this process's cache (after a resume, the token
+        another process obtained is read from the store, not asked for again).
 
         Raises:
             ProviderUnavailableError: It is not.
         """
         provider = ctx.params["provider"]
-        if ctx.broker.peek_token(provider, **target_of(ctx, provider, item)) is None:
+        target = target_of(ctx, provider, item)
+        if ctx.broker.peek_token(provider, **target) is None:
+            ctx.broker.get_token(provider, **target)
+        if ctx.broker.peek_token(provider, **target) is None:
             raise ProviderUnavailableError(f"{provider}: no fresh token after warming")
