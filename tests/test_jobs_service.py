@@ -359,3 +359,53 @@ def test_no_secret_is_stored_in_a_job(
     text += repr(row) + repr(service.require(job.job_id))
     secrets = [pw for _, pw in POOL_ACCOUNTS] + auth_server.issued_login_tokens
     assert secrets and not any(s in text for s in secrets)
+
+
+def test_keepalive_refreshes_only_idle_refresh_tokens(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, make_service: ServiceFactory
+) -> None:
+    """keepalive uses a never-refreshed idle-expiring refresh token once; run again at once,
+    nothing is due and no token request is made."""
+    from support import refresh_token
+
+    seed = auth_server.issue_refresh_token("rt-client")
+    broker = make_broker(
+        {"tesla": refresh_token(auth_server, seed, rotation={"idle_expiry_days": 90})}
+    )
+    service = make_service(broker)
+    auth_server.reset_counts()
+    job, _ = service.start("keepalive", {}, "ops")
+    first = finished(service, job.job_id)
+    assert (first.status, first.items.total) == (JobStatus.DONE, 1)
+    assert auth_server.count("refresh_token") == 1
+    again, _ = service.start("keepalive", {"provider": "tesla"}, "ops")
+    second = finished(service, again.job_id)
+    assert (second.status, second.items.total) == (JobStatus.DONE, 0)
+    assert auth_server.count("refresh_token") == 1
+    with pytest.raises(InvalidJobParamsError) as bad:
+        service.start("keepalive", {"provider": "nope"}, "ops")
+    assert bad.value.field == "provider"
+
+
+def test_per_consumer_limit_refuses_more_active_jobs(
+    pool_broker: Broker, make_service: ServiceFactory
+) -> None:
+    """A consumer at max_running_per_consumer active jobs gets JobLimitError with a
+    Retry-After; another consumer, or a repeat of an active job, still gets through."""
+    from tokenbroker.errors import JobLimitError
+
+    service = make_service(pool_broker, run=False, max_running_per_consumer=2)
+    service.start("warm", {"provider": "db", "concurrency": 1}, "ops")
+    service.start("warm", {"provider": "db", "concurrency": 2}, "ops")
+    with pytest.raises(JobLimitError) as limited:
+        service.start("warm", {"provider": "db", "concurrency": 3}, "ops")
+    assert limited.value.retry_after > 0
+    assert service.start("warm", {"provider": "db", "concurrency": 1}, "ops")[1] is True
+    assert service.start("warm", {"provider": "db", "concurrency": 3}, "etl")[1] is False
+
+
+def test_jobs_settings_refuse_a_lease_shorter_than_two_heartbeats() -> None:
+    """jobs.lease_seconds below twice heartbeat_seconds is a config error naming the rule."""
+    with pytest.raises(ValueError, match="twice heartbeat"):
+        JobsSettings(heartbeat_seconds=5, lease_seconds=8)
+    assert JobsSettings().result_ttl_seconds == 86_400
