@@ -174,6 +174,8 @@ def test_older_schema_is_migrated_keeping_its_rows(db_path: Path, key: str) -> N
     with raw_db(db_path) as db:  # ...so put the row back into a schema-3 file
         db.execute("ALTER TABLE tb_credential DROP COLUMN scope")
         db.execute("ALTER TABLE tb_credential DROP COLUMN account")
+        for table in ("tb_job", "tb_job_event", "tb_job_schedule"):  # migration 5 (jobs)
+            db.execute(f"DROP TABLE {table}")
         db.execute("UPDATE tb_meta SET value = '3' WHERE name = 'schema_version'")
     store = SQLiteStore(str(db_path), keyring(key))
     try:

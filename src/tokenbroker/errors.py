@@ -10,6 +10,12 @@
     │   └── TooManyScopesError          a new scope set beyond the provider's ``max_scopes``
     ├── InvalidDelegationError          a delegation's object or subject is malformed
     ├── ForbiddenSubjectError           a consumer asked for a subject it may not delegate for
+    ├── JobRequestError                 a job request that cannot be served (code says why)
+    │   ├── UnknownJobKindError         no such job kind; the message lists the kinds
+    │   ├── InvalidJobParamsError       bad job params; ``field`` names the one at fault
+    │   ├── UnknownJobError             no job with that id (never a default state)
+    │   ├── JobNotRetryableError        a retry of a job with no failed retryable items
+    │   └── JobLimitError               too many running jobs for a consumer or instance
     ├── StoreError                      the durable store failed (locked, disk full, read-only)
     │   └── StoreCorruptError           a stored row or ciphertext is damaged or was moved
     ├── CoordinationUnavailableError    Redis did not answer; every caller falls back
@@ -41,8 +47,12 @@ __all__ = [
     "EncryptionKeyError",
     "ForbiddenSubjectError",
     "InvalidDelegationError",
+    "InvalidJobParamsError",
     "InvalidScopeError",
     "InvalidTokenError",
+    "JobLimitError",
+    "JobNotRetryableError",
+    "JobRequestError",
     "LeaseExpiredError",
     "PoolExhaustedError",
     "ProviderError",
@@ -53,6 +63,8 @@ __all__ = [
     "StoreError",
     "TokenBrokerError",
     "TooManyScopesError",
+    "UnknownJobError",
+    "UnknownJobKindError",
     "UnknownProviderError",
 ]
 
@@ -244,3 +256,47 @@ class LeaseExpiredError(TokenBrokerError):
 
 class InvalidTokenError(ProviderUnavailableError):
     """A token in the provider's reply is not a safe header value; it is never used."""
+
+
+class JobRequestError(TokenBrokerError):
+    """A job request that cannot be served; ``code`` is the API's word for why."""
+
+    code = "invalid_job_request"
+
+
+class UnknownJobKindError(JobRequestError):
+    """No job kind of that name; the message lists the kinds there are."""
+
+    code = "unknown_job_kind"
+
+
+class InvalidJobParamsError(JobRequestError):
+    """A job's params are malformed; ``field`` names the param at fault (never its value)."""
+
+    code = "invalid_job_params"
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"params.{field}: {message}" if field else f"params: {message}")
+
+
+class UnknownJobError(JobRequestError):
+    """No job with that id (unknown ids are an error, never a default state)."""
+
+    code = "job_not_found"
+
+
+class JobNotRetryableError(JobRequestError):
+    """A retry was asked of a job that has no failed retryable items (or has not ended)."""
+
+    code = "job_not_retryable"
+
+
+class JobLimitError(JobRequestError):
+    """Too many running jobs for the consumer; ``retry_after`` says when to try again."""
+
+    code = "too_many_jobs"
+
+    def __init__(self, message: str, retry_after: float = 5.0) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)

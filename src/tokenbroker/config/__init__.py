@@ -18,6 +18,8 @@ from .providers import (
 )
 from .sections import (
     ConsumerSettings,
+    JobSchedule,
+    JobsSettings,
     ProxyRoute,
     ProxySettings,
     Redirect,
@@ -33,6 +35,8 @@ __all__ = [
     "Credential",
     "Defaults",
     "Delegation",
+    "JobSchedule",
+    "JobsSettings",
     "JwtDelegation",
     "LoginProvider",
     "LoginRequest",

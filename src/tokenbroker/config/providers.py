@@ -240,10 +240,13 @@ class Rotation(_Frozen):
     Attributes:
         single_use: Each refresh token works once (a new one comes with each reply).
         reuse_grace_seconds: How long the provider still accepts a used one (Tesla: 86400).
+        idle_expiry_days: The refresh token dies when unused this long (Tesla: 90); the
+            ``keepalive`` job refreshes it before then. None: it does not expire when idle.
     """
 
     single_use: bool = True
     reuse_grace_seconds: float = Field(0.0, ge=0)
+    idle_expiry_days: float | None = Field(None, gt=0)
 
 
 class RefreshTokenProvider(_OAuthProvider):

@@ -32,6 +32,8 @@ from .providers import Defaults, LoginProvider, Provider, _check_url, _Frozen
 
 __all__ = [
     "ConsumerSettings",
+    "JobSchedule",
+    "JobsSettings",
     "ProxyRoute",
     "ProxySettings",
     "Redirect",
@@ -231,6 +233,56 @@ class ServerSettings(_Section):
         return value
 
 
+class JobSchedule(_Frozen):
+    """One scheduled job: ``kind`` with ``params`` every ``every_seconds`` and/or at start-up.
+
+    With several processes on one store, each period runs once: the store decides who starts
+    it (:meth:`~tokenbroker.store.base.JobStore.claim_schedule`).
+    """
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]{0,63}$")
+    kind: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    params: dict[str, Any] = Field(default_factory=dict)
+    every_seconds: float | None = Field(None, ge=60)
+    at_startup: bool = False
+
+    @model_validator(mode="after")
+    def _when(self) -> JobSchedule:
+        if self.every_seconds is None and not self.at_startup:
+            raise ValueError("needs every_seconds, at_startup: true, or both")
+        return self
+
+
+class JobsSettings(_Section):
+    """Background jobs (issue 16): leases, limits, retries, retention and schedules."""
+
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    lease_seconds: float = Field(30.0, gt=0)
+    result_ttl_seconds: float = Field(86_400.0, ge=0)
+    #: Jobs one instance runs at once; more wait queued.
+    max_running: int = Field(4, ge=1, le=256)
+    #: Active (queued or running) jobs one consumer may have.
+    max_running_per_consumer: int = Field(4, ge=1, le=256)
+    #: How often an idle instance looks for queued and expired jobs.
+    poll_seconds: float = Field(1.0, gt=0)
+    #: Base of an item's retry backoff (full jitter, exponential, at most 3 attempts).
+    retry_backoff_seconds: float = Field(0.5, ge=0)
+    #: ``keepalive`` refreshes a token unused for longer than this share of its idle expiry.
+    keepalive_fraction: float = Field(0.5, gt=0, le=1)
+    #: The longest a job's canonical params may be, in bytes.
+    max_params_bytes: int = Field(4096, ge=64)
+    schedule: tuple[JobSchedule, ...] = ()
+
+    @model_validator(mode="after")
+    def _lease(self) -> JobsSettings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError("lease_seconds must be at least twice heartbeat_seconds")
+        names = [s.name for s in self.schedule]
+        if len(set(names)) != len(names):
+            raise ValueError("schedule names must be unique")
+        return self
+
+
 class TelemetrySettings(_Section):
     """Logs (and, later, OpenTelemetry export)."""
 
@@ -287,6 +339,7 @@ class Settings(_Frozen):
     server: ServerSettings = ServerSettings()
     proxy: ProxySettings | None = None
     telemetry: TelemetrySettings = TelemetrySettings()
+    jobs: JobsSettings = JobsSettings()
     redirects: dict[str, Redirect] = Field(default_factory=dict)
 
     @field_validator("store")

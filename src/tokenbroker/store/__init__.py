@@ -22,11 +22,21 @@ from dataclasses import dataclass
 
 from ..core.crypto import Keyring
 from ..errors import ConfigProblem, StoreError
-from .base import ConsumerStore, CredentialStore, RawState, SigningKeyStore, Store
+from .base import ConsumerStore, CredentialStore, JobStore, RawState, SigningKeyStore, Store
 from .memory import MemoryStore
 from .postgres_probe import MISSING_EXTRA as _PG_MISSING
 from .postgres_probe import probe as _probe_postgres
-from .rows import Attempt, CredentialRow, Lease, StoredToken
+from .rows import (
+    Attempt,
+    CredentialRow,
+    JobEventRow,
+    JobLease,
+    JobPage,
+    JobRow,
+    Lease,
+    NewJobEvent,
+    StoredToken,
+)
 from .sqlite import SQLiteStore
 from .sqlite_probe import probe as _probe_sqlite
 
@@ -36,7 +46,13 @@ __all__ = [
     "ConsumerStore",
     "CredentialRow",
     "CredentialStore",
+    "JobEventRow",
+    "JobLease",
+    "JobPage",
+    "JobRow",
+    "JobStore",
     "Lease",
+    "NewJobEvent",
     "RawState",
     "SigningKeyStore",
     "Store",

@@ -15,12 +15,30 @@ ciphertext bound to its row, column and version (:mod:`.sealing`). Any backend m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from ..core.secret import Secret
-from .rows import Attempt, CredentialRow, Lease, StoredToken
+from .rows import (
+    Attempt,
+    CredentialRow,
+    JobEventRow,
+    JobLease,
+    JobPage,
+    JobRow,
+    Lease,
+    NewJobEvent,
+    StoredToken,
+)
 
-__all__ = ["ConsumerStore", "CredentialStore", "RawState", "SigningKeyStore", "Store"]
+__all__ = [
+    "ConsumerStore",
+    "CredentialStore",
+    "JobStore",
+    "RawState",
+    "SigningKeyStore",
+    "Store",
+]
 
 
 class CredentialStore(Protocol):
@@ -209,6 +227,168 @@ class SigningKeyStore(Protocol):
         ...  # pragma: no cover
 
 
+class JobStore(Protocol):
+    """Jobs, their fenced leases, their events and schedule claims (issue 16).
+
+    A job row is both the lock and the record, like a credential row: :meth:`claim_job`
+    takes its lease on the store's clock and bumps its fence; :meth:`save_job`,
+    :meth:`heartbeat_job` and :meth:`append_job_event` carry the fence and change nothing
+    for a stale owner. A job's events are numbered 1, 2, 3, … without gaps, in the same
+    transaction as the write that adds them. Nothing secret is ever stored here: params
+    name providers, never tokens. Statuses are the words of
+    :data:`~tokenbroker.store.rows.ACTIVE_JOB_STATUSES` and ``FINAL_JOB_STATUSES``; the
+    store checks only what fencing, idempotency and cancellation need.
+    """
+
+    def add_job(
+        self,
+        job_id: str,
+        kind: str,
+        idempotency_key: str,
+        requested_by: str,
+        document: str,
+        created_at: float,
+    ) -> tuple[JobRow, bool]:
+        """Queue a job unless an active one (queued, running or canceling) has the same
+        idempotency key; atomic, so of N racing callers exactly one adds.
+
+        Returns:
+            ``(the new row, False)``, or ``(the active job with that key, True)``.
+
+        Raises:
+            StoreError: ``job_id`` exists already (nothing changes).
+        """
+        ...  # pragma: no cover
+
+    def job(self, job_id: str) -> JobRow | None:
+        """One job, or None for an unknown id (never a default)."""
+        ...  # pragma: no cover
+
+    def jobs(
+        self,
+        *,
+        statuses: Sequence[str] | None = None,
+        kind: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        oldest_first: bool = False,
+    ) -> JobPage:
+        """Jobs newest first (or oldest first), filtered, one page at a time.
+
+        Args:
+            statuses: Only these statuses (None: all).
+            kind: Only this kind (None: all).
+            limit: At most this many rows (at least 1).
+            cursor: From the previous page's :attr:`JobPage.cursor`; the page goes on after
+                it. A job added meanwhile never shifts a page.
+            oldest_first: Order oldest first (the runner's queue order).
+
+        Returns:
+            The page and the cursor of the next one (None when no more rows).
+
+        Raises:
+            ValueError: A malformed cursor or a limit below 1.
+        """
+        ...  # pragma: no cover
+
+    def claim_job(self, job_id: str, owner: str, ttl: float) -> JobLease | None:
+        """Take a job's lease on the store's clock, bumping its fence: from ``queued``
+        (which becomes ``running``), or from ``running``/``canceling`` whose lease has
+        expired (the reaper's takeover; the status stays). Atomic: one caller wins.
+
+        Returns:
+            The lease, or None (unknown job, final, or held by a live lease).
+        """
+        ...  # pragma: no cover
+
+    def heartbeat_job(self, lease: JobLease, ttl: float) -> JobRow | None:
+        """Renew the lease to ``now + ttl`` on the store's clock, fenced.
+
+        Returns:
+            The row after renewal (its status shows a cancel request), or None when the
+            lease was lost (fenced out: nothing changes).
+        """
+        ...  # pragma: no cover
+
+    def save_job(
+        self,
+        lease: JobLease,
+        status: str,
+        document: str,
+        events: Sequence[NewJobEvent] = (),
+    ) -> JobRow | None:
+        """Write a job's status and document and append ``events``, in one transaction,
+        only while ``lease`` is current. A save never undoes a cancel request: ``running``
+        over ``canceling`` keeps ``canceling``. A final status stamps ``finished_at`` (store
+        clock) and frees the lease; ``queued`` frees it too (the job waits to be claimed).
+
+        Returns:
+            The row as saved, or None when fenced out (nothing written, no event added).
+        """
+        ...  # pragma: no cover
+
+    def append_job_event(
+        self, job_id: str, name: str, data: str, *, lease: JobLease | None = None
+    ) -> int | None:
+        """Append one event to a job: under its current lease, or, with ``lease`` None,
+        only while nobody holds the job (queued or finished).
+
+        Args:
+            job_id: The job.
+            name: Event name.
+            data: JSON payload.
+            lease: The owner's lease; None for an unowned job.
+
+        Returns:
+            The event's sequence number, or None when refused (fenced out, held by
+            someone, or unknown job): nothing is written.
+        """
+        ...  # pragma: no cover
+
+    def cancel_job(self, job_id: str, event: NewJobEvent) -> JobRow | None:
+        """Ask a job to stop: ``queued`` becomes ``canceled`` at once (finished, with
+        ``event`` appended as its final event); ``running`` becomes ``canceling`` (its
+        owner sees it at the next heartbeat or save and stops); ``canceling`` and final
+        jobs are left as they are.
+
+        Returns:
+            The row afterwards, or None for an unknown id.
+        """
+        ...  # pragma: no cover
+
+    def expired_jobs(self) -> list[JobRow]:
+        """Jobs ``running`` or ``canceling`` whose lease expired on the store's clock
+        (their owner stopped heartbeating), oldest first."""
+        ...  # pragma: no cover
+
+    def job_events(
+        self, job_id: str, after: int = 0, limit: int | None = None
+    ) -> list[JobEventRow]:
+        """A job's events with ``seq > after``, in order (at most ``limit``); empty for
+        an unknown job."""
+        ...  # pragma: no cover
+
+    def prune_jobs(self, ttl: float) -> int:
+        """Delete finished jobs (with their events) whose ``finished_at`` is more than
+        ``ttl`` seconds ago on the store's clock, and schedule claims as old.
+
+        Returns:
+            How many jobs were deleted.
+        """
+        ...  # pragma: no cover
+
+    def claim_schedule(self, name: str, period: str, owner: str) -> bool:
+        """Claim one period of a schedule: of every caller (in any process on this store)
+        claiming the same ``(name, period)``, exactly one gets True ("the store decides").
+
+        Args:
+            name: The schedule's name (e.g. ``keepalive``).
+            period: The period's label (e.g. the day, or the start-up window).
+            owner: Who claims it (kept for operators).
+        """
+        ...  # pragma: no cover
+
+
 class RawState(Protocol):
     """Test hook: a backend's stored values exactly as persisted (ciphertexts as bytes).
 
@@ -234,8 +414,25 @@ class RawState(Protocol):
         ...  # pragma: no cover
 
 
-class Store(CredentialStore, ConsumerStore, SigningKeyStore, Protocol):
-    """A whole backend: credentials, consumers, signing keys, key rotation."""
+class Store(CredentialStore, ConsumerStore, SigningKeyStore, JobStore, Protocol):
+    """A whole backend: credentials, consumers, signing keys, jobs, key rotation."""
+
+    def stale_secrets(self) -> list[str]:
+        """The rows holding a ciphertext not under the primary key, as ``table/key`` item
+        names (secret-free), in a stable order: what :meth:`reseal_row` still has to do."""
+        ...  # pragma: no cover
+
+    def reseal_row(self, item: str) -> int:
+        """Re-encrypt one row's ciphertexts (an item of :meth:`stale_secrets`) under the
+        primary key, in one transaction: key rotation row by row, resumable after a crash.
+
+        Returns:
+            How many ciphertexts changed (0 when the row is gone or already rotated).
+
+        Raises:
+            ValueError: A malformed item name.
+        """
+        ...  # pragma: no cover
 
     def rotate_keys(self) -> int:
         """Re-encrypt every secret under the primary key in one transaction; afterwards the

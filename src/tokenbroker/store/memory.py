@@ -20,8 +20,9 @@ from typing import Any
 from ..core.crypto import Keyring
 from ..core.secret import Secret
 from ..errors import StoreError
-from .rows import Attempt, CredentialRow, Lease, StoredToken
-from .sealing import KEY_COLUMNS, SEALED, Sealer
+from .memory_jobs import MemoryJobs
+from .rows import Attempt, CredentialRow, JobEventRow, Lease, StoredToken
+from .sealing import KEY_COLUMNS, SEALED, Sealer, parse_item
 from .sqlite_schema import MIGRATIONS, OPEN_STATUSES
 
 __all__ = ["MemoryState", "MemoryStore"]
@@ -55,6 +56,9 @@ class MemoryState:
         self.tables: dict[str, dict[Any, dict[str, Any]]] = {name: {} for name in KEY_COLUMNS}
         self.tables["tb_meta"]["schema_version"] = {"value": str(SCHEMA_VERSION)}
         self.attempt_ids = itertools.count(1)
+        self.job_numbers = itertools.count(1)
+        self.job_events: dict[str, list[JobEventRow]] = {}
+        self.schedules: dict[tuple[str, str], float] = {}
 
     def __repr__(self) -> str:
         return f"MemoryState(credentials={len(self.tables['tb_credential'])})"
@@ -87,8 +91,8 @@ def _credential(
     }
 
 
-class MemoryStore:
-    """Credentials, leases, attempts, consumers and signing keys in process memory.
+class MemoryStore(MemoryJobs):
+    """Credentials, leases, attempts, consumers, signing keys and jobs in process memory.
 
     Args:
         keyring: Seals and opens every secret.
@@ -104,6 +108,8 @@ class MemoryStore:
         self._sealer = Sealer(keyring)
         self._lock = self.state.lock
         self._tables = self.state.tables
+        self._job_events = self.state.job_events
+        self._schedules = self.state.schedules
         with self._lock:
             version = int(self._tables["tb_meta"]["schema_version"]["value"])
             if version > SCHEMA_VERSION:
@@ -427,19 +433,57 @@ class MemoryStore:
         """
         with self._lock:
             fresh: list[tuple[dict[str, Any], str, bytes]] = []
-            for table, key, column, name, version in SEALED:
-                for row in self._tables[table].values():
-                    if row[column] is None:
-                        continue
-                    row_version = None if version is None else row[version]
-                    blob = self._sealer.reseal(row[column], table, str(row[key]), name, row_version)
-                    if blob is not None:
-                        fresh.append((row, column, blob))
+            for table, key in self._stale():
+                fresh += self._resealed(table, self._tables[table][key])
             for row, column, blob in fresh:
                 row[column] = blob
             return len(fresh)
 
+    def stale_secrets(self) -> list[str]:
+        """Rows with a ciphertext not under the primary key, as ``table/key`` items."""
+        with self._lock:
+            return [f"{table}/{key}" for table, key in self._stale()]
+
+    def reseal_row(self, item: str) -> int:
+        """Re-encrypt one row's ciphertexts under the primary key, all or nothing.
+
+        Raises:
+            ValueError: A malformed item name.
+        """
+        table, key = parse_item(item)
+        with self._lock:
+            rows = self._tables[table]
+            row = rows.get(int(key) if table == "tb_attempt" and key.isdigit() else key)
+            fresh = [] if row is None else self._resealed(table, row)
+            for target, column, blob in fresh:
+                target[column] = blob
+            return len(fresh)
+
+    def _stale(self) -> list[tuple[str, Any]]:
+        """Every (table, row key) holding a ciphertext not under the primary key."""
+        found: dict[tuple[str, Any], None] = {}
+        for table, key, column, _, _ in SEALED:
+            for row in sorted(self._tables[table].values(), key=lambda r: str(r[key])):
+                if row[column] is not None and self._sealer.keyring.needs_rotation(row[column]):
+                    found[(table, row[key])] = None
+        return list(found)
+
+    def _resealed(self, table: str, row: dict[str, Any]) -> list[tuple[dict[str, Any], str, bytes]]:
+        """The new ciphertexts of one row's sealed columns (nothing written yet)."""
+        fresh = []
+        for sealed_table, key, column, name, version in SEALED:
+            if sealed_table != table or row[column] is None:
+                continue
+            row_version = None if version is None else row[version]
+            blob = self._sealer.reseal(row[column], table, str(row[key]), name, row_version)
+            if blob is not None:
+                fresh.append((row, column, blob))
+        return fresh
+
     # -- internals -----------------------------------------------------------------------------
+
+    def _next_job(self) -> int:
+        return next(self.state.job_numbers)
 
     def _held(self, lease: Lease, *, version: bool = False) -> dict[str, Any] | None:
         """The credential row if ``lease``'s fence (and, with ``version``, its refresh-token

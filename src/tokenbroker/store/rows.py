@@ -7,7 +7,19 @@ from dataclasses import dataclass
 from ..core.secret import Secret
 from ..core.token import Token
 
-__all__ = ["Attempt", "CredentialRow", "Lease", "StoredToken"]
+__all__ = [
+    "ACTIVE_JOB_STATUSES",
+    "FINAL_JOB_STATUSES",
+    "Attempt",
+    "CredentialRow",
+    "JobEventRow",
+    "JobLease",
+    "JobPage",
+    "JobRow",
+    "Lease",
+    "NewJobEvent",
+    "StoredToken",
+]
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -104,3 +116,106 @@ class Attempt:
     started_at: float
     status: str
     recovery: bool
+
+
+#: Job statuses in which a job holds its idempotency key (a repeated start returns it).
+ACTIVE_JOB_STATUSES = ("queued", "running", "canceling")
+#: Job statuses a job never leaves.
+FINAL_JOB_STATUSES = ("done", "partial", "failed", "canceled")
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """One stored job, in store terms (the jobs layer turns it into a ``Job``).
+
+    Attributes:
+        id: The job id.
+        kind: The job kind.
+        status: ``queued``, ``running``, ``canceling``, or a final status
+            (:data:`FINAL_JOB_STATUSES`).
+        requested_by: The consumer that started it.
+        idempotency_key: Kind + canonical params digest.
+        document: The rest of the job (params, phase, progress, items, failures, error,
+            metrics, times), as JSON text owned by the jobs layer; never a secret.
+        created_at: When it was queued, on the caller's clock.
+        finished_at: When it reached a final status, on the store's clock (prune uses it).
+        owner: The instance holding its lease, None when nobody does.
+        fence: Bumped by every claim; a save must carry the current one.
+        lease_expires_at: Store-clock expiry of the owner's lease.
+        heartbeat_at: Store-clock time of the last claim or heartbeat.
+        last_event: The sequence number of its newest stored event (0: none yet).
+        cursor: Opaque position for :meth:`~.base.JobStore.jobs` pagination.
+    """
+
+    id: str
+    kind: str
+    status: str
+    requested_by: str
+    idempotency_key: str
+    document: str
+    created_at: float
+    finished_at: float | None
+    owner: str | None
+    fence: int
+    lease_expires_at: float | None
+    heartbeat_at: float | None
+    last_event: int
+    cursor: str
+
+    @property
+    def final(self) -> bool:
+        """Whether the job has reached a final status."""
+        return self.status in FINAL_JOB_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class JobLease:
+    """A held job lease: proof of the right to run (and write) one job.
+
+    Attributes:
+        job_id: The job.
+        owner: Our owner id (the instance).
+        fence: The fence value every save and append must carry.
+        expires_at: Store-clock expiry, moved on by each heartbeat.
+    """
+
+    job_id: str
+    owner: str
+    fence: int
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobEventRow:
+    """One stored job event.
+
+    Attributes:
+        job_id: The job.
+        seq: 1, 2, 3, … per job without gaps.
+        name: The event name (``phase_update``, ``completed`` …).
+        data: Its JSON payload, as text.
+        at: Store-clock time it was stored.
+    """
+
+    job_id: str
+    seq: int
+    name: str
+    data: str
+    at: float
+
+
+#: An event to append: ``(name, JSON data)``; the store numbers it.
+NewJobEvent = tuple[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    """One page of :meth:`~.base.JobStore.jobs`.
+
+    Attributes:
+        rows: The jobs on this page.
+        cursor: Pass it back for the next page; None when this is the last.
+    """
+
+    rows: list[JobRow]
+    cursor: str | None

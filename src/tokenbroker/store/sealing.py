@@ -20,7 +20,7 @@ from ..core.secret import Secret
 from ..core.token import Token
 from .rows import CredentialRow, StoredToken
 
-__all__ = ["KEY_COLUMNS", "SEALED", "Sealer", "aad"]
+__all__ = ["KEY_COLUMNS", "SEALED", "Sealer", "aad", "parse_item"]
 
 #: Every sealed column: (table, key column, ciphertext column, AAD column name, version column).
 SEALED: tuple[tuple[str, str, str, str, str | None], ...] = (
@@ -37,7 +37,20 @@ KEY_COLUMNS = {
     "tb_consumer": "name",
     "tb_signing_key": "kid",
     "tb_meta": "name",
+    "tb_job": "id",
 }
+
+
+def parse_item(item: str) -> tuple[str, str]:
+    """Split a key-rotation item (``table/key``, from ``stale_secrets``) into its parts.
+
+    Raises:
+        ValueError: When the table is not one with sealed columns, or the key is empty.
+    """
+    table, sep, key = item.partition("/")
+    if not sep or not key or table not in {t for t, *_ in SEALED}:
+        raise ValueError("a key-rotation item is TABLE/KEY of a table with sealed columns")
+    return table, key
 
 
 def aad(table: str, row: str, column: str, version: int | None = None) -> bytes:

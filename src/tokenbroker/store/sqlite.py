@@ -22,15 +22,16 @@ from ..core.crypto import Keyring
 from ..core.secret import Secret
 from ..errors import StoreError
 from .rows import Attempt, CredentialRow, Lease, StoredToken
-from .sealing import SEALED, Sealer
+from .sealing import SEALED, Sealer, parse_item
 from .sqlite_connection import RawSQLite, SQLiteConnection
+from .sqlite_jobs import SQLiteJobs
 from .sqlite_schema import ALL_SECRETS, NOW, OPEN_STATUSES
 
 __all__ = ["SQLiteStore"]
 
 
-class SQLiteStore:
-    """Credentials, leases and attempts in one SQLite database.
+class SQLiteStore(SQLiteJobs):
+    """Credentials, leases, attempts, consumers, signing keys and jobs in one SQLite database.
 
     Args:
         path: A file path, or ``:memory:``.
@@ -469,26 +470,62 @@ class SQLiteStore:
             )
 
     def rotate_keys(self) -> int:
-        """Re-encrypt every secret with the primary key.
+        """Re-encrypt every secret with the primary key, in one transaction.
 
         Returns:
             How many ciphertexts were re-encrypted.
         """
-        count = 0
         with self._conn.tx():
-            for table, key, column, name, version in SEALED:
-                rows = self._db.execute(
-                    f"SELECT {key}, {column}, {version or 'NULL'} FROM {table}"
-                    f" WHERE {column} IS NOT NULL"
-                ).fetchall()
-                for row_key, blob, row_version in rows:
-                    fresh = self._sealer.reseal(blob, table, str(row_key), name, row_version)
-                    if fresh is None:
-                        continue
-                    self._db.execute(
-                        f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (fresh, row_key)
-                    )
-                    count += 1
+            return sum(self._reseal(table, key) for table, key in self._stale())
+
+    def stale_secrets(self) -> list[str]:
+        """Rows with a ciphertext not under the primary key, as ``table/key`` items."""
+        with self._conn.guard():
+            return [f"{table}/{key}" for table, key in self._stale()]
+
+    def reseal_row(self, item: str) -> int:
+        """Re-encrypt one row's ciphertexts under the primary key, in one transaction.
+
+        Returns:
+            How many changed (0 when the row is gone or already rotated).
+
+        Raises:
+            ValueError: A malformed item name.
+        """
+        table, key = parse_item(item)
+        with self._conn.tx():
+            return self._reseal(table, key)
+
+    def _stale(self) -> list[tuple[str, str]]:
+        found: dict[tuple[str, str], None] = {}
+        for table, key, column, _, _ in SEALED:
+            rows = self._db.execute(
+                f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL ORDER BY {key}"
+            ).fetchall()
+            for row_key, blob in rows:
+                if self._keyring.needs_rotation(blob):
+                    found[(table, str(row_key))] = None
+        return list(found)
+
+    def _reseal(self, table: str, row_key: str) -> int:
+        """Re-encrypt one row's sealed columns (inside the caller's transaction)."""
+        count = 0
+        for sealed_table, key, column, name, version in SEALED:
+            if sealed_table != table:
+                continue
+            found = self._db.execute(
+                f"SELECT {key}, {column}, {version or 'NULL'} FROM {table}"
+                f" WHERE {key} = ? AND {column} IS NOT NULL",
+                (row_key,),
+            ).fetchone()
+            if found is None:
+                continue
+            fresh = self._sealer.reseal(found[1], table, str(found[0]), name, found[2])
+            if fresh is not None:
+                self._db.execute(
+                    f"UPDATE {table} SET {column} = ? WHERE {key} = ?", (fresh, found[0])
+                )
+                count += 1
         return count
 
     def _check_keys(self, db: sqlite3.Connection) -> None:

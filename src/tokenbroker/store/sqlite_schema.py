@@ -71,6 +71,44 @@ MIGRATIONS = [
     ALTER TABLE tb_credential ADD COLUMN scope TEXT;
     ALTER TABLE tb_credential ADD COLUMN account TEXT;
     """,
+    # Jobs (issue 16): the job row is its lease (fence) and record; events are numbered per
+    # job; a schedule period is claimed by inserting its row (the primary key decides).
+    """
+    CREATE TABLE tb_job (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        idem_key TEXT NOT NULL,
+        document TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        owner TEXT,
+        fence INTEGER NOT NULL DEFAULT 0,
+        lease_expires_at REAL,
+        heartbeat_at REAL,
+        event_seq INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX tb_job_active ON tb_job(idem_key)
+        WHERE status IN ('queued', 'running', 'canceling');
+    CREATE INDEX tb_job_status ON tb_job(status, seq);
+    CREATE TABLE tb_job_event (
+        job_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        data TEXT NOT NULL,
+        at REAL NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE tb_job_schedule (
+        name TEXT NOT NULL,
+        period TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        claimed_at REAL NOT NULL,
+        PRIMARY KEY (name, period)
+    );
+    """,
 ]
 
 #: Attempt statuses that may have reached the provider without a stored outcome.
