@@ -57,6 +57,7 @@ class EventParser:
         self.retry_ms: int | None = None
         self._buffer = ""
         self._started = False
+        self._after_cr = False
         self._event = ""
         self._data: list[str] = []
 
@@ -75,6 +76,10 @@ class EventParser:
         if not self._started and text:
             self._started = True
             text = text.removeprefix("\ufeff")
+        if self._after_cr and text.startswith("\n"):
+            text = text[1:]  # the LF of a CRLF cut between two chunks
+        if text:
+            self._after_cr = text.endswith("\r")
         self._buffer += text
         events: list[ServerEvent] = []
         while True:
@@ -114,16 +119,14 @@ class EventParser:
 
 
 def _line_end(buffer: str) -> tuple[int, int] | None:
-    """Where the first line of ``buffer`` ends and the width of its terminator, or None when
-    no line is complete (a trailing CR waits: an LF may follow in the next chunk)."""
+    """Where the first line of ``buffer`` ends and the width of its terminator (CRLF, LF or
+    CR), or None when no line is complete."""
     lf, cr = buffer.find("\n"), buffer.find("\r")
     if cr == -1:
         return None if lf == -1 else (lf, 1)
     if lf != -1 and lf < cr:
         return lf, 1
-    if cr + 1 == len(buffer):
-        return None
-    return cr, 2 if buffer[cr + 1] == "\n" else 1
+    return cr, 2 if buffer[cr + 1 : cr + 2] == "\n" else 1
 
 
 def read_events(
