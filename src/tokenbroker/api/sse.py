@@ -40,6 +40,7 @@ passes a listener.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -49,7 +50,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import Response
@@ -253,7 +253,7 @@ async def _events(
     ``sent.last_id`` moves only when the generator is resumed after a ``yield``, i.e. once
     sse-starlette has sent that event, so a heartbeat never claims an unsent id.
     """
-    deadline = anyio.current_time() + limits.max_lifetime_seconds
+    deadline = asyncio.get_running_loop().time() + limits.max_lifetime_seconds
     subscription = source.subscribe()  # before the backlog read: nothing falls between
     if gauge is not None:
         gauge._moved(1)
@@ -266,9 +266,13 @@ async def _events(
             if event.final:
                 return
         while True:
-            with anyio.move_on_after(deadline - anyio.current_time()) as waited:
-                live = await subscription.get()
-            if waited.cancelled_caught:
+            try:
+                # One timer handle per wait: with an anyio cancel scope per event, bench/sse.py
+                # measured 61% of a core at 5,000 streams (and streams falling behind) where
+                # this takes 43% (two runs, the first on a busier machine).
+                async with asyncio.timeout_at(deadline):
+                    live = await subscription.get()
+            except TimeoutError:
                 yield f"retry: {limits.retry_ms}\n\n".encode()
                 return
             pending: Sequence[StreamEvent] = (live,)
