@@ -12,7 +12,8 @@ transaction.
 ``store: postgresql://user@host/db?min_size=1&max_size=8&timeout=5``: the URL, the pool,
 migrations (under an advisory lock) and the translation of psycopg's faults are in
 :mod:`.postgres_connection`; the schema and the clock in :mod:`.postgres_schema`; secret
-columns are sealed by :mod:`.sealing` exactly as on SQLite. A PostgreSQL outage is a
+columns are sealed by :mod:`.sealing` exactly as on SQLite; consumers and signing keys are
+in :mod:`.postgres_consumers`, jobs in :mod:`.postgres_jobs`. A PostgreSQL outage is a
 :class:`~tokenbroker.errors.StoreError` on each call while it lasts (``503
 store_unavailable`` in the API); the same store object works again once the server is back.
 Needs the ``postgres`` extra (psycopg 3, psycopg_pool).
