@@ -1,6 +1,7 @@
-"""PostgreSQL-only store tests: migrations under concurrent openers, a server outage and
-recovery, what a backup and the data directory hold, the URL and its pool settings, the
-missing extra, and processes racing a refresh on one database. The backend-generic
+"""PostgreSQL-only store tests: migrations under concurrent openers (and the jobs migration
+on a database an older tokenbroker made), a server outage and recovery, what a backup and
+the data directory hold, the URL and its pool settings, the missing extra, processes racing
+a refresh on one database, and jobs raced across connections. The backend-generic
 guarantees are in tokenbroker.testing.store_conformance (run by test_store_conformance.py).
 
 Every test runs against the session's own PostgreSQL server (tests/pg.py), never 5432."""
@@ -10,6 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -332,3 +334,104 @@ def test_two_processes_race_one_refresh_through_broker(pg_url: str, tmp_path: Pa
     assert [r["calls"] for r in reports] == [25, 25]
     seen = [set(r["tokens"]) for r in reports]
     assert seen[0] == seen[1] and len(seen[0]) == 1
+
+
+# -- jobs -------------------------------------------------------------------------------------
+
+
+def test_jobs_migration_upgrades_a_schema_1_database(postgres_server: Any, pg_url: str) -> None:
+    """A database at schema 1 (before jobs) opens at the latest version with its credential
+    intact, and then queues, claims and saves jobs."""
+    key = generate_key()
+    store = open_store(pg_url, keyring(key))
+    refresh(store, "c1", "A", "RT-1", "AT-1")
+    store.close()
+    _rows(
+        postgres_server,
+        pg_url,
+        "DROP TABLE tb_job_event, tb_job_schedule, tb_job; DELETE FROM tb_migration"
+        " WHERE version > 1; UPDATE tb_meta SET value = '1' WHERE name = 'schema_version'",
+    )
+    assert _rows(postgres_server, pg_url, "SELECT to_regclass('tb_job')::text") == [(None,)]
+    store = open_store(pg_url, keyring(key))
+    try:
+        applied = _rows(postgres_server, pg_url, "SELECT version FROM tb_migration ORDER BY 1")
+        assert applied == [(n,) for n in range(1, len(MIGRATIONS) + 1)]
+        row = store.load("c1")
+        assert row is not None and row.refresh_token == Secret("RT-1")
+        added, cached = store.add_job("j", "warm", "k", "ops", "{}", time.time())
+        lease = store.claim_job("j", "A", 30)
+        assert not cached and lease is not None
+        done = store.save_job(lease, "done", "{}", [("completed", "{}")])
+        assert done is not None and (done.status, done.last_event) == ("done", 1)
+    finally:
+        store.close()
+
+
+def test_racing_adds_of_one_idempotency_key_add_one_job(postgres_server: Any, pg_url: str) -> None:
+    """Eight stores (own pools) add eight job ids with one idempotency key at once: exactly
+    one is added, the other seven get that job back, and the table holds one row."""
+    key = generate_key()
+    stores = [open_store(pg_url, keyring(key)) for _ in range(8)]
+    barrier = threading.Barrier(8)
+    results: list[tuple[str, bool] | BaseException | None] = [None] * 8
+
+    def add(n: int) -> None:
+        barrier.wait()
+        try:
+            row, cached = stores[n].add_job(f"j{n}", "warm", "same", "ops", "{}", time.time())
+            results[n] = (row.id, cached)
+        except BaseException as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert all(isinstance(r, tuple) for r in results), results
+        outcomes = [r for r in results if isinstance(r, tuple)]
+        winners = [job_id for job_id, cached in outcomes if not cached]
+        assert len(winners) == 1
+        assert {job_id for job_id, _ in outcomes} == set(winners)
+        assert _rows(postgres_server, pg_url, "SELECT count(*) FROM tb_job") == [(1,)]
+    finally:
+        for store in stores:
+            store.close()
+
+
+def test_concurrent_appends_under_one_lease_are_numbered_without_gaps(pg_url: str) -> None:
+    """Four stores append 25 events each under one job lease at once: the 100 events are
+    numbered 1..100 exactly once, in the order their numbers say."""
+    key = generate_key()
+    stores = [open_store(pg_url, keyring(key)) for _ in range(4)]
+    try:
+        stores[0].add_job("j", "warm", "k", "ops", "{}", time.time())
+        lease = stores[0].claim_job("j", "A", 60)
+        assert lease is not None
+        barrier = threading.Barrier(4)
+        seqs: list[int | None] = []
+
+        def append(n: int) -> None:
+            barrier.wait()
+            for i in range(25):
+                seqs.append(
+                    stores[n].append_job_event(
+                        "j", "phase_update", f'{{"n":{n},"i":{i}}}', lease=lease
+                    )
+                )
+
+        threads = [threading.Thread(target=append, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert sorted(s for s in seqs if s is not None) == list(range(1, 101))
+        events = stores[0].job_events("j")
+        assert [e.seq for e in events] == list(range(1, 101))
+        row = stores[0].job("j")
+        assert row is not None and row.last_event == 100
+    finally:
+        for store in stores:
+            store.close()

@@ -5,14 +5,13 @@ same as SQLite's — every compare-and-set runs under the one lock, and every ch
 before anything is written, so a refused or failing call changes nothing. Secrets are
 sealed exactly as on disk (:mod:`.sealing`), so this is a second real implementation of
 the protocol, not a shortcut around it. The clock is the host's (one process, one clock).
+Consumers and signing keys are in :mod:`.memory_consumers`, jobs in :mod:`.memory_jobs`.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import pickle
-import secrets
 import threading
 import time
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 from ..core.crypto import Keyring
 from ..core.secret import Secret
 from ..errors import StoreError
+from .memory_consumers import MemoryConsumers
 from .memory_jobs import MemoryJobs
 from .rows import Attempt, CredentialRow, JobEventRow, Lease, StoredToken
 from .sealing import KEY_COLUMNS, SEALED, Sealer, parse_item
@@ -91,7 +91,7 @@ def _credential(
     }
 
 
-class MemoryStore(MemoryJobs):
+class MemoryStore(MemoryConsumers, MemoryJobs):
     """Credentials, leases, attempts, consumers, signing keys and jobs in process memory.
 
     Args:
@@ -359,71 +359,7 @@ class MemoryStore(MemoryJobs):
                     attempt.update(status="superseded", finished_at=now)
         return Lease(lease.id, lease.owner, lease.fence, version, lease.expires_at)
 
-    # -- consumers and signing keys ------------------------------------------------------------
-
-    def add_consumer(self, name: str, key_sha256: str, allow: list[str]) -> None:
-        """Store a consumer (see :class:`~.base.ConsumerStore`).
-
-        Raises:
-            StoreError: When the name or key digest exists already.
-        """
-        with self._lock:
-            consumers = self._tables["tb_consumer"]
-            if name in consumers or any(c["key_sha256"] == key_sha256 for c in consumers.values()):
-                raise StoreError(f"a consumer named {name!r} exists already")
-            consumers[name] = {
-                "name": name,
-                "key_sha256": key_sha256,
-                "allow": json.dumps(allow),
-                "created_at": self.now(),
-            }
-            self._consumers_changed()
-
-    def remove_consumer(self, name: str) -> bool:
-        """Delete a stored consumer.
-
-        Returns:
-            Whether it existed.
-        """
-        with self._lock:
-            if self._tables["tb_consumer"].pop(name, None) is None:
-                return False
-            self._consumers_changed()
-            return True
-
-    def consumers_version(self) -> str:
-        """A value that changes whenever a stored consumer is added or removed."""
-        with self._lock:
-            row = self._tables["tb_meta"].get("consumers_version")
-            return str(row["value"]) if row else ""
-
-    def consumers(self) -> list[tuple[str, str, list[str]]]:
-        """Every stored consumer as ``(name, key digest, allow rules)``."""
-        with self._lock:
-            rows = sorted(self._tables["tb_consumer"].values(), key=lambda c: str(c["name"]))
-            return [(c["name"], c["key_sha256"], list(json.loads(c["allow"]))) for c in rows]
-
-    def signing_keys(self, algorithm: str) -> list[tuple[str, bytes]]:
-        """The delegation signing keys for ``algorithm`` as ``(kid, private PEM)``, newest first."""
-        with self._lock:
-            rows = [
-                k for k in self._tables["tb_signing_key"].values() if k["algorithm"] == algorithm
-            ]
-        rows.sort(key=lambda k: str(k["kid"]))
-        rows.sort(key=lambda k: float(k["created_at"]), reverse=True)
-        return [
-            (k["kid"], self._sealer.open(k["private_ct"], "tb_signing_key", k["kid"], "private"))
-            for k in rows
-        ]
-
-    def add_signing_key(self, kid: str, algorithm: str, private_pem: bytes) -> None:
-        """Store a delegation signing key, sealed; a no-op if ``kid`` exists."""
-        blob = self._sealer.seal(private_pem, "tb_signing_key", kid, "private")
-        with self._lock:
-            self._tables["tb_signing_key"].setdefault(
-                kid,
-                {"kid": kid, "algorithm": algorithm, "private_ct": blob, "created_at": self.now()},
-            )
+    # -- key rotation ---------------------------------------------------------------------------
 
     def rotate_keys(self) -> int:
         """Re-encrypt every secret with the primary key, all or nothing.
@@ -497,10 +433,6 @@ class MemoryStore(MemoryJobs):
 
     def _seal_raw(self, raw: bytes | None, attempt_id: int) -> bytes | None:
         return self._sealer.seal(raw, "tb_attempt", str(attempt_id), "raw")
-
-    def _consumers_changed(self) -> None:
-        """Random, not a counter: equal values mean the same consumers."""
-        self._tables["tb_meta"]["consumers_version"] = {"value": secrets.token_hex(16)}
 
     def _blobs(self) -> list[bytes]:
         return [

@@ -12,7 +12,8 @@ transaction.
 ``store: postgresql://user@host/db?min_size=1&max_size=8&timeout=5``: the URL, the pool,
 migrations (under an advisory lock) and the translation of psycopg's faults are in
 :mod:`.postgres_connection`; the schema and the clock in :mod:`.postgres_schema`; secret
-columns are sealed by :mod:`.sealing` exactly as on SQLite. A PostgreSQL outage is a
+columns are sealed by :mod:`.sealing` exactly as on SQLite; consumers and signing keys are
+in :mod:`.postgres_consumers`, jobs in :mod:`.postgres_jobs`. A PostgreSQL outage is a
 :class:`~tokenbroker.errors.StoreError` on each call while it lasts (``503
 store_unavailable`` in the API); the same store object works again once the server is back.
 Needs the ``postgres`` extra (psycopg 3, psycopg_pool).
@@ -20,19 +21,18 @@ Needs the ``postgres`` extra (psycopg 3, psycopg_pool).
 
 from __future__ import annotations
 
-import json
-import secrets
 from typing import Any
 
 import psycopg
 
 from ..core.crypto import Keyring
 from ..core.secret import Secret
-from ..errors import StoreError
 from .postgres_connection import PostgresConnection, RawPostgres
+from .postgres_consumers import PostgresConsumers
+from .postgres_jobs import PostgresJobs
 from .postgres_schema import ALL_SECRETS, NOW, OPEN_STATUSES
 from .rows import Attempt, CredentialRow, Lease, StoredToken
-from .sealing import SEALED, Sealer
+from .sealing import SEALED, Sealer, parse_item
 
 __all__ = ["PostgresStore"]
 
@@ -42,8 +42,9 @@ _STATE_COLUMNS = (
 )
 
 
-class PostgresStore:
-    """Credentials, leases and attempts in one PostgreSQL database.
+class PostgresStore(PostgresConsumers, PostgresJobs):
+    """Credentials, leases, attempts, consumers, signing keys and jobs in one PostgreSQL
+    database.
 
     Args:
         url: ``postgresql://…`` (pool settings in its query, see :mod:`.postgres_connection`).
@@ -382,86 +383,7 @@ class PostgresStore:
             return None
         return Lease(lease.id, lease.owner, lease.fence, version, lease.expires_at)
 
-    # -- consumers and signing keys ------------------------------------------------------------
-
-    def add_consumer(self, name: str, key_sha256: str, allow: list[str]) -> None:
-        """Store a consumer: its name, the SHA-256 of its key (never the key), its rules.
-
-        Raises:
-            StoreError: When the name or key digest exists already (or the store fails).
-        """
-        with self._conn.tx() as cur:
-            cur.execute(
-                "INSERT INTO tb_consumer (name, key_sha256, allow, created_at)"
-                f" VALUES (%s, %s, %s, {NOW}) ON CONFLICT DO NOTHING",
-                (name, key_sha256, json.dumps(allow)),
-            )
-            if cur.rowcount != 1:
-                raise StoreError(f"a consumer named {name!r} (or with that key) exists already")
-            self._consumers_changed(cur)
-
-    def remove_consumer(self, name: str) -> bool:
-        """Delete a stored consumer; every replica refuses its key once it sees
-        :meth:`consumers_version` change.
-
-        Returns:
-            Whether it existed.
-        """
-        with self._conn.tx() as cur:
-            cur.execute("DELETE FROM tb_consumer WHERE name = %s", (name,))
-            removed = cur.rowcount == 1
-            if removed:
-                self._consumers_changed(cur)
-        return removed
-
-    def consumers_version(self) -> str:
-        """A value that changes whenever a stored consumer is added or removed (one row read:
-        replicas poll it to notice each other's changes)."""
-        with self._conn.tx() as cur:
-            cur.execute("SELECT value FROM tb_meta WHERE name = 'consumers_version'")
-            row = cur.fetchone()
-        return str(row[0]) if row else ""
-
-    @staticmethod
-    def _consumers_changed(cur: psycopg.Cursor[Any]) -> None:
-        """Give :meth:`consumers_version` a new random value in the caller's transaction
-        (random, not a counter: equal values mean the same consumers, even across a backup)."""
-        cur.execute(
-            "INSERT INTO tb_meta (name, value) VALUES ('consumers_version', %s)"
-            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            (secrets.token_hex(16),),
-        )
-
-    def consumers(self) -> list[tuple[str, str, list[str]]]:
-        """Every stored consumer as ``(name, key digest, allow rules)``, by name."""
-        with self._conn.tx() as cur:
-            cur.execute("SELECT name, key_sha256, allow FROM tb_consumer ORDER BY name")
-            rows = cur.fetchall()
-        return [(name, digest, list(json.loads(allow))) for name, digest, allow in rows]
-
-    def signing_keys(self, algorithm: str) -> list[tuple[str, bytes]]:
-        """The delegation signing keys for ``algorithm`` as ``(kid, private PEM)``, newest first."""
-        with self._conn.tx() as cur:
-            cur.execute(
-                "SELECT kid, private_ct FROM tb_signing_key WHERE algorithm = %s"
-                " ORDER BY created_at DESC, kid",
-                (algorithm,),
-            )
-            rows = cur.fetchall()
-        return [
-            (kid, self._sealer.open(bytes(blob), "tb_signing_key", kid, "private"))
-            for kid, blob in rows
-        ]
-
-    def add_signing_key(self, kid: str, algorithm: str, private_pem: bytes) -> None:
-        """Store a delegation signing key, encrypted; a no-op if ``kid`` exists."""
-        blob = self._sealer.seal(private_pem, "tb_signing_key", kid, "private")
-        with self._conn.tx() as cur:
-            cur.execute(
-                "INSERT INTO tb_signing_key (kid, algorithm, private_ct, created_at)"
-                f" VALUES (%s, %s, %s, {NOW}) ON CONFLICT (kid) DO NOTHING",
-                (kid, algorithm, blob),
-            )
+    # -- key rotation ---------------------------------------------------------------------------
 
     def rotate_keys(self) -> int:
         """Re-encrypt every secret with the primary key, in one transaction.
@@ -482,6 +404,57 @@ class PostgresStore:
                         continue
                     cur.execute(
                         f"UPDATE {table} SET {column} = %s WHERE {key} = %s", (fresh, row_key)
+                    )
+                    count += 1
+        return count
+
+    def stale_secrets(self) -> list[str]:
+        """Rows with a ciphertext not under the primary key, as ``table/key`` items (secret-free,
+        ordered by table then key)."""
+        found: dict[str, None] = {}
+        with self._conn.tx() as cur:
+            for table, key, column, _, _ in SEALED:
+                cur.execute(
+                    f"SELECT {key}, {column} FROM {table} WHERE {column} IS NOT NULL ORDER BY {key}"
+                )
+                for row_key, blob in cur.fetchall():
+                    if self._sealer.keyring.needs_rotation(bytes(blob)):
+                        found[f"{table}/{row_key}"] = None
+        return list(found)
+
+    def reseal_row(self, item: str) -> int:
+        """Re-encrypt one row's ciphertexts under the primary key, in one transaction that
+        locks the row (a concurrent commit cannot slip a version in between).
+
+        Returns:
+            How many changed (0 when the row is gone or already rotated).
+
+        Raises:
+            ValueError: A malformed item name.
+        """
+        table, row_key = parse_item(item)
+        if table == "tb_attempt" and not row_key.isdigit():
+            return 0  # no attempt has such an id (and its bigint column would refuse the text)
+        typed: str | int = int(row_key) if table == "tb_attempt" else row_key
+        columns = [s for s in SEALED if s[0] == table]
+        key = columns[0][1]
+        selected = ", ".join(
+            f"{column}, {version or 'NULL'}" for _, _, column, _, version in columns
+        )
+        count = 0
+        with self._conn.tx() as cur:
+            cur.execute(f"SELECT {selected} FROM {table} WHERE {key} = %s FOR UPDATE", (typed,))
+            found = cur.fetchone()
+            if found is None:
+                return 0
+            for n, (_, _, column, name, _) in enumerate(columns):
+                blob, row_version = found[2 * n], found[2 * n + 1]
+                if blob is None:
+                    continue
+                fresh = self._sealer.reseal(bytes(blob), table, row_key, name, row_version)
+                if fresh is not None:
+                    cur.execute(
+                        f"UPDATE {table} SET {column} = %s WHERE {key} = %s", (fresh, typed)
                     )
                     count += 1
         return count

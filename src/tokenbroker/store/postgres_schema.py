@@ -78,6 +78,47 @@ MIGRATIONS = [
         backend_pid INTEGER NOT NULL
     );
     """,
+    # Jobs (issue 16), as SQLite's migration 5: the job row is its lease (fence) and record;
+    # the partial unique index lets one active job hold an idempotency key, whoever races
+    # (an INSERT … ON CONFLICT waits on an uncommitted rival and then sees it); events are
+    # numbered per job by the job row's event_seq under its row lock; a schedule period is
+    # claimed by inserting its row (the primary key decides).
+    """
+    CREATE TABLE tb_job (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        idem_key TEXT NOT NULL,
+        document TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        finished_at DOUBLE PRECISION,
+        owner TEXT,
+        fence BIGINT NOT NULL DEFAULT 0,
+        lease_expires_at DOUBLE PRECISION,
+        heartbeat_at DOUBLE PRECISION,
+        event_seq BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX tb_job_active ON tb_job(idem_key)
+        WHERE status IN ('queued', 'running', 'canceling');
+    CREATE INDEX tb_job_status ON tb_job(status, seq);
+    CREATE TABLE tb_job_event (
+        job_id TEXT NOT NULL REFERENCES tb_job(id) ON DELETE CASCADE,
+        seq BIGINT NOT NULL,
+        name TEXT NOT NULL,
+        data TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    CREATE TABLE tb_job_schedule (
+        name TEXT NOT NULL,
+        period TEXT NOT NULL,
+        owner TEXT NOT NULL,
+        claimed_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (name, period)
+    );
+    """,
 ]
 
 #: Attempt statuses that may have reached the provider without a stored outcome.

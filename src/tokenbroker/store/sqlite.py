@@ -8,29 +8,28 @@ transaction and bumps a fence counter; every write that matters carries
 ``sqlite:///:memory:`` is the same schema in process memory. Secret columns are sealed by
 :mod:`.sealing`; the schema and the database clock are in :mod:`.sqlite_schema`; opening,
 migrating, transactions and the translation of SQLite's faults in :mod:`.sqlite_connection`;
-the read-only check behind ``tokenbroker check`` in :mod:`.sqlite_probe`.
+the read-only check behind ``tokenbroker check`` in :mod:`.sqlite_probe`; consumers and
+signing keys in :mod:`.sqlite_consumers`, jobs in :mod:`.sqlite_jobs`.
 """
 
 from __future__ import annotations
 
-import json
-import secrets
 import sqlite3
 from typing import Any
 
 from ..core.crypto import Keyring
 from ..core.secret import Secret
-from ..errors import StoreError
 from .rows import Attempt, CredentialRow, Lease, StoredToken
 from .sealing import SEALED, Sealer, parse_item
 from .sqlite_connection import RawSQLite, SQLiteConnection
+from .sqlite_consumers import SQLiteConsumers
 from .sqlite_jobs import SQLiteJobs
 from .sqlite_schema import ALL_SECRETS, NOW, OPEN_STATUSES
 
 __all__ = ["SQLiteStore"]
 
 
-class SQLiteStore(SQLiteJobs):
+class SQLiteStore(SQLiteConsumers, SQLiteJobs):
     """Credentials, leases, attempts, consumers, signing keys and jobs in one SQLite database.
 
     Args:
@@ -389,85 +388,7 @@ class SQLiteStore(SQLiteJobs):
             return None
         return Lease(lease.id, lease.owner, lease.fence, version, lease.expires_at)
 
-    def add_consumer(self, name: str, key_sha256: str, allow: list[str]) -> None:
-        """Store a consumer: its name, the SHA-256 of its key (never the key), its rules.
-
-        Raises:
-            StoreError: When the name exists already (or the store fails).
-        """
-        with self._conn.tx():
-            taken = self._db.execute(
-                "SELECT 1 FROM tb_consumer WHERE name = ? OR key_sha256 = ?", (name, key_sha256)
-            ).fetchone()
-            if taken:
-                raise StoreError(f"a consumer named {name!r} exists already")
-            self._db.execute(
-                "INSERT INTO tb_consumer (name, key_sha256, allow, created_at)"
-                f" VALUES (?, ?, ?, {NOW})",
-                (name, key_sha256, json.dumps(allow)),
-            )
-            self._consumers_changed()
-
-    def remove_consumer(self, name: str) -> bool:
-        """Delete a stored consumer; running servers refuse its key within a second
-        (they follow :meth:`consumers_version`).
-
-        Returns:
-            Whether it existed.
-        """
-        with self._conn.tx():
-            removed = self._db.execute("DELETE FROM tb_consumer WHERE name = ?", (name,)).rowcount
-            if removed:
-                self._consumers_changed()
-            return removed == 1
-
-    def consumers_version(self) -> str:
-        """A value that changes whenever a stored consumer is added or removed (one row read:
-        servers poll it to notice changes made by other processes)."""
-        with self._conn.guard():
-            row = self._db.execute(
-                "SELECT value FROM tb_meta WHERE name = 'consumers_version'"
-            ).fetchone()
-        return str(row[0]) if row else ""
-
-    def _consumers_changed(self) -> None:
-        """Give :meth:`consumers_version` a new value (inside the caller's transaction). Random,
-        not a counter: equal values mean the same consumers, even across a restored backup."""
-        self._db.execute(
-            "INSERT INTO tb_meta (name, value) VALUES ('consumers_version', ?)"
-            " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            (secrets.token_hex(16),),
-        )
-
-    def consumers(self) -> list[tuple[str, str, list[str]]]:
-        """Every stored consumer as ``(name, key digest, allow rules)``."""
-        with self._conn.guard():
-            rows = self._db.execute(
-                "SELECT name, key_sha256, allow FROM tb_consumer ORDER BY name"
-            ).fetchall()
-        return [(name, digest, list(json.loads(allow))) for name, digest, allow in rows]
-
-    def signing_keys(self, algorithm: str) -> list[tuple[str, bytes]]:
-        """The delegation signing keys for ``algorithm`` as ``(kid, private PEM)``, newest first."""
-        with self._conn.guard():
-            rows = self._db.execute(
-                "SELECT kid, private_ct FROM tb_signing_key WHERE algorithm = ?"
-                " ORDER BY created_at DESC, kid",
-                (algorithm,),
-            ).fetchall()
-        return [
-            (kid, self._sealer.open(blob, "tb_signing_key", kid, "private")) for kid, blob in rows
-        ]
-
-    def add_signing_key(self, kid: str, algorithm: str, private_pem: bytes) -> None:
-        """Store a delegation signing key, encrypted; a no-op if ``kid`` exists."""
-        blob = self._sealer.seal(private_pem, "tb_signing_key", kid, "private")
-        with self._conn.tx():
-            self._db.execute(
-                "INSERT INTO tb_signing_key (kid, algorithm, private_ct, created_at)"
-                f" VALUES (?, ?, ?, {NOW}) ON CONFLICT (kid) DO NOTHING",
-                (kid, algorithm, blob),
-            )
+    # -- key rotation ---------------------------------------------------------------------------
 
     def rotate_keys(self) -> int:
         """Re-encrypt every secret with the primary key, in one transaction.
