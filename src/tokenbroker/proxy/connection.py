@@ -55,10 +55,10 @@ MAX_PIPELINED = 8
 """Requests parsed and not yet answered on one connection, the one being served included
 (one more when a head's end is split between two reads)."""
 _END = b"\r\n\r\n"  # every head ends so (llhttp refuses bare LFs): at most one head per piece
-LINGER_SECONDS = 2.0
-"""How long a refused connection still reads, and drops, what its client sends after the
-error reply before it closes (nginx's lingering close): closing a socket with unread bytes
-makes the kernel send a reset, which can destroy the reply before the client has read it."""
+LINGER_SECONDS, LINGER_BYTES = 2.0, 1 << 20
+"""How long, and how much, a refused connection still reads and drops of what its client sends
+after the error reply before it closes (nginx's lingering close): closing a socket with unread
+bytes makes the kernel send a reset, which can destroy the reply before the client read it."""
 _BUSY = error_reply(
     503, "too_many_connections", "the proxy holds all the connections it can", close=True
 )
@@ -91,6 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self.unsent = 0  # bytes waiting for the client then
         self.idle_since = math.inf  # when the last answer went out with nothing after it
         self._refused = False  # a broken request: nothing more is parsed
+        self._lingered = 0  # bytes dropped since the refusal went out
         self._refusal: tuple[int, bytes] | None = None  # its status and error reply
         self._closing = False
         self.parsing: ProxiedRequest | None = None
@@ -130,6 +131,10 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:  # read and dropped: reading on is how a hang-up is seen
+            if self._closing:  # lingering: an endless sender is cut after LINGER_BYTES
+                self._lingered += len(data)
+                if self._lingered > LINGER_BYTES:
+                    self._end_linger()
             return
         if self._backlog:  # (reading is paused; a read already under way still lands)
             self._backlog += data
