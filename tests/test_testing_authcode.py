@@ -10,7 +10,9 @@ import base64
 import hashlib
 import re
 import secrets
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import httpx
@@ -275,18 +277,22 @@ def test_login_form_needs_its_csrf_token(server: AuthorizationServer, client: ht
 def test_consent_form_needs_session_cookie_of_its_interaction(
     server: AuthorizationServer, client: httpx.Client
 ) -> None:
-    """Another cookie jar cannot answer the consent form, even with its uid and CSRF token."""
+    """Another session cannot answer someone's consent form; no session at all gets 403."""
     page = client.get(authorize_url(server, pkce()[1]), follow_redirects=True)
     uid, csrf = _hidden(page.text, "uid"), _hidden(page.text, "csrf_token")
     form = {"uid": uid, "csrf_token": csrf, "username": USER, "password": PASSWORD}
     consent = client.post(server.url + "/interaction/login", data=form, follow_redirects=True)
     assert 'value="approve"' in consent.text
     with httpx.Client(timeout=5) as stranger:
-        answer = {"uid": uid, "csrf_token": _hidden(consent.text, "csrf_token")}
+        own = stranger.get(authorize_url(server, pkce()[1]), follow_redirects=True)
+        # Its own session and CSRF token, the victim's interaction id.
+        answer = {"uid": uid, "csrf_token": _hidden(own.text, "csrf_token")}
         reply = stranger.post(
             server.url + "/interaction/consent", data={**answer, "decision": "approve"}
         )
-    assert reply.status_code == 403 and "location" not in reply.headers
+        assert reply.status_code == 400 and "location" not in reply.headers
+        bare = httpx.post(server.url + "/interaction/consent", data={**answer, "decision": "x"})
+        assert bare.status_code == 403
     assert server.authorization.authorizations == 0
 
 
@@ -323,3 +329,20 @@ def test_driver_reports_refused_login(server: AuthorizationServer) -> None:
             authorize_url(server, pkce()[1]), username=USER, password="wrong-password"
         )
     assert server.authorization.authorizations == 0
+
+
+def test_concurrent_exchanges_of_one_code_issue_exactly_once(server: AuthorizationServer) -> None:
+    """Eight simultaneous exchanges of one code: exactly one 200, seven invalid_grant."""
+    verifier, challenge = pkce()
+    code = code_for(server, challenge)["code"]
+    barrier = threading.Barrier(8)
+
+    def attempt() -> int:
+        with httpx.Client(timeout=5) as own:
+            barrier.wait(5)
+            return exchange(own, server, code, verifier).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = sorted(pool.map(lambda _: attempt(), range(8)))
+    assert statuses == [200] + [400] * 7
+    assert server.count("authorization_code") == 8
