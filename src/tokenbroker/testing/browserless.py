@@ -109,7 +109,7 @@ def complete_authorization(
         for _ in range(max_steps):
             location = response.headers.get("Location")
             if response.is_redirect and location:
-                target = urljoin(str(response.url), location)
+                target: str = urljoin(str(response.url), location)
                 if _origin(target) != server:
                     return target
                 response = own.get(target)
