@@ -9,9 +9,18 @@ Install with the ``testing`` extra (``pip install tokenbroker[testing]``)::
     with server:
         ...  # point a client at server.token_url
         assert server.count("client_credentials") == 1
+
+The authorization-code grant (PKCE ``S256`` required) runs through real login and consent
+pages; :func:`complete_authorization` drives them without a browser::
+
+    server.add_account("alice", "pw")
+    server.add_client("app", auth_method="none", scopes="openid offline_access",
+                      redirect_uris=["http://127.0.0.1:8750/v1/oauth/callback"])
+    redirect = complete_authorization(url, username="alice", password="pw")
 """
 
 from tokenbroker.testing.authserver import AuthorizationServer
+from tokenbroker.testing.browserless import AuthorizationFlowError, complete_authorization
 from tokenbroker.testing.clientauth import decode_client_secret_basic
 from tokenbroker.testing.faults import Fault
 from tokenbroker.testing.messages import Headers
@@ -19,6 +28,7 @@ from tokenbroker.testing.recording import RefreshTokenUse, RequestRecord, refres
 from tokenbroker.testing.upstream_server import RecordingUpstream, UpstreamRecord
 
 __all__ = [
+    "AuthorizationFlowError",
     "AuthorizationServer",
     "Fault",
     "Headers",
@@ -27,6 +37,7 @@ __all__ = [
     "RequestRecord",
     "ServedProxy",
     "UpstreamRecord",
+    "complete_authorization",
     "decode_client_secret_basic",
     "refresh_token_fingerprint",
 ]

@@ -9,8 +9,12 @@
 
 Endpoints:
 
-* ``POST /oauth/token``: ``client_credentials`` (RFC 6749 §4.4) and ``refresh_token``
-  (RFC 6749 §6) grants.
+* ``POST /oauth/token``: ``client_credentials`` (RFC 6749 §4.4), ``refresh_token``
+  (RFC 6749 §6) and ``authorization_code`` with PKCE ``S256`` (RFC 6749 §4.1, RFC 7636).
+* ``GET /authorize`` and its login and consent pages
+  (:mod:`~tokenbroker.testing.interaction`); redirects carry ``iss`` (RFC 9207).
+* ``GET /.well-known/oauth-authorization-server`` (RFC 8414) and the same document at
+  ``/.well-known/openid-configuration``.
 * ``POST /api/login``: DolphinDB-style username/password login.
 * ``GET /api/resource``: a resource protected by bearer tokens (RFC 6750).
 * ``GET /testing/refresh-tokens``: the server's own record of refresh-token use: each
@@ -27,7 +31,9 @@ from typing import Self
 
 from tokenbroker.testing.background import Background
 from tokenbroker.testing.clientauth import TOKEN_AUTH_METHODS, PublicKey, load_public_key
+from tokenbroker.testing.discovery import DISCOVERY_PATHS, metadata
 from tokenbroker.testing.faults import Fault, FaultQueue
+from tokenbroker.testing.interaction import AUTHORIZE_PATH, AuthorizationEndpoint
 from tokenbroker.testing.messages import Reply, Request
 from tokenbroker.testing.models import Client
 from tokenbroker.testing.protocol import OAuth2Server, ReuseError
@@ -36,6 +42,7 @@ from tokenbroker.testing.recording import (
     RefreshTokenUse,
     RequestRecord,
     refresh_token_uses,
+    request_record,
 )
 from tokenbroker.testing.transport import BackgroundServer
 
@@ -54,6 +61,7 @@ LOGIN_PATH = "/api/login"
 RESOURCE_PATH = "/api/resource"
 REFRESH_REPORT_PATH = "/testing/refresh-tokens"
 _ROUTES = {
+    **dict.fromkeys(DISCOVERY_PATHS, ("GET",)),
     TOKEN_PATH: ("POST",),
     LOGIN_PATH: ("POST",),
     RESOURCE_PATH: ("GET", "POST"),
@@ -78,6 +86,7 @@ class AuthorizationServer(Background):
         reuse_error: ReuseError = "invalid_grant",
         login_ttl_seconds: float | None = 3600,
         jwt_leeway_seconds: int = 60,
+        code_ttl_seconds: float = 60,
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
@@ -97,6 +106,7 @@ class AuthorizationServer(Background):
             login_ttl_seconds: Lifetime of login tokens; ``None`` for unlimited.
             jwt_leeway_seconds: Clock skew tolerated on ``private_key_jwt`` ``exp``,
                 ``iat`` and ``nbf``.
+            code_ttl_seconds: How long an authorization code may be exchanged.
             host: Address to bind.
             port: Port to bind; 0 picks a free one at each :meth:`start`.
             clock: Time source for token expiry and the grace window (not for JWT claims,
@@ -121,7 +131,11 @@ class AuthorizationServer(Background):
             expires_in=expires_in,
             reuse_error=reuse_error,
             jwt_leeway_seconds=jwt_leeway_seconds,
+            code_ttl_seconds=code_ttl_seconds,
         )
+        self._authorization = AuthorizationEndpoint(self._oauth, issuer=lambda: self._base_url)
+        self._pages = self._authorization.routes()
+        self._routes = {**_ROUTES, **{path: (method,) for path, (method, _) in self._pages.items()}}
         self._recorder = Recorder()
         self._faults = FaultQueue()
         self._latency = 0.0
@@ -146,6 +160,7 @@ class AuthorizationServer(Background):
         scopes: Iterable[str] | str = (),
         public_key: PublicKey | None = None,
         grant_types: Iterable[str] | None = None,
+        redirect_uris: Iterable[str] = (),
     ) -> None:
         """Register (or replace) an OAuth client.
 
@@ -160,7 +175,10 @@ class AuthorizationServer(Background):
             public_key: For ``private_key_jwt``: a PEM public key, a JWK dict or a
                 ``cryptography`` public key.
             grant_types: Grants it may use; default ``client_credentials`` and
-                ``refresh_token`` (only ``refresh_token`` for ``none``).
+                ``refresh_token`` (only ``refresh_token`` for ``none``), plus
+                ``authorization_code`` when it has redirect URIs.
+            redirect_uris: Its redirection endpoints for the authorization-code grant,
+                matched exactly; add ``offline_access`` to ``scopes`` for refresh tokens.
 
         Raises:
             ValueError: Unknown auth method, or a missing secret or public key.
@@ -171,9 +189,12 @@ class AuthorizationServer(Background):
             raise ValueError(f"{auth_method} needs a secret")
         if auth_method == "private_key_jwt" and public_key is None:
             raise ValueError("private_key_jwt needs public_key")
+        uris = tuple(redirect_uris)
         if grant_types is None:
             public = auth_method == "none"
             grant_types = ("refresh_token",) if public else ("client_credentials", "refresh_token")
+            if uris:
+                grant_types = (*grant_types, "authorization_code")
         self._store.add_client(
             Client(
                 client_id=client_id,
@@ -182,6 +203,7 @@ class AuthorizationServer(Background):
                 scopes=tuple(scopes.split() if isinstance(scopes, str) else scopes),
                 grant_types=frozenset(grant_types),
                 public_key=load_public_key(public_key) if public_key is not None else None,
+                redirect_uris=uris,
             )
         )
 
@@ -265,6 +287,21 @@ class AuthorizationServer(Background):
     def resource_url(self) -> str:
         """The protected resource URL (``url + "/api/resource"``)."""
         return self.url + RESOURCE_PATH
+
+    @property
+    def issuer(self) -> str:
+        """The issuer identifier (RFC 8414 §2): :attr:`url`, also sent as ``iss``."""
+        return self.url
+
+    @property
+    def authorize_url(self) -> str:
+        """The authorization endpoint URL (``url + "/authorize"``)."""
+        return self.url + AUTHORIZE_PATH
+
+    @property
+    def authorization(self) -> AuthorizationEndpoint:
+        """Test hooks: ``forge_next_iss()``, ``deny_next_consent()``, ``authorizations``."""
+        return self._authorization
 
     # -- faults --------------------------------------------------------------------------
 
@@ -429,7 +466,7 @@ class AuthorizationServer(Background):
         return self._route(request)
 
     def _route(self, request: Request) -> Reply:
-        methods = _ROUTES.get(request.path)
+        methods = self._routes.get(request.path)
         if methods is None:
             return Reply.json(404, {"error": "not_found"})
         if request.method not in methods:
@@ -439,23 +476,20 @@ class AuthorizationServer(Background):
             return self._oauth.token_response(request)
         if request.path == LOGIN_PATH:
             return self._oauth.login_response(request)
+        if request.path in DISCOVERY_PATHS:
+            return Reply.json(200, metadata(self.issuer, self.authorize_url, self.token_url))
+        if request.path in self._pages:
+            return self._pages[request.path][1](request)
         if request.path == REFRESH_REPORT_PATH:
             report = [use.as_json() for use in self.refresh_token_report()]
             return Reply.json(200, {"refresh_tokens": report}, [("Cache-Control", "no-store")])
         return self._oauth.resource_response(request)
 
     def _record(self, request: Request) -> None:
-        form = {} if request.is_json else request.first_form
-        try:
-            body = request.json() if request.is_json else None
-        except ValueError:
-            body = None
-        grant = None
+        grant = {LOGIN_PATH: "login"}.get(request.path)
         if request.path == TOKEN_PATH:
-            grant = form.get("grant_type", "")
-        elif request.path == LOGIN_PATH:
-            grant = "login"
-        record = RequestRecord(request.method, request.path, grant, request.headers, form, body)
+            grant = "" if request.is_json else request.first_form.get("grant_type", "")
+        record = request_record(request, grant)
         self._recorder.record(record, resource=request.path == RESOURCE_PATH)
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["BearerToken", "Client", "Family", "RefreshToken", "equal_secrets"]
+__all__ = ["AuthorizationCode", "BearerToken", "Client", "Family", "RefreshToken", "equal_secrets"]
 
 
 def equal_secrets(a: str, b: str) -> bool:
@@ -42,6 +42,8 @@ class Client:
         scopes: The scopes it may be granted; also the default when none are requested.
         grant_types: The grant types it may use.
         public_key: The key verifying its ``private_key_jwt`` assertions (a joserfc key).
+        redirect_uris: Its registered redirection endpoints (RFC 6749 §3.1.2), compared
+            as exact strings.
     """
 
     client_id: str
@@ -50,6 +52,7 @@ class Client:
     scopes: tuple[str, ...]
     grant_types: frozenset[str]
     public_key: Any = field(default=None, repr=False)
+    redirect_uris: tuple[str, ...] = ()
 
     def get_client_id(self) -> str:
         """Return the client identifier.
@@ -60,34 +63,37 @@ class Client:
         return self.client_id
 
     def get_default_redirect_uri(self) -> None:
-        """Return no redirect URI; this server has no authorization endpoint.
+        """Return no default: every authorization request must name its redirect URI.
 
         Returns:
-            None.
+            None, so authlib refuses a request without ``redirect_uri`` on the server's own
+            error page.
         """
         return None
 
     def check_redirect_uri(self, redirect_uri: str) -> bool:
-        """Reject every redirect URI; this server has no authorization endpoint.
+        """Tell whether a redirect URI is registered, by exact string comparison.
+
+        RFC 9700 §4.1.3 (OAuth 2.0 Security BCP): no prefix, wildcard or normalisation.
 
         Args:
             redirect_uri: The URI to check.
 
         Returns:
-            False.
+            True when it is one of ``redirect_uris``.
         """
-        return False
+        return redirect_uri in self.redirect_uris
 
     def check_response_type(self, response_type: str) -> bool:
-        """Reject every response type; this server has no authorization endpoint.
+        """Tell whether the client may use a response type (only ``code``).
 
         Args:
-            response_type: The response type to check.
+            response_type: The requested ``response_type``.
 
         Returns:
-            False.
+            True for ``code`` when the client may use the authorization-code grant.
         """
-        return False
+        return response_type == "code" and "authorization_code" in self.grant_types
 
     def get_allowed_scope(self, scope: str | None) -> str | None:
         """Resolve the scope to grant (RFC 6749 §3.3).
@@ -247,3 +253,51 @@ class BearerToken:
             True when revoked directly or through its family.
         """
         return self.revoked or (self.family is not None and self.family.revoked)
+
+
+@dataclass(eq=False)
+class AuthorizationCode:
+    """An authorization code (RFC 6749 §4.1.2) with its PKCE challenge (RFC 7636 §4.4).
+
+    Shaped like authlib's ``AuthorizationCodeMixin``. The family is created with the code,
+    so a replay can revoke every token the code issued, even one still being issued.
+
+    Attributes:
+        value: The code.
+        client_id: The client it was issued to.
+        redirect_uri: The redirect URI of the authorization request.
+        scope: The granted scope (``offline_access`` only with ``prompt=consent``).
+        subject: The account that logged in and consented.
+        code_challenge: The PKCE challenge.
+        code_challenge_method: Always ``S256``.
+        expires_at: Clock time after which it is refused.
+        family: The family of the tokens it issues.
+        used: Set by its first successful exchange.
+    """
+
+    value: str = field(repr=False)
+    client_id: str
+    redirect_uri: str
+    scope: str
+    subject: str
+    code_challenge: str = field(repr=False)
+    code_challenge_method: str
+    expires_at: float
+    family: Family
+    used: bool = False
+
+    def get_redirect_uri(self) -> str:
+        """Return the redirect URI the token request must repeat (RFC 6749 §4.1.3).
+
+        Returns:
+            ``redirect_uri``.
+        """
+        return self.redirect_uri
+
+    def get_scope(self) -> str:
+        """Return the granted scope.
+
+        Returns:
+            The space-separated scope.
+        """
+        return self.scope

@@ -5,6 +5,8 @@
 
 * ``ClientCredentialsGrant`` (RFC 6749 §4.4) and ``RefreshTokenGrant`` (RFC 6749 §6),
   subclassed to apply the store's rotation policy;
+* the authorization-code grant with required PKCE ``S256``
+  (:mod:`~tokenbroker.testing.authcode`);
 * ``BearerTokenGenerator`` (RFC 6750) issuing ``secrets.token_urlsafe`` tokens;
 * the client authentication methods of :mod:`~tokenbroker.testing.clientauth`;
 * a ``ResourceProtector`` with a ``BearerTokenValidator`` for the protected resource.
@@ -36,6 +38,7 @@ from authlib.oauth2.rfc6749 import (
 )
 from authlib.oauth2.rfc6750 import BearerTokenGenerator, BearerTokenValidator, InvalidTokenError
 
+from tokenbroker.testing.authcode import AuthorizationCodeGrant, CodeStore, S256CodeChallenge
 from tokenbroker.testing.clientauth import (
     TOKEN_AUTH_METHODS,
     PrivateKeyJWT,
@@ -78,7 +81,8 @@ class _OAuth2Payload(OAuth2Payload):  # type: ignore[misc]
 class _OAuth2Request(OAuth2Request):  # type: ignore[misc]
     def __init__(self, request: Request) -> None:
         super().__init__(request.method, request.url, headers=request.headers)
-        self.payload = _OAuth2Payload(request.form)
+        # The authorization endpoint takes its parameters from the query (RFC 6749 §4.1.1).
+        self.payload = _OAuth2Payload(request.query if request.method == "GET" else request.form)
         self._args = {name: values[0] for name, values in request.query.items()}
 
     @property
@@ -174,6 +178,7 @@ class OAuth2Server(_AuthlibServer):  # type: ignore[misc]
         expires_in: int | None,
         reuse_error: ReuseError,
         jwt_leeway_seconds: int,
+        code_ttl_seconds: float = 60,
     ) -> None:
         """Wire the grants, token generator, client auth methods and resource protector.
 
@@ -184,9 +189,11 @@ class OAuth2Server(_AuthlibServer):  # type: ignore[misc]
                 and never expires.
             reuse_error: Error answered for a reused, revoked or unknown refresh token.
             jwt_leeway_seconds: Clock skew tolerated on assertion ``exp``/``iat``/``nbf``.
+            code_ttl_seconds: How long an authorization code may be exchanged.
         """
         super().__init__()
         self.store = store
+        self.codes = CodeStore(store, ttl_seconds=code_ttl_seconds)
         self.reuse_error = reuse_error
         self._expires_in = expires_in
         generator = BearerTokenGenerator(_random_token, _random_token, self._expires_for)
@@ -197,6 +204,7 @@ class OAuth2Server(_AuthlibServer):  # type: ignore[misc]
         )
         self.register_grant(_ClientCredentialsGrant)
         self.register_grant(_RefreshTokenGrant)
+        self.register_grant(AuthorizationCodeGrant, [S256CodeChallenge(required=True)])
         self._protector = ResourceProtector()
         self._protector.register_token_validator(_BearerValidator(store))
 
@@ -231,7 +239,9 @@ class OAuth2Server(_AuthlibServer):  # type: ignore[misc]
             token: The token response dict.
             request: The ``OAuth2Request`` being served.
         """
-        self.store.save_issued(token, request.client.client_id, request.refresh_token)
+        code = request.authorization_code
+        family = code.family if code is not None else None
+        self.store.save_issued(token, request.client.client_id, request.refresh_token, family)
 
     def send_signal(self, name: str, *args: Any, **kwargs: Any) -> None:
         """Receive authlib's signals; only logged.

@@ -13,9 +13,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenbroker.testing.messages import Headers
+from tokenbroker.testing.messages import Headers, Request
 
-__all__ = ["Recorder", "RefreshTokenUse", "RequestRecord", "refresh_token_fingerprint"]
+__all__ = [
+    "Recorder",
+    "RefreshTokenUse",
+    "RequestRecord",
+    "refresh_token_fingerprint",
+    "request_record",
+]
 
 _REJECTED = frozenset({"reused", "revoked", "unknown"})
 
@@ -127,6 +133,24 @@ class RequestRecord:
     headers: Headers
     form: dict[str, str] = field(default_factory=dict)
     json: Any = None
+
+
+def request_record(request: Request, grant: str | None) -> RequestRecord:
+    """Record a request as it arrived, its body decoded as a form or as JSON.
+
+    Args:
+        request: The request.
+        grant: What it asks for (``grant_type``, ``"login"``), ``None`` for other paths.
+
+    Returns:
+        The record.
+    """
+    form = {} if request.is_json else request.first_form
+    try:
+        body = request.json() if request.is_json else None
+    except ValueError:
+        body = None
+    return RequestRecord(request.method, request.path, grant, request.headers, form, body)
 
 
 class Recorder:
