@@ -750,3 +750,64 @@ def test_a_delegation_scope_is_fetched_with_the_providers_client(
         assert delegation_token != ordinary.access_token
         assert broker.get_token("seed").access_token == ordinary.access_token
         assert broker.get_token("seed", "files:download.delegate").access_token == delegation_token
+
+
+def sub_of(answer: httpx.Response) -> str:
+    assert answer.status_code == 200, answer.text
+    claims = jwt.decode(answer.json()["token"], options={"verify_signature": False})
+    return str(claims["sub"])
+
+
+def test_forwarded_user_from_a_trusted_proxy_is_the_subject(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """With the peer in server.trusted_proxies, X-Forwarded-User names the subject (even when
+    the proxy also sends X-Forwarded-For, which rewrites the client address) for a consumer
+    with delegate-as, in delegations and redirects; the body's subject wins; a consumer with
+    only delegate: gets 403 for another user and its own subject for its own."""
+    broker = broker_for(tmp_path, auth_server, server={"trusted_proxies": ["127.0.0.0/8"]})
+    front = {"X-Forwarded-User": "alice", "X-Forwarded-For": "203.0.113.7"}
+    with broker, consumer_api(broker) as client:
+        assert sub_of(delegate(client, KEY)) == "web"
+        assert sub_of(post(client, KEY, front)) == "alice"
+        assert sub_of(post(client, KEY, {"X-Forwarded-User": "bob"})) == "bob"
+        assert sub_of(post(client, KEY, front, subject="carol")) == "carol"
+        refused = post(client, APP_KEY, front)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "forbidden_subject"
+        assert sub_of(post(client, APP_KEY, {"X-Forwarded-User": "svc-app"})) == "svc-app"
+        hop = client.get(
+            "/v1/redirects/downloads/r/q.pdf", headers={"Authorization": f"Bearer {KEY}", **front}
+        )
+        assert hop.status_code == 302
+        hopped = parse_qs(urlsplit(hop.headers["location"]).query)["token"][0]
+        assert jwt.decode(hopped, options={"verify_signature": False})["sub"] == "alice"
+
+
+def test_forwarded_user_from_any_other_peer_is_ignored(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """Without trusted_proxies, or from a peer outside them (even one whose X-Forwarded-For
+    names a trusted address), X-Forwarded-User is ignored: the subject is the consumer's own."""
+    forged = {"X-Forwarded-User": "alice", "X-Forwarded-For": "10.1.2.3"}
+    for index, server in enumerate([None, {"trusted_proxies": ["10.0.0.0/8"]}]):
+        (tmp_path / str(index)).mkdir()
+        broker = broker_for(tmp_path / str(index), auth_server, server=server)
+        with broker, consumer_api(broker) as client:
+            assert sub_of(post(client, KEY, forged)) == "web"
+            assert sub_of(post(client, APP_KEY, forged)) == "svc-app"
+            hop = client.get(
+                "/v1/redirects/downloads/x.pdf",
+                headers={"Authorization": f"Bearer {KEY}", **forged},
+            )
+            hopped = parse_qs(urlsplit(hop.headers["location"]).query)["token"][0]
+            assert jwt.decode(hopped, options={"verify_signature": False})["sub"] == "web"
+
+
+def post(client: Any, key: str, headers: dict[str, str], **body: Any) -> Any:
+    """POST /v1/delegations for ``files`` with extra request headers."""
+    return client.post(
+        "/v1/delegations",
+        json={"provider": "files", "audience": AUDIENCE, **body},
+        headers={"Authorization": f"Bearer {key}", **headers},
+    )
