@@ -20,12 +20,22 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from conftest import BrokerFactory
-from support import Served, client_credentials, free_port, http_status, terminate, wait_for
-from tokenbroker import Broker, UnknownProviderError, parse_settings
+from support import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    Served,
+    client_credentials,
+    free_port,
+    http_status,
+    terminate,
+    wait_for,
+)
+from tokenbroker import Broker, ProviderUnavailableError, UnknownProviderError, parse_settings
 from tokenbroker.api.app import create_app
 from tokenbroker.core.crypto import generate_key
 from tokenbroker.core.rules import parse_rule
 from tokenbroker.engine.consumers import ConsumerRegistry, hash_key, new_key
+from tokenbroker.errors import DelegationFailedError
 from tokenbroker.testing import AuthorizationServer
 
 KEY = new_key()  # web: delegate-as:files, delegate:twin
@@ -42,6 +52,8 @@ class DelegationUpstream:
         self.idp = idp
         self.calls: list[dict[str, Any]] = []
         self.fail_with: list[int] = []
+        #: Fields of the next successful replies, besides the token (one dict per reply).
+        self.replies: list[dict[str, Any]] = []
         app = FastAPI()
 
         @app.post("/file-access/download-tokens")
@@ -53,12 +65,22 @@ class DelegationUpstream:
             token = request.headers.get("authorization", "").removeprefix("Bearer ")
             if token not in self.idp.issued_access_tokens:
                 return JSONResponse({"error": "invalid_token"}, status_code=401)
-            return JSONResponse({"token": f"dl-{len(self.calls)}", "expires_in": 120})
+            reply = self.replies.pop(0) if self.replies else {"expires_in": 120}
+            return JSONResponse({"token": f"dl-{len(self.calls)}", **reply})
 
         self.served = Served(app)
 
 
-def broker_for(tmp_path: Path, idp: AuthorizationServer, upstream_url: str | None = None) -> Broker:
+def broker_for(
+    tmp_path: Path,
+    idp: AuthorizationServer,
+    upstream_url: str | None = None,
+    *,
+    upstream: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+) -> Broker:
+    """A broker with jwt-mode providers ``files`` and ``twin``, and with ``upstream_url`` an
+    upstream-mode ``seed`` (``upstream``: more of its delegation settings)."""
     config: dict[str, Any] = {
         "store": f"sqlite:///{tmp_path / 'tb.db'}",
         "encryption_keys": [STORE_KEY],
@@ -99,8 +121,11 @@ def broker_for(tmp_path: Path, idp: AuthorizationServer, upstream_url: str | Non
                     "object_key": "{object}",
                     "expires_in": "{lifetime}",
                 },
+                **(upstream or {}),
             },
         }
+    if server:
+        config["server"] = server
     return Broker(parse_settings(yaml.safe_dump(config), {}))
 
 
@@ -253,7 +278,7 @@ def test_upstream_delegation_uses_the_service_token(
                 "tenant": "t1",
                 "user": "u1",
                 "object_key": "k/1",
-                "expires_in": "300",
+                "expires_in": 300,
             }
             assert upstream.calls[0]["auth"] == f"Bearer {broker.get_token('seed').access_token}"
             auth_server.revoke_access_token(broker.get_token("seed").access_token)
@@ -261,9 +286,7 @@ def test_upstream_delegation_uses_the_service_token(
             assert broker.delegate("seed", "downloads", object_="k/2").token == "dl-3"
             assert auth_server.count("client_credentials") == 2
             upstream.fail_with = [503, 503]
-            from tokenbroker import ProviderUnavailableError
-
-            with pytest.raises(ProviderUnavailableError):
+            with pytest.raises(DelegationFailedError):
                 broker.delegate("seed", "downloads")
             with pytest.raises(UnknownProviderError):
                 broker.delegate("seed", "elsewhere")
@@ -543,3 +566,248 @@ def test_a_broker_mints_on_its_injected_clock(make_broker: BrokerFactory) -> Non
     minted = broker.delegate("files", "https://files.example", lifetime=60)
     claims = jwt.decode(minted.token, options={"verify_signature": False})
     assert (claims["iat"], claims["exp"]) == (int(clock.time()), int(clock.time()) + 60)
+
+
+@pytest.fixture
+def upstream(auth_server: AuthorizationServer) -> Iterator[DelegationUpstream]:
+    """A delegation endpoint on 127.0.0.1 that accepts the auth server's live tokens."""
+    served = DelegationUpstream(auth_server)
+    with served.served:
+        yield served
+
+
+def upstream_url(upstream: DelegationUpstream) -> str:
+    # https is required but for loopback; "localhost" is loopback by name.
+    return f"{upstream.served.url}/file-access/download-tokens".replace(
+        "http://127.0.0.1", "http://localhost"
+    )
+
+
+def test_upstream_template_keeps_json_types(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: DelegationUpstream
+) -> None:
+    """A template string that is one placeholder is sent with its value's JSON type (the
+    lifetime a number, an absent object or subject null); the template's own numbers,
+    booleans and nulls stay as they are; placeholders inside text are replaced as text."""
+    template = {
+        "expires_in": "{lifetime}",
+        "object_key": "{object}",
+        "user": "{subject}",
+        "inline": True,
+        "watermark": False,
+        "note": None,
+        "max_downloads": 3,
+        "ratio": 0.5,
+        "label": "{consumer} for {subject}: {lifetime}s",
+        "keys": ["{object}", "{audience}"],
+    }
+    with broker_for(
+        tmp_path, auth_server, upstream_url(upstream), upstream={"body": template}
+    ) as broker:
+        broker.delegate("seed", "downloads", lifetime=90, actor="web")
+        broker.delegate("seed", "downloads", object_="k/1", subject="u1", lifetime=60)
+    assert upstream.calls[0]["body"] == {
+        "expires_in": 90,
+        "object_key": None,
+        "user": None,
+        "inline": True,
+        "watermark": False,
+        "note": None,
+        "max_downloads": 3,
+        "ratio": 0.5,
+        "label": "web for : 90s",
+        "keys": [None, "downloads"],
+    }
+    second = upstream.calls[1]["body"]
+    assert (second["expires_in"], second["object_key"], second["user"]) == (60, "k/1", "u1")
+    assert type(second["expires_in"]) is int
+
+
+def test_upstream_reply_expires_at_is_understood(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: DelegationUpstream
+) -> None:
+    """An ISO-8601 ``expires_at`` (with Z, with an offset, or without one: UTC) at
+    ``expires_at_path`` sets the token's expiry when it is sooner than the lifetime asked for;
+    ``expires_in`` is still honoured beside it."""
+    from datetime import UTC, datetime, timedelta, timezone
+
+    now = datetime.now(UTC)
+    in_90 = (now + timedelta(seconds=90)).replace(microsecond=0)
+    upstream.replies = [
+        {"grant": {"expires_at": in_90.strftime("%Y-%m-%dT%H:%M:%SZ")}},
+        {"grant": {"expires_at": in_90.astimezone(timezone(timedelta(hours=8))).isoformat()}},
+        {"grant": {"expires_at": in_90.replace(tzinfo=None).isoformat()}},
+        {"grant": {"expires_at": (now + timedelta(hours=1)).isoformat()}, "expires_in": 45},
+    ]
+    settings = {"expires_at_path": "grant.expires_at", "max_lifetime_seconds": 300}
+    with broker_for(tmp_path, auth_server, upstream_url(upstream), upstream=settings) as broker:
+        tokens = [broker.delegate("seed", "downloads", lifetime=300) for _ in range(4)]
+    for token in tokens[:3]:
+        assert token.expires_at == pytest.approx(in_90.timestamp(), abs=0.01)
+    assert tokens[3].expires_at == pytest.approx(time.time() + 45, abs=5)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        {"expires_in": 0},
+        {"expires_in": -30},
+        {"expires_at": "2001-01-01T00:00:00Z"},
+        {"expires_at": "PAST"},  # replaced by a time a minute ago
+    ],
+    ids=["expires_in-0", "expires_in-negative", "expires_at-2001", "expires_at-a-minute-ago"],
+)
+def test_an_already_expired_reply_is_provider_unavailable(
+    tmp_path: Path,
+    auth_server: AuthorizationServer,
+    upstream: DelegationUpstream,
+    reply: dict[str, Any],
+) -> None:
+    """A reply with ``expires_in`` ≤ 0 or an ``expires_at`` in the past is the provider's error
+    (ProviderUnavailableError, not the endpoint's delegation_failed), never a 1-second token."""
+    from datetime import UTC, datetime
+
+    if reply.get("expires_at") == "PAST":
+        reply = {"expires_at": datetime.fromtimestamp(time.time() - 60, UTC).isoformat()}
+    upstream.replies = [reply] * 4
+    settings = {"expires_at_path": "expires_at"}
+    broker = broker_for(tmp_path, auth_server, upstream_url(upstream), upstream=settings)
+    with broker, pytest.raises(ProviderUnavailableError) as caught:
+        broker.delegate("seed", "downloads")
+    assert type(caught.value) is ProviderUnavailableError
+    assert "expired" in str(caught.value)
+    assert "dl-" not in str(caught.value)
+
+
+def consumer_api(broker: Broker) -> Served:
+    """The HTTP API for ``broker`` with the web/app/reader consumers, served on 127.0.0.1."""
+    registry = ConsumerRegistry(
+        [
+            (
+                "web",
+                hash_key(KEY),
+                [parse_rule("delegate-as:files"), parse_rule("delegate-as:seed")],
+            ),
+            ("app", hash_key(APP_KEY), [parse_rule("delegate:files")], "svc-app"),
+            ("reader", hash_key(READER_KEY), [parse_rule("files")]),
+        ]
+    )
+    return Served(create_app(broker, registry))
+
+
+def test_delegation_failed_and_provider_unavailable_are_told_apart(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: DelegationUpstream
+) -> None:
+    """Over HTTP: the delegation endpoint failing after retries is 502 delegation_failed; the
+    broker's service token unavailable (the IdP down) is 503 provider_unavailable with
+    Retry-After, and the endpoint is then never asked; an expired reply is 503 too."""
+    from tokenbroker.testing import Fault
+
+    broker = broker_for(tmp_path, auth_server, upstream_url(upstream))
+    with broker, consumer_api(broker) as client:
+        upstream.fail_with = [500, 500]
+        failed = delegate(client, KEY, provider="seed", audience="downloads")
+        assert failed.status_code == 502
+        assert failed.json() == {
+            "error": {
+                "code": "delegation_failed",
+                "message": "the provider's delegation endpoint failed; retry later",
+            }
+        }
+        asked = len(upstream.calls)
+        broker.invalidate("seed", broker.get_token("seed").access_token)
+        auth_server.inject(Fault(status=503, body='{"error": "temporarily_unavailable"}'), times=2)
+        down = delegate(client, KEY, provider="seed", audience="downloads")
+        assert down.status_code == 503
+        assert down.json()["error"]["code"] == "provider_unavailable"
+        assert "retry-after" in down.headers
+        assert len(upstream.calls) == asked
+        upstream.replies = [{"expires_in": 0}] * 2
+        expired = delegate(client, KEY, provider="seed", audience="downloads")
+        assert (expired.status_code, expired.json()["error"]["code"]) == (
+            503,
+            "provider_unavailable",
+        )
+        assert "dl-" not in expired.text
+
+
+def test_a_delegation_scope_is_fetched_with_the_providers_client(
+    tmp_path: Path, auth_server: AuthorizationServer, upstream: DelegationUpstream
+) -> None:
+    """``delegation.scope`` gets the service token for the endpoint from the same provider and
+    client, with that scope, cached apart from the provider's ordinary tokens (one token
+    request for two delegations) and never served as them."""
+    auth_server.add_client(CLIENT_ID, CLIENT_SECRET, scopes=["read", "files:download.delegate"])
+    settings = {"scope": "files:download.delegate"}
+    with broker_for(tmp_path, auth_server, upstream_url(upstream), upstream=settings) as broker:
+        ordinary = broker.get_token("seed")
+        broker.delegate("seed", "downloads", object_="a.pdf")
+        broker.delegate("seed", "downloads", object_="b.pdf")
+        scopes = sorted(r.form["scope"] for r in auth_server.requests if r.grant)
+        assert scopes == ["files:download.delegate", "read"]
+        delegation_token = upstream.calls[0]["auth"].removeprefix("Bearer ")
+        assert upstream.calls[1]["auth"] == upstream.calls[0]["auth"]
+        assert delegation_token != ordinary.access_token
+        assert broker.get_token("seed").access_token == ordinary.access_token
+        assert broker.get_token("seed", "files:download.delegate").access_token == delegation_token
+
+
+def sub_of(answer: httpx.Response) -> str:
+    assert answer.status_code == 200, answer.text
+    claims = jwt.decode(answer.json()["token"], options={"verify_signature": False})
+    return str(claims["sub"])
+
+
+def test_forwarded_user_from_a_trusted_proxy_is_the_subject(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """With the peer in server.trusted_proxies, X-Forwarded-User names the subject (even when
+    the proxy also sends X-Forwarded-For, which rewrites the client address) for a consumer
+    with delegate-as, in delegations and redirects; the body's subject wins; a consumer with
+    only delegate: gets 403 for another user and its own subject for its own."""
+    broker = broker_for(tmp_path, auth_server, server={"trusted_proxies": ["127.0.0.0/8"]})
+    front = {"X-Forwarded-User": "alice", "X-Forwarded-For": "203.0.113.7"}
+    with broker, consumer_api(broker) as client:
+        assert sub_of(delegate(client, KEY)) == "web"
+        assert sub_of(post(client, KEY, front)) == "alice"
+        assert sub_of(post(client, KEY, {"X-Forwarded-User": "bob"})) == "bob"
+        assert sub_of(post(client, KEY, front, subject="carol")) == "carol"
+        refused = post(client, APP_KEY, front)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "forbidden_subject"
+        assert sub_of(post(client, APP_KEY, {"X-Forwarded-User": "svc-app"})) == "svc-app"
+        hop = client.get(
+            "/v1/redirects/downloads/r/q.pdf", headers={"Authorization": f"Bearer {KEY}", **front}
+        )
+        assert hop.status_code == 302
+        hopped = parse_qs(urlsplit(hop.headers["location"]).query)["token"][0]
+        assert jwt.decode(hopped, options={"verify_signature": False})["sub"] == "alice"
+
+
+def test_forwarded_user_from_any_other_peer_is_ignored(
+    tmp_path: Path, auth_server: AuthorizationServer
+) -> None:
+    """Without trusted_proxies, or from a peer outside them (even one whose X-Forwarded-For
+    names a trusted address), X-Forwarded-User is ignored: the subject is the consumer's own."""
+    forged = {"X-Forwarded-User": "alice", "X-Forwarded-For": "10.1.2.3"}
+    for index, server in enumerate([None, {"trusted_proxies": ["10.0.0.0/8"]}]):
+        (tmp_path / str(index)).mkdir()
+        broker = broker_for(tmp_path / str(index), auth_server, server=server)
+        with broker, consumer_api(broker) as client:
+            assert sub_of(post(client, KEY, forged)) == "web"
+            assert sub_of(post(client, APP_KEY, forged)) == "svc-app"
+            hop = client.get(
+                "/v1/redirects/downloads/x.pdf",
+                headers={"Authorization": f"Bearer {KEY}", **forged},
+            )
+            hopped = parse_qs(urlsplit(hop.headers["location"]).query)["token"][0]
+            assert jwt.decode(hopped, options={"verify_signature": False})["sub"] == "web"
+
+
+def post(client: Any, key: str, headers: dict[str, str], **body: Any) -> Any:
+    """POST /v1/delegations for ``files`` with extra request headers."""
+    return client.post(
+        "/v1/delegations",
+        json={"provider": "files", "audience": AUDIENCE, **body},
+        headers={"Authorization": f"Bearer {key}", **headers},
+    )

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterator
 from email.utils import formatdate
@@ -562,3 +564,37 @@ def test_driver_sleeps_and_checks_bodies_with_what_it_is_given() -> None:
         error = send_sync(client, flow, 4096, clock=clock, sleep=clock.sleep).error
     assert isinstance(error, ProviderUnavailableError)
     assert "too slow" in str(error)
+
+
+def test_one_log_line_per_token_request_attempt_never_a_body(
+    make_broker: Any, auth_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Against the real authorization server, a 503 then a 200 give exactly two
+    ``tokenbroker.grants`` lines (provider, attempt, status, elapsed ms, outcome, the delay
+    before the next attempt); no line or record field holds the reply body, the token or
+    the client secret."""
+    from support import CLIENT_SECRET
+    from tokenbroker.testing import Fault
+
+    canary = "body-canary-5f1c"
+    auth_server.inject(Fault(status=503, body=json.dumps({"error": canary})), times=1)
+    caplog.set_level(logging.DEBUG, logger="tokenbroker")
+    token = make_broker().get_token("svc").access_token
+    lines = [r for r in caplog.records if r.name == "tokenbroker.grants"]
+    assert [r.levelno for r in lines] == [logging.WARNING, logging.INFO]
+    first, second = (r.getMessage() for r in lines)
+    assert re.fullmatch(
+        r"token request provider=svc attempt=1 status=503 elapsed_ms=[0-9.]+"
+        r" outcome=ProviderUnavailableError next_delay=[0-9.]+s",
+        first,
+    ), first
+    assert re.fullmatch(
+        r"token request provider=svc attempt=2 status=200 elapsed_ms=[0-9.]+"
+        r" outcome=ok next_delay=none",
+        second,
+    ), second
+    fields = [(r.__dict__["provider"], r.__dict__["status"]) for r in lines]
+    assert fields == [("svc", 503), ("svc", 200)]
+    everything = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    for secret in (canary, token, CLIENT_SECRET):
+        assert secret not in everything

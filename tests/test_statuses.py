@@ -33,6 +33,8 @@ KEY = new_key()
 def _instance(kind: type[errors.TokenBrokerError]) -> errors.TokenBrokerError:
     if kind is errors.ConfigError:
         return kind([errors.ConfigProblem("x", "y")])  # type: ignore[call-arg]
+    if kind is errors.InvalidJobParamsError:
+        return kind("field", "a failure")  # type: ignore[call-arg]
     return kind("a failure")
 
 
@@ -69,6 +71,7 @@ def test_the_table_maps_each_domain_error_to_its_own_class() -> None:
         "reauthorization_required": 409,
         "provider_misconfigured": 500,
         "pool_exhausted": 503,
+        "delegation_failed": 502,
         "provider_unavailable": 503,
         "store_unavailable": 503,
     }

@@ -24,7 +24,8 @@
         │   └── ClientAuthenticationError  401/403 or ``invalid_client``           (not retried)
         ├── ReauthorizationRequiredError   ``invalid_grant`` / ``login_required``  (not retried)
         └── ProviderUnavailableError    5xx, 429, network error, timeout, malformed reply (retried)
-            └── InvalidTokenError       a token value with CR/LF/NUL or non-visible characters
+            ├── InvalidTokenError       a token value with CR/LF/NUL or non-visible characters
+            └── DelegationFailedError   the upstream delegation endpoint failed (service token fine)
 
 Messages name the provider, the HTTP status and at most the provider's OAuth
 ``error`` code (checked against RFC 6749's character set); they never carry a
@@ -44,6 +45,7 @@ __all__ = [
     "ClientAuthenticationError",
     "ConfigError",
     "ConfigProblem",
+    "DelegationFailedError",
     "EncryptionKeyError",
     "ForbiddenSubjectError",
     "InvalidDelegationError",
@@ -300,3 +302,15 @@ class JobLimitError(JobRequestError):
     def __init__(self, message: str, retry_after: float = 5.0) -> None:
         self.retry_after = retry_after
         super().__init__(message)
+
+
+class DelegationFailedError(ProviderUnavailableError):
+    """The provider's upstream delegation endpoint failed after retries (an error status, no
+    usable token, unreachable), while the broker's own service token was fine.
+
+    Raised once the delegation exchange has ended (it is never retried itself); it keeps the
+    endpoint's HTTP status and ``Retry-After``. A failure to get the service token stays a
+    plain :class:`ProviderUnavailableError` (or its own class), so the two are told apart.
+    """
+
+    code = "delegation_failed"

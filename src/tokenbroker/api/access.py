@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import ipaddress
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated
 
@@ -23,7 +24,8 @@ from ..core.scopes import canonical_scopes, scope_string
 from ..edge.ratelimit import RateLimits
 from ..engine.broker import Broker
 from ..engine.consumers import Consumer, ConsumerRegistry
-from ..errors import InvalidScopeError
+from ..errors import InvalidDelegationError, InvalidScopeError
+from .connection import PEER
 from .errors import InvalidRequest, NotFound, RateLimited, Unauthorized
 
 __all__ = [
@@ -33,9 +35,14 @@ __all__ = [
     "check_allowed",
     "consumer",
     "following",
+    "forwarded_user",
     "requested_scope",
     "scope_caller",
+    "trusted_networks",
 ]
+
+#: A network of ``server.trusted_proxies``.
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Paths any client may call without a key.
 PUBLIC_PATHS = frozenset(
@@ -170,3 +177,44 @@ def following(
                 await task
 
     return lifespan
+
+
+def trusted_networks(proxies: Iterable[str]) -> tuple[Network, ...]:
+    """``server.trusted_proxies`` (addresses or CIDR networks, validated by the config) as
+    networks for :func:`forwarded_user`."""
+    return tuple(ipaddress.ip_network(proxy) for proxy in proxies)
+
+
+def forwarded_user(scope: Scope, trusted: tuple[Network, ...]) -> str | None:
+    """The user a trusted front end names in ``X-Forwarded-User``, if any.
+
+    Believed only when the TCP peer (the scope's :data:`~tokenbroker.api.connection.PEER`,
+    else its ``client``) is in ``trusted``: the peer, not ``client``, because uvicorn rewrites
+    ``client`` from ``X-Forwarded-For``, which any caller may send. From any other peer the
+    header is ignored, as ``X-Forwarded-For`` is. The user is only a requested subject: the
+    consumer's delegation rules still decide whether it may have it.
+
+    Args:
+        scope: The request's ASGI scope.
+        trusted: From :func:`trusted_networks`; empty: the header is never believed.
+
+    Returns:
+        The header's value, stripped; None when absent, empty or not believed.
+
+    Raises:
+        InvalidDelegationError: A trusted peer sent the header more than once.
+    """
+    if not trusted:
+        return None
+    peer = scope.get(PEER, scope.get("client"))
+    try:
+        address = ipaddress.ip_address(peer[0]) if peer else None
+    except ValueError:
+        return None
+    if address is None or not any(address in network for network in trusted):
+        return None
+    values = [v for name, v in scope["headers"] if name == b"x-forwarded-user"]
+    if len(values) > 1:
+        raise InvalidDelegationError("X-Forwarded-User was sent more than once")
+    user = values[0].decode("latin-1").strip() if values else ""
+    return user or None

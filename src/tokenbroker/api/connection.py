@@ -17,6 +17,9 @@ paused because the application has not taken the body yet, an earlier request st
 being answered, ``Expect: 100-continue`` not yet answered) is never held against the
 client. The clocks stop once the request has arrived: a slow answer is not a slow request.
 ``serve`` passes :meth:`BoundedHeadProtocol.bounded` as ``uvicorn.Config(http=...)``.
+
+Each request's scope also carries the TCP peer's ``(host, port)`` under :data:`PEER`, which
+uvicorn's proxy-headers middleware leaves alone (it rewrites ``client``).
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ from uvicorn.server import ServerState
 from ..edge.heads import HEADERS_TOO_LARGE, MAX_HEAD_BYTES, HeadBudget
 from ..edge.statuses import REQUEST_TIMEOUT, ErrorStatus
 
-__all__ = ["BoundedHeadProtocol"]
+__all__ = ["PEER", "BoundedHeadProtocol"]
+
+#: The scope key of the TCP peer's ``(host, port)`` (None for a Unix socket).
+PEER = "tokenbroker.peer"
 
 _TOO_LARGE = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -147,6 +153,10 @@ class BoundedHeadProtocol(HttpToolsProtocol):
             self._arriving = True
             self._deadline = self.loop.time() + self.request_timeout
         super().on_message_begin()
+        # The TCP peer, kept apart from "client", which uvicorn's proxy-headers middleware
+        # rewrites from X-Forwarded-For: whether to believe a trusted front end's headers
+        # depends on who is connected, not on who they say the client is.
+        self.scope[PEER] = self.client  # type: ignore[literal-required]
 
     def on_url(self, url: bytes) -> None:
         self._budget.parsed(len(url))

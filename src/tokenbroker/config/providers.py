@@ -117,7 +117,19 @@ class UpstreamDelegation(_Frozen):
 
     ``body`` is a JSON template: ``{audience}``, ``{object}``, ``{subject}``, ``{consumer}``
     (who asked) and ``{lifetime}`` are replaced (e.g. the seed's
-    ``file-access/download-tokens``).
+    ``file-access/download-tokens``). A string that is one placeholder alone takes the
+    value's JSON type (``"{lifetime}"`` is sent as the number ``300``; an absent object or
+    subject as ``null``); inside a longer string a placeholder is replaced as text. Numbers,
+    booleans and nulls of the template are sent as they are.
+
+    Attributes:
+        scope: The scope of the service token presented to the endpoint (e.g.
+            ``files:download.delegate``), fetched with the provider's own client and cached
+            apart from its ordinary tokens; None: the provider's configured scopes.
+        expires_in_path: Where the reply says how many seconds the token lives (default
+            ``expires_in``; absent from a reply: the lifetime asked for).
+        expires_at_path: Where the reply says when the token expires, as an ISO-8601 time
+            (a time without an offset is UTC) or Unix seconds.
     """
 
     mode: Literal["upstream"]
@@ -126,7 +138,9 @@ class UpstreamDelegation(_Frozen):
         default_factory=lambda: {"object_key": "{object}", "expires_in": "{lifetime}"}
     )
     token_path: str = "token"
-    expires_in_path: str | None = None
+    expires_in_path: str | None = "expires_in"
+    expires_at_path: str | None = None
+    scope: str | None = None
     audiences: tuple[str, ...] = Field(min_length=1)
     max_lifetime_seconds: float = Field(300.0, gt=0, le=86400)
 
@@ -134,6 +148,17 @@ class UpstreamDelegation(_Frozen):
     @classmethod
     def _url(cls, value: str) -> str:
         return _check_url(value, https_only=True)
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, value: str | None) -> str | None:
+        if value is not None:
+            tokens = value.split()
+            if not tokens or not all(SCOPE_TOKEN.match(token) for token in tokens):
+                raise ValueError("must be RFC 6749 scope-tokens separated by spaces")
+            if len(value) > MAX_SCOPE_LENGTH:
+                raise ValueError(f"must be at most {MAX_SCOPE_LENGTH} characters")
+        return value
 
 
 Delegation = Annotated[JwtDelegation | UpstreamDelegation, Field(discriminator="mode")]

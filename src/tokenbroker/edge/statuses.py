@@ -3,11 +3,14 @@
 DESIGN §3.3: an unknown (or forbidden) provider is 404 ``not_found``; a dead refresh
 token 409 ``reauthorization_required``; a provider that rejects the broker's client
 500 ``provider_misconfigured`` (retrying cannot help, so not a 5xx clients retry);
-a provider down after retries 503 ``provider_unavailable`` with ``Retry-After``; a
-failing store 503 ``store_unavailable`` with ``Retry-After``. Anything unmapped is
-500 ``internal_error``. A delegation whose object is not a safe relative path (or whose
-subject is malformed) is 400 ``invalid_delegation``; one for a subject the consumer may not
-name is 403 ``forbidden_subject``. The HTTP API (:mod:`tokenbroker.api.app`) and the proxy
+a provider down after retries 503 ``provider_unavailable`` with ``Retry-After`` (for a
+delegation: the broker's own service token could not be had, or the endpoint's reply was
+already expired); a provider's upstream delegation endpoint failing after retries, while
+the service token was fine, 502 ``delegation_failed``; a failing store 503
+``store_unavailable`` with ``Retry-After``. Anything unmapped is 500 ``internal_error``.
+A delegation whose object is not a safe relative path (or whose subject is malformed)
+is 400 ``invalid_delegation``; one for a subject the consumer may not name is 403
+``forbidden_subject``. The HTTP API (:mod:`tokenbroker.api.app`) and the proxy
 (:mod:`tokenbroker.proxy`) answer from :func:`status_of`; :class:`~tokenbroker.BrokerClient`
 reads an answer's code back into :attr:`ErrorStatus.error` with :func:`status_for_code`.
 
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 
 from ..errors import (
     ClientAuthenticationError,
+    DelegationFailedError,
     ForbiddenSubjectError,
     InvalidDelegationError,
     PoolExhaustedError,
@@ -34,6 +38,7 @@ from ..errors import (
 )
 
 __all__ = [
+    "DELEGATION_FAILED",
     "ERROR_STATUS",
     "FORBIDDEN_SUBJECT",
     "INTERNAL_ERROR",
@@ -116,6 +121,13 @@ POOL_EXHAUSTED = ErrorStatus(
     PoolExhaustedError,
     retry_after=True,
 )
+DELEGATION_FAILED = ErrorStatus(
+    502,
+    "delegation_failed",
+    "the provider's delegation endpoint failed; retry later",
+    DelegationFailedError,
+    retry_after=True,
+)
 PROVIDER_UNAVAILABLE = ErrorStatus(
     503,
     "provider_unavailable",
@@ -140,6 +152,7 @@ ERROR_STATUS: tuple[tuple[type[TokenBrokerError], ErrorStatus], ...] = (
     (ReauthorizationRequiredError, REAUTHORIZATION_REQUIRED),
     (ProviderMisconfiguredError, PROVIDER_MISCONFIGURED),
     (PoolExhaustedError, POOL_EXHAUSTED),
+    (DelegationFailedError, DELEGATION_FAILED),
     (ProviderUnavailableError, PROVIDER_UNAVAILABLE),
     (StoreError, STORE_UNAVAILABLE),
 )

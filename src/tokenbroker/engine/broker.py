@@ -25,7 +25,7 @@ from ..core.clock import Clock
 from ..core.events import Event, EventBus, RefreshTokenRotated
 from ..core.rules import check_subject
 from ..core.token import Token
-from ..errors import ClientAuthenticationError
+from ..errors import ClientAuthenticationError, DelegationFailedError
 from ..grants import Exchange, Grant, RetryPolicy, TokenResponse, send_sync, token_flow
 from ..store import Store
 from .cache import TokenCache
@@ -34,11 +34,13 @@ from .coordination import Coordinator
 from .credentials import store_for
 from .delegation import (
     DelegatedToken,
+    JsonScalar,
     Signer,
     UpstreamDelegationGrant,
     bound_lifetime,
     check_audience,
     check_object,
+    delegated_from,
     issuer_for,
     settings_for,
 )
@@ -244,7 +246,11 @@ class Broker(AuthAdapters):
             UnknownProviderError: Unknown provider, no delegation, or an audience it does not list.
             InvalidDelegationError: ``object_`` is not a safe relative path, or ``subject`` or
                 ``actor`` is malformed.
-            ProviderError: Upstream mode: the delegation endpoint's classified failure.
+            ProviderError: Upstream mode: the service token's classified failure (for
+                ``delegation.scope``); :class:`~tokenbroker.errors.DelegationFailedError` when
+                the delegation endpoint failed;
+                :class:`~tokenbroker.errors.ProviderUnavailableError` when its reply was
+                already expired.
         """
         check_object(object_)
         for name in (subject, actor):
@@ -265,28 +271,32 @@ class Broker(AuthAdapters):
                 actor=actor,
             )
         for attempt in (1, 2):
-            service = self.get_token(provider)
+            # The delegation's own scope, with the provider's client (no second provider).
+            service = self.get_token(provider, spec.scope)
             granted = bound_lifetime(
                 lifetime, spec.max_lifetime_seconds, service.expires_at, clock=self._refresher.clock
             )
-            values = {
+            values: dict[str, JsonScalar] = {
                 "{audience}": audience,
-                "{object}": object_ or "",
-                "{subject}": subject or "",
-                "{consumer}": actor or "",
-                "{lifetime}": str(int(granted)),
+                "{object}": object_,
+                "{subject}": subject,
+                "{consumer}": actor,
+                "{lifetime}": int(granted),
             }
             grant = UpstreamDelegationGrant(provider, spec, service, values)
             try:
-                reply = self._send(grant, self._catalog.policy(provider)).result()
-            except ClientAuthenticationError:
+                return delegated_from(
+                    self._send(grant, self._catalog.policy(provider)), provider, audience, object_
+                )
+            except ClientAuthenticationError as refused:
                 # The service token may have been revoked: report it and try once more.
-                if attempt == 2 or not self.invalidate(provider, service.access_token):
-                    raise
-                continue
-            return DelegatedToken(
-                reply.token.access_token, "Bearer", reply.token.expires_at, audience, object_
-            )
+                if attempt == 1 and self.invalidate(provider, service.access_token, spec.scope):
+                    continue
+                raise DelegationFailedError(
+                    f"{provider}: delegation endpoint refused the service token",
+                    provider=provider,
+                    status_code=refused.status_code,
+                ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def adelegate(

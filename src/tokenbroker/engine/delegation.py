@@ -21,13 +21,17 @@ are read from an injected :class:`~tokenbroker.core.clock.Clock` (default: the s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import re
 import secrets
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import httpx
 import jwt
@@ -37,8 +41,14 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from ..config import JwtDelegation, UpstreamDelegation
 from ..core.clock import Clock, SystemClock
 from ..core.token import Token
-from ..errors import InvalidDelegationError, UnknownProviderError
-from ..grants import Reply, TokenResponse, _dig, _fill, token_at
+from ..errors import (
+    ClientAuthenticationError,
+    DelegationFailedError,
+    InvalidDelegationError,
+    ProviderUnavailableError,
+    UnknownProviderError,
+)
+from ..grants import Exchange, Reply, TokenResponse, _dig, token_at
 from ..store import SigningKeyStore
 
 __all__ = [
@@ -48,12 +58,17 @@ __all__ = [
     "bound_lifetime",
     "check_audience",
     "check_object",
+    "delegated_from",
+    "fill_template",
     "issuer_for",
     "safe_object",
     "settings_for",
 ]
 
 _SYSTEM_CLOCK = SystemClock()
+_PLACEHOLDER = re.compile(r"\{[a-z_]+\}")
+#: A placeholder's value: its JSON type is kept when it fills a whole string.
+JsonScalar = str | int | float | bool | None
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -251,9 +266,9 @@ class UpstreamDelegationGrant:
     Args:
         provider: The provider name.
         settings: The delegation settings.
-        service_token: The broker's own token for the provider.
+        service_token: The broker's own token for the provider (of ``settings.scope``).
         values: Placeholder values (``{audience}``, ``{object}``, ``{subject}``, ``{consumer}``,
-            ``{lifetime}``).
+            ``{lifetime}``), each with its JSON type (:func:`fill_template`).
     """
 
     def __init__(
@@ -261,7 +276,7 @@ class UpstreamDelegationGrant:
         provider: str,
         settings: UpstreamDelegation,
         service_token: Token,
-        values: dict[str, str],
+        values: dict[str, JsonScalar],
     ) -> None:
         self.provider = provider
         self.settings = settings
@@ -281,20 +296,140 @@ class UpstreamDelegationGrant:
                 "Accept": "application/json",
                 "Accept-Encoding": "identity",
             },
-            json=_fill(self.settings.body, self._values),
+            json=fill_template(self.settings.body, self._values),
         )
 
     def parse_response(self, reply: Reply, issued_at: float) -> TokenResponse:
-        """Take the delegated token from ``token_path`` (same error table as token requests)."""
+        """Take the delegated token from ``token_path`` (same error table as token requests).
+
+        Its expiry is the earliest of: the lifetime asked for, ``expires_in_path`` seconds and
+        ``expires_at_path`` (ISO-8601 or Unix seconds). A reply whose own expiry is already
+        past is returned as it is (``lifetime`` at most 0): :func:`delegated_from` refuses it
+        once the exchange has ended, so it is not retried as if the endpoint were down.
+
+        Raises:
+            ProviderError: As for :func:`~tokenbroker.grants.token_at`; an ``expires_in`` or
+                ``expires_at`` that is not a number or time is a malformed reply
+                (:class:`ProviderUnavailableError`).
+        """
         body, token = token_at(
             reply, self.settings.token_path, f"{self.provider}: delegation endpoint", self.provider
         )
-        lifetime = float(self._values["{lifetime}"])
+        lifetime = float(cast("int", self._values["{lifetime}"]))
         if self.settings.expires_in_path:
             told = _dig(body, self.settings.expires_in_path)
-            if isinstance(told, int | float) and not isinstance(told, bool) and told > 0:
-                lifetime = min(lifetime, float(told))
+            if told is not None:
+                lifetime = min(lifetime, self._seconds(told, "expires_in"))
+        if self.settings.expires_at_path:
+            at = _dig(body, self.settings.expires_at_path)
+            if at is not None:
+                lifetime = min(lifetime, self._instant(at) - issued_at)
         return TokenResponse(token=Token(token, "Bearer", issued_at + lifetime), lifetime=lifetime)
+
+    def _seconds(self, value: object, what: str) -> float:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                value = float(value.strip())
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._malformed(what)
+        if not math.isfinite(value):
+            raise self._malformed(what)
+        return float(value)
+
+    def _instant(self, value: object) -> float:
+        """Unix seconds of an ISO-8601 time (UTC when it has no offset) or a number."""
+        if isinstance(value, str):
+            try:
+                when = datetime.fromisoformat(value.strip())
+            except ValueError:
+                raise self._malformed("expires_at") from None
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            return when.timestamp()
+        return self._seconds(value, "expires_at")
+
+    def _malformed(self, what: str) -> ProviderUnavailableError:
+        return ProviderUnavailableError(
+            f"{self.provider}: delegation endpoint answered a malformed {what}",
+            provider=self.provider,
+        )
+
+
+def fill_template(node: Any, values: Mapping[str, JsonScalar]) -> Any:
+    """The JSON body of a delegation request: ``node`` with its placeholders replaced.
+
+    A string that is exactly one placeholder becomes the value itself, keeping its JSON type
+    (``"{lifetime}"`` → ``300``; None → ``null``). In a longer string each placeholder is
+    replaced by the value's text (None → empty). Unknown placeholders, numbers, booleans and
+    nulls are kept as they are; replaced text is never scanned again.
+
+    Args:
+        node: The template (from ``delegation.body``).
+        values: Placeholder (with its braces) → value.
+
+    Returns:
+        A new JSON-ready structure; ``node`` is not changed.
+    """
+    if isinstance(node, str):
+        if node in values:
+            return values[node]
+        return _PLACEHOLDER.sub(lambda m: _text(values.get(m.group(0), m.group(0))), node)
+    if isinstance(node, dict):
+        return {k: fill_template(v, values) for k, v in node.items()}
+    if isinstance(node, list):
+        return [fill_template(v, values) for v in node]
+    return node
+
+
+def _text(value: JsonScalar) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def delegated_from(
+    exchange: Exchange, provider: str, audience: str, object_: str | None
+) -> DelegatedToken:
+    """The delegated token of an ended delegation exchange, or why there is none.
+
+    Args:
+        exchange: The exchange with the delegation endpoint (retries done).
+        provider: The provider name.
+        audience: The token's audience.
+        object_: The object it is bound to.
+
+    Returns:
+        The token.
+
+    Raises:
+        ClientAuthenticationError: The endpoint refused the service token (401/403): the
+            caller may report that token and try once more with a new one.
+        DelegationFailedError: The endpoint failed otherwise (an error status, no usable
+            token, unreachable, too slow); its status and ``Retry-After`` are kept.
+        ProviderUnavailableError: The endpoint's reply says the token has already expired
+            (``expires_in`` ≤ 0 or an ``expires_at`` in the past): an error of the provider,
+            never a token of one second.
+    """
+    error = exchange.error
+    if isinstance(error, ClientAuthenticationError):
+        raise error
+    if error is not None:
+        raise DelegationFailedError(
+            f"{provider}: delegation endpoint failed ({error.code})",
+            provider=provider,
+            status_code=error.status_code,
+            retry_after=getattr(error, "retry_after", None),
+        )
+    response = exchange.result()
+    if response.lifetime <= 0:
+        raise ProviderUnavailableError(
+            f"{provider}: delegation endpoint answered a token that has already expired",
+            provider=provider,
+        )
+    token = response.token
+    return DelegatedToken(token.access_token, "Bearer", token.expires_at, audience, object_)
 
 
 def issuer_for(issuer: str, provider: str) -> str:

@@ -9,6 +9,10 @@ honours ``Retry-After``, and never runs past one overall deadline — measured o
 injected :class:`~tokenbroker.core.clock.Clock`, so tests move a
 :class:`~tokenbroker.core.clock.ManualClock` instead of sleeping.
 
+Each attempt ends in one ``tokenbroker.grants`` log line (INFO when it gave a token,
+WARNING when not): provider, attempt number, HTTP status, elapsed milliseconds on the
+flow's clock, the error class and the delay before the next attempt — never a body.
+
 The exchange ends in an :class:`Exchange` record, never in a raised error: what the
 refresh protocol must know about a failure (how many sends the provider may have
 processed, the body of a 2xx reply without a usable token — possibly a rotated
@@ -18,6 +22,7 @@ refresh token) travels in that record, and the error callers receive
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -29,6 +34,8 @@ from ..errors import ProviderError, ProviderUnavailableError
 from .base import Grant, Reply, TokenResponse
 
 __all__ = ["Exchange", "Flow", "Outcome", "RetryPolicy", "Sleep", "token_flow"]
+
+logger = logging.getLogger("tokenbroker.grants")
 
 _MAX_BACKOFF = 30.0
 # What is kept of a 2xx reply without a usable token (for the refresh protocol's record).
@@ -149,7 +156,8 @@ def token_flow(
         request.extensions["timeout"] = httpx.Timeout(
             max(0.001, min(policy.timeout, remaining))
         ).as_dict()
-        request.extensions["tokenbroker.attempt_deadline"] = clock.monotonic() + min(
+        sent_at = clock.monotonic()
+        request.extensions["tokenbroker.attempt_deadline"] = sent_at + min(
             policy.timeout, remaining
         )
         issued_at = clock.time()
@@ -161,26 +169,61 @@ def token_flow(
                 raise ProviderUnavailableError(
                     f"{grant.provider}: no reply", provider=grant.provider
                 )
-            return Exchange(response=grant.parse_response(outcome, issued_at))
+            response = grant.parse_response(outcome, issued_at)
         except ProviderError as caught:
             error = _detached(caught)
+        else:
+            _log_attempt(grant.provider, attempt, outcome, clock.monotonic() - sent_at, None, None)
+            return Exchange(response=response)
         sent = getattr(error, "sent", False)
         doubtful += 1 if sent else 0
         if isinstance(outcome, Reply) and 200 <= outcome.status_code < 300:
             unusable = outcome.content[:_KEPT_REPLY_BYTES]  # the latest such reply
         failed = Exchange(error=error, doubtful_sends=doubtful, unusable_reply=unusable)
-        if not error.retryable or attempt > policy.retries:
-            return failed
-        if sent and policy.max_resends is not None and doubtful > policy.max_resends:
-            return failed
-        cap = min(_MAX_BACKOFF, policy.backoff * 2 ** (attempt - 1))
-        delay = jitter.uniform(0, cap)
-        told = getattr(error, "retry_after", None)
-        if told is not None:
-            delay = max(delay, told)
-        if clock.monotonic() + delay >= give_up_at:
+        resend_spent = sent and policy.max_resends is not None and doubtful > policy.max_resends
+        delay: float | None = None
+        if error.retryable and attempt <= policy.retries and not resend_spent:
+            cap = min(_MAX_BACKOFF, policy.backoff * 2 ** (attempt - 1))
+            delay = jitter.uniform(0, cap)
+            told = getattr(error, "retry_after", None)
+            if told is not None:
+                delay = max(delay, told)
+            if clock.monotonic() + delay >= give_up_at:
+                delay = None  # the deadline would pass while sleeping
+        _log_attempt(grant.provider, attempt, outcome, clock.monotonic() - sent_at, error, delay)
+        if delay is None:
             return failed
         yield Sleep(delay)
+
+
+def _log_attempt(
+    provider: str,
+    attempt: int,
+    outcome: Outcome,
+    elapsed: float,
+    error: ProviderError | None,
+    delay: float | None,
+) -> None:
+    """One line per attempt: provider, attempt, HTTP status (``-`` when none came back),
+    elapsed milliseconds, the error's class, and the delay before the next attempt (``none``:
+    there is none). Never a body, a header or a URL: those may carry tokens or secrets."""
+    if isinstance(outcome, Reply):
+        status: int | None = outcome.status_code
+    else:
+        status = error.status_code if error is not None else None
+    elapsed_ms = round(elapsed * 1000, 1)
+    next_delay = "none" if delay is None else f"{delay:.3f}s"
+    logger.log(
+        logging.INFO if error is None else logging.WARNING,
+        "token request provider=%s attempt=%d status=%s elapsed_ms=%s outcome=%s next_delay=%s",
+        provider,
+        attempt,
+        "-" if status is None else status,
+        elapsed_ms,
+        "ok" if error is None else type(error).__name__,
+        next_delay,
+        extra={"provider": provider, "status": status, "elapsed_ms": elapsed_ms},
+    )
 
 
 def _detached(error: ProviderError) -> ProviderError:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from urllib.parse import quote, urlencode
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from ...engine.broker import Broker
 from ...engine.delegation import safe_object
-from ..access import Caller
+from ..access import Caller, forwarded_user, trusted_networks
 from ..audit import audited
 from ..errors import NO_STORE, NotFound, documented
 
@@ -19,6 +19,7 @@ __all__ = ["add_routes"]
 
 def add_routes(app: FastAPI, broker: Broker) -> None:
     """Add ``GET /v1/redirects/{route}/{path}`` to ``app``."""
+    trusted = trusted_networks(broker.settings.server.trusted_proxies)
 
     @app.get(
         "/v1/redirects/{route}/{path:path}",
@@ -26,24 +27,30 @@ def add_routes(app: FastAPI, broker: Broker) -> None:
         response_class=Response,
         responses={
             302: {"description": "To the upstream, with a fresh delegated token."},
-            **documented(404, 409, 500, 503),
+            **documented(404, 409, 500, 502, 503),
         },
     )
-    async def redirect(route: str, path: str, caller: Caller) -> Response:
-        """``302`` to the route's upstream with a fresh delegated token in ``Location``."""
+    async def redirect(route: str, path: str, caller: Caller, request: Request) -> Response:
+        """``302`` to the route's upstream with a fresh delegated token in ``Location``.
+
+        The token's subject is the consumer's own, or the user a front end in
+        ``server.trusted_proxies`` names in ``X-Forwarded-User`` (which needs a
+        ``delegate-as:PROVIDER`` rule unless it is the consumer's own subject).
+        """
         spec = broker.settings.redirects.get(route)
         if spec is None or not caller.may_delegate(spec.provider) or not safe_object(path):
             raise NotFound("no such provider")
-        subject = caller.delegation_subject(spec.provider)
+        requested = forwarded_user(request.scope, trusted)
         with audited(
             "redirect",
             caller,
             route=route,
             provider=spec.provider,
             audience=spec.audience,
-            subject=subject,
+            subject=caller.subject or caller.name if requested is None else requested,
             object=path,
         ) as record:
+            subject = caller.delegation_subject(spec.provider, requested)
             token = await broker.adelegate(
                 spec.provider, spec.audience, object_=path, subject=subject, actor=caller.name
             )
