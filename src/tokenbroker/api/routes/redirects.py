@@ -33,7 +33,7 @@ def add_routes(app: FastAPI, broker: Broker) -> None:
         """``302`` to the route's upstream with a fresh delegated token in ``Location``."""
         spec = broker.settings.redirects.get(route)
         if spec is None or not caller.may_delegate(spec.provider) or not safe_object(path):
-            raise NotFound("no such provider")
+            raise NotFound("no such provider or scope for this key")
         subject = caller.delegation_subject(spec.provider)
         with audited(
             "redirect",
