@@ -84,9 +84,14 @@ def test_every_route_but_the_probes_needs_a_key(served: Served, broker: Broker) 
 
 
 def test_unknown_and_forbidden_providers_get_identical_404s(served: Served, broker: Broker) -> None:
-    """A provider that does not exist and one the consumer may not use look exactly the same."""
+    """A provider that does not exist and one the consumer may not use look exactly the same,
+    and their words are true of both (a forbidden provider does exist)."""
     client = served.client
     unknown = client.get("/v1/tokens/nope", headers=auth())
+    assert unknown.json()["error"] == {
+        "code": "not_found",
+        "message": "no such provider or scope for this key",
+    }
     forbidden = client.get("/v1/tokens/secret-svc", headers=auth())
     wrong_scope = client.get("/v1/tokens/svc", params={"scope": "write"}, headers=auth())
     for response in (forbidden, wrong_scope):

@@ -9,12 +9,15 @@ from typing import Any
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from support import CLIENT_ID, CLIENT_SECRET
+from tokenbroker.cli.main import main
 from tokenbroker.config import (
     ClientCredentialsProvider,
     LoginProvider,
@@ -25,6 +28,7 @@ from tokenbroker.config import (
 )
 from tokenbroker.core.secret import Secret
 from tokenbroker.errors import ConfigError, ConfigProblem
+from tokenbroker.testing import AuthorizationServer
 
 CS_CANARY = "CANARY_CS_5d1e0f2a"
 RT_CANARY = "CANARY_RT_77b3c9d4"
@@ -162,7 +166,9 @@ def test_full_config_all_three_grants(full_env: dict[str, str]) -> None:
     jwt_provider = settings.providers["jwt"]
     assert isinstance(jwt_provider, ClientCredentialsProvider)
     assert jwt_provider.private_key is not None
-    assert jwt_provider.private_key.reveal() == full_env["PK"]
+    assert (
+        jwt_provider.private_key.reveal() == full_env["PK"].strip()
+    )  # the PEM's final newline is stripped
     assert jwt_provider.assertion_audience == "https://idp.example.com/"
     tesla = settings.providers["tesla"]
     assert isinstance(tesla, RefreshTokenProvider)
@@ -730,7 +736,7 @@ def test_good_provider_names() -> None:
         ({"signing_alg": "HS256"}, "providers.p.signing_alg", "RS256"),
         ({"scopes": ["ok", "has space"]}, "providers.p.scopes", "scope-token"),
         ({"scopes": ['quote"']}, "providers.p.scopes", "scope-token"),
-        ({"client_id": ""}, "providers.p.client_id", "at least 1"),
+        ({"client_id": " "}, "providers.p.client_id", "is blank"),
         ({"required": "perhaps"}, "providers.p.required", "boolean"),
     ],
 )
@@ -1439,3 +1445,96 @@ def test_consumer_subject_and_delegation_rules() -> None:
         in only(problems_of(config({"allow": ["delegate:nope"]})), "consumers.web.allow.0").message
     )
     assert paths(problems_of(config({}, {"delegate": svc}))) == ["providers"]
+
+
+def pasted_config_text(token_url: str) -> str:
+    """A TDX-style config whose client id and secret come from ``${VAR}`` (memory store)."""
+    return dedent(f"""
+        store: memory
+        providers:
+          tdx:
+            grant: client_credentials
+            token_url: {token_url}
+            client_id: ${{TDX_CLIENT_ID}}
+            client_secret: ${{TDX_CLIENT_SECRET}}
+            scopes: [read]
+        """)
+
+
+def pasted_config(tmp_path: Path, token_url: str) -> Path:
+    """:func:`pasted_config_text` written to ``tmp_path/tokenbroker.yaml``."""
+    path = tmp_path / "tokenbroker.yaml"
+    path.write_text(pasted_config_text(token_url))
+    return path
+
+
+def test_pasted_credentials_are_stripped_and_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, auth_server: AuthorizationServer
+) -> None:
+    """A client id from the environment and a secret from .env, each pasted with whitespace and
+    a line break, are stripped: the token request with them succeeds."""
+    path = pasted_config(tmp_path, auth_server.token_url)
+    (tmp_path / ".env").write_text(f'TDX_CLIENT_SECRET="  {CLIENT_SECRET}\\r\\n"\n')
+    monkeypatch.setenv("TDX_CLIENT_ID", f"{CLIENT_ID}\n")
+    monkeypatch.delenv("TDX_CLIENT_SECRET", raising=False)
+    settings = load_settings(path)
+    provider = settings.providers["tdx"]
+    assert isinstance(provider, ClientCredentialsProvider)
+    assert provider.client_id == CLIENT_ID
+    assert provider.client_secret is not None and provider.client_secret.reveal() == CLIENT_SECRET
+    result = CliRunner().invoke(main, ["token", "tdx", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == auth_server.issued_access_tokens[-1]
+
+
+def test_check_names_each_stripped_variable_never_its_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check (exit 0) says which variable it stripped and for which field, without the value;
+    a variable that needed no stripping is not mentioned."""
+    path = pasted_config(tmp_path, "https://idp.example/token")
+    monkeypatch.setenv("TDX_CLIENT_ID", "tdx-client")
+    monkeypatch.setenv("TDX_CLIENT_SECRET", f"{CS_CANARY}\n")
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert notes == [
+        "warning: providers.tdx.client_secret: the value of TDX_CLIENT_SECRET had surrounding "
+        "whitespace or a newline, which was stripped"
+    ]
+    assert CS_CANARY not in result.output
+
+
+@pytest.mark.parametrize("value", ["", "  ", "\n", " \r\n\t"])
+def test_a_blank_client_id_from_the_environment_is_a_config_error(value: str) -> None:
+    """A client id variable that is empty or only whitespace fails loading at the field, naming
+    the variable (after stripping, nothing would be sent)."""
+    text = pasted_config_text("https://idp.example/token")
+    env = {"TDX_CLIENT_ID": value, "TDX_CLIENT_SECRET": CS_CANARY}
+    problem = only(problems_of(text, env), "providers.tdx.client_id")
+    assert problem.message == (
+        "is blank (environment variable TDX_CLIENT_ID is empty or only whitespace)"
+    )
+    assert problem.env_var == "TDX_CLIENT_ID"
+
+
+def test_blank_credentials_are_errors_but_an_explicit_empty_default_is_no_secret() -> None:
+    """A blank refresh token or account password is an error, and so is a blank secret taken
+    from a variable; ``${VAR:-}`` (the documented "no secret") still means none."""
+    blank_env = {"BLANK": " \n"}
+    rt = problems_of(rt_provider(refresh_token="${BLANK}"), blank_env)
+    assert only(rt, "providers.p.refresh_token").env_var == "BLANK"
+    secret = problems_of(rt_provider(client_secret="${BLANK}"), blank_env)
+    assert only(secret, "providers.p.client_secret").message.startswith("is blank")
+    account = dedent("""
+        providers:
+          db:
+            grant: login
+            login_url: https://db.example/api/login
+            token_path: data.token
+            credentials: [{username: alice, password: "  "}]
+        """)
+    assert only(problems_of(account), "providers.db.credentials.0.password").message == "is blank"
+    provider = parse_settings(rt_provider(client_secret="${UNSET:-}"), {}).providers["p"]
+    assert isinstance(provider, RefreshTokenProvider)
+    assert not provider.client_secret and provider.client_auth == "none"

@@ -1177,7 +1177,8 @@ def test_consumer_acl_checks_the_route_scope(
 ) -> None:
     """The proxy's ACL checks the scopes the route's tokens are asked for (configured ``read``
     when the route names none): svc:read may use the ``read`` route, not the ``read write``
-    one; svc:write may use neither; the token requests ask for exactly those scopes."""
+    one; svc:write may use neither; the token requests ask for exactly those scopes. A
+    forbidden route's 404 is byte for byte a missing route's, in words true of both."""
     keys = {"reader": new_key(), "writer": new_key()}
     allow = {"reader": "svc:read", "writer": "svc:write"}
     config = {
@@ -1191,19 +1192,30 @@ def test_consumer_acl_checks_the_route_scope(
     narrow = route(f"{upstream.url}/api/", "/narrow/")
     wide = {**route(f"{upstream.url}/api/", "/wide/"), "scope": " write read "}
     statuses = {}
+    refusals = set()
     with (
         Broker(parse_settings(yaml.safe_dump(config), {})) as broker,
         serve(broker, narrow, wide, consumer_header="X-Key") as proxy,
     ):
         for name, key in keys.items():
-            for path in ("/narrow/echo", "/wide/echo"):
+            for path in ("/narrow/echo", "/wide/echo", "/nowhere/echo"):
                 with Client(proxy.url) as client:
-                    statuses[name, path] = client.request("GET", path, f"X-Key: {key}").status
+                    reply = client.request("GET", path, f"X-Key: {key}")
+                statuses[name, path] = reply.status
+                if reply.status == 404:
+                    refusals.add(bytes(reply.body))
     assert statuses == {
         ("reader", "/narrow/echo"): 200,
         ("reader", "/wide/echo"): 404,
         ("writer", "/narrow/echo"): 404,
         ("writer", "/wide/echo"): 404,
+        ("reader", "/nowhere/echo"): 404,
+        ("writer", "/nowhere/echo"): 404,
+    }
+    [refusal] = refusals
+    assert json.loads(refusal)["error"] == {
+        "code": "no_route",
+        "message": "no route serves this path for this key",
     }
     assert len(upstream.records()) == 1
     asked = [r.form.get("scope") for r in auth_server.requests if r.grant == "client_credentials"]

@@ -153,10 +153,10 @@ def check_allowed(broker: Broker, caller: Consumer, provider: str, scope: str | 
     wanted = requested_scope(scope)
     settings = broker.settings.providers.get(provider)
     if settings is None:
-        raise NotFound("no such provider")
+        raise NotFound("no such provider or scope for this key")
     scopes = canonical_scopes(wanted, getattr(settings, "scopes", ()))
     if not caller.allows(provider, scopes):
-        raise NotFound("no such provider")
+        raise NotFound("no such provider or scope for this key")
     return " ".join(scopes)
 
 

@@ -1,6 +1,7 @@
 """Checks on valid settings: what stops a broker from starting (:func:`startup_problems`), and
-what is valid but unwise (:func:`config_warnings`: a secret in a file others may read,
-a setting nothing reads yet). No message quotes a value from the file.
+what is valid but unwise or worth knowing (:func:`config_warnings`: a secret in a file others
+may read, a setting nothing reads yet, a variable whose value was stripped of whitespace).
+No message quotes a value from the file or the environment.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import yaml
 
 from ..errors import ConfigProblem
 from ..store import is_persistent
-from .loading import _ENV_REF, _Loader
+from .loading import _ENV_REF, _Loader, stripped_variables
 from .sections import Settings
 
 __all__ = [
@@ -52,12 +53,14 @@ def config_warnings(
     Args:
         settings: Validated settings.
         path: The file they were read from: a secret written in it (not ``${VAR}``), or a
-            ``credentials_file``, that group or others may read is a warning too.
+            ``credentials_file``, that group or others may read is a warning too, and so is
+            a variable whose value loading stripped of surrounding whitespace or newlines
+            (named, never quoted).
 
     Returns:
         One problem per such setting; the setting's value is never quoted.
     """
-    warnings = [] if path is None else _readable_secrets(Path(path))
+    warnings = [] if path is None else _readable_secrets(Path(path)) + stripped_variables(path)
     if settings.redis is not None and importlib.util.find_spec("redis") is None:
         warnings.append(
             ConfigProblem("redis", "needs the redis client: pip install 'tokenbroker[redis]'")

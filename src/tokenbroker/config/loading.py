@@ -5,6 +5,12 @@ loose at the edge (YAML, strings, env) and strict inside: the result is a frozen
 :class:`~tokenbroker.config.Settings` whose secrets are
 :class:`~tokenbroker.core.secret.Secret`. Every problem is collected with its dotted field
 path; a missing environment variable is named; no message ever contains a value from the file.
+
+A value taken from the environment or ``.env`` is stripped of surrounding whitespace and
+newlines (a secret pasted with its line break still works; :func:`stripped_variables` says
+which were, for ``tokenbroker check``), and a credential (``client_id``, ``client_secret``,
+``refresh_token``, ``private_key``, an account's ``username`` / ``password``) that is blank
+is a problem, naming the variable it came from.
 """
 
 from __future__ import annotations
@@ -28,11 +34,16 @@ __all__ = [
     "default_config_path",
     "load_settings",
     "parse_settings",
+    "stripped_variables",
 ]
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _MAX_DEPTH = 50
 _MAX_NODES = 100_000
+#: Fields of a provider (or of one of its ``credentials``) that may not be blank.
+_CREDENTIALS = frozenset({"client_id", "refresh_token", "username", "password"})
+#: Optional credentials: blank from a variable is a problem; ``""`` or ``${VAR:-}`` means none.
+_OPTIONAL_CREDENTIALS = frozenset({"client_secret", "private_key"})
 
 
 def default_config_path() -> Path:
@@ -48,7 +59,8 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Read, interpolate and validate a config file.
 
     ``${VAR}`` and ``${VAR:-default}`` are taken from the process environment,
-    then from a ``.env`` file beside the config file (the environment wins).
+    then from a ``.env`` file beside the config file (the environment wins), stripped of
+    surrounding whitespace and newlines.
 
     Args:
         path: The YAML file; default :func:`default_config_path`.
@@ -60,6 +72,41 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
         ConfigError: Listing every problem, each with its field path.
     """
     file = Path(path) if path is not None else default_config_path()
+    text, env = _read(file)
+    return parse_settings(text, env, base_dir=file.parent)
+
+
+def stripped_variables(path: str | os.PathLike[str] | None = None) -> list[ConfigProblem]:
+    """The environment variables whose value :func:`load_settings` stripped of surrounding
+    whitespace or newlines, one note per field that used one (``tokenbroker check`` prints them).
+
+    Args:
+        path: The YAML file; default :func:`default_config_path`.
+
+    Returns:
+        One note per field and variable, naming both, never the value; empty when the file
+        cannot be read or parsed (:func:`load_settings` reports that).
+    """
+    file = Path(path) if path is not None else default_config_path()
+    try:
+        text, env = _read(file)
+        raw = _parse_yaml(text)
+    except ConfigError:
+        return []
+    stripped: list[tuple[str, str]] = []
+    _interpolate(raw, env, (), [], stripped)
+    return [
+        ConfigProblem(
+            where,
+            f"the value of {name} had surrounding whitespace or a newline, which was stripped",
+            env_var=name,
+        )
+        for where, name in dict.fromkeys(stripped)
+    ]
+
+
+def _read(file: Path) -> tuple[str, dict[str, str]]:
+    """The text of ``file`` and the variables for it: ``.env`` beside it, then the environment."""
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
@@ -73,7 +120,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     if dotenv.is_file():
         env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
     env.update(os.environ)
-    return parse_settings(text, env, base_dir=file.parent)
+    return text, env
 
 
 def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()) -> Settings:
@@ -90,6 +137,24 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
     Raises:
         ConfigError: Listing every problem, each with its field path.
     """
+    raw = _parse_yaml(text)
+    problems: list[ConfigProblem] = []
+    data = _interpolate(raw, env, (), problems, [])
+    _read_credential_files(data, base_dir, problems)
+    _resolve_store(data, base_dir)
+    try:
+        settings = Settings.model_validate(data, context=_context(data))
+    except ValidationError as exc:
+        problems += validation_problems(exc, {p.path for p in problems})
+        raise ConfigError(problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _parse_yaml(text: str) -> dict[str, Any]:
+    """The document as a mapping, refused (ConfigError) when not YAML, not a mapping or unsafe
+    to walk."""
     loader = None
     try:
         loader = _Loader(text)
@@ -111,18 +176,7 @@ def parse_settings(text: str, env: Mapping[str, str], *, base_dir: Path = Path()
     too_big = _too_big(raw)
     if too_big:
         raise ConfigError([ConfigProblem("", f"the document {too_big}")])
-    problems: list[ConfigProblem] = []
-    data = _interpolate(raw, env, (), problems)
-    _read_credential_files(data, base_dir, problems)
-    _resolve_store(data, base_dir)
-    try:
-        settings = Settings.model_validate(data, context=_context(data))
-    except ValidationError as exc:
-        problems += validation_problems(exc, {p.path for p in problems})
-        raise ConfigError(problems) from None
-    if problems:
-        raise ConfigError(problems)
-    return settings
+    return raw
 
 
 class _Loader(yaml.SafeLoader):
@@ -183,30 +237,60 @@ def _too_big(node: Any) -> str | None:
 
 
 def _interpolate(
-    node: Any, env: Mapping[str, str], path: tuple[str, ...], problems: list[ConfigProblem]
+    node: Any,
+    env: Mapping[str, str],
+    path: tuple[str, ...],
+    problems: list[ConfigProblem],
+    stripped: list[tuple[str, str]],
 ) -> Any:
+    """``node`` with ``${VAR}`` replaced by stripped values; a missing variable and a blank
+    credential go to ``problems``, (field path, variable) of each value stripped to ``stripped``."""
     if isinstance(node, dict):
-        return {k: _interpolate(v, env, (*path, str(k)), problems) for k, v in node.items()}
+        return {
+            k: _interpolate(v, env, (*path, str(k)), problems, stripped) for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_interpolate(v, env, (*path, str(i)), problems) for i, v in enumerate(node)]
+        return [
+            _interpolate(v, env, (*path, str(i)), problems, stripped) for i, v in enumerate(node)
+        ]
     if not isinstance(node, str):
         return node
+    where = ".".join(path)
+    used: list[str] = []
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        value = env.get(name)
+        raw = env.get(name)
+        # A pasted secret often brings its line break; whitespace is never part of a credential.
+        value = None if raw is None else raw.strip()
+        if raw is not None and value != raw:
+            stripped.append((where, name))
         if value is None or (value == "" and default is not None):
             if default is not None:
                 return default
             problems.append(
-                ConfigProblem(
-                    ".".join(path), f"environment variable {name} is not set", env_var=name
-                )
+                ConfigProblem(where, f"environment variable {name} is not set", env_var=name)
             )
             return ""
+        used.append(name)
         return value
 
-    return _ENV_REF.sub(substitute, node)
+    result = _ENV_REF.sub(substitute, node)
+    blank = not result.strip() and not any(p.path == where for p in problems)
+    if blank and (_is_credential(path, _CREDENTIALS) or (used and _is_credential(path))):
+        name = used[0] if used else None
+        why = f" (environment variable {name} is empty or only whitespace)" if name else ""
+        problems.append(ConfigProblem(where, f"is blank{why}", env_var=name))
+    return result
+
+
+def _is_credential(
+    path: tuple[str, ...], fields: frozenset[str] = _CREDENTIALS | _OPTIONAL_CREDENTIALS
+) -> bool:
+    """``path`` is one of ``fields`` of a provider, or of one of its ``credentials`` accounts."""
+    if not path or path[0] != "providers" or path[-1] not in fields:
+        return False
+    return len(path) == 3 or (len(path) == 5 and path[2] == "credentials")
 
 
 def _resolve_store(data: dict[str, Any], base: Path) -> None:

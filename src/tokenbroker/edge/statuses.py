@@ -83,7 +83,10 @@ class ErrorStatus:
     retry_after: bool = False
 
 
-NOT_FOUND = ErrorStatus(404, "not_found", "no such provider", UnknownProviderError)
+#: Also the answer to a provider or scope the key may not use, so its words must be true of both.
+NOT_FOUND = ErrorStatus(
+    404, "not_found", "no such provider or scope for this key", UnknownProviderError
+)
 INVALID_DELEGATION = ErrorStatus(
     400,
     "invalid_delegation",

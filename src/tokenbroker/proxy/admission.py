@@ -21,6 +21,8 @@ if TYPE_CHECKING:
 
 __all__ = ["admit", "answer_error"]
 
+_NO_ROUTE_FOR_KEY = "no route serves this path for this key"
+
 
 def admit(request: ProxiedRequest) -> Route | None:
     """The route for this request, or None after answering with an error.
@@ -52,7 +54,9 @@ def admit(request: ProxiedRequest) -> Route | None:
         if route is not None and not consumer.allows(route.provider, route.scopes):
             route = None
     if route is None:
-        answer_error(request, 404, "no_route", "no route serves this path")
+        # With consumer keys a route the key may not use gets these same bytes, so say both.
+        why = "no route serves this path" if consumers is None else _NO_ROUTE_FOR_KEY
+        answer_error(request, 404, "no_route", why)
         return None
     if request.method not in route.methods:
         answer_error(

@@ -39,7 +39,7 @@ def add_routes(app: FastAPI, broker: Broker) -> None:
         """
         spec = broker.settings.redirects.get(route)
         if spec is None or not caller.may_delegate(spec.provider) or not safe_object(path):
-            raise NotFound("no such provider")
+            raise NotFound("no such provider or scope for this key")
         requested = forwarded_user(request.scope, trusted)
         with audited(
             "redirect",
