@@ -49,7 +49,7 @@ from ..errors import NO_STORE, InvalidRequest, NotFound, documented
 from ..job_events import JobEventSource
 from ..sse import StreamGauge, StreamLimits, event_stream
 
-__all__ = ["JobIn", "add_routes", "visible"]
+__all__ = ["JobIn", "Operator", "SeenJob", "add_routes", "operator", "seen_job", "visible"]
 
 ERRORS = documented(400, 404, 409, 413, 429, 503)
 
@@ -85,33 +85,50 @@ def _accepted(job: Job, cached: bool) -> JSONResponse:
     return JSONResponse({**body, "links": _links(job.job_id)}, status_code=202, headers=NO_STORE)
 
 
+def operator(caller: Caller) -> Consumer:
+    """The dependency behind :data:`Operator`: the caller, if its allow list has ``jobs``.
+
+    Raises:
+        HTTPException: 404, rendered as the app's "no such route" answer, byte for byte.
+    """
+    if not caller.may_run_jobs():
+        raise HTTPException(404)
+    return caller
+
+
+#: A route parameter of this type is a consumer with the ``jobs`` permission.
+Operator = Annotated[Consumer, Depends(operator)]
+
+
+async def seen_job(request: Request, job_id: str, caller: Operator) -> Job:
+    """The dependency behind :data:`SeenJob`: the job, if it exists and ``caller`` may see it.
+
+    Raises:
+        UnknownJobError: Unknown, or invisible to the caller (indistinguishable).
+    """
+    service: JobService = request.app.state.jobs
+    job = await asyncio.to_thread(service.get, job_id)
+    if job is None or not visible(service.broker, caller, job):
+        raise UnknownJobError("no such job")
+    return job
+
+
+#: A route parameter of this type is the job of the path's ``job_id``, visible to the caller.
+SeenJob = Annotated[Job, Depends(seen_job)]
+
+
 def add_routes(
     app: FastAPI, broker: Broker, service: JobService, gauge: StreamGauge | None = None
 ) -> None:
     """Add the ``/v1/jobs`` routes to ``app``.
 
     Args:
-        app: The API.
+        app: The API (its ``state.jobs`` must be ``service``).
         broker: The broker (its settings say which providers a job spans).
         service: The job service the routes call.
         gauge: Counts the open job streams (``tokenbroker_sse_streams``).
     """
     limits = StreamLimits(heartbeat_seconds=service.settings.heartbeat_seconds)
-
-    def operator(caller: Caller) -> Consumer:
-        if not caller.may_run_jobs():
-            raise HTTPException(404)  # the app's "no such route" answer, byte for byte
-        return caller
-
-    Operator = Annotated[Consumer, Depends(operator)]
-
-    async def seen_job(job_id: str, caller: Operator) -> Job:
-        job = await asyncio.to_thread(service.get, job_id)
-        if job is None or not visible(broker, caller, job):
-            raise UnknownJobError("no such job")
-        return job
-
-    SeenJob = Annotated[Job, Depends(seen_job)]
 
     @app.post("/v1/jobs", status_code=202, responses=ERRORS)
     async def start_job(body: JobIn, caller: Operator) -> JSONResponse:
