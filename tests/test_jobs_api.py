@@ -216,14 +216,12 @@ def test_a_live_stream_follows_the_job_to_its_end(
     assert events[-1][1] == "completed"
     client = BrokerClient(stage.url, api_key=stage.keys["ops"])
     try:
-        typed = [e for e in client.stream(job_id) if not e.name == "heartbeat"]
+        typed = [e for e in client.stream(job_id) if e.name != "heartbeat"]
         assert [e.seq for e in typed] == [int(i) for i, _, _ in events]
         assert isinstance(typed[-1], Completed)
         progress = [e.progress for e in typed if isinstance(e, PhaseUpdate)]
         assert progress == sorted(progress)
-        assert [e.seq for e in client.stream(job_id, last_event_id=2)] == [
-            e.seq for e in typed[2:]
-        ]
+        assert [e.seq for e in client.stream(job_id, last_event_id=2)] == [e.seq for e in typed[2:]]
         assert client.job(job_id)["status"] == "done"
         assert job_id in [j["job_id"] for j in client.jobs(kind="warm")["jobs"]]
         with pytest.raises(JobNotRetryableError):

@@ -128,7 +128,9 @@ class JobsAPI:
                     data = json.loads(raw.data)
                     event = event_from(raw.event, int(raw.id or 0), data)
                 except (ValueError, TypeError):
-                    raise ProviderUnavailableError("jobs: a malformed event from the broker") from None
+                    raise ProviderUnavailableError(
+                        "jobs: a malformed event from the broker"
+                    ) from None
                 if event is not None:
                     yield event
         except httpx.HTTPStatusError as exc:

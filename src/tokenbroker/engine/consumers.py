@@ -16,9 +16,10 @@ consumer's own) and ``delegate-as:provider`` (also tokens for any other subject 
 names). A token rule alone does not allow delegation, nor a delegation rule token reads; so
 ``delegate`` and ``delegate-as`` are not provider names. The word ``jobs`` allows the jobs
 API (:meth:`Consumer.may_run_jobs`), for the jobs of the providers its token rules name
-(:meth:`Consumer.uses`); ``jobs`` is not a provider name either. A consumer's subject is its configured
-``subject``, else its name; a stored consumer keeps it as the ``subject=NAME`` entry of its
-allow list (:func:`subject_entry`), so the store needs no column for it.
+(:meth:`Consumer.uses`); ``jobs`` is not a provider name either. A consumer's subject is
+its configured ``subject``, else its name; a stored consumer keeps it as the
+``subject=NAME`` entry of its allow list (:func:`subject_entry`), so the store needs no
+column for it.
 
 A registry built with :meth:`ConsumerRegistry.load` follows the store: a running server
 checks :meth:`~tokenbroker.store.ConsumerStore.consumers_version` every
