@@ -51,6 +51,7 @@ from ..edge.statuses import status_for_code
 from ..engine.cache import Timing, TokenCache
 from ..errors import (
     ClientAuthenticationError,
+    InvalidJobParamsError,
     InvalidScopeError,
     ProviderError,
     ProviderMisconfiguredError,
@@ -405,6 +406,8 @@ def _status_error(
         )
     if issubclass(kind, ProviderError):
         return kind(message, provider=provider, status_code=status, error_code=code)
+    if issubclass(kind, InvalidJobParamsError):
+        return kind("", message)
     return kind(message)
 
 
