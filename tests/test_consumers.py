@@ -211,3 +211,22 @@ def test_a_stored_subject_rides_in_the_allow_list(
     assert cfg is not None and cfg.delegation_subject("svc") == "bob"
     with pytest.raises(InvalidDelegationError):
         subject_entry("a\nb")
+
+
+def test_jobs_is_a_permission_word_not_a_provider() -> None:
+    """The allow word jobs grants the jobs API and no token; it takes nothing after it, is
+    listed as no provider, round-trips as text, and no provider may be called jobs."""
+    from tokenbroker import parse_settings
+    from tokenbroker.errors import ConfigError
+
+    plain = Consumer("etl", (parse_rule("svc"),))
+    ops = Consumer("ops", (parse_rule("svc"), parse_rule("jobs")))
+    assert (plain.may_run_jobs(), ops.may_run_jobs()) == (False, True)
+    assert ops.uses("svc") and not ops.uses("jobs") and not ops.allows("jobs")
+    assert ops.providers() == ["svc"] and str(parse_rule("jobs")) == "jobs"
+    with pytest.raises(ValueError, match="jobs"):
+        parse_rule("jobs:svc")
+    provider = "{grant: client_credentials, token_url: http://127.0.0.1/t, client_id: a, "
+    config = f"providers:\n  jobs: {provider}client_secret: b}}\n"
+    with pytest.raises(ConfigError, match="'jobs' is a word of allow rules"):
+        parse_settings(config, {})

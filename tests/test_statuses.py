@@ -34,7 +34,7 @@ def _instance(kind: type[errors.TokenBrokerError]) -> errors.TokenBrokerError:
     if kind is errors.ConfigError:
         return kind([errors.ConfigProblem("x", "y")])  # type: ignore[call-arg]
     if kind is errors.InvalidJobParamsError:
-        return kind("field", "a failure")  # type: ignore[call-arg]
+        return kind("x", "a failure")
     return kind("a failure")
 
 
@@ -74,6 +74,11 @@ def test_the_table_maps_each_domain_error_to_its_own_class() -> None:
         "delegation_failed": 502,
         "provider_unavailable": 503,
         "store_unavailable": 503,
+        "unknown_job_kind": 400,
+        "invalid_job_params": 400,
+        "job_not_found": 404,
+        "job_not_retryable": 409,
+        "too_many_jobs": 429,
     }
 
 
@@ -92,7 +97,9 @@ def test_every_error_gets_the_same_answer_from_api_proxy_and_client(
         error_reply(proxy_status, code, message, retry_after=after)
     )
     assert api.status_code == status == row.status
-    assert api_body == body == {"error": {"code": row.code, "message": row.message}}
+    # Job request rows answer with the error's own fixed sentence (naming a kind or a field).
+    message = str(exc) if row.detailed else row.message
+    assert api_body == body == {"error": {"code": row.code, "message": message}}
     assert api.headers.get("retry-after") == headers.get("retry-after")
     assert ("retry-after" in headers) is row.retry_after
     assert headers["cache-control"] == "no-store"

@@ -19,13 +19,15 @@ from ..cluster import windows_for
 from ..edge.ratelimit import RateLimits
 from ..engine.broker import Broker
 from ..engine.consumers import ConsumerRegistry
+from ..jobs.service import JobService
 from ..telemetry.metrics import Metrics
 from .access import following
 from .errors import add_error_handlers
 from .middleware import RequestContext
 from .models import ErrorResponse
 from .openapi import add_document_route, document_errors
-from .routes import delegations, probes, providers, redirects, tokens
+from .routes import delegations, jobs, probes, providers, redirects, tokens
+from .sse import StreamGauge
 
 __all__ = ["create_app"]
 
@@ -37,6 +39,7 @@ def create_app(
     metrics: Metrics | None = None,
     limits: RateLimits | None = None,
     openapi: bool | None = None,
+    job_service: JobService | None = None,
 ) -> FastAPI:
     """Build the HTTP API around ``broker``.
 
@@ -51,6 +54,10 @@ def create_app(
             10 failed key checks a minute per client address.
         openapi: Serve the OpenAPI document at ``/openapi.json``, to consumers with a key
             only; default: ``server.openapi`` (off: the route does not exist).
+        job_service: The jobs behind ``/v1/jobs``; default: a new
+            :class:`~tokenbroker.jobs.service.JobService` of ``broker`` whose loop nobody
+            runs (jobs are queued in the store for an instance that runs one; ``serve``
+            passes the one it runs). Kept as ``app.state.jobs``.
 
     Returns:
         The ASGI application.
@@ -75,6 +82,11 @@ def create_app(
         server.rate_limit, shared=windows_for(broker.coordinator)
     )
     app.state.consumers = registry
+    service = job_service or JobService(broker)
+    app.state.jobs = service
+    streams = StreamGauge()
+    app.state.streams = streams
+    meter.count_streams(lambda: streams.open)
     origins = list(server.cors_origins)
     if origins:
         app.add_middleware(
@@ -88,6 +100,7 @@ def create_app(
     delegations.add_routes(app, broker)
     redirects.add_routes(app, broker)
     providers.add_routes(app, broker)
+    jobs.add_routes(app, broker, service, streams)
     probes.add_routes(app, broker, meter)
     add_error_handlers(app)
     document_errors(app)

@@ -112,7 +112,8 @@ def error_response(exc: BaseException) -> JSONResponse:
         headers["WWW-Authenticate"] = f'{REALM}, error="invalid_token"' if exc.presented else REALM
     if row.retry_after:
         headers["Retry-After"] = str(retry_after(exc))
-    return error_json(row.status, row.code, row.message, headers)
+    message = str(exc) if row.detailed else row.message
+    return error_json(row.status, row.code, message, headers)
 
 
 def error_json(

@@ -7,8 +7,9 @@ folder (generated key) with three providers — client credentials (which also
 mints delegated download tokens), a single-use rotating refresh token, and two
 username/password logins, which the token proxy pools in front of the upstream.
 It creates a consumer key, prints curl lines that work as pasted, checks them
-itself, then prints one line per background refresh — with the remaining
-lifetime, never the token — until interrupted.
+itself, runs a ``warm`` job of the login pool printing its progress lines (the demo
+consumer has the ``jobs`` permission), then prints one line per background refresh —
+with the remaining lifetime, never the token — until interrupted.
 """
 
 from __future__ import annotations
@@ -30,10 +31,13 @@ from ..core.crypto import generate_key
 from ..core.events import Event, TokenAcquired, TokenRequestFailed
 from ..engine.broker import Broker
 from ..engine.consumers import hash_key, new_key
+from ..jobs.service import JobService
 from ..testing import AuthorizationServer
 from ..testing.asgi import ServedApp
 from ..testing.served_proxy import ServedProxy
 from ..testing.upstream import demo_upstream
+from .jobs import _local_events
+from .progress import PlainRenderer
 
 __all__ = ["DEMO_CONFIG", "run_demo"]
 
@@ -142,8 +146,9 @@ def run_demo(
                 if provider.delegation is not None
             ]
             broker.store.add_consumer(
-                "demo", hash_key(key), [*sorted(settings.providers), *delegating]
+                "demo", hash_key(key), [*sorted(settings.providers), *delegating, "jobs"]
             )
+            jobs = JobService(broker)
 
             def on_event(event: Event) -> None:
                 nonlocal refreshes
@@ -162,7 +167,7 @@ def run_demo(
             assert settings.proxy is not None
             with (
                 ServedApp(
-                    create_app(broker),
+                    create_app(broker, job_service=jobs),
                     port=int(api_url.rsplit(":", 1)[1]),
                     http=BoundedHeadProtocol,
                     lifespan="on",
@@ -172,12 +177,29 @@ def run_demo(
                 _introduce(echo, idp, upstream.url, api_url, env["STORE_PATH"], key, proxy)
                 _show_tokens(echo, broker, idp)
                 _check_curl_lines(echo, api_url, upstream.url, key, proxy)
-                echo("watching background refreshes (Ctrl-C to stop)")
-                stop_at = None if duration is None else time.monotonic() + duration
-                while stop_at is None or time.monotonic() < stop_at:
-                    broker.refresh_due()
-                    time.sleep(0.25)
+                jobs.start_background()
+                try:
+                    _warm_pool(echo, jobs)
+                    echo("watching background refreshes (Ctrl-C to stop)")
+                    stop_at = None if duration is None else time.monotonic() + duration
+                    while stop_at is None or time.monotonic() < stop_at:
+                        broker.refresh_due()
+                        time.sleep(0.25)
+                finally:
+                    jobs.stop_background()
     return refreshes
+
+
+def _warm_pool(echo: Callable[[str], None], jobs: JobService) -> None:
+    """Start a warm job of the demo pool and print its progress lines until it ends."""
+    job, _ = jobs.start("warm", {"provider": "demo-db"}, "demo")
+    echo(f"warm job {job.job_id} of demo-db:")
+    renderer = PlainRenderer(lambda line: echo(f"  {line}"), 10)
+    try:
+        for event in _local_events(jobs, job.job_id):
+            renderer.show(event)
+    finally:
+        renderer.close()
 
 
 def _introduce(
@@ -210,6 +232,11 @@ def _introduce(
     )
     echo(f"  curl -s {proxy.url}/api/data {proxy.url}/api/data   # one connection, one account")
     echo(f"  curl -s {proxy.health_url}/health")
+    echo(
+        f'  curl -s -X POST -H "Authorization: Bearer $TB_KEY" -H "Content-Type: application/json"'
+        f""" -d '{{"kind":"warm","params":{{"provider":"demo-db"}}}}' {api}/v1/jobs"""
+    )
+    echo(f'  curl -sN -H "Authorization: Bearer $TB_KEY" {api}/v1/jobs/JOB_ID/stream')
     echo("")
 
 

@@ -7,7 +7,9 @@ live one group per module:
 
 * :mod:`~tokenbroker.cli.status`: ``check``, ``status``, ``token``
 * :mod:`~tokenbroker.cli.consumers`: ``consumers add|list|remove``
-* :mod:`~tokenbroker.cli.keys`: ``keygen``, ``rotate-key``
+* :mod:`~tokenbroker.cli.keys`: ``keygen``
+* :mod:`~tokenbroker.cli.jobs`: ``jobs start|list|show|watch|cancel|retry``, ``warm``,
+  ``rotate-key``
 * :mod:`~tokenbroker.cli.pool`: ``pool status``
 * :mod:`~tokenbroker.cli.run`: ``serve``, ``proxy``, ``dev``
 """
@@ -18,7 +20,8 @@ import click
 
 from ..telemetry.logs import configure
 from .consumers import consumers
-from .keys import keygen, rotate_key
+from .jobs import jobs, rotate_key, warm
+from .keys import keygen
 from .pool import pool
 from .run import dev, proxy_command, serve_command
 from .status import check, status, token
@@ -51,6 +54,7 @@ for _command in (
     check,
     consumers,
     dev,
+    jobs,
     keygen,
     pool,
     proxy_command,
@@ -58,6 +62,7 @@ for _command in (
     serve_command,
     status,
     token,
+    warm,
 ):
     main.add_command(_command)
 

@@ -7,6 +7,13 @@ section; ``proxy`` runs the proxy alone. Both run on one start-up skeleton (:fun
 logs configured, required providers fetched, one event loop and one broker whose tokens a
 ticker keeps warm, pools logged in, listeners announced, and one way to stop — SIGINT or
 SIGTERM ends the process gracefully with status 0, even while a pool is still logging in.
+
+``serve`` also runs the instance's job loop (:class:`~tokenbroker.jobs.service.JobService`:
+runner, reaper, scheduler) on the same event loop, beside the API that starts and follows
+jobs, with the job log lines (:func:`~tokenbroker.telemetry.logs.log_job_event`)
+subscribed. At start-up the reaper ends or resumes jobs a crashed instance left running;
+on SIGTERM the loop stops with the API, and jobs still running are left to their leases
+(the next instance on the store resumes or ends them).
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from ..config import ProxySettings, config_warnings
 from ..edge.descriptors import budget
 from ..engine.broker import Broker
 from ..errors import ConfigError, ConfigProblem
+from ..jobs.service import JobService
 from ..proxy import ProxyServer, compiled
-from ..telemetry.logs import configure
+from ..telemetry.logs import configure, log_job_event
 
 __all__ = ["run_proxy", "serve"]
 
@@ -113,7 +121,7 @@ class _AnnouncingServer(uvicorn.Server):
                 self._announce(f"API listening on http://{shown}:{port}")
 
 
-def _api_config(broker: Broker, address: str) -> uvicorn.Config:
+def _api_config(broker: Broker, address: str, jobs: JobService | None = None) -> uvicorn.Config:
     """uvicorn's configuration for the broker's HTTP API on ``address`` (``host:port``)."""
     host, _, port = address.rpartition(":")
     server = broker.settings.server
@@ -129,7 +137,7 @@ def _api_config(broker: Broker, address: str) -> uvicorn.Config:
         server.client_body_timeout_seconds, server.client_request_timeout_seconds
     )
     return uvicorn.Config(
-        create_app(broker),
+        create_app(broker, job_service=jobs),
         host=host.strip("[]") or "127.0.0.1",
         port=int(port),
         loop="none",
@@ -202,12 +210,15 @@ async def _serve_until_stopped(
     api: uvicorn.Config | None,
     progress: Progress | None,
     announce: Announce,
+    jobs: JobService | None = None,
 ) -> None:
     """Log in the proxy's pools and listen (when ``proxy_settings``), then serve the API (when
-    ``api``) or wait, until SIGINT or SIGTERM; close the proxy on the way out."""
+    ``api``) or wait, until SIGINT or SIGTERM; close the proxy on the way out. The job loop
+    (when ``jobs``) runs from the start until the end."""
     loop = asyncio.get_running_loop()
     shutdown = _Shutdown()
     shutdown.install(loop)
+    job_loop = None if jobs is None else asyncio.ensure_future(jobs.run())
     try:
         proxy = None
         if proxy_settings is not None:
@@ -229,6 +240,12 @@ async def _serve_until_stopped(
             if proxy is not None:
                 await proxy.close()
     finally:
+        if jobs is not None and job_loop is not None:
+            jobs.stop()
+            try:
+                await asyncio.wait_for(job_loop, 10)
+            except (TimeoutError, asyncio.CancelledError):
+                logger.warning("the job loop did not stop in time")
         shutdown.remove(loop)
 
 
@@ -257,11 +274,15 @@ def _run(
     stop = threading.Event()
     try:
         _configure_logs(broker, config_path)
-        api = None if api_listen is None else _api_config(broker, api_listen)
+        jobs = None
+        if api_listen is not None:
+            jobs = JobService(broker)
+            broker.events.subscribe(log_job_event)
+        api = None if api_listen is None else _api_config(broker, api_listen, jobs)
         _fetch_required(broker)
         if proxy is None:  # (the proxy's own tick keeps tokens warm otherwise)
             threading.Thread(target=_keep_warm, args=(broker, stop), daemon=True).start()
-        uvloop.run(_serve_until_stopped(broker, proxy, api, progress, announce))
+        uvloop.run(_serve_until_stopped(broker, proxy, api, progress, announce, jobs))
     except KeyboardInterrupt:  # Ctrl-C before the loop caught the signals
         logger.info("stopped before serving")
     finally:

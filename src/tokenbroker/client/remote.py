@@ -15,6 +15,9 @@ remembers it as rejected. The fetch that replaces a rejected token is
 ``POST /v1/tokens/{provider}/invalidate``, which makes the broker drop it too and
 answers with the broker's current token — one broker call per rejected token.
 
+Jobs (``start_job``, ``job``, ``jobs``, ``cancel_job``, ``retry_job``, ``stream``) come
+from :mod:`tokenbroker.client.jobs`.
+
 A broker's error answer maps back to the class its ``error.code`` names in the
 table the API and the proxy answer from (:mod:`tokenbroker.edge.statuses`), so the
 caller sees the broker's own error class; an answer without one of those codes (a
@@ -48,6 +51,7 @@ from ..edge.statuses import status_for_code
 from ..engine.cache import Timing, TokenCache
 from ..errors import (
     ClientAuthenticationError,
+    InvalidJobParamsError,
     InvalidScopeError,
     ProviderError,
     ProviderMisconfiguredError,
@@ -58,6 +62,7 @@ from ..errors import (
 )
 from ..grants import TokenResponse, retry_after, transport_error, validate_token_value
 from .adapters import AuthAdapters
+from .jobs import JobsAPI
 from .target import TokenTarget
 
 if TYPE_CHECKING:
@@ -91,8 +96,11 @@ class _RequestKey(NamedTuple):
     account: str | None
 
 
-class BrokerClient(AuthAdapters):
+class BrokerClient(AuthAdapters, JobsAPI):
     """Tokens from a remote broker, cached locally; the same API as :class:`~tokenbroker.Broker`.
+
+    It also starts and follows the broker's jobs (:class:`~tokenbroker.client.jobs.JobsAPI`:
+    ``start_job``, ``job``, ``jobs``, ``cancel_job``, ``retry_job``, ``stream``).
 
     Args:
         url: The broker's base URL, e.g. ``http://broker:8750`` (a path prefix is kept).
@@ -398,6 +406,8 @@ def _status_error(
         )
     if issubclass(kind, ProviderError):
         return kind(message, provider=provider, status_code=status, error_code=code)
+    if issubclass(kind, InvalidJobParamsError):
+        return kind("", message)
     return kind(message)
 
 

@@ -2,8 +2,9 @@
 
 A rule is ``provider`` (any scope), ``provider:scope1 scope2`` (those scopes only),
 ``delegate:provider`` (delegated tokens for the consumer's own subject) or
-``delegate-as:provider`` (for any subject it names). A stored consumer keeps its subject
-as the ``subject=NAME`` entry of its allow list.
+``delegate-as:provider`` (for any subject it names), or the word ``jobs`` (the jobs API, for
+the jobs of providers another rule allows). A stored consumer keeps its subject as the
+``subject=NAME`` entry of its allow list.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .names import PROVIDER_NAME_PATTERN
 __all__ = [
     "DELEGATE",
     "DELEGATE_AS",
+    "JOBS",
     "Action",
     "Rule",
     "check_subject",
@@ -38,7 +40,10 @@ _SUBJECT_ENTRY = "subject="
 DELEGATE = "delegate"
 #: ``delegate-as:PROVIDER``: delegated tokens for any subject the consumer names.
 DELEGATE_AS = "delegate-as"
-Action = Literal["token", "delegate", "delegate-as"]
+#: ``jobs``: the jobs API (start, see, follow, cancel and retry jobs of the providers the
+#: consumer's token rules name).
+JOBS = "jobs"
+Action = Literal["token", "delegate", "delegate-as", "jobs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,9 +51,10 @@ class Rule:
     """One ``allow`` entry.
 
     Attributes:
-        provider: The provider name.
+        provider: The provider name (``""`` for the ``jobs`` rule, which names none).
         scopes: Allowed scopes, or None for any scope (always None for delegation rules).
-        action: ``token`` (token reads), ``delegate`` or ``delegate-as`` (delegated tokens).
+        action: ``token`` (token reads), ``delegate`` or ``delegate-as`` (delegated tokens),
+            ``jobs`` (the jobs API).
     """
 
     provider: str
@@ -56,6 +62,8 @@ class Rule:
     action: Action = "token"
 
     def __str__(self) -> str:
+        if self.action == "jobs":
+            return JOBS
         if self.action != "token":
             return f"{self.action}:{self.provider}"
         return (
@@ -66,19 +74,23 @@ class Rule:
 
 
 def parse_rule(text: str) -> Rule:
-    """Parse ``provider``, ``provider:scope1 scope2``, ``delegate:provider`` or
-    ``delegate-as:provider``.
+    """Parse ``provider``, ``provider:scope1 scope2``, ``delegate:provider``,
+    ``delegate-as:provider`` or ``jobs``.
 
     Raises:
         ValueError: For a malformed rule.
     """
+    if text.strip() == JOBS:
+        return Rule("", None, "jobs")
     match = _RULE.match(text.strip())
     if not match:
         raise ValueError(
-            "an allow rule is PROVIDER, PROVIDER:SCOPE[ SCOPE...], delegate:PROVIDER"
-            " or delegate-as:PROVIDER"
+            "an allow rule is PROVIDER, PROVIDER:SCOPE[ SCOPE...], delegate:PROVIDER,"
+            " delegate-as:PROVIDER or jobs"
         )
     provider, scopes = match.group(1), match.group(2)
+    if provider == JOBS:
+        raise ValueError("jobs takes nothing after it: allow the word jobs alone")
     if provider in (DELEGATE, DELEGATE_AS):
         if scopes is None or not _PROVIDER.match(scopes):
             raise ValueError(f"{provider} takes one provider: {provider}:PROVIDER")

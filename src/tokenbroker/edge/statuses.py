@@ -10,7 +10,13 @@ the service token was fine, 502 ``delegation_failed``; a failing store 503
 ``store_unavailable`` with ``Retry-After``. Anything unmapped is 500 ``internal_error``.
 A delegation whose object is not a safe relative path (or whose subject is malformed)
 is 400 ``invalid_delegation``; one for a subject the consumer may not name is 403
-``forbidden_subject``. The HTTP API (:mod:`tokenbroker.api.app`) and the proxy
+``forbidden_subject``. Jobs (issue 16): an unknown kind is 400
+``unknown_job_kind`` (listing the kinds), bad params 400 ``invalid_job_params`` (naming the
+field), an unknown job id — or a job of a provider the consumer may not use — 404
+``job_not_found``, a retry with nothing to retry 409 ``job_not_retryable``, too many active
+jobs 429 ``too_many_jobs`` with ``Retry-After``. For these rows :attr:`ErrorStatus.detailed`
+is set: the answer's message is the error's own (fixed sentences naming a kind or a param,
+never a value). The HTTP API (:mod:`tokenbroker.api.app`) and the proxy
 (:mod:`tokenbroker.proxy`) answer from :func:`status_of`; :class:`~tokenbroker.BrokerClient`
 reads an answer's code back into :attr:`ErrorStatus.error` with :func:`status_for_code`.
 
@@ -27,6 +33,9 @@ from ..errors import (
     DelegationFailedError,
     ForbiddenSubjectError,
     InvalidDelegationError,
+    InvalidJobParamsError,
+    JobLimitError,
+    JobNotRetryableError,
     PoolExhaustedError,
     ProviderMisconfiguredError,
     ProviderUnavailableError,
@@ -34,6 +43,8 @@ from ..errors import (
     StoreError,
     TokenBrokerError,
     TooManyScopesError,
+    UnknownJobError,
+    UnknownJobKindError,
     UnknownProviderError,
 )
 
@@ -43,7 +54,10 @@ __all__ = [
     "FORBIDDEN_SUBJECT",
     "INTERNAL_ERROR",
     "INVALID_DELEGATION",
+    "INVALID_JOB_PARAMS",
     "INVALID_REQUEST",
+    "JOB_NOT_FOUND",
+    "JOB_NOT_RETRYABLE",
     "NOT_FOUND",
     "POOL_EXHAUSTED",
     "PROVIDER_MISCONFIGURED",
@@ -52,8 +66,10 @@ __all__ = [
     "REAUTHORIZATION_REQUIRED",
     "REQUEST_TIMEOUT",
     "STORE_UNAVAILABLE",
+    "TOO_MANY_JOBS",
     "TOO_MANY_SCOPES",
     "UNAUTHORIZED",
+    "UNKNOWN_JOB_KIND",
     "ErrorStatus",
     "retry_after",
     "status_for_code",
@@ -74,6 +90,8 @@ class ErrorStatus:
         message: The ``error.message`` of the body; never holds a secret.
         error: What :class:`~tokenbroker.BrokerClient` raises when it reads ``code``.
         retry_after: The answer has a ``Retry-After`` header.
+        detailed: The answer's message is the error's own text (only for errors whose
+            messages are fixed sentences naming no value: the job request errors).
     """
 
     status: int
@@ -81,6 +99,7 @@ class ErrorStatus:
     message: str
     error: type[TokenBrokerError]
     retry_after: bool = False
+    detailed: bool = False
 
 
 #: Also the answer to a provider or scope the key may not use, so its words must be true of both.
@@ -145,6 +164,23 @@ STORE_UNAVAILABLE = ErrorStatus(
     StoreError,
     retry_after=True,
 )
+UNKNOWN_JOB_KIND = ErrorStatus(
+    400, "unknown_job_kind", "unknown job kind", UnknownJobKindError, detailed=True
+)
+INVALID_JOB_PARAMS = ErrorStatus(
+    400, "invalid_job_params", "invalid job params", InvalidJobParamsError, detailed=True
+)
+JOB_NOT_FOUND = ErrorStatus(404, "job_not_found", "no such job", UnknownJobError)
+JOB_NOT_RETRYABLE = ErrorStatus(
+    409, "job_not_retryable", "the job has no failed retryable items", JobNotRetryableError
+)
+TOO_MANY_JOBS = ErrorStatus(
+    429,
+    "too_many_jobs",
+    "this consumer has too many active jobs; retry later",
+    JobLimitError,
+    retry_after=True,
+)
 
 #: Domain error → its answer. The first row whose class matches wins (subclasses first).
 ERROR_STATUS: tuple[tuple[type[TokenBrokerError], ErrorStatus], ...] = (
@@ -158,6 +194,11 @@ ERROR_STATUS: tuple[tuple[type[TokenBrokerError], ErrorStatus], ...] = (
     (DelegationFailedError, DELEGATION_FAILED),
     (ProviderUnavailableError, PROVIDER_UNAVAILABLE),
     (StoreError, STORE_UNAVAILABLE),
+    (UnknownJobKindError, UNKNOWN_JOB_KIND),
+    (InvalidJobParamsError, INVALID_JOB_PARAMS),
+    (UnknownJobError, JOB_NOT_FOUND),
+    (JobNotRetryableError, JOB_NOT_RETRYABLE),
+    (JobLimitError, TOO_MANY_JOBS),
 )
 
 # Answers of the HTTP layers themselves (no domain error behind them), in the same terms.

@@ -14,9 +14,12 @@ provider's configured scopes; case-sensitive), the very set the token request as
 Delegated tokens need their own rules: ``delegate:provider`` (tokens whose subject is the
 consumer's own) and ``delegate-as:provider`` (also tokens for any other subject the consumer
 names). A token rule alone does not allow delegation, nor a delegation rule token reads; so
-``delegate`` and ``delegate-as`` are not provider names. A consumer's subject is its configured
-``subject``, else its name; a stored consumer keeps it as the ``subject=NAME`` entry of its
-allow list (:func:`subject_entry`), so the store needs no column for it.
+``delegate`` and ``delegate-as`` are not provider names. The word ``jobs`` allows the jobs
+API (:meth:`Consumer.may_run_jobs`), for the jobs of the providers its token rules name
+(:meth:`Consumer.uses`); ``jobs`` is not a provider name either. A consumer's subject is
+its configured ``subject``, else its name; a stored consumer keeps it as the
+``subject=NAME`` entry of its allow list (:func:`subject_entry`), so the store needs no
+column for it.
 
 A registry built with :meth:`ConsumerRegistry.load` follows the store: a running server
 checks :meth:`~tokenbroker.store.ConsumerStore.consumers_version` every
@@ -137,9 +140,18 @@ class Consumer:
             return requested
         raise ForbiddenSubjectError("this consumer may delegate only for its own subject")
 
+    def may_run_jobs(self) -> bool:
+        """Whether the ``jobs`` rule is in the allow list."""
+        return any(r.action == "jobs" for r in self.rules)
+
+    def uses(self, provider: str) -> bool:
+        """Whether some token rule names ``provider`` (with any scopes): what a job of that
+        provider needs besides :meth:`may_run_jobs`."""
+        return any(r.provider == provider and r.action == "token" for r in self.rules)
+
     def providers(self) -> list[str]:
         """The providers any rule mentions, sorted."""
-        return sorted({rule.provider for rule in self.rules})
+        return sorted({rule.provider for rule in self.rules if rule.provider})
 
 
 class ConsumerSource(Protocol):

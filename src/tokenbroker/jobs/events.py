@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import ClassVar
+from datetime import datetime
+from typing import Any, ClassVar
 
 from tokenbroker.jobs.model import ItemCounts, JobError, JobStatus, JsonValue, iso8601
 
@@ -39,6 +40,7 @@ __all__ = [
     "ItemFailed",
     "JobEvent",
     "PhaseUpdate",
+    "event_from",
     "parse_last_event_id",
     "sse_frame",
 ]
@@ -295,3 +297,72 @@ class EventLog:
 
     def __repr__(self) -> str:
         return f"EventLog(job_id={self.job_id!r}, last_id={self.last_id}, finished={self.finished})"
+
+
+def _epoch(value: object) -> float:
+    """Epoch seconds of an ISO 8601 ``ts`` (0.0 when it is missing or malformed)."""
+    if not isinstance(value, str):
+        return 0.0
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def event_from(name: str, seq: int, data: Mapping[str, Any]) -> JobEvent | None:
+    """The record of an event read back from its wire form (an SSE message or a stored row):
+    the inverse of :meth:`JobEvent.data`.
+
+    Args:
+        name: The SSE ``event:`` name.
+        seq: Its ``id:`` (0 for none).
+        data: The decoded JSON payload.
+
+    Returns:
+        The record; None for an event name this vocabulary does not have (a newer server's).
+
+    Raises:
+        ValueError: A known event whose payload is malformed (a field missing or of the
+            wrong type).
+    """
+    try:
+        job_id = str(data["job_id"])
+        if name == PhaseUpdate.name:
+            counts = data.get("items") or {}
+            return PhaseUpdate(
+                job_id=job_id,
+                seq=seq,
+                phase=str(data["phase"]),
+                progress=float(data["progress"]),
+                items=ItemCounts(**{k: int(counts.get(k, 0)) for k in ("total", "ok", "failed")}),
+                ts=_epoch(data.get("ts")),
+            )
+        if name == ItemFailed.name:
+            return ItemFailed(
+                job_id=job_id,
+                seq=seq,
+                item=str(data["item"]),
+                reason=str(data["reason"]),
+                retryable=bool(data["retryable"]),
+            )
+        if name == Heartbeat.name:
+            return Heartbeat(
+                job_id=job_id,
+                seq=seq,
+                status=JobStatus(data.get("status", "running")),
+                ts=_epoch(data.get("ts")),
+            )
+        if name == Completed.name:
+            return Completed(job_id=job_id, seq=seq, status=JobStatus(data["status"]))
+        if name == Failed.name:
+            error = data.get("error") or {}
+            return Failed(
+                job_id=job_id,
+                seq=seq,
+                error=JobError(str(error.get("type", "failed")), str(error.get("message", ""))),
+            )
+        if name == Canceled.name:
+            return Canceled(job_id=job_id, seq=seq, ts=_epoch(data.get("ts")))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"malformed {name} event: {exc.__class__.__name__}") from None
+    return None

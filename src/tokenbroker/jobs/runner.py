@@ -20,6 +20,12 @@ save or heartbeat (or at once, when the cancel came through this instance's serv
 starts no new item, lets the items in flight finish, and only then saves ``canceled`` with
 its final event. Every time is read from the injected clock; saves are serialised, so the
 stored progress never goes backwards.
+
+Lifecycle events: the runner publishes :class:`~tokenbroker.core.events.JobStarted`,
+:class:`~tokenbroker.core.events.JobPhaseChanged` (each phase entered),
+:class:`~tokenbroker.core.events.JobItemFinished` (one per item, after its retries) and
+:class:`~tokenbroker.core.events.JobFinished` on the broker's event bus, for the metrics and
+the job log lines (:mod:`tokenbroker.telemetry`) to subscribe to.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import Awaitable, Callable, Iterator
 
 from ..config import JobsSettings
 from ..core.clock import Clock
+from ..core.events import JobFinished, JobItemFinished, JobPhaseChanged, JobStarted
 from ..engine.broker import Broker
 from ..store import JobLease, JobRow, NewJobEvent
 from .document import Progress, encode, event_data, job_of, progress_of
@@ -142,12 +149,61 @@ class _Execution:
         self.lock = asyncio.Lock()
         self.verify_total = self.verified = 0
         self.ctx = KindContext(runner.broker, self.job.params, runner.clock.time())
+        provider = self.job.params.get("provider")
+        self.provider = provider if isinstance(provider, str) else ""
+        self.began = runner.clock.monotonic()
+        self.phase: str | None = None
+        self.phase_began = self.began
+
+    def _emit_phase(self, phase: str) -> None:
+        """Publish JobPhaseChanged when ``phase`` is not the phase the job is in."""
+        if phase == self.phase:
+            return
+        now = self.runner.clock.monotonic()
+        previous, took = self.phase, now - self.phase_began
+        self.phase, self.phase_began = phase, now
+        self.runner.broker.events.emit(
+            JobPhaseChanged(
+                provider=self.provider,
+                job_id=self.job.job_id,
+                kind=self.job.kind,
+                elapsed=now - self.began,
+                phase=phase,
+                previous=previous,
+                previous_duration=None if previous is None else took,
+            )
+        )
+
+    def _emit_item(self, item: str, failed: FailedItem | None) -> None:
+        """Publish one JobItemFinished for an item that ended (after its retries)."""
+        self.runner.broker.events.emit(
+            JobItemFinished(
+                provider=self.provider,
+                job_id=self.job.job_id,
+                kind=self.job.kind,
+                elapsed=self.runner.clock.monotonic() - self.began,
+                phase=self.phase or "",
+                item=item,
+                outcome="ok" if failed is None else "failed",
+                attempts=max(1, self.state.attempts.get(item, 1)),
+                reason=None if failed is None else failed.reason,
+                retryable=False if failed is None else failed.retryable,
+            )
+        )
 
     def should_abort(self) -> bool:
         """True once the job must start no new item: canceled, or the lease was lost."""
         return self.cancel or self.lost
 
     async def main(self) -> JobStatus | None:
+        self.runner.broker.events.emit(
+            JobStarted(
+                provider=self.provider,
+                job_id=self.job.job_id,
+                kind=self.job.kind,
+                resumed=self.job.started_at is not None or "items" in self.job.params,
+            )
+        )
         beat = asyncio.create_task(self._heartbeat())
         try:
             return await self._work()
@@ -218,6 +274,7 @@ class _Execution:
                 await asyncio.sleep(wait)
                 continue
             self.ok.append(item)
+            self._emit_item(item, None)
             break
         await self._progress(self.kind.plan.phases[1].name, *self._done_of_phase())
 
@@ -240,6 +297,7 @@ class _Execution:
 
     async def _fail(self, item: FailedItem) -> None:
         self.failed.append(item)
+        self._emit_item(item.item, item)
         event = ItemFailed(
             job_id=self.job.job_id, item=item.item, reason=item.reason, retryable=item.retryable
         )
@@ -253,6 +311,7 @@ class _Execution:
 
     async def _progress(self, phase: str, done: int, total: int, *, force: bool = False) -> None:
         """Move the tracker; save with a ``phase_update`` when the coalescer lets it out."""
+        self._emit_phase(phase)
         progress = min(self.tracker.update(phase, done, total), 99.99)
         self.job = dataclasses.replace(self.job, phase=phase, progress=progress)
         update = PhaseUpdate(
@@ -282,7 +341,24 @@ class _Execution:
         logger.info(
             "job ended job_id=%s kind=%s status=%s", self.job.job_id, self.job.kind, status.value
         )
-        return await self._save(status, [event])
+        saved = await self._save(status, [event])
+        if saved:
+            now_mono = self.runner.clock.monotonic()
+            self.runner.broker.events.emit(
+                JobFinished(
+                    provider=self.provider,
+                    job_id=self.job.job_id,
+                    kind=self.job.kind,
+                    elapsed=now_mono - self.began,
+                    status=status.value,
+                    phase=self.phase or self.job.phase,
+                    phase_duration=None if self.phase is None else now_mono - self.phase_began,
+                    ok=len(self.ok),
+                    failed=len(self.failed),
+                    error_type=None if error is None else error.type,
+                )
+            )
+        return saved
 
     async def _save(self, status: JobStatus, events: list[JobEvent]) -> bool:
         """Write the job (fenced) with ``events``; notes a cancel request or a lost lease."""

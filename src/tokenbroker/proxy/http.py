@@ -259,4 +259,5 @@ def domain_error(exc: BaseException) -> tuple[int, str, str, int | None]:
     """Status, code, message and ``Retry-After`` seconds (or None) for a failure, from the
     table the API and BrokerClient share (500 ``internal_error`` when it is not a domain error)."""
     row = status_of(exc)
-    return row.status, row.code, row.message, retry_after(exc) if row.retry_after else None
+    message = str(exc) if row.detailed else row.message
+    return row.status, row.code, message, retry_after(exc) if row.retry_after else None

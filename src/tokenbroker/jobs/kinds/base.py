@@ -68,6 +68,15 @@ class JobKind:
             raise InvalidJobParamsError(unknown[0], f"not a param of {self.name} jobs")
         return dict(params)
 
+    def providers(self, params: Mapping[str, Any], settings: Settings) -> list[str]:
+        """The providers a job with ``params`` works on: a consumer must be allowed every
+        one of them to start or see the job. The ``provider`` param when there is one;
+        else every configured provider (``rotate_key`` touches every stored secret)."""
+        provider = params.get("provider")
+        if isinstance(provider, str):
+            return [provider]
+        return sorted(settings.providers)
+
     def items(self, ctx: KindContext) -> list[str]:
         """The items the job works on (the ``resolve`` phase)."""
         raise NotImplementedError

@@ -54,6 +54,11 @@ class Keepalive(JobKind):
         optional_items(params)
         return out
 
+    def providers(self, params: Mapping[str, Any], settings: Settings) -> list[str]:
+        """The ``provider`` param, else every idle-expiring refresh-token provider."""
+        provider = params.get("provider")
+        return [provider] if isinstance(provider, str) else idle_providers(settings)
+
     def items(self, ctx: KindContext) -> list[str]:
         """The providers that are due (limited to ``params.provider`` / ``params.items``)."""
         settings = ctx.broker.settings
