@@ -10,6 +10,7 @@ live one group per module:
 * :mod:`~tokenbroker.cli.keys`: ``keygen``, ``rotate-key``
 * :mod:`~tokenbroker.cli.pool`: ``pool status``
 * :mod:`~tokenbroker.cli.run`: ``serve``, ``proxy``, ``dev``
+* :mod:`~tokenbroker.cli.store`: ``migrate``
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .keys import keygen, rotate_key
 from .pool import pool
 from .run import dev, proxy_command, serve_command
 from .status import check, status, token
+from .store import migrate
 
 __all__ = ["main"]
 
@@ -52,6 +54,7 @@ for _command in (
     consumers,
     dev,
     keygen,
+    migrate,
     pool,
     proxy_command,
     rotate_key,
