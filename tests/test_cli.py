@@ -367,7 +367,8 @@ def test_check_reports_a_store_under_another_key(tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     path.write_text(yaml.safe_dump({"store": "sqlite:///tb.db", "encryption_keys": [new, old]}))
     path.chmod(0o600)  # keys written in the file: only the owner may read it (no warning)
-    assert check(path) == (0, f"{path}: ok (0 providers: none)\n")
+    schema = f"store {tmp_path / 'tb.db'}: schema version 5 is current\n"
+    assert check(path) == (0, f"{path}: ok (0 providers: none)\n{schema}")
 
 
 @pytest.mark.parametrize("where", ["missing/tb.db", "a-file/tb.db"])

@@ -12,6 +12,7 @@ live one group per module:
   ``rotate-key``
 * :mod:`~tokenbroker.cli.pool`: ``pool status``
 * :mod:`~tokenbroker.cli.run`: ``serve``, ``proxy``, ``dev``
+* :mod:`~tokenbroker.cli.store`: ``migrate``
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .keys import keygen
 from .pool import pool
 from .run import dev, proxy_command, serve_command
 from .status import check, status, token
+from .store import migrate
 
 __all__ = ["main"]
 
@@ -56,6 +58,7 @@ for _command in (
     dev,
     jobs,
     keygen,
+    migrate,
     pool,
     proxy_command,
     rotate_key,

@@ -16,9 +16,10 @@ from ..config import ProxySettings, config_warnings, load_settings, startup_prob
 from ..core.crypto import Keyring
 from ..engine.broker import Broker
 from ..engine.credentials import credential_label
-from ..errors import ConfigError, TokenBrokerError
+from ..errors import ConfigError, StoreError, TokenBrokerError
 from ..store import probe
 from .command import config_option, fail, open_store
+from .store import schema_line, schema_state
 
 __all__ = ["check", "status", "token"]
 
@@ -28,7 +29,8 @@ __all__ = ["check", "status", "token"]
 def check(config_path: Path) -> None:
     """Validate the configuration and the store; name every problem, never print a secret.
 
-    Settings nothing reads yet are warnings. The store is only read, never created or migrated.
+    Settings nothing reads yet are warnings. The store is only read, never created or migrated;
+    the last line says whether its schema is current.
     """
     try:
         settings = load_settings(config_path)
@@ -43,6 +45,10 @@ def check(config_path: Path) -> None:
         fail(exc)
     names = ", ".join(sorted(settings.providers)) or "none"
     click.echo(f"{config_path}: ok ({len(settings.providers)} providers: {names})")
+    try:
+        click.echo(schema_line(schema_state(settings.store)))
+    except StoreError as exc:  # gone since the probe: say so, the config itself is fine
+        click.echo(f"warning: {exc}", err=True)
     if settings.proxy is not None:
         for line in _proxy_limits(settings.proxy):
             click.echo(line)

@@ -11,6 +11,11 @@ Pub/sub loses what is published while a subscriber reconnects, so after every
 (re)subscription all local watches are woken: their owners re-read the store. Publishing
 is fire-and-forget and skipped while the breaker is open; notices in this process are
 delivered at once either way.
+
+It is also the engine's :class:`~tokenbroker.engine.coordination.SharedLimits`: the
+invalidate cooldown is a ``SET NX PX`` key, a provider's scope sets (``max_scopes``) a Redis
+set grown by one Lua script, and "token dropped" notices (``dropped:<name>:<digest>`` on the
+same channel) reach every process's listeners. Keys live under the same namespace.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -29,14 +35,27 @@ from .link import RedisLink
 from .windows import RedisWindows
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
 
-__all__ = ["RedisCoordinator", "announce", "channel_for", "coordinator_for", "windows_for"]
+__all__ = ["ADMIT", "RedisCoordinator", "announce", "channel_for", "coordinator_for", "windows_for"]
 
 logger = logging.getLogger("tokenbroker.cluster")
 
 #: Longest topic accepted from the channel (anything longer is not ours).
 _MAX_TOPIC = 256
+
+#: The prefix of "token dropped" notices: ``dropped:<name>:<digest>``.
+_DROPPED = "dropped:"
+
+#: KEYS[1]: the set; ARGV: member, seed, limit. 1 when the member is (now) in, 0 when full.
+ADMIT = """
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 1 end
+redis.call('SADD', KEYS[1], ARGV[2])
+if redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 0 end
+redis.call('SADD', KEYS[1], ARGV[1])
+return 1
+"""
 
 
 def channel_for(store_url: str) -> str:
@@ -59,6 +78,9 @@ class RedisCoordinator:
         self._local = LocalCoordinator()
         self._owns_link = owns_link
         self._subscribed_flag = False
+        self._prefix = channel.removesuffix(":changes")
+        self._admit = link.client.register_script(ADMIT)
+        self._dropped: list[Callable[[str, str], None]] = []
         link.add_task(self._listen())
 
     def __repr__(self) -> str:
@@ -77,6 +99,43 @@ class RedisCoordinator:
     def degraded(self) -> str | None:
         """The breaker's reason while Redis is not answering, else None."""
         return self.link.breaker.reason
+
+    def claim(self, name: str, seconds: float) -> bool:
+        """Take ``name`` for ``seconds`` across every process (``SET NX PX``).
+
+        Returns:
+            True if taken now; False if some process holds it.
+
+        Raises:
+            CoordinationUnavailableError: Redis did not answer (or the breaker is open).
+        """
+        key, millis = f"{self._prefix}:claim:{name}", max(1, int(seconds * 1000))
+        return bool(self.link.call(lambda client: client.set(key, b"1", nx=True, px=millis)))
+
+    def admit(self, name: str, member: str, seed: str, limit: int) -> bool:
+        """Grow the shared set ``name`` (seeded with ``seed``) by ``member`` up to ``limit``.
+
+        Returns:
+            True if ``member`` is in the set; False if the set is full without it.
+
+        Raises:
+            CoordinationUnavailableError: Redis did not answer (or the breaker is open).
+        """
+        key = f"{self._prefix}:set:{name}"
+
+        async def run(client: Redis) -> object:
+            return await self._admit(keys=[key], args=[member, seed, limit], client=client)
+
+        return bool(int(str(self.link.call(run))))
+
+    def dropped(self, name: str, digest: str) -> None:
+        """Publish "the token ``digest`` of ``name`` was dropped" (fire-and-forget)."""
+        channel, topic = self.channel, f"{_DROPPED}{name}:{digest}"
+        self.link.submit(lambda client: client.publish(channel, topic))
+
+    def on_dropped(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(name, digest)`` on the link's thread for every "dropped" notice."""
+        self._dropped.append(callback)
 
     @property
     def listening(self) -> bool:
@@ -117,7 +176,19 @@ class RedisCoordinator:
                 continue
             data = message.get("data")
             if isinstance(data, bytes) and len(data) <= _MAX_TOPIC:
-                self._local.publish(data.decode("utf-8", "replace"))
+                topic = data.decode("utf-8", "replace")
+                if topic.startswith(_DROPPED):
+                    self._deliver_dropped(topic.removeprefix(_DROPPED))
+                else:
+                    self._local.publish(topic)
+
+    def _deliver_dropped(self, rest: str) -> None:
+        name, _, digest = rest.rpartition(":")
+        for callback in list(self._dropped):
+            try:
+                callback(name, digest)
+            except Exception:  # a listener's bug must not stop the subscriber
+                logger.exception("token-dropped listener failed")
 
 
 def coordinator_for(redis_url: Secret, store_url: str) -> RedisCoordinator:

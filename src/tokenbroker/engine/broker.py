@@ -30,7 +30,7 @@ from ..grants import Exchange, Grant, RetryPolicy, TokenResponse, send_sync, tok
 from ..store import Store
 from .cache import TokenCache
 from .catalog import CredentialKey, ProviderCatalog, scope_alias
-from .coordination import Coordinator
+from .coordination import Coordinator, SharedLimits
 from .credentials import store_for
 from .delegation import (
     DelegatedToken,
@@ -99,6 +99,8 @@ class Broker(AuthAdapters):
                 raise
         #: Change notices between processes (None: each process polls the store).
         self.coordinator = coordinator
+        # Cluster mode: the invalidate cooldown, max_scopes and dropped tokens span replicas.
+        shared = coordinator if isinstance(coordinator, SharedLimits) else None
         self._refresher = Refresher(
             self.store,
             hook=hook,
@@ -118,9 +120,10 @@ class Broker(AuthAdapters):
             clock=clock,
             events=self.events,
             concurrency=settings.defaults.refresh_concurrency,
+            shared=shared,
         )
         self._signers: dict[str, Signer] = {}
-        self._catalog = ProviderCatalog(settings)
+        self._catalog = ProviderCatalog(settings, shared=shared)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: object) -> Broker:

@@ -20,6 +20,10 @@ in-flight fetch (a *flight*). The rules:
   after it has dropped one, it drops none for that key during the key's
   ``invalidate_cooldown`` (an upstream that rejects every token cannot make the
   cache log in, or rotate a single-use refresh token, once per rejection).
+* With ``shared`` limits (cluster mode) that cooldown is one per key across every
+  process, and a dropped token is announced: another process drops the same token from
+  its cache within milliseconds (the store stays the record; a lost notice only means
+  that process serves the token until its own consumers report it).
 
 Sync and async callers share the same slots and flights: a flight is a
 :class:`concurrent.futures.Future` that a thread or a task completes.
@@ -28,7 +32,9 @@ Sync and async callers share the same slots and flights: a flight is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import hashlib
 import hmac
 import logging
 import random
@@ -41,8 +47,9 @@ from typing import Any, Generic, Protocol, TypeVar
 from ..core.clock import Clock, SystemClock
 from ..core.events import EventBus, TokenAcquired, TokenInvalidated, TokenRequestFailed
 from ..core.token import Token
-from ..errors import ProviderError, ProviderUnavailableError
+from ..errors import CoordinationUnavailableError, ProviderError, ProviderUnavailableError
 from ..grants import TokenResponse
+from .coordination import SharedLimits
 from .slot import DEGRADED, Entry, Slot, SlotState, Timing, schedule, worst
 
 # DEGRADED, SlotState and worst live in .slot; importers of them from here keep working.
@@ -51,6 +58,11 @@ __all__ = ["DEGRADED", "Fetcher", "SlotState", "Timing", "TokenCache", "worst"]
 logger = logging.getLogger("tokenbroker.cache")
 
 K = TypeVar("K", bound=Hashable)
+
+
+def _digest(access_token: str) -> str:
+    """What a "token dropped" notice names instead of the token (never the token itself)."""
+    return hashlib.sha256(access_token.encode()).hexdigest()[:32]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -86,6 +98,8 @@ class TokenCache(Generic[K]):
         clock: Time source; tests inject :class:`~tokenbroker.core.clock.ManualClock`.
         events: Where :class:`~tokenbroker.core.events.Event` objects go.
         concurrency: Most background refreshes running at once (worker threads).
+        shared: Cooldowns counted across processes and "token dropped" fan-out (cluster
+            mode); None: this process only.
     """
 
     def __init__(
@@ -95,6 +109,7 @@ class TokenCache(Generic[K]):
         clock: Clock | None = None,
         events: EventBus | None = None,
         concurrency: int = 8,
+        shared: SharedLimits | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -111,6 +126,9 @@ class TokenCache(Generic[K]):
         self._workers = ThreadPoolExecutor(concurrency, thread_name_prefix="tokenbroker-refresh")
         self._background: set[Future[None]] = set()
         self._rng = random.Random()  # noqa: S311 - jitter, not security
+        self._shared = shared
+        if shared is not None:
+            shared.on_dropped(self._dropped_elsewhere)
 
     def __repr__(self) -> str:
         return f"TokenCache(keys={len(self._slots)})"
@@ -215,18 +233,27 @@ class TokenCache(Generic[K]):
                 entry.token.access_token.encode(), access_token.encode()
             ):
                 return False
-            now = self._now()
-            held = now < slot.forced_at + cooldown
-            if not held:
-                self._install(slot, None)
-                slot.rejected = access_token
-                slot.forced_at = now
+            held = self._now() < slot.forced_at + cooldown
         provider, key = self._fetcher.describe(slot.key)
+        name = self._name(slot.key)
+        if not held and self._shared is not None and cooldown > 0:
+            # Outside the slot lock: a network round trip must not hold up readers.
+            # Redis away: this process's cooldown alone applies.
+            with contextlib.suppress(CoordinationUnavailableError):
+                held = not self._shared.claim(f"cooldown:{name}", cooldown)
         if held:
             logger.debug(
                 "token invalidation within the cooldown ignored provider=%s %s", provider, key
             )
             return False
+        with slot.lock:
+            if slot.entry is not entry:  # replaced or dropped meanwhile
+                return False
+            self._install(slot, None)
+            slot.rejected = access_token
+            slot.forced_at = self._now()
+        if self._shared is not None:
+            self._shared.dropped(name, _digest(access_token))
         logger.info("token invalidated provider=%s %s", provider, key)
         self._events.emit(TokenInvalidated(provider, key))
         return True
@@ -334,6 +361,31 @@ class TokenCache(Generic[K]):
         self._workers.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _name(self, key: K) -> str:
+        """The key's name in shared limits and notices: the same in every process, no secret."""
+        provider, words = self._fetcher.describe(key)
+        return hashlib.sha256(f"{provider}\n{words}".encode()).hexdigest()[:24]
+
+    def _dropped_elsewhere(self, name: str, digest: str) -> None:
+        """Another process dropped the token ``digest`` of ``name``: drop it here too if it is
+        still the current one (a later token, or none, stays as it is)."""
+        for slot in list(self._slots.values()):
+            if self._name(slot.key) != name:
+                continue
+            with slot.lock:
+                entry = slot.entry
+                if entry is None or not hmac.compare_digest(
+                    _digest(entry.token.access_token), digest
+                ):
+                    continue
+                self._install(slot, None)
+                slot.rejected = entry.token.access_token
+                slot.forced_at = self._now()
+            provider, key = self._fetcher.describe(slot.key)
+            logger.info(
+                "token dropped after another process invalidated it provider=%s %s", provider, key
+            )
 
     def _find(self, raw: Hashable) -> Slot[K] | None:
         """The slot for ``raw`` if the cache has one; never creates one."""

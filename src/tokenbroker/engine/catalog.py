@@ -3,15 +3,17 @@
 A caller asks for ``(provider, scope, account)``; :meth:`ProviderCatalog.resolve` turns
 that into the one :class:`CredentialKey` the cache keys on, the store row is named by
 and the grant sends (DESIGN §3.2), refusing unknown names, scopes a provider cannot
-serve, and new scope sets beyond ``max_scopes``. The rest answers, per provider, what
-the broker needs to fetch: the refresh :class:`~tokenbroker.engine.slot.Timing`, the
-:class:`~tokenbroker.grants.RetryPolicy`, the grant, and the refresher's
-:class:`~tokenbroker.engine.refresher.RefreshJob`. A provider's own value wins over
-``defaults``. Nothing here does I/O.
+serve, and new scope sets beyond ``max_scopes`` (counted across processes when given
+:class:`~tokenbroker.engine.coordination.SharedLimits`, else in this process). The rest
+answers, per provider, what the broker needs to fetch: the refresh
+:class:`~tokenbroker.engine.slot.Timing`, the :class:`~tokenbroker.grants.RetryPolicy`,
+the grant, and the refresher's :class:`~tokenbroker.engine.refresher.RefreshJob`. A
+provider's own value wins over ``defaults``. Nothing here does I/O.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable, Hashable
@@ -20,8 +22,9 @@ from typing import NamedTuple, TypeVar
 from ..config import Provider, Settings
 from ..core.scopes import canonical_scopes, parse_scope, scope_string
 from ..core.secret import Secret
-from ..errors import TooManyScopesError, UnknownProviderError
+from ..errors import CoordinationUnavailableError, TooManyScopesError, UnknownProviderError
 from ..grants import Exchange, Grant, RetryPolicy, kind_of
+from .coordination import SharedLimits
 from .credentials import credential_row
 from .refresher import RefreshJob
 from .slot import Timing
@@ -50,10 +53,12 @@ class ProviderCatalog:
 
     Args:
         settings: Validated settings.
+        shared: Counts ``max_scopes`` across processes (cluster mode); None: this process.
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, shared: SharedLimits | None = None) -> None:
         self.settings = settings
+        self._shared = shared
         # Scope sets admitted per provider (bounded by max_scopes), and the lock guarding them.
         self._scope_sets: dict[str, set[tuple[str, ...]]] = {}
         self._scope_lock = threading.Lock()
@@ -216,11 +221,27 @@ class ProviderCatalog:
             known = self._scope_sets.setdefault(provider, {configured})
             if scopes in known:
                 return
-            if len(known) >= _pick(limit, self.settings.defaults.max_scopes):
+        maximum = _pick(limit, self.settings.defaults.max_scopes)
+        admitted: bool | None = None
+        if self._shared is not None:
+            # Outside the lock (a network round trip); the set in Redis is the cluster's count.
+            with contextlib.suppress(CoordinationUnavailableError):
+                admitted = self._shared.admit(
+                    f"scopes:{provider}", _member(scopes), _member(configured), maximum
+                )
+        with self._scope_lock:
+            if admitted is None and scopes not in known and len(known) >= maximum:
+                admitted = False
+            if admitted is False:
                 raise TooManyScopesError(
                     f"provider {provider!r} already serves its maximum number of scope sets"
                 )
             known.add(scopes)
+
+
+def _member(scopes: tuple[str, ...]) -> str:
+    """A scope set as a shared set's member (``s:`` keeps the empty set non-empty)."""
+    return "s:" + " ".join(scopes)
 
 
 def scope_alias(scope: object) -> str | None:

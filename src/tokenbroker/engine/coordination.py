@@ -16,11 +16,18 @@ imports Redis: the broker is handed a coordinator, or builds one from ``settings
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-__all__ = ["CONSUMERS", "Coordinator", "LocalCoordinator", "Watch", "credential_topic"]
+__all__ = [
+    "CONSUMERS",
+    "Coordinator",
+    "LocalCoordinator",
+    "SharedLimits",
+    "Watch",
+    "credential_topic",
+]
 
 #: The topic of "the stored consumers changed" (added, removed).
 CONSUMERS = "consumers"
@@ -78,6 +85,38 @@ class Coordinator(Protocol):
 
     def close(self) -> None:
         """Stop delivering notices and release connections."""
+
+
+@runtime_checkable
+class SharedLimits(Protocol):
+    """Limits the engine counts across processes, and "token dropped" fan-out (cluster mode).
+
+    Every method may raise :class:`~tokenbroker.errors.CoordinationUnavailableError`; the
+    caller then applies its own process's limit (a limit may loosen while Redis is away, the
+    service never stops). Names are opaque to the implementation and carry no secret.
+    """
+
+    def claim(self, name: str, seconds: float) -> bool:
+        """Take ``name`` for ``seconds`` unless another process (or this one) holds it.
+
+        Returns:
+            True if taken now; False if it was already held.
+        """
+
+    def admit(self, name: str, member: str, seed: str, limit: int) -> bool:
+        """Add ``member`` to the set ``name`` (which always holds ``seed``) unless the set
+        already has ``limit`` members and ``member`` is not one of them.
+
+        Returns:
+            True if ``member`` is (now) in the set; False if the set is full.
+        """
+
+    def dropped(self, name: str, digest: str) -> None:
+        """Tell every other process that the token with ``digest`` of key ``name`` was
+        dropped; fire-and-forget, never raises."""
+
+    def on_dropped(self, callback: Callable[[str, str], None]) -> None:
+        """Call ``callback(name, digest)`` for every "dropped" notice (from any process)."""
 
 
 class LocalCoordinator:
