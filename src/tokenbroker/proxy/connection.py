@@ -91,7 +91,7 @@ class ClientConnection(asyncio.Protocol):
         self.unsent = 0  # bytes waiting for the client then
         self.idle_since = math.inf  # when the last answer went out with nothing after it
         self._refused = False  # a broken request: nothing more is parsed
-        self._lingered = 0  # bytes dropped since the refusal went out
+        self._lingered = 0  # bytes dropped since the request was refused
         self._refusal: tuple[int, bytes] | None = None  # its status and error reply
         self._closing = False
         self.parsing: ProxiedRequest | None = None
@@ -131,10 +131,12 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refused:  # read and dropped: reading on is how a hang-up is seen
-            if self._closing:  # lingering: an endless sender is cut after LINGER_BYTES
-                self._lingered += len(data)
-                if self._lingered > LINGER_BYTES:
-                    self._end_linger()
+            self._lingered += len(data)
+            if self._lingered > LINGER_BYTES and self.transport is not None:
+                if self._closing:  # an endless sender: close, or stop reading it until
+                    self._end_linger()  # the answers before the refusal are out
+                else:
+                    self.transport.pause_reading()
             return
         if self._backlog:  # (reading is paused; a read already under way still lands)
             self._backlog += data
