@@ -32,24 +32,23 @@ Sync and async callers share the same slots and flights: a flight is a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hashlib
-import hmac
 import logging
 import random
 import threading
 from collections.abc import Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from ..core.clock import Clock, SystemClock
-from ..core.events import EventBus, TokenAcquired, TokenInvalidated, TokenRequestFailed
+from ..core.events import EventBus, TokenAcquired, TokenRequestFailed
 from ..core.token import Token
-from ..errors import CoordinationUnavailableError, ProviderError, ProviderUnavailableError
+from ..errors import ProviderError, ProviderUnavailableError
 from ..grants import TokenResponse
 from .coordination import SharedLimits
+from .fetcher import Fetcher
+from .invalidation import Invalidations
 from .slot import DEGRADED, Entry, Slot, SlotState, Timing, schedule, worst
 
 # DEGRADED, SlotState and worst live in .slot; importers of them from here keep working.
@@ -60,37 +59,13 @@ logger = logging.getLogger("tokenbroker.cache")
 K = TypeVar("K", bound=Hashable)
 
 
-def _digest(access_token: str) -> str:
-    """What a "token dropped" notice names instead of the token (never the token itself)."""
-    return hashlib.sha256(access_token.encode()).hexdigest()[:32]
-
-
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a finished future's exception as seen (its waiter may have gone)."""
     if not future.cancelled():
         future.exception()
 
 
-class Fetcher(Protocol[K]):
-    """What the cache needs from its owner: key resolution and the actual fetching."""
-
-    def resolve(self, raw: Hashable) -> K:
-        """Map the caller's arguments to a canonical key (raise for unknown ones)."""
-
-    def describe(self, key: K) -> tuple[str, str]:
-        """``(provider, key in words)`` for events and status; no secrets."""
-
-    def timing(self, key: K) -> Timing:
-        """The key's refresh timing."""
-
-    def fetch(self, key: K, stale: str | None) -> TokenResponse:
-        """Obtain a token, blocking; ``stale`` is the access token to replace, if any."""
-
-    async def afetch(self, key: K, stale: str | None) -> TokenResponse:
-        """Obtain a token without blocking the event loop."""
-
-
-class TokenCache(Generic[K]):
+class TokenCache(Invalidations[K]):
     """Access tokens per key with single-flight fetching and refresh-ahead.
 
     Args:
@@ -213,51 +188,6 @@ class TokenCache(Generic[K]):
             raise self._stuck(slot) from None
         return done.token
 
-    def invalidate(self, raw: Hashable, access_token: str) -> bool:
-        """Drop the current token, but only if it is ``access_token`` (compare-and-invalidate)
-        and the key's ``invalidate_cooldown`` has passed since it last dropped one.
-
-        Args:
-            raw: The caller's key.
-            access_token: The token the caller found rejected.
-
-        Returns:
-            True if it was the current token and was dropped; False if it was not current,
-            or if it was kept because of the cooldown.
-        """
-        slot = self._slot(raw)
-        cooldown = self._fetcher.timing(slot.key).invalidate_cooldown
-        with slot.lock:
-            entry = slot.entry
-            if entry is None or not hmac.compare_digest(
-                entry.token.access_token.encode(), access_token.encode()
-            ):
-                return False
-            held = self._now() < slot.forced_at + cooldown
-        provider, key = self._fetcher.describe(slot.key)
-        name = self._name(slot.key)
-        if not held and self._shared is not None and cooldown > 0:
-            # Outside the slot lock: a network round trip must not hold up readers.
-            # Redis away: this process's cooldown alone applies.
-            with contextlib.suppress(CoordinationUnavailableError):
-                held = not self._shared.claim(f"cooldown:{name}", cooldown)
-        if held:
-            logger.debug(
-                "token invalidation within the cooldown ignored provider=%s %s", provider, key
-            )
-            return False
-        with slot.lock:
-            if slot.entry is not entry:  # replaced or dropped meanwhile
-                return False
-            self._install(slot, None)
-            slot.rejected = access_token
-            slot.forced_at = self._now()
-        if self._shared is not None:
-            self._shared.dropped(name, _digest(access_token))
-        logger.info("token invalidated provider=%s %s", provider, key)
-        self._events.emit(TokenInvalidated(provider, key))
-        return True
-
     def reset(self, raw: Hashable) -> None:
         """Forget a key's token and remembered error (e.g. after re-authorisation).
 
@@ -361,31 +291,6 @@ class TokenCache(Generic[K]):
         self._workers.shutdown(wait=False, cancel_futures=True)
 
     # -- internals ---------------------------------------------------------------------------
-
-    def _name(self, key: K) -> str:
-        """The key's name in shared limits and notices: the same in every process, no secret."""
-        provider, words = self._fetcher.describe(key)
-        return hashlib.sha256(f"{provider}\n{words}".encode()).hexdigest()[:24]
-
-    def _dropped_elsewhere(self, name: str, digest: str) -> None:
-        """Another process dropped the token ``digest`` of ``name``: drop it here too if it is
-        still the current one (a later token, or none, stays as it is)."""
-        for slot in list(self._slots.values()):
-            if self._name(slot.key) != name:
-                continue
-            with slot.lock:
-                entry = slot.entry
-                if entry is None or not hmac.compare_digest(
-                    _digest(entry.token.access_token), digest
-                ):
-                    continue
-                self._install(slot, None)
-                slot.rejected = entry.token.access_token
-                slot.forced_at = self._now()
-            provider, key = self._fetcher.describe(slot.key)
-            logger.info(
-                "token dropped after another process invalidated it provider=%s %s", provider, key
-            )
 
     def _find(self, raw: Hashable) -> Slot[K] | None:
         """The slot for ``raw`` if the cache has one; never creates one."""
