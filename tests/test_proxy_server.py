@@ -307,6 +307,7 @@ def test_check_shows_the_safe_lease_and_client_limits_a_config_leaves_out(
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[1:] == [
+        "store memory: keeps nothing between runs; no schema to migrate",
         "proxy: client_header_timeout_seconds=10 client_body_timeout_seconds=60 "
         "client_request_timeout_seconds=120 client_send_timeout_seconds=60",
         "proxy.routes.0 (/ -> db, pool): wait_timeout_seconds=60 idle_timeout_seconds=30 "
