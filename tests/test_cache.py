@@ -256,6 +256,30 @@ def test_reauthorization_error_is_remembered_until_reset() -> None:
     assert cache.get("k").access_token == "token-2"
 
 
+def test_retry_in_tells_how_long_a_failure_is_served_without_clearing_it() -> None:
+    """retry_in is 0 for an unseen or healthy key, the remaining backoff after a failure
+    (reading it asks nothing and clears nothing), 0 once it passed, inf for reauthorization."""
+    cache, fetcher, clock = make()
+    assert cache.retry_in("k") == 0.0
+    fetcher.failures = [ProviderUnavailableError("down", provider="k", retry_after=30)]
+    with pytest.raises(ProviderUnavailableError):
+        cache.get("k")
+    assert 29.0 < cache.retry_in("k") <= 30.0
+    clock.advance(10)
+    assert 19.0 < cache.retry_in("k") <= 20.0
+    with pytest.raises(ProviderUnavailableError):
+        cache.get("k")
+    assert fetcher.calls == 1
+    clock.advance(20.5)
+    assert cache.retry_in("k") == 0.0
+    assert cache.get("k").access_token == "token-2" and cache.retry_in("k") == 0.0
+    cache.reset("k")
+    fetcher.failures = [ReauthorizationRequiredError("dead", provider="k")]
+    with pytest.raises(ReauthorizationRequiredError):
+        cache.get("k")
+    assert cache.retry_in("k") == float("inf")
+
+
 def test_waiters_get_the_winners_error() -> None:
     """When the one fetch fails, every concurrent waiter gets that error and no one fetches again."""
     cache, fetcher, _ = make()

@@ -23,6 +23,7 @@ from tokenbroker.errors import JobNotRetryableError, UnknownJobError
 from tokenbroker.jobs.events import Completed, PhaseUpdate
 from tokenbroker.jobs.service import JobService
 from tokenbroker.testing import AuthorizationServer
+from tokenbroker.testing.faults import Fault
 
 FAST = {"heartbeat_seconds": 0.2, "lease_seconds": 1.0, "poll_seconds": 0.05}
 ACCOUNTS = [("alice", "alice-pw"), ("bob", "bob-pw"), ("carol", "carol-pw")]
@@ -33,7 +34,13 @@ class Stage:
     jobs), ``dbops`` (db, jobs), ``reader`` (db, no jobs); the API served, its jobs run
     (or not, with ``run=False``)."""
 
-    def __init__(self, server: AuthorizationServer, run: bool = True, **jobs: Any) -> None:
+    def __init__(
+        self,
+        server: AuthorizationServer,
+        run: bool = True,
+        defaults: dict[str, Any] | None = None,
+        **jobs: Any,
+    ) -> None:
         server.add_account("carol", "carol-pw")
         self.keys = {name: new_key() for name in ("ops", "dbops", "reader")}
         allow = {"ops": ["db", "svc", "jobs"], "dbops": ["db", "jobs"], "reader": ["db"]}
@@ -41,6 +48,7 @@ class Stage:
         config = {
             "store": "memory",
             "encryption_keys": [generate_key()],
+            "defaults": defaults or {},
             "providers": {
                 "db": login(server, credentials=credentials),
                 "svc": {**login(server), "credentials": credentials[:1]},
@@ -84,6 +92,16 @@ def stage(auth_server: AuthorizationServer) -> Iterator[Stage]:
     staged = Stage(auth_server)
     yield staged
     staged.close()
+
+
+def logins_by_account(server: AuthorizationServer) -> dict[str, int]:
+    """How many login requests the server saw per user name."""
+    counts: dict[str, int] = {}
+    for record in server.requests:
+        if record.grant == "login" and isinstance(record.json, dict):
+            name = record.json.get("username")
+            counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def stream_events(response: httpx.Response) -> list[tuple[str, str, str]]:
@@ -178,6 +196,55 @@ def test_job_errors_come_from_the_one_table(stage: Stage) -> None:
     refused = stage.start(provider="db", concurrency=9)
     assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
     assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_full_queue_answers_429_too_many_jobs_with_retry_after(
+    auth_server: AuthorizationServer,
+) -> None:
+    """With jobs.max_running 1 and max_queued 2, POST /v1/jobs queues up to 3 active jobs
+    (any consumer); the next is 429 too_many_jobs with Retry-After and creates no job; a
+    repeat of an active job is still its 202 cached answer; a canceled job frees room."""
+    stage = Stage(auth_server, run=False, max_running=1, max_queued=2)
+    try:
+        ids = [stage.start(provider="db", concurrency=n).json()["job_id"] for n in (1, 2)]
+        ids.append(stage.start(name="dbops", provider="db", concurrency=3).json()["job_id"])
+        refused = stage.start(name="dbops", provider="db", concurrency=4)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_jobs"
+        assert int(refused.headers["retry-after"]) >= 1
+        listed = stage.http.get("/v1/jobs", headers=stage.auth()).json()["jobs"]
+        assert sorted(j["job_id"] for j in listed) == sorted(ids)
+        repeat = stage.start(provider="db", concurrency=1)
+        assert (repeat.status_code, repeat.json()["cached"]) == (202, True)
+        assert repeat.json()["job_id"] == ids[0]
+        canceled = stage.http.post(f"/v1/jobs/{ids[0]}/cancel", headers=stage.auth())
+        assert canceled.json()["status"] == "canceled"
+        assert stage.start(name="dbops", provider="db", concurrency=4).status_code == 202
+    finally:
+        stage.close()
+
+
+def test_http_retry_of_a_partial_job_asks_again_for_only_the_failed_item(
+    auth_server: AuthorizationServer,
+) -> None:
+    """Three 503s for alice make a POSTed warm job partial (alice transient, retryable)
+    after exactly 3 logins for her; POST /v1/jobs/{id}/retry starts a job for alice alone
+    and the authorization server sees one more login, for alice only."""
+    stage = Stage(auth_server, defaults={"retries": 0})
+    try:
+        auth_server.reset_records()
+        auth_server.inject(Fault(status=503), times=3, path="/api/login")
+        job = stage.finished(stage.start(provider="db", concurrency=1).json()["job_id"])
+        assert job["status"] == "partial"
+        assert [(f["item"], f["retryable"]) for f in job["failed"]] == [("alice", True)]
+        assert logins_by_account(auth_server) == {"alice": 3, "bob": 1, "carol": 1}
+        auth_server.reset_records()
+        retried = stage.http.post(f"/v1/jobs/{job['job_id']}/retry", headers=stage.auth())
+        assert retried.status_code == 202 and retried.json()["job_id"] != job["job_id"]
+        again = stage.finished(retried.json()["job_id"])
+        assert (again["status"], again["items"]) == ("done", {"total": 1, "ok": 1, "failed": 0})
+        assert logins_by_account(auth_server) == {"alice": 1}
+    finally:
+        stage.close()
 
 
 def test_last_event_id_resume_and_204_for_a_finished_stream(stage: Stage) -> None:

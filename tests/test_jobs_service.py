@@ -16,7 +16,6 @@ from conftest import POOL_ACCOUNTS, BrokerFactory
 from support import client_credentials, login, stampede, wait_for
 from tokenbroker import Broker, parse_settings
 from tokenbroker.config import JobsSettings
-from tokenbroker.core.clock import ManualClock
 from tokenbroker.core.crypto import Keyring, generate_key
 from tokenbroker.core.secret import Secret
 from tokenbroker.errors import (
@@ -154,38 +153,59 @@ def test_bad_kind_and_params_are_named(pool_broker: Broker, make_service: Servic
     assert service.list()[0] == []
 
 
-def test_partial_job_retry_asks_again_for_only_the_failed_items(
+def test_transient_failures_are_retried_with_real_requests_until_done(
     auth_server: AuthorizationServer, make_broker: BrokerFactory, make_service: ServiceFactory
 ) -> None:
-    """A 503 for one account ends the job partial with that account failed retryable after
-    at most 3 attempts; the retry job asks the server again for that account only."""
+    """Two 503s for one account: the job waits out the token cache's remembered failure, so
+    its 3 attempts are 3 login requests for that account, and the job ends done."""
     auth_server.add_account("carol", "carol-pw")
     credentials = [{"username": u, "password": p} for u, p in POOL_ACCOUNTS]
-    clock = ManualClock()
     broker = make_broker(
-        {"db": login(auth_server, credentials=credentials)},
-        defaults={"retries": 0},
-        clock=clock,
+        {"db": login(auth_server, credentials=credentials)}, defaults={"retries": 0}
     )
     service = make_service(broker)
     auth_server.reset_records()
-    auth_server.inject(Fault(status=503), times=1, path="/api/login")
+    auth_server.inject(Fault(status=503), times=2, path="/api/login")
+    job, _ = service.start("warm", {"provider": "db", "concurrency": 1}, "ops")
+    done = finished(service, job.job_id)
+    assert (done.status, done.items.ok, done.failed) == (JobStatus.DONE, 3, ())
+    row = broker.store.job(job.job_id)
+    assert row is not None and progress_of(row).attempts["alice"] == 3
+    assert logins_by_account(auth_server) == {"alice": 3, "bob": 1, "carol": 1}
+
+
+def test_partial_job_retry_asks_again_for_only_the_failed_items(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, make_service: ServiceFactory
+) -> None:
+    """Three 503s for one account end the job partial with that account failed transient
+    and retryable after exactly 3 login requests; the retry job asks the server again for
+    that account only (after the cache's remembered failure, without clearing it)."""
+    auth_server.add_account("carol", "carol-pw")
+    credentials = [{"username": u, "password": p} for u, p in POOL_ACCOUNTS]
+    broker = make_broker(
+        {"db": login(auth_server, credentials=credentials)}, defaults={"retries": 0}
+    )
+    service = make_service(broker)
+    auth_server.reset_records()
+    auth_server.inject(Fault(status=503), times=3, path="/api/login")
     job, _ = service.start("warm", {"provider": "db", "concurrency": 1}, "ops")
     first = finished(service, job.job_id)
     assert first.status is JobStatus.PARTIAL
     assert [(f.item, f.retryable) for f in first.failed] == [("alice", True)]
+    assert first.failed[0].reason.startswith("provider_unavailable")
     row = broker.store.job(job.job_id)
     assert row is not None and progress_of(row).attempts["alice"] == 3
-    assert logins_by_account(auth_server) == {"alice": 1, "bob": 1, "carol": 1}
+    assert logins_by_account(auth_server) == {"alice": 3, "bob": 1, "carol": 1}
     failed_events = [e for e in service.events(job.job_id) if e.name == "item_failed"]
     assert [e.data["item"] for e in failed_events] == ["alice"]
 
-    clock.advance(120)  # past the cache's backoff after alice's failure
     auth_server.reset_records()
     retry, cached = service.retry(job.job_id)
     assert not cached and retry.params["items"] == ["alice"]
     second = finished(service, retry.job_id)
     assert (second.status, second.items.total, second.items.ok) == (JobStatus.DONE, 1, 1)
+    row = broker.store.job(retry.job_id)
+    assert row is not None and progress_of(row).attempts["alice"] == 1
     assert logins_by_account(auth_server) == {"alice": 1}
     with pytest.raises(JobNotRetryableError):
         service.retry(retry.job_id)

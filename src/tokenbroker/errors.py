@@ -295,7 +295,8 @@ class JobNotRetryableError(JobRequestError):
 
 
 class JobLimitError(JobRequestError):
-    """Too many running jobs for the consumer; ``retry_after`` says when to try again."""
+    """Too many active jobs for the consumer, or a full queue (``jobs.max_queued``);
+    ``retry_after`` says when to try again."""
 
     code = "too_many_jobs"
 

@@ -259,8 +259,13 @@ class JobsSettings(_Section):
     heartbeat_seconds: float = Field(5.0, gt=0)
     lease_seconds: float = Field(30.0, gt=0)
     result_ttl_seconds: float = Field(86_400.0, ge=0)
-    #: Jobs one instance runs at once; more wait queued.
+    #: Jobs one instance runs at once; more wait queued (up to ``max_queued``).
     max_running: int = Field(4, ge=1, le=256)
+    #: Queued jobs (not yet claimed by any instance on the store) beyond which starting
+    #: another is refused with 429 ``too_many_jobs`` and Retry-After: one instance holds at
+    #: most ``max_running + max_queued`` active jobs. 0: never queue (start only what can
+    #: run at once).
+    max_queued: int = Field(16, ge=0, le=10_000)
     #: Active (queued or running) jobs one consumer may have.
     max_running_per_consumer: int = Field(4, ge=1, le=256)
     #: How often an idle instance looks for queued and expired jobs.

@@ -188,6 +188,19 @@ class Broker(AuthAdapters):
         except TypeError:  # an unhashable scope
             return None
 
+    def retry_in(
+        self, provider: str, scope: str | None = None, *, account: str | None = None
+    ) -> float:
+        """Seconds until the cache asks the provider again after a remembered failure of
+        this key (0.0 when none; ``math.inf`` after a reauthorization error); never fetches.
+
+        See :meth:`~tokenbroker.engine.cache.TokenCache.retry_in`.
+        """
+        try:
+            return self._cache.retry_in((provider, scope_alias(scope), account))
+        except TypeError:  # an unhashable scope
+            return 0.0
+
     def peeker(
         self, provider: str, scope: str | None = None, *, account: str | None = None
     ) -> Callable[[], Token | None]:

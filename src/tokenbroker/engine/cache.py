@@ -245,6 +245,28 @@ class TokenCache(Invalidations[K]):
         self._submit(slot, flight)
         return True
 
+    def retry_in(self, raw: Hashable) -> float:
+        """Seconds until a remembered failure of ``raw`` stops being served; never fetches.
+
+        Until then a caller without a valid token gets the remembered error and the provider
+        is not asked (one request for N callers). A job retrying an item waits this long so
+        its next attempt is a real request; the failure itself is left alone.
+
+        Args:
+            raw: The caller's key.
+
+        Returns:
+            0.0 when no failure is remembered (or the cache has not seen the key);
+            ``math.inf`` for a reauthorization error (remembered until :meth:`reset`).
+        """
+        slot = self._find(raw)
+        if slot is None:
+            return 0.0
+        with slot.lock:  # error and retry_at change together
+            if slot.error is None:
+                return 0.0
+            return max(0.0, slot.retry_at - self._now())
+
     def usable(self, raw: Hashable) -> bool:
         """Whether ``raw`` has a token that may still be handed out; never fetches.
 

@@ -8,7 +8,14 @@ The kind's phases run in order (see :mod:`tokenbroker.jobs.kinds.base`); items r
 ``concurrency`` at a time in worker threads. A failed item is retried per
 :class:`~tokenbroker.jobs.policy.ItemRetryPolicy` (transient errors only, at most 3
 attempts, full-jitter backoff); then it is recorded in ``failed[]`` with an ``item_failed``
-event.
+event. Every attempt is a real request: before each one the runner also waits until the
+token cache stops serving the item's remembered failure
+(:meth:`~tokenbroker.jobs.kinds.JobKind.retry_wait`, the cache's own backoff, 0.5-1 s after
+one failure, 1-2 s after two). The cache's memory is never cleared, so its guarantees hold
+(one request for N callers; a reauthorization error stays until re-authorisation). When
+the cache will not ask again within the policy's ``max_backoff`` (a reauthorization error,
+or a key that failed many times before the job), the attempt gets the remembered error and
+the item fails without further attempts.
 
 Progress is saved with a ``phase_update`` event at most ``max_per_second`` times a second
 (:class:`~tokenbroker.jobs.progress.ProgressCoalescer`); a phase change and the end always
@@ -258,14 +265,19 @@ class _Execution:
 
     async def _item(self, item: str) -> None:
         attempt = self.state.attempts.get(item, 0)
+        limit = self.runner.policy.max_backoff
         while True:
             attempt += 1
             self.state.attempts[item] = attempt
+            hold = await self._cache_hold(item)
+            if 0 < hold <= limit and not self.should_abort():
+                # A hair past the cache's retry time (it reads its own clock).
+                await asyncio.sleep(hold + 0.01)
             try:
                 await asyncio.to_thread(self.kind.run_item, self.ctx, item)
             except Exception as exc:
                 wait = self.runner.policy.delay(attempt, exc, self.runner.rng)
-                if wait is None or self.should_abort():
+                if wait is None or hold > limit or self.should_abort():
                     await self._fail(failure(item, exc))
                     return
                 logger.info(
@@ -277,6 +289,15 @@ class _Execution:
             self._emit_item(item, None)
             break
         await self._progress(self.kind.plan.phases[1].name, *self._done_of_phase())
+
+    async def _cache_hold(self, item: str) -> float:
+        """How long the token cache still serves ``item``'s remembered failure instead of
+        asking the provider (:meth:`~tokenbroker.jobs.kinds.JobKind.retry_wait`); 0.0 when
+        it would ask now, or when the key no longer resolves (the attempt then says why)."""
+        try:
+            return await asyncio.to_thread(self.kind.retry_wait, self.ctx, item)
+        except Exception:
+            return 0.0
 
     async def _verify(self, item: str) -> None:
         try:

@@ -6,7 +6,8 @@ only the one instance that gets the claim starts the job — the store decides, 
 processes on one store start a scheduled run once. Periods are read on the store's clock:
 ``every-N`` is ``floor(now / every_seconds)``; ``at_startup`` is claimed once per process
 start as ``startup-W``, ``W = floor(now / STARTUP_WINDOW)``, so processes starting together
-(within one window) start it once.
+(within one window) start it once. A run refused by the jobs limits (a full queue, see
+``jobs.max_queued``) is skipped with a warning; the next period tries again.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..config import JobSchedule
+from ..errors import JobLimitError
 from ..store import Store
 
 __all__ = ["STARTUP_WINDOW", "Scheduler"]
@@ -68,8 +70,16 @@ class Scheduler:
                 periods.append(f"every-{int(now // entry.every_seconds)}")
             for period in periods:
                 if self.store.claim_schedule(entry.name, period, self.owner):
+                    try:
+                        self.start(entry.kind, entry.params, f"schedule:{entry.name}")
+                    except JobLimitError:  # the queue is full: this period's run is skipped
+                        logger.warning(
+                            "scheduled job refused schedule=%s period=%s reason=too_many_jobs",
+                            entry.name,
+                            period,
+                        )
+                        continue
                     logger.info("scheduled job started schedule=%s period=%s", entry.name, period)
-                    self.start(entry.kind, entry.params, f"schedule:{entry.name}")
                     started.append(entry.name)
         self._booted = True
         return started

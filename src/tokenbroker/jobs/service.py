@@ -105,7 +105,8 @@ class JobService:
         Raises:
             UnknownJobKindError: Listing the kinds.
             InvalidJobParamsError: Naming the field at fault (or the params' size).
-            JobLimitError: The consumer has ``max_running_per_consumer`` active jobs.
+            JobLimitError: The consumer has ``max_running_per_consumer`` active jobs, or
+                ``jobs.max_queued`` jobs wait queued already (the instance's limit).
             StoreError: The store failed.
         """
         job_kind = kind_for(kind)
@@ -120,14 +121,8 @@ class JobService:
         checked = job_kind.validate(params, self.broker.settings)
         job = Job(new_job_id(), kind, checked, requested_by, self.clock.time())
         active = self.store.jobs(statuses=ACTIVE_JOB_STATUSES, limit=1000).rows
-        mine = [r for r in active if r.requested_by == requested_by]
-        if len(mine) >= self.settings.max_running_per_consumer and not any(
-            r.idempotency_key == job.idempotency_key for r in mine
-        ):
-            raise JobLimitError(
-                f"{requested_by} has {len(mine)} active jobs (the most allowed)",
-                retry_after=self.settings.poll_seconds * 5,
-            )
+        if not any(r.idempotency_key == job.idempotency_key for r in active):
+            self._check_limits(active, requested_by)
         row, cached = self.store.add_job(
             job.job_id,
             kind,
@@ -141,6 +136,35 @@ class JobService:
             self.hub.notify(row.id)
             self.wake()
         return job_of(row), cached
+
+    def _check_limits(self, active: builtins.list[JobRow], requested_by: str) -> None:
+        """Refuse a new job beyond the consumer's or the instance's limit of active jobs.
+
+        The instance's limit: it runs ``max_running`` jobs and queues at most
+        ``max_queued`` more; a start that would queue beyond that is refused rather than
+        left waiting behind a backlog (an operator sees the 429 at once and retries after
+        ``Retry-After``). The queue is the store's, shared by every instance on it.
+
+        Raises:
+            JobLimitError: With ``retry_after`` in seconds.
+        """
+        retry_after = self.settings.poll_seconds * 5
+        mine = [r for r in active if r.requested_by == requested_by]
+        if len(mine) >= self.settings.max_running_per_consumer:
+            raise JobLimitError(
+                f"{requested_by} has {len(mine)} active jobs (the most allowed)",
+                retry_after=retry_after,
+            )
+        queued = sum(1 for r in active if r.status == JobStatus.QUEUED.value)
+        running = len(active) - queued
+        # Both: with several instances on the store more than max_running run at once, and
+        # a job queued a moment ago (not yet claimed) must not count while a slot is free.
+        full = len(active) >= self.settings.max_running + self.settings.max_queued
+        if queued >= self.settings.max_queued and full:
+            raise JobLimitError(
+                f"{queued} jobs are queued (the most allowed) behind {running} running",
+                retry_after=retry_after,
+            )
 
     def get(self, job_id: str) -> Job | None:
         """The job, or None for an unknown id (never a default state)."""

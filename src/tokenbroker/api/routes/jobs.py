@@ -22,7 +22,8 @@ its allows every provider the job spans. Starting one that names a provider it m
 ``job_not_found``, byte-identical to an unknown id.
 
 Limits: a request body over the API's limit is 413; params over ``jobs.max_params_bytes``
-400 ``invalid_job_params``; a consumer with ``jobs.max_running_per_consumer`` active jobs
+400 ``invalid_job_params``; a consumer with ``jobs.max_running_per_consumer`` active jobs,
+or a full queue (``jobs.max_queued`` waiting behind the instance's ``jobs.max_running``),
 429 ``too_many_jobs`` with ``Retry-After``. Every job answer has ``Cache-Control: no-store``.
 The stream's refusals (401, 404, a malformed ``Last-Event-ID``, and the 204 of a delivered
 stream) are all decided before it starts.

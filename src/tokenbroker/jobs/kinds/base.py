@@ -88,6 +88,13 @@ class JobKind:
     def verify_item(self, ctx: KindContext, item: str) -> None:
         """Check one item that succeeded (the ``verify`` phase); raise to fail it."""
 
+    def retry_wait(self, ctx: KindContext, item: str) -> float:
+        """Seconds before another attempt at ``item`` would reach the provider rather than
+        the token cache's remembered failure (:meth:`~tokenbroker.engine.broker.Broker.retry_in`);
+        the runner waits at least this long between attempts. 0.0 for kinds whose items do
+        not go through the token cache."""
+        return 0.0
+
     @property
     def concurrency(self) -> int:
         """How many items of one job run at once (1 unless the kind says otherwise)."""

@@ -81,6 +81,10 @@ class Keepalive(JobKind):
                 due.append(name)
         return restrict(due, ctx.params)
 
+    def retry_wait(self, ctx: KindContext, item: str) -> float:
+        """How long the token cache keeps serving the provider's last failure."""
+        return ctx.broker.retry_in(item)
+
     def run_item(self, ctx: KindContext, item: str) -> None:
         """Use the provider's refresh token once: drop the current token and fetch again."""
         current = ctx.broker.peek_token(item)

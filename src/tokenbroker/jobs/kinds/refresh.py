@@ -40,6 +40,11 @@ class Refresh(JobKind):
         optional_items(params)
         return out
 
+    def retry_wait(self, ctx: KindContext, item: str) -> float:
+        """How long the token cache keeps serving the key's last failure."""
+        provider = ctx.params["provider"]
+        return ctx.broker.retry_in(provider, **target_of(ctx, provider, item))
+
     def items(self, ctx: KindContext) -> list[str]:
         """The provider's keys (limited to ``params.items``)."""
         return restrict(provider_items(ctx, ctx.params["provider"]), ctx.params)

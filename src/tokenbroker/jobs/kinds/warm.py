@@ -78,6 +78,11 @@ class Warm(JobKind):
         provider = ctx.params["provider"]
         ctx.broker.get_token(provider, **target_of(ctx, provider, item))
 
+    def retry_wait(self, ctx: KindContext, item: str) -> float:
+        """How long the token cache keeps serving the item's last failure."""
+        provider = ctx.params["provider"]
+        return ctx.broker.retry_in(provider, **target_of(ctx, provider, item))
+
     def verify_item(self, ctx: KindContext, item: str) -> None:
         """The item's token is fresh in this process's cache (after a resume, the token
         another process obtained is read from the store, not asked for again).
