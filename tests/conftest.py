@@ -33,19 +33,22 @@ BrokerFactory = Callable[..., Broker]
 
 @pytest.fixture
 def make_broker(auth_server: AuthorizationServer) -> Iterator[BrokerFactory]:
-    """Build brokers for ``auth_server``: ``make_broker(providers, defaults=..., **kw)``."""
+    """Build brokers for ``auth_server``: ``make_broker(providers, defaults=..., sections=...,
+    **kw)`` (``sections``: more top-level config sections, e.g. ``compat``)."""
     made: list[Broker] = []
 
     def factory(
         providers: dict[str, dict[str, Any]] | None = None,
         *,
         defaults: dict[str, Any] | None = None,
+        sections: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Broker:
         config = {
             "store": "memory",
             "defaults": {"retries": 2, "backoff_seconds": 0.01, **(defaults or {})},
             "providers": providers or {"svc": client_credentials(auth_server)},
+            **(sections or {}),
         }
         broker = Broker(parse_settings(yaml.safe_dump(config), {}), **kwargs)
         made.append(broker)

@@ -26,7 +26,7 @@ from .errors import add_error_handlers
 from .middleware import RequestContext
 from .models import ErrorResponse
 from .openapi import add_document_route, document_errors
-from .routes import delegations, jobs, probes, providers, redirects, tokens
+from .routes import compat, delegations, jobs, probes, providers, redirects, tokens
 from .sse import StreamGauge
 
 __all__ = ["create_app"]
@@ -102,6 +102,7 @@ def create_app(
     providers.add_routes(app, broker)
     jobs.add_routes(app, broker, service, streams)
     probes.add_routes(app, broker, meter)
+    compat.add_routes(app, broker)  # only what compat: configures (issue 19 §5)
     add_error_handlers(app)
     document_errors(app)
     if server.openapi if openapi is None else openapi:

@@ -21,6 +21,7 @@ import click
 
 from ..telemetry.logs import configure
 from .consumers import consumers
+from .init import init
 from .jobs import jobs, rotate_key, warm
 from .keys import keygen
 from .pool import pool
@@ -56,6 +57,7 @@ for _command in (
     check,
     consumers,
     dev,
+    init,
     jobs,
     keygen,
     migrate,

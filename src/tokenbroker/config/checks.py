@@ -69,6 +69,15 @@ def config_warnings(
         warnings.append(
             ConfigProblem("telemetry.otlp_endpoint", "is not used yet: nothing is exported")
         )
+    get_token = settings.compat.get_token
+    if get_token is not None and get_token.trusted_networks:
+        networks = ", ".join(get_token.trusted_networks)
+        warnings.append(
+            ConfigProblem(
+                "compat.get_token.trusted_networks",
+                f"callers from {networks} get {get_token.provider} tokens without a key",
+            )
+        )
     return warnings
 
 

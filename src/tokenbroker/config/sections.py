@@ -31,6 +31,8 @@ from ..store import backend_for
 from .providers import Defaults, LoginProvider, Provider, _check_url, _Frozen
 
 __all__ = [
+    "CompatGetToken",
+    "CompatSettings",
     "ConsumerSettings",
     "JobSchedule",
     "JobsSettings",
@@ -301,6 +303,59 @@ class TelemetrySettings(_Section):
         return value.lower() if isinstance(value, str) else value
 
 
+# -- compat: routes shaped like the services the broker replaces (issue 19 §5) ------------
+
+
+class CompatGetToken(_Frozen):
+    """The Tesla token owner's ``GET /get-token``: ``{status: "success", access_token,
+    token_source, remaining_minutes}`` or ``{status: "error", error}``.
+
+    It needs a consumer key like every route; a caller whose TCP peer is in
+    ``trusted_networks`` (addresses or CIDR networks, none by default) may call it without
+    one (``check`` warns when this is set).
+    """
+
+    provider: _ProviderName
+    path: str = Field("/get-token", pattern=r"^/[A-Za-z0-9._~/-]{1,200}$")
+    scope: str | None = None
+    trusted_networks: tuple[str, ...] = ()
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        # Never shadow the API's own routes or probes: the compat route is an addition.
+        reserved = ("/v1/", "/livez", "/readyz", "/health", "/metrics", "/.well-known/")
+        if value.startswith(reserved) or value in ("/v1", "/openapi.json"):
+            raise ValueError("must not be under /v1/ or a probe's path")
+        return value
+
+    @field_validator("scope")
+    @classmethod
+    def _scope(cls, value: str | None) -> str | None:
+        try:
+            return scope_string(value)
+        except InvalidScopeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("trusted_networks")
+    @classmethod
+    def _networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for position, network in enumerate(value):
+            try:
+                ipaddress.ip_network(network)
+            except ValueError:
+                raise ValueError(
+                    f"trusted_networks.{position} is not an IP address or network (CIDR)"
+                ) from None
+        return value
+
+
+class CompatSettings(_Section):
+    """Compatibility routes for users of the original systems; each is off until set."""
+
+    get_token: CompatGetToken | None = None
+
+
 def _allow_rule(value: str, info: ValidationInfo) -> str:
     rule = parse_rule(value)  # ValueError names the format
     known = (info.context or {}).get("providers")
@@ -346,6 +401,7 @@ class Settings(_Frozen):
     telemetry: TelemetrySettings = TelemetrySettings()
     jobs: JobsSettings = JobsSettings()
     redirects: dict[str, Redirect] = Field(default_factory=dict)
+    compat: CompatSettings = CompatSettings()
 
     @field_validator("store")
     @classmethod
@@ -373,4 +429,7 @@ class Settings(_Frozen):
                     f"{where}: mode pool needs a login provider and mode shared "
                     "a client_credentials or refresh_token provider"
                 )
+        get_token = self.compat.get_token
+        if get_token is not None and get_token.provider not in self.providers:
+            raise ValueError(f"compat.get_token.provider: no provider named {get_token.provider!r}")
         return self

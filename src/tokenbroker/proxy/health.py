@@ -99,9 +99,10 @@ class HealthConnection(asyncio.Protocol):
         server = self._server
         status = 200
         content_type = _JSON
-        if path == b"/health":
+        if path in (b"/health", b"/healthz"):
+            # /healthz is tpp's probe path: the same document, not a bare liveness answer.
             body = json.dumps(server.health()).encode()
-        elif path in (b"/healthz", b"/livez"):
+        elif path == b"/livez":
             body = b'{"status":"ok"}'
         elif path == b"/readyz":
             ready = server.ready()

@@ -232,17 +232,25 @@ class ProxyServer:
         self.metrics.close()
 
     async def _maintain(self) -> None:
-        """Keep tokens warm, reap idle leases, close stale upstream connections, drop
-        clients whose request head or body did not arrive in time or who stopped reading,
-        and close client connections idle for ``client_keepalive_seconds``."""
+        """Keep tokens warm every ``refresh_check_seconds``; every second at most, reap idle
+        leases, close stale upstream connections, drop clients whose request head or body did
+        not arrive in time or who stopped reading, and close client connections idle for
+        ``client_keepalive_seconds``."""
+        loop = asyncio.get_running_loop()
         every = self.settings.refresh_check_seconds
+        # The client timers keep a tick of at most 1 s whatever refresh_check_seconds says
+        # (tpp users set 30 or 60); the refresh check runs on its own schedule beside them.
+        tick = min(every, 1.0)
+        refresh_at = loop.time() + every
         while True:
-            await asyncio.sleep(min(every, 1.0))
+            await asyncio.sleep(tick)
             try:
-                now = asyncio.get_running_loop().time()
+                now = loop.time()
                 for connection in list(self.connections):
                     self.timeouts.enforce(connection, now)
-                self.broker.refresh_due()
+                if now >= refresh_at:
+                    refresh_at = now + every
+                    self.broker.refresh_due()
                 for route in self.routes.routes:
                     route.upstream.sweep()
                     if route.pool is not None and route.pool.reap():

@@ -1,0 +1,95 @@
+"""What tpp proxy users rely on: /healthz is the /health document, and refresh_check_seconds
+above one second is honoured while client timers keep their one-second tick."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import BrokerFactory
+from support import client_credentials, login, wait_for
+from tokenbroker.config import ProxySettings
+from tokenbroker.testing import AuthorizationServer, RecordingUpstream, ServedProxy
+
+
+@pytest.fixture
+def upstream(auth_server: AuthorizationServer) -> Iterator[RecordingUpstream]:
+    """An upstream that accepts only tokens the authorization server currently accepts."""
+    with RecordingUpstream(auth_server) as served:
+        yield served
+
+
+def _settings(upstream: RecordingUpstream, mode: str, **extra: Any) -> ProxySettings:
+    provider = "db" if mode == "pool" else "svc"
+    route = {"prefix": "/", "upstream": upstream.url, "provider": provider, "mode": mode}
+    return ProxySettings.model_validate({"listen": "127.0.0.1:0", "routes": [route], **extra})
+
+
+def _without_idle(document: dict[str, Any]) -> dict[str, Any]:
+    for route in document["routes"]:
+        for credential in route.get("pool", {}).get("credentials", ()):
+            credential.pop("idle_seconds")
+    return document
+
+
+def test_healthz_answers_the_health_document(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, upstream: RecordingUpstream
+) -> None:
+    """The proxy health port's /healthz (tpp's probe path) answers the /health document,
+    status word and pool counts included, not a bare liveness answer."""
+    broker = make_broker({"db": login(auth_server)})
+    with (
+        ServedProxy(broker, _settings(upstream, "pool")) as proxy,
+        httpx.Client(base_url=proxy.health_url) as probe,
+    ):
+        healthz = probe.get("/healthz")
+        health = probe.get("/health")
+        assert healthz.status_code == health.status_code == 200
+        assert healthz.headers["content-type"] == "application/json"
+        assert _without_idle(healthz.json()) == _without_idle(health.json())
+        assert healthz.json()["status"] == "ok"
+        assert healthz.json()["pool"]["total"] == 2
+        assert probe.get("/livez").json() == {"status": "ok"}
+
+
+def test_refresh_check_seconds_above_one_second_is_honoured(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, upstream: RecordingUpstream
+) -> None:
+    """With refresh_check_seconds: 2.5 the proxy's first refresh check (which fetches the
+    required provider) comes after about 2.5 s, not after the old 1 s cap, and fetches once."""
+    broker = make_broker({"svc": client_credentials(auth_server, required=True)})
+    before = auth_server.count("client_credentials")
+    settings = _settings(upstream, "shared", refresh_check_seconds=2.5)
+    with ServedProxy(broker, settings):
+        waited = wait_for(
+            lambda: auth_server.count("client_credentials") > before, "the refresh check"
+        )
+        assert 2.0 <= waited < 8.0, waited
+        assert auth_server.count("client_credentials") == before + 1
+
+
+def test_client_timers_keep_their_tick_with_a_slow_refresh_check(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, upstream: RecordingUpstream
+) -> None:
+    """With refresh_check_seconds: 60 an idle keep-alive client is still closed about
+    client_keepalive_seconds (0.5 s) after its answer, within the 1 s tick."""
+    broker = make_broker({"svc": client_credentials(auth_server)})
+    settings = _settings(upstream, "shared", refresh_check_seconds=60, client_keepalive_seconds=0.5)
+    with ServedProxy(broker, settings) as proxy:
+        host, port = proxy.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as idle:
+            idle.sendall(b"GET /api/echo HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += idle.recv(65536)
+            answered = time.monotonic()
+            while idle.recv(65536):  # until the proxy closes the connection
+                pass
+            waited = time.monotonic() - answered
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert 0.4 < waited < 2.5, waited
