@@ -69,7 +69,7 @@ bench-deps:
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y$$missing; \
 	fi
 
-bench: install bench-deps
+bench: install bench-deps test-deps
 	$(BIN)/python bench/hot_path.py
 	$(BIN)/python bench/stampede.py
 	$(BIN)/python bench/api.py

@@ -7,15 +7,19 @@ compared with fetch the same tokens from the same endpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import subprocess
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from tokenbroker import Settings, parse_settings
+from tokenbroker.core.crypto import generate_key
 from tokenbroker.testing import AuthorizationServer
 
 CLIENT_ID = "bench-client"
@@ -54,18 +58,28 @@ def authlib_oauth2_client() -> type[Any]:
     return OAuth2Client  # type: ignore[no-any-return]
 
 
-def broker_settings(server: AuthorizationServer, *, timeout: float = 10.0) -> Settings:
+def broker_settings(
+    server: AuthorizationServer,
+    *,
+    timeout: float = 10.0,
+    store: str = "memory",
+    redis: str | None = None,
+) -> Settings:
     """Settings with one ``client_credentials`` provider, :data:`PROVIDER`, on ``server``.
 
     Args:
         server: The running server.
         timeout: Per-request timeout of token requests, in seconds.
+        store: The ``store`` URL (a persistent one gets a fresh encryption key).
+        redis: The ``redis`` URL, or None for no Redis.
 
     Returns:
         Validated settings (no retries, so a request count is a fetch count).
     """
     text = f"""
-store: memory
+store: {json.dumps(store)}
+redis: {json.dumps(redis)}
+encryption_keys: [{json.dumps(generate_key())}]
 providers:
   {PROVIDER}:
     grant: client_credentials
@@ -78,6 +92,48 @@ defaults:
   timeout_seconds: {timeout}
 """
     return parse_settings(text, {})
+
+
+@contextmanager
+def redis_server() -> Iterator[str]:
+    """Run a ``redis-server`` of our own on a free port of 127.0.0.1, without persistence.
+
+    Yields:
+        Its ``redis://`` URL, once it answers ``PING``; it is stopped by its PID on exit.
+
+    Raises:
+        SystemExit: ``redis-server`` is not installed or did not answer within 10 s.
+    """
+    if shutil.which("redis-server") is None:
+        raise SystemExit("redis-server is not installed (Debian package redis-server)")
+    port = free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(
+        ["redis-server", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _answers_ping(port):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"redis-server did not start on port {port}")
+            time.sleep(0.01)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _answers_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as conn:
+            conn.sendall(b"PING\r\n")
+            return conn.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
