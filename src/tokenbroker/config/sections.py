@@ -156,6 +156,8 @@ class ProxySettings(_Frozen):
     #: Client connections held at once; more get 503 and a close. Default: from the
     #: process's descriptor limit (:mod:`tokenbroker.edge.descriptors`).
     max_client_connections: int | None = Field(None, ge=1)
+    #: ``tpp``: /metrics also exports tpp's ``tpp_*`` pool gauges beside ``tokenbroker_*``.
+    metrics_compat: Literal["tpp"] | None = None
 
     @field_validator("listen", "health_listen")
     @classmethod
