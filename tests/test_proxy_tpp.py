@@ -146,3 +146,44 @@ def test_metrics_compat_refuses_an_unknown_system() -> None:
     route = {"prefix": "/", "upstream": "http://db.example", "provider": "db"}
     with pytest.raises(ValueError, match="metrics_compat"):
         ProxySettings.model_validate({"routes": [route], "metrics_compat": "grafana"})
+
+
+def test_one_credential_with_sessions_pools_that_many_logins(
+    auth_server: AuthorizationServer, make_broker: BrokerFactory, upstream: RecordingUpstream
+) -> None:
+    """A credential with sessions: 3 (tpp's pool_size for its one credential) is logged in
+    three times with its own username, and three client connections held at once each
+    present a different token."""
+    provider = login(auth_server, credentials=[{"username": "alice", "password": "alice-pw"}])
+    provider["credentials"][0]["sessions"] = 3
+    broker = make_broker({"db": provider})
+    assert broker.accounts("db") == ["alice", "alice#2", "alice#3"]
+    holders = [httpx.Client() for _ in range(3)]
+    try:
+        with ServedProxy(broker, _settings(upstream, "pool")) as proxy:
+            assert proxy.stats().total == 3
+            for client in holders:
+                assert client.get(proxy.url + "/api/echo").status_code == 200
+            assert proxy.stats().in_use == 3
+    finally:
+        for client in holders:
+            client.close()
+    logins = [r for r in auth_server.requests if r.grant == "login"]
+    assert [r.json["username"] for r in logins] == ["alice"] * 3
+    tokens = {record.token for record in upstream.records()}
+    assert len(tokens) == 3
+    assert tokens <= set(auth_server.issued_login_tokens)
+
+
+def test_sessions_that_collide_with_an_account_are_refused() -> None:
+    """alice with sessions: 2 names alice#2, so an account named alice#2 is listed twice."""
+    from tokenbroker.config import LoginProvider
+
+    accounts = [
+        {"username": "alice", "password": "a", "sessions": 2},
+        {"username": "alice#2", "password": "b"},
+    ]
+    with pytest.raises(ValueError, match="listed twice"):
+        LoginProvider.model_validate(
+            {"grant": "login", "login_url": "http://db.example/api/login", "credentials": accounts}
+        )
