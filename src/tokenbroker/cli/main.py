@@ -13,6 +13,8 @@ live one group per module:
 * :mod:`~tokenbroker.cli.pool`: ``pool status``
 * :mod:`~tokenbroker.cli.run`: ``serve``, ``proxy``, ``dev``
 * :mod:`~tokenbroker.cli.store`: ``migrate``
+* :mod:`~tokenbroker.cli.imports`: ``import tpp``
+* :mod:`~tokenbroker.cli.init`: ``init``
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..config.logfilter import parse_log_filter
 from ..telemetry.logs import configure
 from .command import LOG_FILTER
 from .consumers import consumers
+from .imports import import_group
 from .init import init
 from .jobs import jobs, rotate_key, warm
 from .keys import keygen
@@ -77,6 +80,7 @@ for _command in (
     check,
     consumers,
     dev,
+    import_group,
     init,
     jobs,
     keygen,
