@@ -7,13 +7,15 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from click.testing import CliRunner
 
-from tokenbroker import parse_settings
+from tokenbroker import Broker, parse_settings
 from tokenbroker.cli.main import main
 from tokenbroker.config import LoginProvider
+from tokenbroker.testing import AuthorizationServer, ServedProxy
 
 #: tpp's config.example.yaml (github.com/Yvictor/tpp), with its OTLP endpoint uncommented, a
 #: tpp-targeted and a foreign log directive, and a key tpp does not know.
@@ -188,3 +190,37 @@ def test_an_existing_output_is_not_overwritten(tmp_path: Path, runner: CliRunner
     assert result.exit_code != 0 and "already exists" in result.output
     assert out.read_text() == "# mine\n"
     assert not (tmp_path / ".env").exists()
+
+
+def test_the_imported_config_proxies_like_tpp(
+    tmp_path: Path, runner: CliRunner, auth_server: AuthorizationServer
+) -> None:
+    """End to end: a tpp config naming the bundled server as its DolphinDB (one account,
+    pool_size 2) is imported; a proxy on the written file logs that account in twice (tpp's
+    /api/login body), and a request through it reaches the upstream with one of those
+    tokens, answered as that user; /metrics carries tpp's gauges."""
+    host, port = auth_server.url.removeprefix("http://").rsplit(":", 1)
+    source = tmp_path / "tpp.yaml"
+    source.write_text(
+        'listen: "127.0.0.1:0"\nhealth_listen: "127.0.0.1:0"\n'
+        f"upstream: {{host: {host}, port: {port}, tls: false}}\n"
+        "credential: {username: alice, password: alice-pw}\n"
+        "token: {pool_size: 2, ttl_seconds: 600, refresh_check_seconds: 30}\n"
+    )
+    out = tmp_path / "tokenbroker.yaml"
+    assert runner.invoke(main, ["import", "tpp", str(source), "-o", str(out)]).exit_code == 0
+    before = auth_server.count("login")
+    broker = Broker.from_config(out)
+    try:
+        assert broker.settings.proxy is not None
+        with ServedProxy(broker, broker.settings.proxy) as proxy:
+            reply = httpx.get(proxy.url + "/api/resource", timeout=10)
+            text = httpx.get(proxy.health_url + "/metrics", timeout=10).text
+    finally:
+        broker.close()
+    assert reply.status_code == 200
+    assert reply.json() == {"ok": True, "subject": "alice"}
+    assert auth_server.count("login") == before + 2
+    logins = [r for r in auth_server.requests if r.grant == "login"][-2:]
+    assert [r.json for r in logins] == [{"username": "alice", "password": "alice-pw"}] * 2
+    assert "tpp_tokens_total 2.0" in text
