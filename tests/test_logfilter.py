@@ -99,3 +99,14 @@ def test_a_bad_filter_is_a_config_error_naming_the_part(text: str, message: str)
     assert problem.path == "telemetry.log_filter"
     assert message in problem.message
     assert "loud" not in problem.message and "verbose" not in problem.message
+
+
+def test_a_bad_command_line_filter_is_a_usage_error() -> None:
+    """--log-filter with a bad part exits 2 naming the part, before the command runs."""
+    from click.testing import CliRunner
+
+    from tokenbroker.cli.main import main
+
+    result = CliRunner().invoke(main, ["--log-filter", "info,tokenbroker=loud", "keygen"])
+    assert result.exit_code == 2
+    assert "part 2 (logger tokenbroker): the level is not one of" in result.output
