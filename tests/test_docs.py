@@ -194,3 +194,28 @@ def test_the_configuration_section_documents_inline_login_credentials() -> None:
     section = readme_section("Configuration")
     assert "credentials:" in section
     assert re.search(r"- \{username: \w+, password: ", section)
+
+
+#: The five systems tokenbroker replaces, each with its own README migration section.
+MIGRATIONS = (
+    "### Migrating from the TDX token script",
+    "### Migrating from tpp (the token-pool proxy)",
+    "### Migrating from the MC service-token and delegated-download client",
+    "### Migrating from the TrailTag job API",
+    "### Migrating from the Tesla token owner (`/get-token`)",
+)
+
+
+def test_the_readme_has_a_migration_section_per_original_system() -> None:
+    """The README's "Migrating from …" section has one subsection per original system, each
+    once (none left elsewhere), with the tpp metric mapping table and the import command."""
+    section = readme_section("Migrating from the systems tokenbroker replaces")
+    text = README.read_text()
+    for heading in MIGRATIONS:
+        assert section.count(heading + "\n") == 1, heading
+        assert text.count(heading + "\n") == 1, heading
+    assert text.count("### Migrating from") == len(MIGRATIONS)
+    for name in ("tpp_tokens_total", "tpp_tokens_in_use", "tpp_tokens_available"):
+        assert f"| `{name}` | `tokenbroker_pool_tokens" in section
+    assert "| `tpp_requests_waiting` | `tokenbroker_pool_waiting{route}` |" in section
+    assert "tokenbroker import tpp" in section

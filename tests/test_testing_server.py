@@ -374,7 +374,7 @@ def test_login_json_and_form_and_failure(client: httpx.Client) -> None:
         subject = client.get(server.resource_url, headers={"Authorization": f"Bearer {token}"})
         clock.now += 61
         expired = resource(client, server, token)
-    assert as_json.json() == {"code": 0, "data": {"token": token}}
+    assert as_json.json() == {"code": 0, "data": {"token": token}, "result": [token]}
     assert as_form.status_code == 200
     assert as_form.json()["data"]["token"] != token
     assert (wrong.status_code, wrong.json()) == (401, {"code": 1, "message": "bad credentials"})

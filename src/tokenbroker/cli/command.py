@@ -21,7 +21,18 @@ from ..engine.credentials import store_for as open_configured_store
 from ..errors import ConfigError, ProviderError, TokenBrokerError, UnknownProviderError
 from ..store import Store
 
-__all__ = ["EXTRAS", "check_listen", "config_option", "fail", "needs_extra", "open_store"]
+__all__ = [
+    "EXTRAS",
+    "LOG_FILTER",
+    "check_listen",
+    "config_option",
+    "fail",
+    "needs_extra",
+    "open_store",
+]
+
+#: Where the group leaves ``--log-filter`` (``TOKENBROKER_LOG_FILTER``) in ``ctx.meta``.
+LOG_FILTER = "tokenbroker.log_filter"
 
 _EXIT = {ConfigError: 2, UnknownProviderError: 3, ProviderError: 4}
 #: The optional extras and the top-level modules each one brings.

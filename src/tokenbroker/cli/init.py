@@ -14,7 +14,7 @@ import click
 
 from ..core.crypto import generate_key
 
-__all__ = ["STARTER_CONFIG", "init"]
+__all__ = ["STARTER_CONFIG", "init", "write_private"]
 
 #: ``tokenbroker.yaml`` as ``init`` writes it: a SQLite store encrypted with the key in
 #: ``.env``, the API on loopback, and an example provider to uncomment
@@ -75,12 +75,12 @@ def init(directory: Path, force: bool) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config.write_text(STARTER_CONFIG)
     example.write_text(_ENV_EXAMPLE)
-    _write_private(env, f"TOKENBROKER_KEY={generate_key()}\n")
+    write_private(env, f"TOKENBROKER_KEY={generate_key()}\n")
     click.echo(f"wrote {config}, {env} (mode 0600, a new encryption key) and {example}")
     click.echo(f"next: tokenbroker check --config {config}")
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` readable by its owner only, from the first byte (the key
     never sits in a file others may read, not even between a write and a chmod)."""
     if path.exists():

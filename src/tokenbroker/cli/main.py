@@ -13,14 +13,19 @@ live one group per module:
 * :mod:`~tokenbroker.cli.pool`: ``pool status``
 * :mod:`~tokenbroker.cli.run`: ``serve``, ``proxy``, ``dev``
 * :mod:`~tokenbroker.cli.store`: ``migrate``
+* :mod:`~tokenbroker.cli.imports`: ``import tpp``
+* :mod:`~tokenbroker.cli.init`: ``init``
 """
 
 from __future__ import annotations
 
 import click
 
+from ..config.logfilter import parse_log_filter
 from ..telemetry.logs import configure
+from .command import LOG_FILTER
 from .consumers import consumers
+from .imports import import_group
 from .init import init
 from .jobs import jobs, rotate_key, warm
 from .keys import keygen
@@ -30,6 +35,15 @@ from .status import check, status, token
 from .store import migrate
 
 __all__ = ["main"]
+
+
+def _check_filter(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_log_filter(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc)) from None
+    return value
 
 
 @click.group(context_settings={"auto_envvar_prefix": "TOKENBROKER"})
@@ -48,15 +62,25 @@ __all__ = ["main"]
     show_default=True,
     help="Log line format on stderr (serve uses telemetry.log_format).",
 )
-def main(log_level: str, log_format: str) -> None:
+@click.option(
+    "--log-filter",
+    default=None,
+    callback=_check_filter,
+    help="Per-logger levels, e.g. info,tokenbroker.proxy=debug (for serve and proxy too, "
+    "replacing telemetry.log_filter).",
+)
+@click.pass_context
+def main(ctx: click.Context, log_level: str, log_format: str, log_filter: str | None) -> None:
     """tokenbroker: obtain, cache, refresh and rotate upstream API tokens."""
-    configure(log_level, log_format)
+    configure(log_level, log_format, log_filter)
+    ctx.meta[LOG_FILTER] = log_filter
 
 
 for _command in (
     check,
     consumers,
     dev,
+    import_group,
     init,
     jobs,
     keygen,

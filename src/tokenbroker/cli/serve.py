@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import click
 import uvicorn
 import uvloop
 
@@ -41,6 +42,7 @@ from ..errors import ConfigError, ConfigProblem
 from ..jobs.service import JobService
 from ..proxy import ProxyServer, compiled
 from ..telemetry.logs import configure, log_job_event
+from .command import LOG_FILTER
 
 __all__ = ["run_proxy", "serve"]
 
@@ -72,7 +74,10 @@ def _fetch_required(broker: Broker) -> None:
 
 def _configure_logs(broker: Broker, config_path: Path) -> None:
     telemetry = broker.settings.telemetry
-    configure(telemetry.log_level, telemetry.log_format)
+    # --log-filter / TOKENBROKER_LOG_FILTER, when given, replaces the config's filter.
+    ctx = click.get_current_context(silent=True)
+    given = ctx.meta.get(LOG_FILTER) if ctx is not None else None
+    configure(telemetry.log_level, telemetry.log_format, given or telemetry.log_filter)
     for warning in config_warnings(broker.settings, config_path):
         logger.warning("config %s", warning)
 

@@ -299,10 +299,20 @@ class RefreshTokenProvider(_OAuthProvider):
 
 
 class Credential(_Frozen):
-    """One username/password account of a login provider."""
+    """One username/password account of a login provider.
+
+    ``sessions: N`` logs the account in N times and pools each login as its own token, as
+    tpp's ``token.pool_size`` did with its one credential; the pool's account names are then
+    ``username``, ``username#2`` … ``username#N`` (:meth:`accounts`).
+    """
 
     username: str = Field(min_length=1)
     password: Secret
+    sessions: int = Field(1, ge=1, le=10_000)
+
+    def accounts(self) -> tuple[str, ...]:
+        """The pool account names of this credential, one per session."""
+        return (self.username, *(f"{self.username}#{n}" for n in range(2, self.sessions + 1)))
 
 
 class LoginRequest(_Frozen):
@@ -339,9 +349,9 @@ class LoginProvider(_ProviderBase):
     def _has_accounts(self) -> LoginProvider:
         if not self.credentials:
             raise ValueError("needs at least one account in credentials or credentials_file")
-        names = [c.username for c in self.credentials]
+        names = [name for c in self.credentials for name in c.accounts()]
         if len(set(names)) != len(names):
-            raise ValueError("an account is listed twice")
+            raise ValueError("an account is listed twice (sessions name them username#N)")
         return self
 
 

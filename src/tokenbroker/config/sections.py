@@ -28,6 +28,7 @@ from ..core.scopes import scope_string
 from ..core.secret import Secret
 from ..errors import InvalidDelegationError, InvalidScopeError
 from ..store import backend_for
+from .logfilter import parse_log_filter
 from .providers import Defaults, LoginProvider, Provider, _check_url, _Frozen
 
 __all__ = [
@@ -155,6 +156,8 @@ class ProxySettings(_Frozen):
     #: Client connections held at once; more get 503 and a close. Default: from the
     #: process's descriptor limit (:mod:`tokenbroker.edge.descriptors`).
     max_client_connections: int | None = Field(None, ge=1)
+    #: ``tpp``: /metrics also exports tpp's ``tpp_*`` pool gauges beside ``tokenbroker_*``.
+    metrics_compat: Literal["tpp"] | None = None
 
     @field_validator("listen", "health_listen")
     @classmethod
@@ -291,11 +294,24 @@ class JobsSettings(_Section):
 
 
 class TelemetrySettings(_Section):
-    """Logs (and, later, OpenTelemetry export)."""
+    """Logs (and, later, OpenTelemetry export).
+
+    ``log_filter`` (tpp's, ``RUST_LOG`` style: ``info,tokenbroker.proxy=debug``) sets levels
+    per logger beside ``log_level``; its bare level, if it has one, replaces ``log_level``
+    (:mod:`.logfilter`).
+    """
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    log_filter: str | None = None
     otlp_endpoint: str | None = None
+
+    @field_validator("log_filter")
+    @classmethod
+    def _filter(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_log_filter(value)  # ValueError names the bad part
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

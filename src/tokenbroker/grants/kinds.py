@@ -265,8 +265,9 @@ class LoginKind(GrantKind[LoginProvider]):
     }
 
     def accounts(self, settings: LoginProvider) -> tuple[str, ...]:
-        """The usernames of ``credentials``, in configured order."""
-        return tuple(c.username for c in settings.credentials)
+        """The account names of ``credentials`` in configured order: each username, followed
+        by ``username#2`` … for a credential with ``sessions`` above 1."""
+        return tuple(name for c in settings.credentials for name in c.accounts())
 
     def build(
         self,
@@ -277,7 +278,7 @@ class LoginKind(GrantKind[LoginProvider]):
         refresh_token: Secret | None,
     ) -> Grant:
         """A login grant for the key's account."""
-        credential = next(c for c in settings.credentials if c.username == account)
+        credential = next(c for c in settings.credentials if account in c.accounts())
         return LoginGrant(provider, settings, credential)
 
 

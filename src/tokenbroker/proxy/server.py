@@ -138,7 +138,14 @@ class ProxyServer:
 
             failed = await pool.warm(concurrency=self.settings.login_concurrency, progress=report)
             failures.update({f"{pool.provider}/{name}": exc for name, exc in failed.items()})
-            done_before += pool.stats().total
+            accounts = pool.stats().total
+            logger.debug(
+                "pool warmed provider=%s accounts=%d failed=%d",
+                pool.provider,
+                accounts,
+                len(failed),
+            )
+            done_before += accounts
         return failures
 
     def pool_stats(self) -> list[tuple[Route, PoolStats]]:

@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Any
 
+from ..config.logfilter import parse_log_filter
 from ..core.events import Event, JobEvent, JobFinished, JobItemFinished, JobPhaseChanged, JobStarted
 
 __all__ = [
@@ -227,6 +228,8 @@ class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 _installed: logging.Handler | None = None
+#: The loggers whose level the last filter set (put back to NOTSET on reconfiguration).
+_filtered: list[str] = []
 
 
 _last_second: tuple[int, str] = (0, "")
@@ -240,16 +243,23 @@ def _timestamp(created: float, msecs: float) -> str:
     return f"{_last_second[1]}.{int(msecs):03d}Z"
 
 
-def configure(level: str = "info", fmt: str = "json") -> None:
+def configure(level: str = "info", fmt: str = "json", log_filter: str | None = None) -> None:
     """Send log records to stderr in ``fmt`` (``json`` or ``text``) at ``level``.
 
-    Calling it again replaces the handler it installed before (and nothing else).
+    Calling it again replaces the handler it installed before, and the per-logger levels
+    its ``log_filter`` set (and nothing else).
 
     Args:
         level: debug, info, warning or error.
         fmt: ``json`` or ``text``.
+        log_filter: Per-logger levels, ``RUST_LOG`` style (``info,tokenbroker.proxy=debug``,
+            :mod:`tokenbroker.config.logfilter`); its bare level replaces ``level``.
+
+    Raises:
+        ValueError: ``log_filter`` is not a valid filter (nothing is changed then).
     """
     global _installed  # noqa: PLW0603 - one handler per process, replaced on reconfiguration
+    parsed = parse_log_filter(log_filter) if log_filter is not None else None
     handler = _Stderr()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -260,6 +270,14 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         root.removeHandler(_installed)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    if parsed is not None and parsed.default is not None:
+        root.setLevel(parsed.default)
+    for name in _filtered:
+        logging.getLogger(name).setLevel(logging.NOTSET)
+    _filtered.clear()
     # httpx logs every request at info; tokenbroker's own lines already say what matters
     logging.getLogger("httpx").setLevel(max(logging.WARNING, root.level))
+    for name, value in parsed.loggers if parsed is not None else ():
+        logging.getLogger(name).setLevel(value)
+        _filtered.append(name)
     _installed = handler

@@ -28,9 +28,10 @@ from ..core.events import (
 from ..engine.broker import Broker
 
 if TYPE_CHECKING:
+    from ..config import ProxySettings
     from ..proxy.pool import PoolStats
 
-__all__ = ["CONTENT_TYPE", "PHASE_BUCKETS", "Metrics", "ProxyMetrics"]
+__all__ = ["CONTENT_TYPE", "PHASE_BUCKETS", "TPP_GAUGES", "Metrics", "ProxyMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: Phase duration buckets (seconds): a login phase takes milliseconds, warming 200 accounts
@@ -42,6 +43,7 @@ class ProxyView(Protocol):
     """What the proxy metrics read from the proxy server."""
 
     broker: Broker
+    settings: ProxySettings
     responses: dict[int, int]
     rejected: dict[str, int]
     connections: Any
@@ -284,7 +286,38 @@ class _ProxyCollector(Collector):
             rejected.add_metric([provider], count)
         connections = GaugeMetricFamily("tokenbroker_proxy_connections", "Open client connections.")
         connections.add_metric([], len(self._server.connections))
-        return [tokens, waiting, *per_credential.values(), responses, rejected, connections]
+        families: list[Metric] = [
+            tokens,
+            waiting,
+            *per_credential.values(),
+            responses,
+            rejected,
+            connections,
+        ]
+        if self._server.settings.metrics_compat == "tpp":
+            families += _tpp_gauges([stats for _, stats in self._server.pool_stats()])
+        return families
+
+
+#: tpp's pool gauges (its README's table and ``src/health.rs``): name, help text as tpp
+#: words it, and the :class:`PoolStats` field summed over the pool routes.
+TPP_GAUGES = (
+    ("tpp_tokens_total", "Total number of tokens in the pool", "total"),
+    ("tpp_tokens_in_use", "Number of tokens currently in use", "in_use"),
+    ("tpp_tokens_available", "Number of tokens available", "available"),
+    ("tpp_requests_waiting", "Number of requests waiting for a token", "waiting"),
+)
+
+
+def _tpp_gauges(pools: list[PoolStats]) -> list[Metric]:
+    """``proxy.metrics_compat: tpp``: tpp's four unlabelled gauges, each the sum over every
+    pool route (tpp had one pool), so dashboards built on tpp keep working."""
+    families: list[Metric] = []
+    for name, text, field in TPP_GAUGES:
+        family = GaugeMetricFamily(name, text)
+        family.add_metric([], sum(getattr(stats, field) for stats in pools))
+        families.append(family)
+    return families
 
 
 class ProxyMetrics(Metrics):

@@ -331,7 +331,9 @@ class OAuth2Server(_AuthlibServer):  # type: ignore[misc]
             request: A ``POST`` with ``username`` and ``password`` as JSON or form fields.
 
         Returns:
-            200 ``{"code": 0, "data": {"token": ...}}``, 401 ``{"code": 1, "message":
+            200 ``{"code": 0, "data": {"token": ...}, "result": [...]}`` (the token at
+            ``data.token``, and at ``result.0`` as DolphinDB answers, which tpp and
+            ``tokenbroker import tpp`` read), 401 ``{"code": 1, "message":
             "bad credentials"}``, or 400 for an undecodable JSON body.
         """
         no_store = [("Cache-Control", "no-store")]
@@ -350,5 +352,6 @@ class OAuth2Server(_AuthlibServer):  # type: ignore[misc]
             and self.store.check_account(username, password)
         ):
             token = self.store.issue_login(username)
-            return Reply.json(200, {"code": 0, "data": {"token": token}}, no_store)
+            body = {"code": 0, "data": {"token": token}, "result": [token]}
+            return Reply.json(200, body, no_store)
         return Reply.json(401, {"code": 1, "message": "bad credentials"}, no_store)
