@@ -151,6 +151,13 @@ def _api_config(broker: Broker, address: str, jobs: JobService | None = None) ->
     )
 
 
+def _show_pools(api: uvicorn.Config, proxy: ProxyServer) -> None:
+    """Let the status page (``/ui``) read the pools of the proxy running in this process."""
+    view = getattr(getattr(api.app, "state", None), "status", None)
+    if view is not None:
+        view.pools = proxy
+
+
 class _Shutdown:
     """The one way both commands stop: SIGINT or SIGTERM, caught on the event loop.
 
@@ -226,6 +233,8 @@ async def _serve_until_stopped(
             if proxy is None:
                 logger.info("stopped before serving")
                 return
+            if api is not None:
+                _show_pools(api, proxy)
         try:
             if api is None:
                 await shutdown.requested.wait()
