@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from support import CLIENT_ID, CLIENT_SECRET, free_port, serve_process, wait_for
+from support import CLIENT_ID, CLIENT_SECRET, free_port, login, serve_process, wait_for
 from tokenbroker.client.sse import EventParser
 from tokenbroker.core.crypto import generate_key
 from tokenbroker.engine.consumers import hash_key, new_key
@@ -36,12 +36,15 @@ def make_auth_server(expires_in: int = 3600) -> AuthorizationServer:
     server = AuthorizationServer(expires_in=expires_in)
     server.add_client(CLIENT_ID, CLIENT_SECRET, scopes=["read", "write"])
     server.add_client("rt-client", None, auth_method="none", scopes=["read"])
+    server.add_account("alice", "alice-pw")
+    server.add_account("bob", "bob-pw")
     return server.start()
 
 
 def console_config(server: AuthorizationServer, tmp_path: Path, keys: Keys) -> dict[str, Any]:
-    """A serve config: providers ``svc`` (client credentials) and ``rt`` (a seeded refresh
-    token), consumers ``ops`` (admin) and ``dev`` (no admin), debug logs, fast jobs."""
+    """A serve config: providers ``svc`` (client credentials), ``rt`` (a seeded refresh
+    token) and ``db`` (a login pool of alice and bob behind the proxy's ``/db/`` route, in the
+    same process), consumers ``ops`` (admin) and ``dev`` (no admin), debug logs, fast jobs."""
     seed = server.issue_refresh_token("rt-client", "read")
     return {
         "store": f"sqlite:///{tmp_path / 'tb.db'}",
@@ -62,6 +65,11 @@ def console_config(server: AuthorizationServer, tmp_path: Path, keys: Keys) -> d
                 "client_id": "rt-client",
                 "refresh_token": seed,
             },
+            "db": login(server),
+        },
+        "proxy": {
+            "listen": "127.0.0.1:0",
+            "routes": [{"prefix": "/db/", "upstream": "http://127.0.0.1:9", "provider": "db"}],
         },
         "consumers": {
             "ops": {

@@ -67,7 +67,8 @@ def test_login_refresh_and_outage_are_live_and_leak_nothing(
     """Log in with an admin key (a session cookie, never the key), see the providers, press
     Refresh (the job's events reach done and the provider's last refresh moves), stop the
     authorization server and see the provider turn stale/failed on /v1/events; no key,
-    secret or token on the page, in the stream or in serve's debug logs."""
+    secret or token on the page, in the stream or in serve's debug logs; serve stops at once
+    with a stream still open."""
     keys = Keys()
     with serving(tmp_path, server, keys) as running:
         client, answer = log_in(running.url, keys.admin)
@@ -82,6 +83,7 @@ def test_login_refresh_and_outage_are_live_and_leak_nothing(
         for name, value in HEADERS.items():
             assert page.headers[name] == value
         assert 'data-item="provider:svc"' in page.text and 'data-item="provider:rt"' in page.text
+        assert 'data-item="pool:/db/"' in page.text
         assert "Re-authorise" in page.text and "<script" in page.text
         assert "<script>" not in page.text and "style=" not in page.text  # nothing inline
         before = client.get("/ui/static/console.js")
@@ -92,6 +94,8 @@ def test_login_refresh_and_outage_are_live_and_leak_nothing(
         try:
             assert reader.status == 200
             first = reader.wait(lambda n, d: d["item"] == "provider:svc", "svc's state")
+            pool = reader.wait(lambda n, d: d["item"] == "pool:/db/", "the proxy's pool")
+            assert pool["provider"] == "db" and pool["leased"] + pool["idle"] == 2
             csrf = page_csrf(client)
             started = client.post(
                 "/ui/jobs",
@@ -128,9 +132,14 @@ def test_login_refresh_and_outage_are_live_and_leak_nothing(
             )
             assert down["last_error"] and down["last_code"]
             text = "".join(reader.raw) + client.get("/ui").text
+            lingering = EventReader(running.url, cookies=client.cookies)
+            stopping = time.monotonic()
         finally:
             reader.close()
             client.close()
+    # serve stopped (SIGTERM, exit 0) with a page's stream still open, without waiting for it
+    assert time.monotonic() - stopping < 10
+    lingering.close()
     for secret in secrets_of(server, keys):
         assert secret not in text
         assert secret not in running.stderr

@@ -34,6 +34,7 @@ import uvloop
 
 from ..api.app import create_app
 from ..api.connection import BoundedHeadProtocol
+from ..api.sse import draining
 from ..config import ProxySettings, config_warnings
 from ..edge.descriptors import budget
 from ..engine.broker import Broker
@@ -207,6 +208,7 @@ class _Shutdown:
         """Ask ``server`` to stop once a stop is requested, and to force it if forced."""
         await self.requested.wait()
         server.should_exit = True
+        draining(True)  # open SSE streams end now instead of holding the shutdown
         await self.forced.wait()
         server.force_exit = True
 
@@ -245,6 +247,7 @@ async def _serve_until_stopped(
                 await server.serve()
             finally:
                 stopping.cancel()
+                draining(False)
         finally:
             if proxy is not None:
                 await proxy.close()

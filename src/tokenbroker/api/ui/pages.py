@@ -144,7 +144,7 @@ def job_row(row: dict[str, Any], csrf: str, now: float) -> str:
         f'<span class="pct">{_e(int(row["progress"]))}%</span></td>'
         f'<td class="heartbeat">{_e(_moment(row["heartbeat_at"], now))}</td>'
         f'<td class="items">{_e(items["ok"])}/{_e(items["total"])} ok</td>'
-        f'<td class="failed">{_e(failed)}</td>'
+        f'<td class="failed-items">{_e(failed)}</td>'
         f'<td class="actions">{buttons}</td></tr>'
     )
 

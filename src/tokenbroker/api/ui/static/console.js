@@ -143,7 +143,7 @@
     progress.appendChild(document.createTextNode(" "));
     progress.appendChild(el("span", { class: "pct" }));
     row.appendChild(progress);
-    for (const css of ["heartbeat", "items", "failed", "actions"]) row.appendChild(el("td", { class: css }));
+    for (const css of ["heartbeat", "items", "failed-items", "actions"]) row.appendChild(el("td", { class: css }));
     return row;
   }
 
@@ -165,7 +165,7 @@
     cell(row, "progress").querySelector(".pct").textContent = Math.floor(d.progress) + "%";
     cell(row, "items").textContent = d.items.ok + "/" + d.items.total + " ok";
     const failed = d.failed.map((f) => f.item + ": " + f.reason).join(", ");
-    cell(row, "failed").textContent = failed || d.error || "-";
+    cell(row, "failed-items").textContent = failed || d.error || "-";
     const actions = cell(row, "actions");
     actions.replaceChildren();
     if (d.cancellable) actions.appendChild(form("/ui/jobs/" + d.job_id + "/cancel", "Cancel", {}, "cancel"));
