@@ -290,3 +290,29 @@ def test_reauthorise_without_an_authorize_kind_says_so(
         assert answer.json()["error"]["code"] == "unknown_job_kind"
         assert jobs_of(running.url, keys.admin) == []
         client.close()
+
+
+def test_the_session_cookie_is_secure_over_tls(make_broker: Any) -> None:
+    """A login over https (the ASGI scope's scheme, as uvicorn sets it for TLS or a trusted
+    proxy's X-Forwarded-Proto) gets a Secure session cookie; over http it is not Secure."""
+    from tokenbroker.api.app import create_app
+    from tokenbroker.engine.consumers import hash_key, new_key
+
+    key = new_key()
+    consumers = {"ops": {"api_key_sha256": hash_key(key), "allow": ["svc", "admin"]}}
+    app = create_app(make_broker(sections={"consumers": consumers}))
+
+    async def login(base: str) -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base) as client:
+            form = await client.get("/ui/login")
+            token = form.text.split('name="csrf" value="')[1].split('"')[0]
+            answer = await client.post("/ui/login", data={"key": key, "csrf": token})
+            assert answer.status_code == 303
+            return next(c for c in answer.headers.get_list("set-cookie") if "tb_session=" in c)
+
+    secure = asyncio.run(login("https://broker.example"))
+    plain = asyncio.run(login("http://broker.example"))
+    assert "secure" in {p.strip().lower() for p in secure.split(";")}
+    assert "secure" not in {p.strip().lower() for p in plain.split(";")}
+    assert key not in secure
