@@ -33,18 +33,22 @@ typecheck: install
 
 # Debian's PostgreSQL server binaries and redis-server: the tests run their own servers from
 # them on free ports (tests/pg.py, tests/redis_server.py; services the packages start are not
-# used). As root, with no standard input.
+# used); Debian's chromium, which the status page's browser tests drive through Playwright
+# (never `playwright install`). As root, with no standard input.
 test-deps:
 	@missing=""; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
 		missing="$$missing postgresql"; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y$$missing </dev/null; \
 	fi
 
+# TOKENBROKER_REQUIRE_BROWSER: under `make test` a missing chromium fails the browser tests
+# instead of skipping them.
 pytest: install test-deps
-	$(BIN)/pytest --cov --cov-report=term -p no:cacheprovider $(PYTEST_ARGS)
+	TOKENBROKER_REQUIRE_BROWSER=1 $(BIN)/pytest --cov --cov-report=term -p no:cacheprovider $(PYTEST_ARGS)
 
 # The proxy's tests again, on the compiled build (the speed of bench/proxy.py's figures).
 compiled: $(BIN)/uv

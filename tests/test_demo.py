@@ -48,3 +48,51 @@ def test_dev_shows_no_token_and_sigterm_stops_it_and_removes_its_folder() -> Non
             proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_dev_prints_the_status_page_and_it_follows_background_refreshes() -> None:
+    """The demo prints the status page URL; its consumer key signs in there (it has admin),
+    and /v1/events shows a provider's last refresh moving with the demo's background
+    refreshes, without the key or a token in the stream."""
+    from console_support import EventReader, log_in
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenbroker.cli", "dev", "--port", "0", "--lifetime", "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out = Lines(proc.stdout)
+    try:
+        page_line = out.until("status page", 60)
+        url = page_line.split()[2]
+        assert url.endswith("/ui")
+        out.until("watching background refreshes", 60)
+        key = next(line.split("=", 1)[1] for line in out.seen if "export TB_KEY=" in line)
+        client, answer = log_in(url.removesuffix("/ui"), key)
+        assert answer.status_code == 303
+        assert 'data-item="pool:/"' in client.get("/ui").text
+        reader = EventReader(url.removesuffix("/ui"), cookies=client.cookies)
+        try:
+            first = reader.wait(lambda n, d: d["item"] == "provider:demo-api", "demo-api")
+            reader.wait(
+                lambda n, d: (
+                    d["item"] == "provider:demo-api"
+                    and (d["last_refresh"] or 0) > (first["last_refresh"] or 0)
+                ),
+                "a background refresh of demo-api on the stream",
+            )
+            assert key not in "".join(reader.raw)
+        finally:
+            reader.close()
+            client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

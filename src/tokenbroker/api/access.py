@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from typing import Annotated
 
@@ -162,9 +162,11 @@ def check_allowed(broker: Broker, caller: Consumer, provider: str, scope: str | 
 
 def following(
     registry: ConsumerRegistry,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
 ) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     """The app's lifespan: the consumer registry follows its store while the app runs, so
-    added and removed consumers take effect within a second."""
+    added and removed consumers take effect within a second; ``on_shutdown`` is awaited
+    when the app stops (the status feed's)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -175,6 +177,8 @@ def following(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if on_shutdown is not None:
+                await on_shutdown()
 
     return lifespan
 

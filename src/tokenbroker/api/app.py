@@ -26,8 +26,12 @@ from .errors import add_error_handlers
 from .middleware import RequestContext
 from .models import ErrorResponse
 from .openapi import add_document_route, document_errors
-from .routes import compat, delegations, jobs, probes, providers, redirects, tokens
+from .routes import compat, delegations, events, jobs, probes, providers, redirects, tokens
 from .sse import StreamGauge
+from .status_feed import StatusFeed
+from .ui import routes as ui
+from .ui.session import SessionSigner
+from .ui.views import StatusView
 
 __all__ = ["create_app"]
 
@@ -59,6 +63,10 @@ def create_app(
             runs (jobs are queued in the store for an instance that runs one; ``serve``
             passes the one it runs). Kept as ``app.state.jobs``.
 
+    The status page (``/ui``) and ``/v1/events`` read ``app.state.status`` (a
+    :class:`~tokenbroker.api.ui.views.StatusView`; ``serve`` sets its ``pools`` to the proxy
+    it runs in the same process) through ``app.state.feed``.
+
     Returns:
         The ASGI application.
     """
@@ -69,6 +77,10 @@ def create_app(
         )
     meter = metrics or Metrics(broker)
     server = broker.settings.server
+    service = job_service or JobService(broker)
+    view = StatusView(broker, service)
+    feed = StatusFeed(view.snapshot, broker.subscribe, lambda: service.subscribe(None))
+    view.last_codes = feed.last_codes
     app = FastAPI(
         title="tokenbroker",
         version=__version__,
@@ -76,14 +88,16 @@ def create_app(
         redoc_url=None,
         openapi_url=None,  # served by add_document_route, behind a key, when enabled
         responses={401: {"model": ErrorResponse}},
-        lifespan=following(registry),
+        lifespan=following(registry, on_shutdown=feed.stop),
     )
     app.state.limits = limits or RateLimits(
         server.rate_limit, shared=windows_for(broker.coordinator)
     )
     app.state.consumers = registry
-    service = job_service or JobService(broker)
     app.state.jobs = service
+    app.state.status = view  # serve sets view.pools once its proxy runs
+    app.state.feed = feed
+    app.state.sessions = SessionSigner(broker.settings.encryption_keys)
     streams = StreamGauge()
     app.state.streams = streams
     meter.count_streams(lambda: streams.open)
@@ -101,6 +115,8 @@ def create_app(
     redirects.add_routes(app, broker)
     providers.add_routes(app, broker)
     jobs.add_routes(app, broker, service, streams)
+    events.add_routes(app, feed, streams, service.settings.heartbeat_seconds)
+    ui.add_routes(app, view)
     probes.add_routes(app, broker, meter)
     compat.add_routes(app, broker)  # only what compat: configures (issue 19 §5)
     add_error_handlers(app)

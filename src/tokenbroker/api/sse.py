@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import AppStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -64,6 +65,7 @@ __all__ = [
     "StreamGauge",
     "StreamLimits",
     "Subscription",
+    "draining",
     "event_stream",
     "heartbeat_frame",
 ]
@@ -181,6 +183,18 @@ class StreamGauge:
 
     def __repr__(self) -> str:
         return f"StreamGauge(open={self._open})"
+
+
+def draining(stopping: bool) -> None:
+    """Tell every open stream of this process that the server is stopping (True), so each
+    ends within about half a second and a graceful shutdown does not wait for clients (the
+    status page keeps one stream open for as long as it is shown), or that it is not (False,
+    once the server has stopped: the flag is process-wide).
+
+    sse-starlette finds uvicorn's own signal handler to learn this by itself; ``serve``
+    handles the signals itself, so it says it here.
+    """
+    AppStatus.should_exit = stopping
 
 
 class _Frame(ServerSentEvent):

@@ -146,7 +146,7 @@ def run_demo(
                 if provider.delegation is not None
             ]
             broker.store.add_consumer(
-                "demo", hash_key(key), [*sorted(settings.providers), *delegating, "jobs"]
+                "demo", hash_key(key), [*sorted(settings.providers), *delegating, "jobs", "admin"]
             )
             jobs = JobService(broker)
 
@@ -165,15 +165,17 @@ def run_demo(
 
             broker.subscribe(on_event)
             assert settings.proxy is not None
+            app = create_app(broker, job_service=jobs)
             with (
                 ServedApp(
-                    create_app(broker, job_service=jobs),
+                    app,
                     port=int(api_url.rsplit(":", 1)[1]),
                     http=BoundedHeadProtocol,
                     lifespan="on",
                 ),
                 ServedProxy(broker, settings.proxy) as proxy,
             ):
+                app.state.status.pools = proxy.server  # the status page shows its pool
                 _introduce(echo, idp, upstream.url, api_url, env["STORE_PATH"], key, proxy)
                 _show_tokens(echo, broker, idp)
                 _check_curl_lines(echo, api_url, upstream.url, key, proxy)
@@ -218,6 +220,7 @@ def _introduce(
     echo(f"  token proxy           {proxy.url}  (pool of alice and bob, one per connection)")
     echo(f"  proxy health          {proxy.health_url}")
     echo(f"  consumer key          {key}")
+    echo(f"  status page           {api}/ui  (sign in with the consumer key: it has admin)")
     echo("")
     echo("paste these:")
     echo(f"  export TB_KEY={key}")

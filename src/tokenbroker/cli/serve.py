@@ -35,6 +35,7 @@ import uvloop
 
 from ..api.app import create_app
 from ..api.connection import BoundedHeadProtocol
+from ..api.sse import draining
 from ..config import ProxySettings, config_warnings
 from ..edge.descriptors import budget
 from ..engine.broker import Broker
@@ -156,6 +157,13 @@ def _api_config(broker: Broker, address: str, jobs: JobService | None = None) ->
     )
 
 
+def _show_pools(api: uvicorn.Config, proxy: ProxyServer) -> None:
+    """Let the status page (``/ui``) read the pools of the proxy running in this process."""
+    view = getattr(getattr(api.app, "state", None), "status", None)
+    if view is not None:
+        view.pools = proxy
+
+
 class _Shutdown:
     """The one way both commands stop: SIGINT or SIGTERM, caught on the event loop.
 
@@ -205,6 +213,7 @@ class _Shutdown:
         """Ask ``server`` to stop once a stop is requested, and to force it if forced."""
         await self.requested.wait()
         server.should_exit = True
+        draining(True)  # open SSE streams end now instead of holding the shutdown
         await self.forced.wait()
         server.force_exit = True
 
@@ -231,6 +240,8 @@ async def _serve_until_stopped(
             if proxy is None:
                 logger.info("stopped before serving")
                 return
+            if api is not None:
+                _show_pools(api, proxy)
         try:
             if api is None:
                 await shutdown.requested.wait()
@@ -241,6 +252,7 @@ async def _serve_until_stopped(
                 await server.serve()
             finally:
                 stopping.cancel()
+                draining(False)
         finally:
             if proxy is not None:
                 await proxy.close()

@@ -23,7 +23,7 @@ from pydantic import (
 
 from ..core.crypto import decode_key
 from ..core.names import CONSUMER_NAME_PATTERN, PROVIDER_NAME_PATTERN
-from ..core.rules import DELEGATE, DELEGATE_AS, JOBS, check_subject, parse_rule
+from ..core.rules import ADMIN, DELEGATE, DELEGATE_AS, JOBS, check_subject, parse_rule
 from ..core.scopes import scope_string
 from ..core.secret import Secret
 from ..errors import InvalidDelegationError, InvalidScopeError
@@ -375,7 +375,7 @@ class CompatSettings(_Section):
 def _allow_rule(value: str, info: ValidationInfo) -> str:
     rule = parse_rule(value)  # ValueError names the format
     known = (info.context or {}).get("providers")
-    if known is not None and rule.action != "jobs" and rule.provider not in known:
+    if known is not None and rule.action not in ("jobs", "admin") and rule.provider not in known:
         raise ValueError(f"no provider named {rule.provider!r}")
     return value
 
@@ -428,7 +428,7 @@ class Settings(_Frozen):
     @field_validator("providers")
     @classmethod
     def _provider_names(cls, value: dict[str, Provider]) -> dict[str, Provider]:
-        for name in (DELEGATE, DELEGATE_AS, JOBS):
+        for name in (DELEGATE, DELEGATE_AS, JOBS, ADMIN):
             if name in value:
                 raise ValueError(f"{name!r} is a word of allow rules, not a provider name")
         return value

@@ -2,8 +2,9 @@
 
 A rule is ``provider`` (any scope), ``provider:scope1 scope2`` (those scopes only),
 ``delegate:provider`` (delegated tokens for the consumer's own subject) or
-``delegate-as:provider`` (for any subject it names), or the word ``jobs`` (the jobs API, for
-the jobs of providers another rule allows). A stored consumer keeps its subject as the
+``delegate-as:provider`` (for any subject it names), the word ``jobs`` (the jobs API, for
+the jobs of providers another rule allows), or the word ``admin`` (the status page at ``/ui``
+and the ``/v1/events`` stream, over every provider). A stored consumer keeps its subject as the
 ``subject=NAME`` entry of its allow list.
 """
 
@@ -18,6 +19,7 @@ from ..errors import InvalidDelegationError
 from .names import PROVIDER_NAME_PATTERN
 
 __all__ = [
+    "ADMIN",
     "DELEGATE",
     "DELEGATE_AS",
     "JOBS",
@@ -43,7 +45,11 @@ DELEGATE_AS = "delegate-as"
 #: ``jobs``: the jobs API (start, see, follow, cancel and retry jobs of the providers the
 #: consumer's token rules name).
 JOBS = "jobs"
-Action = Literal["token", "delegate", "delegate-as", "jobs"]
+#: ``admin``: the status page (``/ui``) and the broker's event stream (``/v1/events``): every
+#: provider's state, the pools and every job, and the page's Refresh / Re-authorise / cancel /
+#: retry buttons, for every provider.
+ADMIN = "admin"
+Action = Literal["token", "delegate", "delegate-as", "jobs", "admin"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +70,8 @@ class Rule:
     def __str__(self) -> str:
         if self.action == "jobs":
             return JOBS
+        if self.action == "admin":
+            return ADMIN
         if self.action != "token":
             return f"{self.action}:{self.provider}"
         return (
@@ -75,22 +83,24 @@ class Rule:
 
 def parse_rule(text: str) -> Rule:
     """Parse ``provider``, ``provider:scope1 scope2``, ``delegate:provider``,
-    ``delegate-as:provider`` or ``jobs``.
+    ``delegate-as:provider``, ``jobs`` or ``admin``.
 
     Raises:
         ValueError: For a malformed rule.
     """
     if text.strip() == JOBS:
         return Rule("", None, "jobs")
+    if text.strip() == ADMIN:
+        return Rule("", None, "admin")
     match = _RULE.match(text.strip())
     if not match:
         raise ValueError(
             "an allow rule is PROVIDER, PROVIDER:SCOPE[ SCOPE...], delegate:PROVIDER,"
-            " delegate-as:PROVIDER or jobs"
+            " delegate-as:PROVIDER, jobs or admin"
         )
     provider, scopes = match.group(1), match.group(2)
-    if provider == JOBS:
-        raise ValueError("jobs takes nothing after it: allow the word jobs alone")
+    if provider in (JOBS, ADMIN):
+        raise ValueError(f"{provider} takes nothing after it: allow the word {provider} alone")
     if provider in (DELEGATE, DELEGATE_AS):
         if scopes is None or not _PROVIDER.match(scopes):
             raise ValueError(f"{provider} takes one provider: {provider}:PROVIDER")

@@ -16,7 +16,8 @@ consumer's own) and ``delegate-as:provider`` (also tokens for any other subject 
 names). A token rule alone does not allow delegation, nor a delegation rule token reads; so
 ``delegate`` and ``delegate-as`` are not provider names. The word ``jobs`` allows the jobs
 API (:meth:`Consumer.may_run_jobs`), for the jobs of the providers its token rules name
-(:meth:`Consumer.uses`); ``jobs`` is not a provider name either. A consumer's subject is
+(:meth:`Consumer.uses`); the word ``admin`` allows the status page and the event stream
+(:meth:`Consumer.is_admin`); neither is a provider name. A consumer's subject is
 its configured ``subject``, else its name; a stored consumer keeps it as the
 ``subject=NAME`` entry of its allow list (:func:`subject_entry`), so the store needs no
 column for it.
@@ -143,6 +144,10 @@ class Consumer:
     def may_run_jobs(self) -> bool:
         """Whether the ``jobs`` rule is in the allow list."""
         return any(r.action == "jobs" for r in self.rules)
+
+    def is_admin(self) -> bool:
+        """Whether the ``admin`` rule is in the allow list (the status page, ``/v1/events``)."""
+        return any(r.action == "admin" for r in self.rules)
 
     def uses(self, provider: str) -> bool:
         """Whether some token rule names ``provider`` (with any scopes): what a job of that
@@ -302,6 +307,10 @@ class ConsumerRegistry:
                 if failing:
                     logger.info("stored consumers are read again")
                 failing = False
+
+    def entries(self) -> list[tuple[str, Consumer]]:
+        """Every consumer with its key digest, as of now (for sessions bound to a key)."""
+        return list(self._by_digest.items())
 
     def authenticate(self, key: str | None) -> Consumer | None:
         """The consumer whose key this is, or None.
