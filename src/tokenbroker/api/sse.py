@@ -50,13 +50,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
 from ..jobs.events import parse_last_event_id, sse_frame
 from ..jobs.model import iso8601
 from .errors import NO_STORE, InvalidRequest, error_response
+from .stream_clock import Waker, clock_for, is_due
 
 __all__ = [
     "EventSource",
@@ -91,10 +92,12 @@ class StreamEvent(Protocol):
 
 
 class Subscription(Protocol):
-    """Live events published after :meth:`EventSource.subscribe` returned."""
+    """Live events published after :meth:`EventSource.subscribe` returned, handed over
+    without a task or a timer per stream: the source queues an event and calls the
+    subscriber's ``wake``; the stream takes it with :meth:`pop`."""
 
-    async def get(self) -> StreamEvent:
-        """The next published event, waiting for one (cancellable at any time)."""
+    def pop(self) -> StreamEvent | None:
+        """The oldest published event not yet taken, or None (never blocks)."""
 
     def close(self) -> None:
         """Free the subscription at once (idempotent; never blocks, never raises)."""
@@ -108,8 +111,9 @@ class EventSource(Protocol):
     stream that subscribes before it reads loses nothing.
     """
 
-    def subscribe(self) -> Subscription:
-        """Start receiving events published from now on."""
+    def subscribe(self, wake: Callable[[], None]) -> Subscription:
+        """Start receiving events published from now on; call ``wake`` (on the event
+        loop's thread, never blocking) whenever one can be popped."""
 
     async def after(self, last_id: int) -> Sequence[StreamEvent]:
         """The stored events with ``seq > last_id``, in order."""
@@ -183,17 +187,6 @@ class StreamGauge:
         return f"StreamGauge(open={self._open})"
 
 
-class _Frame(ServerSentEvent):
-    """A ready SSE message for sse-starlette's ping path (which wants a ServerSentEvent)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self._text = text
-
-    def encode(self) -> bytes:
-        return self._text.encode()
-
-
 class _Sent:
     """The id of the last event a stream's generator knows has been sent."""
 
@@ -235,26 +228,37 @@ async def event_stream(
         return error_response(InvalidRequest("Last-Event-ID must be a non-negative integer"))
     if await source.delivered(last_id):
         return Response(status_code=204, headers={**NO_STORE, **STREAM_HEADERS})
-    sent = _Sent(last_id)
     return EventSourceResponse(
-        _events(source, sent, limits, gauge),
+        _events(source, _Sent(last_id), limits, gauge, heartbeat),
         headers=STREAM_HEADERS,
-        ping=limits.heartbeat_seconds,
-        ping_message_factory=lambda: _Frame(heartbeat(sent.last_id)),
+        ping=0,  # no ping task per stream: heartbeats come from the generator (the clock)
         sep="\n",
     )
 
 
 async def _events(
-    source: EventSource, sent: _Sent, limits: StreamLimits, gauge: StreamGauge | None
+    source: EventSource,
+    sent: _Sent,
+    limits: StreamLimits,
+    gauge: StreamGauge | None,
+    heartbeat: HeartbeatFactory,
 ) -> AsyncIterator[bytes]:
-    """The stream body: the backlog after ``sent.last_id``, then live events, then the end.
+    """The stream body: the backlog after ``sent.last_id``, then live events and
+    heartbeats, then the end (the final event, or ``retry:`` at the end of its life).
 
-    ``sent.last_id`` moves only when the generator is resumed after a ``yield``, i.e. once
-    sse-starlette has sent that event, so a heartbeat never claims an unsent id.
+    The generator waits on its :class:`~.stream_clock.Waker` only: the source wakes it for
+    an event, the loop's :class:`~.stream_clock.StreamClock` for a heartbeat or the end of
+    life. ``sent.last_id`` moves only when the generator is resumed after a ``yield``,
+    i.e. once sse-starlette has sent that event, so a heartbeat never claims an unsent id.
     """
-    deadline = asyncio.get_running_loop().time() + limits.max_lifetime_seconds
-    subscription = source.subscribe()  # before the backlog read: nothing falls between
+    loop = asyncio.get_running_loop()
+    clock = clock_for(loop)
+    waker = Waker(loop)
+    now = loop.time()
+    deadline = now + limits.max_lifetime_seconds
+    beat = now + limits.heartbeat_seconds
+    clock.wake_at(waker, min(beat, deadline))
+    subscription = source.subscribe(waker.wake)  # before the backlog read: nothing falls between
     if gauge is not None:
         gauge._moved(1)
     try:
@@ -266,15 +270,19 @@ async def _events(
             if event.final:
                 return
         while True:
-            try:
-                # One timer handle per wait: with an anyio cancel scope per event, bench/sse.py
-                # measured 61% of a core at 5,000 streams (and streams falling behind) where
-                # this takes 43% (two runs, the first on a busier machine).
-                async with asyncio.timeout_at(deadline):
-                    live = await subscription.get()
-            except TimeoutError:
+            now = loop.time()
+            if is_due(now, deadline):
                 yield f"retry: {limits.retry_ms}\n\n".encode()
                 return
+            if is_due(now, beat):
+                beat = now + limits.heartbeat_seconds
+                clock.wake_at(waker, min(beat, deadline))
+                yield heartbeat(sent.last_id).encode()
+                continue
+            live = subscription.pop()
+            if live is None:
+                await waker.wait()
+                continue
             pending: Sequence[StreamEvent] = (live,)
             if live.seq > sent.last_id + 1:
                 # The subscription skipped ids: the store has them (it is written first).
@@ -287,6 +295,7 @@ async def _events(
                 if event.final:
                     return
     finally:
+        waker.closed = True
         subscription.close()
         if gauge is not None:
             gauge._moved(-1)
