@@ -9,6 +9,7 @@ server's event loop.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 from collections.abc import Callable, Sequence
@@ -129,5 +130,9 @@ def stream_app(
             body["text"], body.get("final", False), deliver=body.get("deliver", True)
         )
         return {"seq": note.seq}
+
+    @app.get("/tasks")
+    async def tasks() -> dict[str, int]:
+        return {"tasks": len(asyncio.all_tasks())}
 
     return app, seen
