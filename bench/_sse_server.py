@@ -21,8 +21,10 @@ follows channel ``j``:
   ``GET /gauge`` answers the open streams, stream subscriptions, feeds and hub
   subscriptions.
 
-The ``ts`` lets the client measure publish-to-arrival latency (one host's clock). The
-soft ``RLIMIT_NOFILE`` is raised to the hard limit first.
+Publishing starts with ``POST /start`` (the bench sends it once every stream is open, so
+no stream opens with a backlog to replay). The ``ts`` lets the client measure
+publish-to-arrival latency (one host's clock). The soft ``RLIMIT_NOFILE`` is raised to
+the hard limit first.
 """
 
 from __future__ import annotations
@@ -59,10 +61,16 @@ def raise_descriptor_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: Set by ``POST /start``: publishing waits for it, so streams open on empty jobs.
+STARTED = asyncio.Event()
+
+
 async def publish_forever(jobs: int, publish: Callable[[int, int], Awaitable[None] | None]) -> None:
-    """Call ``publish(j, k)`` for the k-th publication of channel j, on a fixed schedule."""
+    """Call ``publish(j, k)`` for the k-th publication of channel j, on a fixed schedule
+    from ``POST /start`` on."""
+    await STARTED.wait()
     loop = asyncio.get_running_loop()
-    start = loop.time() + PERIOD
+    start = loop.time()
 
     async def channel(j: int) -> None:
         k = 0
@@ -178,6 +186,10 @@ def main() -> None:
     async def gauge(request: Request) -> Response:
         return JSONResponse(server.gauge())
 
+    async def start(request: Request) -> Response:
+        STARTED.set()
+        return JSONResponse({"started": True})
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         task = asyncio.create_task(server.run())
@@ -187,7 +199,11 @@ def main() -> None:
         yield
         task.cancel()
 
-    routes = [Route("/stream/{j:int}", server.stream), Route("/gauge", gauge)]
+    routes = [
+        Route("/stream/{j:int}", server.stream),
+        Route("/gauge", gauge),
+        Route("/start", start, methods=["POST"]),
+    ]
     uvicorn.run(
         Starlette(routes=routes, lifespan=lifespan),
         host="127.0.0.1",

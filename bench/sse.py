@@ -14,14 +14,19 @@ For 1,000 and then 5,000 streams, each server: ``--clients`` client processes (r
 asyncio sockets on uvloop; not httpx, so the load generator is not the bottleneck) open
 their share of the streams, at most ``OPENING`` connections being opened at once per
 process (a ramp at the server's own pace, never past the listen backlog), wait for every
-response head, let them run ``--warmup`` seconds, then record ``--duration`` seconds.
+response head, start the publishing (so no stream opens with a backlog to replay), let
+them run ``--warmup`` seconds, then record ``--duration`` seconds.
 ``held`` counts streams that got at least ``duration - 1`` events in the window (open
-and flowing at the publishing rate); ``cpu %`` is the server process's own user+system
-CPU time in the window over the window's length (100 = one core; the clients' CPU is not
-counted); ``KB/stream`` is the server's RSS growth from before the streams opened, per
-held stream; ``p50/p99 ms`` is the delay from publishing (the event's ``ts``) to arrival
-at a client. ``streams/core`` is held / (cpu % / 100), and ``x bare`` divides ours by
-bare's at the same stream count: "streams at the same CPU". After the window the clients
+and flowing at the publishing rate); ``events/s`` is the events delivered per second over
+all streams (= the stream count when every stream keeps up); ``cpu %`` is the server
+process's own user+system CPU time in the window over the window's length (100 = one
+core; the clients' CPU is not counted); ``KB/stream`` is the server's RSS growth from
+before the streams opened, per open stream; ``p50/p99 ms`` is the delay from publishing
+(the event's ``ts``) to arrival at a client. ``streams/core`` is events/s / (cpu % /
+100): how many 1-event-a-second streams one core serves at this cost per event (equal to
+held / CPU when every stream keeps up, and still a fair cost when a busy machine leaves
+the server short of CPU and events arrive late); ``x bare`` divides ours by bare's at the
+same stream count: "streams at the same CPU". After the window the clients
 close every stream; for ``ours`` the run fails unless the server's gauge reads 0 open
 streams, 0 stream subscriptions, 0 feeds and 0 hub subscriptions within 10 s.
 
@@ -69,6 +74,7 @@ class Result:
     label: str
     streams: int
     held: int
+    events_per_s: float
     cpu_pct: float
     kb_per_stream: float
     p50_ms: float
@@ -76,7 +82,7 @@ class Result:
 
     @property
     def per_core(self) -> float:
-        return self.held / max(self.cpu_pct / 100, 1e-6)
+        return self.events_per_s / max(self.cpu_pct / 100, 1e-6)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -111,13 +117,14 @@ async def follow(
     """One raw SSE connection: counts events and, while recording, their latency."""
     async with opening:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode()
-        )
-        head = await reader.readuntil(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise RuntimeError(f"stream refused: {head[:40]!r}")
-        opened.append(writer)
+        request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n"
+        writer.write(request.encode())
+        await writer.drain()
+    # uvicorn sends the head with the first body bytes: the first heartbeat or ping (5 s)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"stream refused: {head[:40]!r}")
+    opened.append(writer)
     while chunk := await reader.read(65536):
         found = TS.findall(chunk)
         if found and board.recording:
@@ -194,6 +201,7 @@ def load(
             opened += pipe.recv()
         if opened != count:
             raise SystemExit(f"only {opened} of {count} streams opened")
+        httpx.post(f"http://127.0.0.1:{port}/start", timeout=10)
         time.sleep(warmup)
         for pipe in pipes:
             pipe.send("record")
@@ -230,8 +238,9 @@ def load(
         label="",
         streams=count,
         held=held,
+        events_per_s=sum(counts) / duration,
         cpu_pct=100 * (cpu1 - cpu0) / (t1 - t0),
-        kb_per_stream=(rss - base_rss) / max(held, 1),
+        kb_per_stream=(rss - base_rss) / count,
         p50_ms=1000 * statistics.median(lat),
         p99_ms=1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
     )
@@ -318,6 +327,7 @@ def report(results: list[Result], args: argparse.Namespace, pin: bool, elapsed: 
             r.label,
             str(r.streams),
             str(r.held),
+            f"{r.events_per_s:.0f}",
             f"{r.cpu_pct:.1f}",
             f"{r.kb_per_stream:.1f}",
             f"{r.p50_ms:.1f}",
@@ -333,7 +343,7 @@ def report(results: list[Result], args: argparse.Namespace, pin: bool, elapsed: 
         f"1 uvicorn worker, {args.clients} client processes ({pinning}; "
         f"CPython {platform.python_version()}, {os.cpu_count()} CPUs)"
     )
-    header = ["server", "streams", "held", "cpu %", "KB/stream", "p50 ms", "p99 ms"]
+    header = ["server", "streams", "held", "events/s", "cpu %", "KB/stream", "p50 ms", "p99 ms"]
     print(render_table([*header, "streams/core", "x bare"], rows))
     print()
     ours = {r.streams: r for r in results if r.label == "ours"}

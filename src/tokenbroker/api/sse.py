@@ -1,9 +1,8 @@
 """Server-Sent Events for any replayable event source: resume, heartbeats, bounded lifetime.
 
 :func:`event_stream` turns an :class:`EventSource` (a job's events, the broker's status
-events, …) into an sse-starlette response (measured to hold 5,000 streams on about half a
-core; FastAPI's own SSE response left generators unfinalised after disconnects). The
-wire contract (WHATWG HTML "Server-sent events"):
+events, …) into an sse-starlette response (FastAPI's own SSE response left generators
+unfinalised after disconnects). The wire contract (WHATWG HTML "Server-sent events"):
 
 - Every event carries ``id:`` = its sequence number in the source (1, 2, 3, …). A request
   with ``Last-Event-ID: N`` gets exactly the events after N, then the live ones.
@@ -24,6 +23,12 @@ Ordering without loss: the stream subscribes first, then reads the stored events
 event stored between the subscription and the read arrives through one or both and is
 sent once. A live event whose id jumps past the next expected one (a subscriber that lost
 messages, e.g. Redis pub/sub across a reconnect) makes the stream re-read the store.
+
+Cost per stream: no task or timer of its own beyond sse-starlette's sender and listeners.
+The generator awaits one future, resolved by its source when an event can be popped
+(:class:`Subscription` is push-based) or by the loop's one
+:class:`~.stream_clock.StreamClock` when a heartbeat or the end of its life is due;
+sse-starlette's ping task is off (``ping=0``) since the generator sends the heartbeats.
 
 Resources: the subscription is taken *inside* the response's generator and released in
 its ``finally`` (a resource taken outside and released inside leaks when the generator
