@@ -153,10 +153,12 @@ async def client(port: int, paths: list[str], pipe: Connection) -> None:
     pipe.send(len(opened))
     await loop.run_in_executor(None, pipe.recv)  # "record"
     board.recording = True
+    cpu0 = time.process_time()
     await loop.run_in_executor(None, pipe.recv)  # "stop"
     board.recording = False
+    cpu = time.process_time() - cpu0
     ended = sum(1 for t in tasks if t.done())
-    pipe.send((counts, board.latencies, ended))
+    pipe.send((counts, board.latencies, ended, cpu))
     for task in tasks:
         task.cancel()
     for writer in opened:
@@ -213,12 +215,13 @@ def load(
         rss = rss_kb(pid)
         counts: list[int] = []
         latencies: list[float] = []
-        ended = 0
+        ended, client_cpu = 0, 0.0
         for pipe in pipes:
-            got_counts, got_latencies, got_ended = pipe.recv()
+            got_counts, got_latencies, got_ended, got_cpu = pipe.recv()
             counts += got_counts
             latencies += got_latencies
             ended += got_ended
+            client_cpu += got_cpu
     finally:
         for process in processes:
             process.join(30)
@@ -230,7 +233,8 @@ def load(
     counts.sort()
     print(
         f"  {count} streams: events per stream in the window min {counts[0]}, "
-        f"median {counts[len(counts) // 2]}, max {counts[-1]}",
+        f"median {counts[len(counts) // 2]}, max {counts[-1]}; the {clients} clients used "
+        f"{100 * client_cpu / (t1 - t0):.0f}% of a core",
         file=sys.stderr,
     )
     lat = sorted(latencies) or [0.0]
