@@ -30,7 +30,9 @@ same stream count: "streams at the same CPU". After the window the clients
 close every stream; for ``ours`` the run fails unless the server's gauge reads 0 open
 streams, 0 stream subscriptions, 0 feeds and 0 hub subscriptions within 10 s.
 
-Nothing is pinned unless ``--pin`` (server on core 1, clients on core 0): on a shared
+A server short of CPU delivers late rather than dropping events, so ``held`` falls and
+the latency grows; that is reported as measured (bare's too), and only ours' ``held`` is
+a goal. Nothing is pinned unless ``--pin`` (server on core 1, clients on core 0): on a shared
 machine pinning puts the server behind whatever else runs on its core. Goals: ``x bare``
 >= 0.8 at 1,000 and 5,000 streams, p99 <= 50 ms at 1,000. The last line is the one-line
 summary; the exit status is non-zero only when a run itself is invalid.
@@ -355,7 +357,7 @@ def report(results: list[Result], args: argparse.Namespace, pin: bool, elapsed: 
     ratio = {n: ours[n].per_core / bare[n].per_core for n in counts}
     at = GOAL_STREAMS if GOAL_STREAMS in ours else counts[0]
     p99 = ours[at].p99_ms
-    all_held = all(r.held == r.streams for r in results)
+    all_held = all(r.held == r.streams for r in ours.values())
     goals = [
         *(
             (
@@ -366,7 +368,7 @@ def report(results: list[Result], args: argparse.Namespace, pin: bool, elapsed: 
             for n in counts
         ),
         (f"ours p99 <= {GOAL_P99_MS:g} ms at {at}", f"{p99:.1f} ms", p99 <= GOAL_P99_MS),
-        ("every stream held and flowing", "yes" if all_held else "no", all_held),
+        ("ours: every stream held and flowing", "yes" if all_held else "no", all_held),
     ]
     print("goals:")
     for text, value, met in goals:
