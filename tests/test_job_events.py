@@ -50,7 +50,7 @@ class Stage:
     """A served app streaming one queued job as ``GET /v1/jobs/{id}/stream`` does, and a
     route that appends an event to it the way the runner does (store, then notify)."""
 
-    def __init__(self) -> None:
+    def __init__(self, poll_seconds: float = 30) -> None:
         self.store = CountingStore()
         settings = parse_settings(
             json.dumps(
@@ -75,7 +75,7 @@ class Stage:
         holder: dict[str, JobFeeds] = {}
 
         async def stream(request: Request) -> Response:
-            feeds = holder.setdefault("feeds", JobFeeds(self.service, poll_seconds=30))
+            feeds = holder.setdefault("feeds", JobFeeds(self.service, poll_seconds=poll_seconds))
             source = JobEventSource(feeds, self.job_id)
             return await event_stream(request, source, limits=limits, gauge=self.gauge)
 
@@ -84,7 +84,8 @@ class Stage:
             seq = await asyncio.to_thread(
                 self.store.append_job_event, self.job_id, "phase_update", data
             )
-            self.service.hub.notify(self.job_id)
+            if request.query_params.get("notify") != "no":  # "no": another process wrote it
+                self.service.hub.notify(self.job_id)
             return JSONResponse({"seq": seq})
 
         self.holder = holder
@@ -97,8 +98,8 @@ class Stage:
 
 
 @pytest.fixture
-def stage() -> Iterator[Stage]:
-    staged = Stage()
+def stage(request: pytest.FixtureRequest) -> Iterator[Stage]:
+    staged = Stage(getattr(request, "param", 30))
     yield staged
     staged.close()
 
@@ -154,3 +155,31 @@ def test_streams_of_one_job_share_one_store_reader(stage: Stage) -> None:
     wait_for(lambda: stage.gauge.open == 0, "every stream closed", 10)
     feeds = stage.holder["feeds"]
     assert (len(feeds), feeds.streams, len(stage.service.hub)) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("stage", [0.1], indirect=True, ids=["poll 0.1 s"])
+def test_a_write_nobody_notified_is_found_by_one_poll_per_job(stage: Stage) -> None:
+    """An event stored without a wake-up (another process's write) reaches all 20 streams
+    of the job through the feed's poll; polling costs one store read per poll interval for
+    the job, not one per stream."""
+    httpx.post(f"{stage.served.url}/publish", timeout=10)
+    ready: list[int] = []
+    reads: list[float] = []
+
+    async def main() -> list[list[int]]:
+        followers = asyncio.ensure_future(_follow(stage.port, 20, 2, ready))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while len(ready) < 20:
+            assert loop.time() < deadline, len(ready)
+            await asyncio.sleep(0.02)
+        before, started = stage.store.event_reads, loop.time()
+        await asyncio.sleep(1.0)  # idle: only the feed's polls read
+        reads.append((stage.store.event_reads - before) / (loop.time() - started))
+        async with httpx.AsyncClient(base_url=stage.served.url, timeout=10) as client:
+            await client.post("/publish", params={"notify": "no"})
+        return await followers
+
+    got = asyncio.run(main())
+    assert all(ids == [1, 2] for ids in got), got[:3]
+    assert reads[0] <= 12, reads  # about 10 polls a second for the job, not 20 x 10
