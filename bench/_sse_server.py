@@ -1,31 +1,42 @@
-"""The servers of ``sse.py``: a bare sse-starlette endpoint and ``api/sse.py``'s, side by side.
+"""The servers of ``sse.py``: a bare sse-starlette endpoint and tokenbroker's job stream.
 
-``python _sse_server.py MODE PORT`` serves on 127.0.0.1:PORT, one uvicorn worker (uvloop,
-httptools, log level warning, no access log), until terminated:
+``python _sse_server.py MODE PORT JOBS`` serves on 127.0.0.1:PORT, one uvicorn worker
+(uvloop, httptools, log level warning, no access log), until terminated. Both modes have
+``JOBS`` event channels; channel ``j`` publishes one event a second, at ``j / JOBS`` of
+each second (so the streams of different jobs are not all served in the same instant, as
+real jobs are not), carrying ``{"ts": <time.time() at publishing>}``; ``GET /stream/{j}``
+follows channel ``j``:
 
-* ``bare``: ``GET /stream`` is an ``EventSourceResponse`` over a generator that sleeps 1 s
-  and yields ``{"ts": <time.time()>}`` with a counter id, pinging every 5 s (the library's
-  comment ping). Nothing else.
-* ``ours``: ``GET /stream`` is :func:`tokenbroker.api.sse.event_stream` over a per-stream
-  source whose subscription produces the same event every second (so each stream has its
-  own subscription, taken inside the generator and freed in its ``finally``), with a
-  ``heartbeat`` event every 5 s and the open streams counted by a
-  :class:`~tokenbroker.api.sse.StreamGauge`; ``GET /gauge`` answers that count.
+* ``bare``: an ``EventSourceResponse`` over the thinnest generator: it awaits the
+  channel's next publication (one shared future per channel) and yields a
+  ``ServerSentEvent`` with a counter id; sse-starlette's own ping (a comment) every 5 s.
+  Nothing else: no store, no Last-Event-ID, no gauge.
+* ``ours``: the real job stream path. ``JOBS`` queued ``warm`` jobs in a
+  :class:`~tokenbroker.jobs.service.JobService` on the memory store; each publication
+  appends a ``phase_update`` event to the job in the store and notifies the service's
+  hub, as the job runner does. ``GET /stream/{j}`` is what ``GET /v1/jobs/{id}/stream``
+  does after authentication: :func:`~tokenbroker.api.sse.event_stream` over a
+  :class:`~tokenbroker.api.job_events.JobEventSource` (one feed per job, Last-Event-ID,
+  a ``heartbeat {job_id, status, ts}`` every 5 s, lifetime deadline, stream gauge).
+  ``GET /gauge`` answers the open streams, stream subscriptions, feeds and hub
+  subscriptions.
 
-The event's ``ts`` lets the client measure delivery latency (both on one host's clock).
-The soft ``RLIMIT_NOFILE`` is raised to the hard limit first (5,000 streams need more than
-the usual 1,024 descriptors).
+Publishing starts with ``POST /start`` (the bench sends it once every stream is open, so
+no stream opens with a backlog to replay). The ``ts`` lets the client measure
+publish-to-arrival latency (one host's clock). The soft ``RLIMIT_NOFILE`` is raised to
+the hard limit first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import uvicorn
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -34,8 +45,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tokenbroker.api.sse import StreamEvent, StreamGauge, StreamLimits, event_stream
-from tokenbroker.jobs.events import sse_frame
+from tokenbroker import Broker, parse_settings
+from tokenbroker.api.job_events import JobEventSource, JobFeeds
+from tokenbroker.api.sse import StreamGauge, StreamLimits, event_stream
+from tokenbroker.jobs.service import JobService
 
 PERIOD = 1.0
 HEARTBEAT = 5.0
@@ -48,75 +61,151 @@ def raise_descriptor_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-async def bare(request: Request) -> Response:
-    async def ticks() -> AsyncIterator[ServerSentEvent]:
-        seq = 0
+#: Set by ``POST /start``: publishing waits for it, so streams open on empty jobs.
+STARTED = asyncio.Event()
+
+
+async def publish_forever(jobs: int, publish: Callable[[int, int], Awaitable[None] | None]) -> None:
+    """Call ``publish(j, k)`` for the k-th publication of channel j, on a fixed schedule
+    from ``POST /start`` on."""
+    await STARTED.wait()
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+
+    async def channel(j: int) -> None:
+        k = 0
         while True:
-            await asyncio.sleep(PERIOD)
-            seq += 1
-            yield ServerSentEvent(json.dumps({"ts": time.time()}), id=str(seq), event="tick")
+            k += 1
+            await asyncio.sleep(max(0.0, start + k * PERIOD + j * PERIOD / jobs - loop.time()))
+            result = publish(j, k)
+            if result is not None:
+                await result
 
-    return EventSourceResponse(ticks(), ping=HEARTBEAT)
-
-
-@dataclass(frozen=True, slots=True)
-class Tick:
-    seq: int
-    final: bool = False
-
-    def to_sse(self) -> str:
-        return sse_frame("tick", json.dumps({"ts": time.time()}), self.seq)
+    await asyncio.gather(*(channel(j) for j in range(jobs)))
 
 
-class TickSubscription:
-    def __init__(self, after: int) -> None:
-        self.seq = after
+class Bare:
+    """Channels as one ``asyncio.Event`` each, replaced at every publication."""
 
-    async def get(self) -> StreamEvent:
-        await asyncio.sleep(PERIOD)
-        self.seq += 1
-        return Tick(self.seq)
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self.next = [asyncio.Event() for _ in range(jobs)]
+        self.data = [""] * jobs
 
-    def close(self) -> None:
-        pass
+    async def run(self) -> None:
+        def publish(j: int, k: int) -> None:
+            done, self.next[j] = self.next[j], asyncio.Event()
+            self.data[j] = json.dumps({"ts": time.time()})
+            done.set()
 
+        await publish_forever(self.jobs, publish)
 
-class TickSource:
-    """An endless source with nothing stored: each subscriber gets a tick a second."""
+    async def stream(self, request: Request) -> Response:
+        j = int(request.path_params["j"])
 
-    def __init__(self, last_id: int) -> None:
-        self._last_id = last_id
+        async def ticks() -> AsyncIterator[ServerSentEvent]:
+            seq = 0
+            while True:
+                await self.next[j].wait()
+                seq += 1
+                yield ServerSentEvent(self.data[j], id=str(seq), event="tick")
 
-    def subscribe(self) -> TickSubscription:
-        return TickSubscription(self._last_id)
+        return EventSourceResponse(ticks(), ping=HEARTBEAT)
 
-    async def after(self, last_id: int) -> Sequence[StreamEvent]:
-        return ()
-
-    async def delivered(self, last_id: int) -> bool:
-        return False
-
-
-GAUGE = StreamGauge()
-LIMITS = StreamLimits(heartbeat_seconds=HEARTBEAT, max_lifetime_seconds=3600)
-
-
-async def ours(request: Request) -> Response:
-    last = request.headers.get("last-event-id", "")
-    source = TickSource(int(last) if last.isdigit() else 0)
-    return await event_stream(request, source, limits=LIMITS, gauge=GAUGE)
+    def gauge(self) -> dict[str, int]:
+        return {"open": 0}
 
 
-async def gauge(request: Request) -> Response:
-    return JSONResponse({"open": GAUGE.open})
+class Ours:
+    """``JOBS`` queued jobs of a JobService on the memory store, streamed as the API does."""
+
+    def __init__(self, jobs: int) -> None:
+        providers = {
+            f"p{j}": {
+                "grant": "client_credentials",
+                "token_url": "http://127.0.0.1:9/token",  # never called: the jobs stay queued
+                "client_id": "bench",
+                "client_secret": "bench-secret",
+            }
+            for j in range(jobs)
+        }
+        text = json.dumps(
+            {
+                "store": "memory",
+                "providers": providers,
+                "jobs": {"max_queued": max(jobs, 16), "heartbeat_seconds": HEARTBEAT},
+            }
+        )
+        self.service = JobService(Broker(parse_settings(text, {})))
+        self.ids = [
+            self.service.start("warm", {"provider": f"p{j}"}, f"bench{j}")[0].job_id
+            for j in range(jobs)
+        ]
+        self.jobs = jobs
+        self.feeds: JobFeeds | None = None
+        self.limits = StreamLimits(heartbeat_seconds=HEARTBEAT, max_lifetime_seconds=3600)
+        self.streams = StreamGauge()
+
+    async def run(self) -> None:
+        store, hub = self.service.store, self.service.hub
+        self.feeds = JobFeeds(self.service, self.service.settings.poll_seconds)
+
+        def append(job_id: str, k: int) -> None:
+            data = {"job_id": job_id, "phase": "fetch", "progress": k % 100, "ts": time.time()}
+            store.append_job_event(job_id, "phase_update", json.dumps(data))
+
+        async def publish(j: int, k: int) -> None:
+            # A worker thread, as the job runner's saves are.
+            await asyncio.to_thread(append, self.ids[j], k)
+            hub.notify(self.ids[j])
+
+        await publish_forever(self.jobs, publish)
+
+    async def stream(self, request: Request) -> Response:
+        assert self.feeds is not None
+        source = JobEventSource(self.feeds, self.ids[int(request.path_params["j"])])
+        return await event_stream(
+            request, source, limits=self.limits, gauge=self.streams, heartbeat=source.heartbeat
+        )
+
+    def gauge(self) -> dict[str, int]:
+        feeds = self.feeds
+        return {
+            "open": self.streams.open,
+            "subscriptions": feeds.streams if feeds else 0,
+            "feeds": len(feeds) if feeds else 0,
+            "hub": len(self.service.hub),
+        }
 
 
 def main() -> None:
-    mode, port = sys.argv[1], int(sys.argv[2])
+    mode, port, jobs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     raise_descriptor_limit()
-    routes = [Route("/stream", bare if mode == "bare" else ours), Route("/gauge", gauge)]
+    server: Any = Bare(jobs) if mode == "bare" else Ours(jobs)
+
+    async def gauge(request: Request) -> Response:
+        return JSONResponse(server.gauge())
+
+    async def start(request: Request) -> Response:
+        STARTED.set()
+        return JSONResponse({"started": True})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(server.run())
+        task.add_done_callback(
+            lambda t: t.cancelled() or print(f"publisher died: {t.exception()!r}")
+        )
+        yield
+        task.cancel()
+
+    routes = [
+        Route("/stream/{j:int}", server.stream),
+        Route("/gauge", gauge),
+        Route("/start", start, methods=["POST"]),
+    ]
     uvicorn.run(
-        Starlette(routes=routes),
+        Starlette(routes=routes, lifespan=lifespan),
         host="127.0.0.1",
         port=port,
         loop="uvloop",
@@ -124,7 +213,7 @@ def main() -> None:
         log_level="warning",
         access_log=False,
         server_header=False,
-        backlog=8192,
+        backlog=4096,
     )
 
 

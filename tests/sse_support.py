@@ -10,6 +10,7 @@ server's event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,14 +38,19 @@ class Note:
 
 
 class NoteSubscription:
-    """A subscriber's queue of live events."""
+    """A subscriber's queue of live events and the stream's wake-up."""
 
-    def __init__(self, source: NoteSource) -> None:
+    def __init__(self, source: NoteSource, wake: Callable[[], None]) -> None:
         self._source = source
-        self.queue: asyncio.Queue[Note] = asyncio.Queue()
+        self._wake = wake
+        self.queue: collections.deque[Note] = collections.deque()
 
-    async def get(self) -> StreamEvent:
-        return await self.queue.get()
+    def push(self, note: Note) -> None:
+        self.queue.append(note)
+        self._wake()
+
+    def pop(self) -> StreamEvent | None:
+        return self.queue.popleft() if self.queue else None
 
     def close(self) -> None:
         self._source.subscribers.discard(self)
@@ -61,8 +67,8 @@ class NoteSource:
     before_snapshot: Callable[[NoteSource], None] | None = None
     after_snapshot: Callable[[NoteSource], None] | None = None
 
-    def subscribe(self) -> NoteSubscription:
-        subscription = NoteSubscription(self)
+    def subscribe(self, wake: Callable[[], None]) -> NoteSubscription:
+        subscription = NoteSubscription(self, wake)
         self.subscribers.add(subscription)
         self.subscribed += 1
         return subscription
@@ -90,7 +96,7 @@ class NoteSource:
         note = self.store(text, final)
         if deliver:
             for subscription in list(self.subscribers):
-                subscription.queue.put_nowait(note)
+                subscription.push(note)
         return note
 
 
@@ -124,5 +130,9 @@ def stream_app(
             body["text"], body.get("final", False), deliver=body.get("deliver", True)
         )
         return {"seq": note.seq}
+
+    @app.get("/tasks")
+    async def tasks() -> dict[str, int]:
+        return {"tasks": len(asyncio.all_tasks())}
 
     return app, seen

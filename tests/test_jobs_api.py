@@ -307,8 +307,9 @@ def test_a_live_stream_follows_the_job_to_its_end(
 def test_a_thousand_streams_opened_and_dropped_leave_no_subscriber(
     auth_server: AuthorizationServer,
 ) -> None:
-    """1,000 streams of a queued job through the real route hold 1,000 subscriptions and
-    tokenbroker_sse_streams 1000; once the clients drop, both are back to 0."""
+    """1,000 streams of a queued job through the real route hold 1,000 stream subscriptions
+    fanned out from one subscription to the job, and tokenbroker_sse_streams 1000; once the
+    clients drop, all are back to 0."""
     stage = Stage(auth_server, run=False)
     try:
         job_id = stage.start().json()["job_id"]
@@ -334,16 +335,20 @@ def test_a_thousand_streams_opened_and_dropped_leave_no_subscriber(
             holder = asyncio.ensure_future(hold(1000, opened, drop))
             await opened.wait()
             deadline = asyncio.get_running_loop().time() + 120
-            while len(stage.service.hub) < 1000:
-                assert asyncio.get_running_loop().time() < deadline, len(stage.service.hub)
+            feeds = stage.app.state.job_feeds
+            while feeds.streams < 1000:
+                assert asyncio.get_running_loop().time() < deadline, feeds.streams
                 await asyncio.sleep(0.05)
+            assert (len(feeds), len(stage.service.hub)) == (1, 1)  # one reader for the job
             metrics = httpx.get(f"{stage.url}/metrics", timeout=10).text
             assert re.search(r"^tokenbroker_sse_streams 1000(\.0)?$", metrics, re.M)
             drop.set()
             return await holder
 
         assert asyncio.run(main()) == 1000
-        wait_for(lambda: len(stage.service.hub) == 0, "subscriptions to be freed", 30)
+        feeds = stage.app.state.job_feeds
+        wait_for(lambda: feeds.streams == 0, "stream subscriptions to be freed", 30)
+        wait_for(lambda: len(stage.service.hub) == 0, "the job's subscription freed", 30)
         wait_for(lambda: stage.app.state.streams.open == 0, "the stream gauge to be 0", 30)
         metrics = httpx.get(f"{stage.url}/metrics", timeout=10).text
         assert re.search(r"^tokenbroker_sse_streams 0(\.0)?$", metrics, re.M)

@@ -213,6 +213,49 @@ def test_a_thousand_streams_opened_and_dropped_leave_no_subscriber(stage: Stage)
     assert stage.source.subscribed == 1000
 
 
+async def _hold_idle(port: int, count: int, hold: asyncio.Event) -> list[int]:
+    """Open ``count`` streams; each reads until it has 3 heartbeats, then waits for ``hold``."""
+
+    async def one() -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = f"GET /streams/a HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n"
+        writer.write(head.encode())
+        seen = b""
+        while seen.count(b"event: heartbeat") < 3 and (chunk := await reader.read(65536)):
+            seen += chunk
+        await hold.wait()
+        writer.close()
+        return seen.count(b"event: heartbeat")
+
+    return await asyncio.wait_for(asyncio.gather(*(one() for _ in range(count))), 30)
+
+
+@limits(heartbeat_seconds=0.2, max_lifetime_seconds=30)
+def test_idle_streams_get_heartbeats_without_a_ping_task_each(stage: Stage) -> None:
+    """200 idle streams each get their heartbeats (one every 0.2 s), yet the server runs
+    at most 4 tasks per stream (uvicorn's request, sse-starlette's sender, disconnect and
+    shutdown listeners): no ping task or timer of its own per stream."""
+    port = int(stage.served.url.rsplit(":", 1)[1])
+    idle = stage.client.get("/tasks").json()["tasks"]
+
+    async def main() -> tuple[list[int], int]:
+        hold = asyncio.Event()
+        holding = asyncio.ensure_future(_hold_idle(port, 200, hold))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while stage.gauge.open < 200:
+            assert loop.time() < deadline, stage.gauge.open
+            await asyncio.sleep(0.01)
+        async with httpx.AsyncClient(base_url=stage.served.url) as client:
+            tasks = (await client.get("/tasks")).json()["tasks"]
+        hold.set()
+        return await holding, tasks
+
+    beats, tasks = asyncio.run(main())
+    assert min(beats) >= 3, sorted(beats)[:5]
+    assert tasks - idle <= 4 * 200 + 5, tasks - idle
+
+
 def test_stream_limits_refuse_nonsense() -> None:
     """Heartbeat and lifetime must be positive and finite, the retry hint not negative."""
     for bad in (

@@ -1,9 +1,8 @@
 """Server-Sent Events for any replayable event source: resume, heartbeats, bounded lifetime.
 
 :func:`event_stream` turns an :class:`EventSource` (a job's events, the broker's status
-events, …) into an sse-starlette response (measured to hold 5,000 streams on about half a
-core; FastAPI's own SSE response left generators unfinalised after disconnects). The
-wire contract (WHATWG HTML "Server-sent events"):
+events, …) into an sse-starlette response (FastAPI's own SSE response left generators
+unfinalised after disconnects). The wire contract (WHATWG HTML "Server-sent events"):
 
 - Every event carries ``id:`` = its sequence number in the source (1, 2, 3, …). A request
   with ``Last-Event-ID: N`` gets exactly the events after N, then the live ones.
@@ -24,6 +23,12 @@ Ordering without loss: the stream subscribes first, then reads the stored events
 event stored between the subscription and the read arrives through one or both and is
 sent once. A live event whose id jumps past the next expected one (a subscriber that lost
 messages, e.g. Redis pub/sub across a reconnect) makes the stream re-read the store.
+
+Cost per stream: no task or timer of its own beyond sse-starlette's sender and listeners.
+The generator awaits one future, resolved by its source when an event can be popped
+(:class:`Subscription` is push-based) or by the loop's one
+:class:`~.stream_clock.StreamClock` when a heartbeat or the end of its life is due;
+sse-starlette's ping task is off (``ping=0``) since the generator sends the heartbeats.
 
 Resources: the subscription is taken *inside* the response's generator and released in
 its ``finally`` (a resource taken outside and released inside leaks when the generator
@@ -50,7 +55,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.requests import Request
 from starlette.responses import Response
@@ -58,6 +63,7 @@ from starlette.responses import Response
 from ..jobs.events import parse_last_event_id, sse_frame
 from ..jobs.model import iso8601
 from .errors import NO_STORE, InvalidRequest, error_response
+from .stream_clock import Waker, clock_for, is_due
 
 __all__ = [
     "EventSource",
@@ -93,10 +99,12 @@ class StreamEvent(Protocol):
 
 
 class Subscription(Protocol):
-    """Live events published after :meth:`EventSource.subscribe` returned."""
+    """Live events published after :meth:`EventSource.subscribe` returned, handed over
+    without a task or a timer per stream: the source queues an event and calls the
+    subscriber's ``wake``; the stream takes it with :meth:`pop`."""
 
-    async def get(self) -> StreamEvent:
-        """The next published event, waiting for one (cancellable at any time)."""
+    def pop(self) -> StreamEvent | None:
+        """The oldest published event not yet taken, or None (never blocks)."""
 
     def close(self) -> None:
         """Free the subscription at once (idempotent; never blocks, never raises)."""
@@ -110,8 +118,9 @@ class EventSource(Protocol):
     stream that subscribes before it reads loses nothing.
     """
 
-    def subscribe(self) -> Subscription:
-        """Start receiving events published from now on."""
+    def subscribe(self, wake: Callable[[], None]) -> Subscription:
+        """Start receiving events published from now on; call ``wake`` (on the event
+        loop's thread, never blocking) whenever one can be popped."""
 
     async def after(self, last_id: int) -> Sequence[StreamEvent]:
         """The stored events with ``seq > last_id``, in order."""
@@ -197,17 +206,6 @@ def draining(stopping: bool) -> None:
     AppStatus.should_exit = stopping
 
 
-class _Frame(ServerSentEvent):
-    """A ready SSE message for sse-starlette's ping path (which wants a ServerSentEvent)."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self._text = text
-
-    def encode(self) -> bytes:
-        return self._text.encode()
-
-
 class _Sent:
     """The id of the last event a stream's generator knows has been sent."""
 
@@ -249,26 +247,37 @@ async def event_stream(
         return error_response(InvalidRequest("Last-Event-ID must be a non-negative integer"))
     if await source.delivered(last_id):
         return Response(status_code=204, headers={**NO_STORE, **STREAM_HEADERS})
-    sent = _Sent(last_id)
     return EventSourceResponse(
-        _events(source, sent, limits, gauge),
+        _events(source, _Sent(last_id), limits, gauge, heartbeat),
         headers=STREAM_HEADERS,
-        ping=limits.heartbeat_seconds,
-        ping_message_factory=lambda: _Frame(heartbeat(sent.last_id)),
+        ping=0,  # no ping task per stream: heartbeats come from the generator (the clock)
         sep="\n",
     )
 
 
 async def _events(
-    source: EventSource, sent: _Sent, limits: StreamLimits, gauge: StreamGauge | None
+    source: EventSource,
+    sent: _Sent,
+    limits: StreamLimits,
+    gauge: StreamGauge | None,
+    heartbeat: HeartbeatFactory,
 ) -> AsyncIterator[bytes]:
-    """The stream body: the backlog after ``sent.last_id``, then live events, then the end.
+    """The stream body: the backlog after ``sent.last_id``, then live events and
+    heartbeats, then the end (the final event, or ``retry:`` at the end of its life).
 
-    ``sent.last_id`` moves only when the generator is resumed after a ``yield``, i.e. once
-    sse-starlette has sent that event, so a heartbeat never claims an unsent id.
+    The generator waits on its :class:`~.stream_clock.Waker` only: the source wakes it for
+    an event, the loop's :class:`~.stream_clock.StreamClock` for a heartbeat or the end of
+    life. ``sent.last_id`` moves only when the generator is resumed after a ``yield``,
+    i.e. once sse-starlette has sent that event, so a heartbeat never claims an unsent id.
     """
-    deadline = asyncio.get_running_loop().time() + limits.max_lifetime_seconds
-    subscription = source.subscribe()  # before the backlog read: nothing falls between
+    loop = asyncio.get_running_loop()
+    clock = clock_for(loop)
+    waker = Waker(loop)
+    now = loop.time()
+    deadline = now + limits.max_lifetime_seconds
+    beat = now + limits.heartbeat_seconds
+    clock.wake_at(waker, min(beat, deadline))
+    subscription = source.subscribe(waker.wake)  # before the backlog read: nothing falls between
     if gauge is not None:
         gauge._moved(1)
     try:
@@ -280,15 +289,19 @@ async def _events(
             if event.final:
                 return
         while True:
-            try:
-                # One timer handle per wait: with an anyio cancel scope per event, bench/sse.py
-                # measured 61% of a core at 5,000 streams (and streams falling behind) where
-                # this takes 43% (two runs, the first on a busier machine).
-                async with asyncio.timeout_at(deadline):
-                    live = await subscription.get()
-            except TimeoutError:
+            now = loop.time()
+            if is_due(now, deadline):
                 yield f"retry: {limits.retry_ms}\n\n".encode()
                 return
+            if is_due(now, beat):
+                beat = now + limits.heartbeat_seconds
+                clock.wake_at(waker, min(beat, deadline))
+                yield heartbeat(sent.last_id).encode()
+                continue
+            live = subscription.pop()
+            if live is None:
+                await waker.wait()
+                continue
             pending: Sequence[StreamEvent] = (live,)
             if live.seq > sent.last_id + 1:
                 # The subscription skipped ids: the store has them (it is written first).
@@ -301,6 +314,7 @@ async def _events(
                 if event.final:
                     return
     finally:
+        waker.closed = True
         subscription.close()
         if gauge is not None:
             gauge._moved(-1)

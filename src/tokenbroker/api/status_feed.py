@@ -24,6 +24,7 @@ else happens on the event loop the feed was started on.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -75,25 +76,27 @@ class FeedEvent:
 
 
 class FeedSubscription:
-    """The feed's events from now on, for one stream."""
+    """The feed's events from now on, for one stream (the push-based
+    :class:`tokenbroker.api.sse.Subscription`: queued, then ``wake`` is called)."""
 
-    def __init__(self, feed: StatusFeed) -> None:
+    def __init__(self, feed: StatusFeed, wake: Callable[[], None]) -> None:
         self._feed = feed
-        self.queue: asyncio.Queue[FeedEvent] = asyncio.Queue(maxsize=1000)
+        self._wake = wake
+        self.queue: collections.deque[FeedEvent] = collections.deque(maxlen=1000)
 
-    async def get(self) -> FeedEvent:
-        """The next event, waiting for one."""
-        return await self.queue.get()
+    def pop(self) -> FeedEvent | None:
+        """The oldest event not yet taken, or None."""
+        return self.queue.popleft() if self.queue else None
 
     def close(self) -> None:
         """Stop receiving (idempotent)."""
         self._feed._subscribers.discard(self)
 
     def offer(self, event: FeedEvent) -> None:
-        """Queue ``event``; a reader that fell 1,000 events behind loses the newest, and the
-        stream re-reads the log when it sees the gap in the ids."""
-        with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(event)
+        """Queue ``event`` and wake the stream; a reader that fell 1,000 events behind loses
+        the oldest, and the stream re-reads the log when it sees the gap in the ids."""
+        self.queue.append(event)
+        self._wake()
 
 
 class StatusFeed:
@@ -133,10 +136,11 @@ class StatusFeed:
 
     # -- the EventSource protocol of tokenbroker.api.sse --------------------------------
 
-    def subscribe(self) -> FeedSubscription:
-        """Follow the feed from now on (starts it on the running loop if needed)."""
+    def subscribe(self, wake: Callable[[], None]) -> FeedSubscription:
+        """Follow the feed from now on (starts it on the running loop if needed); ``wake``
+        is called whenever an event can be popped."""
         self.start()
-        subscription = FeedSubscription(self)
+        subscription = FeedSubscription(self, wake)
         self._subscribers.add(subscription)
         self.poke()
         return subscription

@@ -47,7 +47,7 @@ from ...jobs.model import Job
 from ...jobs.service import JobService
 from ..access import Caller
 from ..errors import NO_STORE, InvalidRequest, NotFound, documented
-from ..job_events import JobEventSource
+from ..job_events import JobEventSource, JobFeeds
 from ..sse import StreamGauge, StreamLimits, event_stream
 
 __all__ = ["JobIn", "Operator", "SeenJob", "add_routes", "operator", "seen_job", "visible"]
@@ -130,6 +130,7 @@ def add_routes(
         gauge: Counts the open job streams (``tokenbroker_sse_streams``).
     """
     limits = StreamLimits(heartbeat_seconds=service.settings.heartbeat_seconds)
+    feeds = app.state.job_feeds = JobFeeds(service, service.settings.poll_seconds)
 
     @app.post("/v1/jobs", status_code=202, responses=ERRORS)
     async def start_job(body: JobIn, caller: Operator) -> JSONResponse:
@@ -175,7 +176,7 @@ def add_routes(
         """The job's events as Server-Sent Events: ``phase_update``, ``item_failed``,
         ``heartbeat``, then ``completed``, ``error`` or ``canceled``. ``Last-Event-ID``
         resumes after that event; 204 once the client has the final event."""
-        source = JobEventSource(service, job.job_id, service.settings.poll_seconds)
+        source = JobEventSource(feeds, job.job_id)
         return await event_stream(
             request, source, limits=limits, gauge=gauge, heartbeat=source.heartbeat
         )
