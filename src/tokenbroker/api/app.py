@@ -26,7 +26,7 @@ from .errors import add_error_handlers
 from .middleware import RequestContext
 from .models import ErrorResponse
 from .openapi import add_document_route, document_errors
-from .routes import compat, delegations, jobs, probes, providers, redirects, tokens
+from .routes import compat, delegations, jobs, oauth, probes, providers, redirects, tokens
 from .sse import StreamGauge
 
 __all__ = ["create_app"]
@@ -101,6 +101,7 @@ def create_app(
     redirects.add_routes(app, broker)
     providers.add_routes(app, broker)
     jobs.add_routes(app, broker, service, streams)
+    oauth.add_routes(app, service)
     probes.add_routes(app, broker, meter)
     compat.add_routes(app, broker)  # only what compat: configures (issue 19 §5)
     add_error_handlers(app)
