@@ -20,6 +20,7 @@ from __future__ import annotations
 import click
 
 from ..telemetry.logs import configure
+from .authorize import authorize
 from .consumers import consumers
 from .init import init
 from .jobs import jobs, rotate_key, warm
@@ -54,6 +55,7 @@ def main(log_level: str, log_format: str) -> None:
 
 
 for _command in (
+    authorize,
     check,
     consumers,
     dev,
