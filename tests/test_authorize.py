@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -17,7 +18,7 @@ import yaml
 from click.testing import CliRunner
 
 from redis_server import RedisServer, require_redis
-from support import free_port, wait_for
+from support import free_port, stampede, wait_for
 from tokenbroker import Broker, parse_settings
 from tokenbroker.api.app import create_app
 from tokenbroker.cli.main import main
@@ -289,6 +290,37 @@ def test_a_replayed_callback_gets_400_and_changes_nothing(world: World) -> None:
     replay = httpx.get(landing, timeout=30)
     assert replay.status_code == 400 and "Unknown, used or expired" in replay.text
     assert world.row() == after_first
+
+
+def test_a_replay_while_the_code_is_exchanged_gets_400(world: World) -> None:
+    """The same answer again while the first callback is still at the (slow) token endpoint:
+    the state is spent and the job held, so the replay gets 400 and the code is exchanged
+    once."""
+    world.kill("tesla")
+    started = world.start()
+    landing = world.sign_in(started["authorize_url"])
+    world.server.latency = 1.0
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(httpx.get, landing, timeout=30)
+        wait_for(
+            lambda: world.job(started["job_id"])["phase"] == "exchanging_code",
+            "the first callback to reach the exchange",
+        )
+        replay = httpx.get(landing, timeout=30)
+        assert first.result().status_code == 200
+    assert replay.status_code == 400
+    assert world.server.count("authorization_code") == 1
+
+
+def test_concurrent_callbacks_with_one_state_exchange_the_code_once(world: World) -> None:
+    """Five browsers deliver the same answer at once: one is connected, four get 400, and
+    the server sees one code exchange (a second would revoke what the first issued)."""
+    world.kill("tesla")
+    landing = world.sign_in(world.start()["authorize_url"])
+    codes = stampede(5, lambda: httpx.get(landing, timeout=30).status_code)
+    assert sorted(codes) == [200, 400, 400, 400, 400]  # type: ignore[type-var]
+    assert world.server.count("authorization_code") == 1
+    assert world.broker.get_token("tesla").access_token == world.row()[4]
 
 
 def test_the_state_of_another_job_does_not_finish_this_one(world: World) -> None:
