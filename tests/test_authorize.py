@@ -248,6 +248,33 @@ def test_a_second_broker_on_the_store_serves_the_new_token(world: World) -> None
     assert other.get_token("tesla").access_token == world.row()[4]
 
 
+def test_a_broker_that_remembered_the_error_learns_from_the_store(world: World) -> None:
+    """Without Redis: another broker on the store that cached reauthorization_required looks
+    at the credential's row (at most every 2 s) and serves the new token, no restart; while
+    the row is dead it keeps the 409 and asks the provider nothing."""
+    world.kill("tesla")
+    other = world.new_broker()
+    world.others.append(other)
+    with pytest.raises(ReauthorizationRequiredError):
+        other.get_token("tesla")
+    refreshes = world.server.count("refresh_token")
+    for _ in range(3):
+        with pytest.raises(ReauthorizationRequiredError):
+            other.get_token("tesla")
+    assert world.server.count("refresh_token") == refreshes
+    started = world.start()
+    assert httpx.get(world.sign_in(started["authorize_url"]), timeout=30).status_code == 200
+
+    def served() -> bool:
+        try:
+            return other.get_token("tesla").access_token == world.row()[4]
+        except ReauthorizationRequiredError:
+            return False
+
+    wait_for(served, "the other broker to serve the new token", 10)
+    assert world.server.count("refresh_token") == refreshes
+
+
 def test_every_broker_forgets_its_remembered_error_through_redis(
     make_world: Callable[..., World],
 ) -> None:

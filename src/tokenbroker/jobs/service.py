@@ -293,8 +293,10 @@ class JobService:
             self.store.jobs, statuses=["queued"], limit=room, oldest_first=True
         )
         for queued in page.rows:
-            if kind_for(queued.kind).parked:  # its start was interrupted: park it now
-                await asyncio.to_thread(self.authorizations.park, queued)
+            if kind_for(queued.kind).parked:
+                # start() parks it at once; one still queued after a while lost its starter.
+                if self.clock.time() - queued.created_at > 5.0:
+                    await asyncio.to_thread(self.authorizations.park, queued)
                 continue
             lease = await asyncio.to_thread(
                 self.store.claim_job, queued.id, self.owner, self.settings.lease_seconds
