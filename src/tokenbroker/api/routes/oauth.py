@@ -62,7 +62,9 @@ def add_routes(app: FastAPI, service: JobService) -> None:
         service: The job service whose store holds the authorize jobs.
     """
 
-    @app.get(CALLBACK_PATH, response_class=HTMLResponse, tags=["jobs"])
+    # Not in the OpenAPI document: a person's browser calls it, never a consumer, and every
+    # refusal is a 400 page (a spent or unknown state) that no schema makes "valid".
+    @app.get(CALLBACK_PATH, response_class=HTMLResponse, include_in_schema=False)
     async def oauth_callback(request: Request) -> HTMLResponse:
         """The authorization response of an ``authorize`` job (``code``, ``state``, ``iss``
         or ``error``); an HTML page for the person's browser."""
