@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from conftest import BrokerFactory
 from support import Served, client_credentials, login, refresh_token, stampede
 from tokenbroker import Broker
-from tokenbroker.api.access import PUBLIC_PATHS
+from tokenbroker.api.access import PUBLIC_PATHS, STATE_PATHS
 from tokenbroker.api.app import create_app
 from tokenbroker.core.crypto import Keyring, generate_key
 from tokenbroker.core.rules import parse_rule
@@ -64,7 +64,8 @@ def auth(key: str = KEY) -> dict[str, str]:
 
 def test_every_route_but_the_probes_needs_a_key(served: Served, broker: Broker) -> None:
     """Each route of the app (the OpenAPI document included, when served) answers 401 +
-    WWW-Authenticate without a key; probes answer without."""
+    WWW-Authenticate without a key; probes answer without; the OAuth callback, whose state
+    is its credential, refuses a request without one (400)."""
     client = served.client
     routes = [r for r in served.app.routes if isinstance(r, APIRoute)]
     assert len(routes) >= 8
@@ -75,6 +76,10 @@ def test_every_route_but_the_probes_needs_a_key(served: Served, broker: Broker) 
             response = client.request(method, path)
             if route.path in PUBLIC_PATHS:
                 assert response.status_code in (200, 503), route.path
+                continue
+            if route.path in STATE_PATHS:  # the single-use state is the credential
+                assert response.status_code == 400, route.path
+                assert "Authorization" not in response.text
                 continue
             assert response.status_code == 401, (method, route.path)
             assert response.headers["www-authenticate"] == 'Bearer realm="tokenbroker"'

@@ -19,11 +19,13 @@ from fastapi.responses import HTMLResponse
 
 from ...jobs.authorization import CallbackOutcome
 from ...jobs.service import JobService
+from ..access import STATE_PATHS
 
 __all__ = ["CALLBACK_PATH", "add_routes", "page"]
 
 #: Where the provider sends the person back (register ``https://HOST`` + this).
 CALLBACK_PATH = "/v1/oauth/callback"
+assert CALLBACK_PATH in STATE_PATHS
 
 #: The headers of every callback page.
 PAGE_HEADERS = {
