@@ -5,6 +5,7 @@ each of which leaves the credential row exactly as it was."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -591,3 +592,25 @@ def test_cli_authorize_exits_non_zero_with_the_reason(world: World) -> None:
     )
     helper.join(30)
     assert result.exit_code != 0 and "access_denied" in result.output
+
+
+def test_no_secret_of_the_flow_reaches_a_log_or_the_job(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state, the code, the refresh and access tokens appear in no log line, and the
+    stored job keeps the state only hashed (the verifier and URL sealed)."""
+    caplog.set_level(logging.DEBUG, logger="tokenbroker")
+    world.kill("tesla")
+    started = world.start()
+    stored = world.broker.store.job(started["job_id"])
+    assert stored is not None
+    state = query(started["authorize_url"])["state"]
+    assert state not in stored.document and "code_challenge" not in stored.document
+    landing = world.sign_in(started["authorize_url"])
+    assert httpx.get(landing, timeout=30).status_code == 200
+    secrets_seen = [state, query(landing)["code"], *world.row()[3:5]]
+    text = "\n".join(record.getMessage() for record in caplog.records)
+    assert "authorization done" in text
+    assert not [s for s in secrets_seen if s and s in text]
+    final = world.broker.store.job(started["job_id"])
+    assert final is not None and '"authorization"' not in final.document
