@@ -478,6 +478,8 @@ def test_denial_fails_the_job_with_the_providers_error_code(world: World) -> Non
     job = world.job(started["job_id"])
     assert job["status"] == "failed" and job["error"]["type"] == "access_denied"
     assert world.server.count("authorization_code") == 0
+    metrics = world.http.get("/metrics").text
+    assert 'kind="authorize",status="failed"' in metrics
     assert world.row() == before
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..config import JobsSettings
 from ..core.clock import Clock
+from ..core.events import JobFinished
 from ..engine.broker import Broker
 from ..engine.reauthorization import AuthorizationError, Reauthorizer
 from ..store import JobLease, JobRow
@@ -291,7 +292,22 @@ class Authorizations:
             updated_at=now,
             finished_at=now,
         )
-        return self._write(lease, ended, record, status, event)
+        if not self._write(lease, ended, record, status, event):
+            return False
+        self.broker.events.emit(
+            JobFinished(
+                provider=str(job.params.get("provider", "")),
+                job_id=job.job_id,
+                kind=KIND,
+                elapsed=max(0.0, now - (job.started_at or job.created_at)),
+                status=status.value,
+                phase=job.phase,
+                ok=counts.ok,
+                failed=counts.failed,
+                error_type=None if error is None else error.type,
+            )
+        )
+        return True
 
     def _write(
         self,
