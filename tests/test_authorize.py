@@ -53,6 +53,7 @@ class World:
         *,
         run: bool = True,
         redis: str | None = None,
+        store: str | None = None,
         **blocks: dict[str, Any],
     ) -> None:
         self.port = free_port()
@@ -84,7 +85,7 @@ class World:
                 "authorization": block,
             }
         self.config = {
-            "store": f"sqlite:///{tmp_path / 'tb.db'}",
+            "store": store or f"sqlite:///{tmp_path / 'tb.db'}",
             "encryption_keys": [KEY],
             "defaults": {"retries": 0},
             "providers": providers,
@@ -274,6 +275,35 @@ def test_a_broker_that_remembered_the_error_learns_from_the_store(world: World) 
 
     wait_for(served, "the other broker to serve the new token", 10)
     assert world.server.count("refresh_token") == refreshes
+
+
+def test_the_flow_on_postgresql_with_a_second_broker(
+    make_world: Callable[..., World], pg_url: str
+) -> None:
+    """The same on a real PostgreSQL store: the callback finishes the job in one broker's
+    API, and a second broker on the store that remembered the error serves the new token."""
+    world = make_world(store=pg_url)
+    world.kill("tesla")
+    before = world.row()
+    other = world.new_broker()
+    world.others.append(other)
+    with pytest.raises(ReauthorizationRequiredError):
+        other.get_token("tesla")
+    started = world.start()
+    page = httpx.get(world.sign_in(started["authorize_url"]), timeout=30)
+    assert page.status_code == 200, page.text
+    assert world.job(started["job_id"])["status"] == "done"
+    after = world.row()
+    assert after[0] == "active" and after[1] > before[1]
+    assert world.broker.get_token("tesla").access_token == after[4]
+
+    def served() -> bool:
+        try:
+            return other.get_token("tesla").access_token == after[4]
+        except ReauthorizationRequiredError:
+            return False
+
+    wait_for(served, "the other broker to serve the new token", 10)
 
 
 def test_every_broker_forgets_its_remembered_error_through_redis(
