@@ -646,3 +646,17 @@ def test_no_secret_of_the_flow_reaches_a_log_or_the_job(
     assert not [s for s in secrets_seen if s and s in text]
     final = world.broker.store.job(started["job_id"])
     assert final is not None and '"authorization"' not in final.document
+
+
+def test_a_canceled_authorization_ends_canceled_and_refuses_its_answer(world: World) -> None:
+    """Cancel while waiting: the job ends canceled (no worker needed), its answer gets 400."""
+    world.kill("tesla")
+    before = world.row()
+    started = world.start()
+    canceled = world.http.post(f"/v1/jobs/{started['job_id']}/cancel", headers=world.auth)
+    assert canceled.status_code == 200
+    wait_for(lambda: world.job(started["job_id"])["status"] == "canceled", "the cancel", 10)
+    landing = world.sign_in(started["authorize_url"])
+    assert httpx.get(landing, timeout=30).status_code == 400
+    assert world.server.count("authorization_code") == 0
+    assert world.row() == before
