@@ -77,6 +77,11 @@ class World:
                 "params": {"prompt": "consent"},
                 **blocks.get(name, {}),
             }
+            block = {
+                k: v.format(authorize_url=self.server.authorize_url) if isinstance(v, str) else v
+                for k, v in block.items()
+                if v is not None
+            }
             providers[name] = {
                 "grant": "refresh_token",
                 "token_url": self.server.token_url,
@@ -660,4 +665,33 @@ def test_a_canceled_authorization_ends_canceled_and_refuses_its_answer(world: Wo
     landing = world.sign_in(started["authorize_url"])
     assert httpx.get(landing, timeout=30).status_code == 400
     assert world.server.count("authorization_code") == 0
+    assert world.row() == before
+
+
+def test_without_discovery_the_configured_endpoint_is_used(
+    make_world: Callable[..., World],
+) -> None:
+    """authorize_url alone (no issuer, no discovery document): the flow works and iss, not
+    advertised to the broker, is not required."""
+    world = make_world(tesla={"issuer": None, "authorize_url": "{authorize_url}"})
+    world.kill("tesla")
+    started = world.start()
+    assert started["authorize_url"].startswith(world.server.authorize_url + "?")
+    landing = query(world.sign_in(started["authorize_url"]))
+    page = httpx.get(world.callback, params={"code": landing["code"], "state": landing["state"]})
+    assert page.status_code == 200
+    assert not [r for r in world.server.requests if r.path.startswith("/.well-known/")]
+    assert world.broker.get_token("tesla").access_token == world.row()[4]
+
+
+def test_discovery_failure_fails_the_job_at_once(make_world: Callable[..., World]) -> None:
+    """An issuer whose metadata cannot be fetched: the job ends failed / discovery_failed,
+    with no authorize_url, and the credential is untouched."""
+    world = make_world(tesla={"issuer": "http://127.0.0.1:9/nowhere"})
+    world.kill("tesla")
+    before = world.row()
+    started = world.start()
+    assert "authorize_url" not in started
+    job = world.job(started["job_id"])
+    assert job["status"] == "failed" and job["error"]["type"] == "discovery_failed"
     assert world.row() == before
