@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from conftest import BrokerFactory
 from support import Served, client_credentials, login, refresh_token, stampede
 from tokenbroker import Broker
-from tokenbroker.api.access import PUBLIC_PATHS
+from tokenbroker.api.access import PUBLIC_PATHS, STATE_PATHS
 from tokenbroker.api.app import create_app
 from tokenbroker.core.crypto import Keyring, generate_key
 from tokenbroker.core.rules import parse_rule
@@ -65,7 +65,8 @@ def auth(key: str = KEY) -> dict[str, str]:
 def test_every_route_but_the_probes_needs_a_key(served: Served, broker: Broker) -> None:
     """Each route of the app (the OpenAPI document included, when served) answers 401 +
     WWW-Authenticate without a key; probes answer without; the status page's routes (/ui)
-    answer the login form, a redirect to it, or 403."""
+    answer the login form, a redirect to it, or 403; the OAuth callback, whose state is its
+    credential, refuses a request without one (400)."""
     client = served.client
     routes = [r for r in served.app.routes if isinstance(r, APIRoute)]
     assert len(routes) >= 8
@@ -81,6 +82,10 @@ def test_every_route_but_the_probes_needs_a_key(served: Served, broker: Broker) 
                 # The status page works on a session: its login form and static files are
                 # public, the rest redirects to the form or answers 403 (tests/test_console.py).
                 assert response.status_code in (200, 303, 403, 404), (method, route.path)
+                continue
+            if route.path in STATE_PATHS:  # the single-use state is the credential
+                assert response.status_code == 400, route.path
+                assert "Authorization" not in response.text
                 continue
             assert response.status_code == 401, (method, route.path)
             assert response.headers["www-authenticate"] == 'Bearer realm="tokenbroker"'

@@ -96,3 +96,35 @@ def test_dev_prints_the_status_page_and_it_follows_background_refreshes() -> Non
             proc.wait()
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_dev_prints_an_authorize_url_that_connects_the_refresh_token_provider() -> None:
+    """The demo prints the URL of an authorize job of demo-rotating; signing in as alice on the
+    bundled server's pages and consenting lands on the broker's callback: "Connected"."""
+    from tokenbroker.testing import complete_authorization
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tokenbroker.cli", "dev", "--port", "0", "--lifetime", "60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out = Lines(proc.stdout)
+    try:
+        out.until("watching background refreshes", 60)
+        url = next(line.split()[-1] for line in out.seen if "authorize URL" in line)
+        assert "code_challenge_method=S256" in url
+        assert any("tokenbroker authorize demo-rotating" in line for line in out.seen)
+        landing = complete_authorization(url, username="alice", password="alice-password")
+        page = httpx.get(landing, timeout=30)
+        assert page.status_code == 200 and "Connected" in page.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()

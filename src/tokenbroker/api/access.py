@@ -1,6 +1,7 @@
 """Who may call the API, and for what: consumer keys, the failed-key limiter, the ACL.
 
-Every route but :data:`PUBLIC_PATHS` needs a consumer key (``Authorization: Bearer KEY``).
+Every route but :data:`PUBLIC_PATHS` and :data:`STATE_PATHS` needs a consumer key
+(``Authorization: Bearer KEY``).
 :func:`authenticate` turns the key into a :class:`~tokenbroker.engine.consumers.Consumer`
 (FastAPI routes take it as a :data:`Caller` parameter, the plain-ASGI token read calls
 :func:`scope_caller`); :func:`check_allowed` refuses, as an unknown provider, what that
@@ -30,6 +31,7 @@ from .errors import InvalidRequest, NotFound, RateLimited, Unauthorized
 
 __all__ = [
     "PUBLIC_PATHS",
+    "STATE_PATHS",
     "Caller",
     "authenticate",
     "check_allowed",
@@ -48,6 +50,11 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 PUBLIC_PATHS = frozenset(
     {"/livez", "/readyz", "/healthz", "/health", "/metrics", "/.well-known/jwks.json"}
 )
+
+#: Paths a person's browser calls with a single-use credential of their own instead of a
+#: key: the OAuth callback of an ``authorize`` job, whose ``state`` is the credential (a
+#: request without a valid one is a 400 page).
+STATE_PATHS = frozenset({"/v1/oauth/callback"})
 
 _bearer = HTTPBearer(auto_error=False, description="A consumer API key.")
 

@@ -26,7 +26,7 @@ from .errors import add_error_handlers
 from .middleware import RequestContext
 from .models import ErrorResponse
 from .openapi import add_document_route, document_errors
-from .routes import compat, delegations, events, jobs, probes, providers, redirects, tokens
+from .routes import compat, delegations, events, jobs, oauth, probes, providers, redirects, tokens
 from .sse import StreamGauge
 from .status_feed import StatusFeed
 from .ui import routes as ui
@@ -117,6 +117,7 @@ def create_app(
     jobs.add_routes(app, broker, service, streams)
     events.add_routes(app, feed, streams, service.settings.heartbeat_seconds)
     ui.add_routes(app, view)
+    oauth.add_routes(app, service)
     probes.add_routes(app, broker, meter)
     compat.add_routes(app, broker)  # only what compat: configures (issue 19 §5)
     add_error_handlers(app)

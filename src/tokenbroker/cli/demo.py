@@ -8,7 +8,9 @@ mints delegated download tokens), a single-use rotating refresh token, and two
 username/password logins, which the token proxy pools in front of the upstream.
 It creates a consumer key, prints curl lines that work as pasted, checks them
 itself, runs a ``warm`` job of the login pool printing its progress lines (the demo
-consumer has the ``jobs`` permission), then prints one line per background refresh —
+consumer has the ``jobs`` permission), starts an ``authorize`` job of the refresh-token
+provider and prints its URL (sign in as alice; the bundled server's login and consent pages
+lead back to the broker's ``/v1/oauth/callback``), then prints one line per background refresh —
 with the remaining lifetime, never the token — until interrupted.
 """
 
@@ -62,6 +64,11 @@ providers:
     client_id: demo-app
     refresh_token: ${DEMO_REFRESH_TOKEN}
     rotation: {single_use: true}
+    authorization:
+      issuer: ${ISSUER}
+      redirect_uri: ${CALLBACK_URL}
+      scopes: [offline_access]
+      params: {prompt: consent}
   demo-db:
     grant: login
     login_url: ${LOGIN_URL}
@@ -114,19 +121,27 @@ def run_demo(
     """
     idp = AuthorizationServer(expires_in=lifetime, login_ttl_seconds=lifetime, rotation="strict")
     idp.add_client("demo-client", "demo-secret", auth_method="client_secret_basic", scopes=["read"])
-    idp.add_client("demo-app", None, auth_method="none")
+    api_url = f"http://127.0.0.1:{_port(port)}"
+    idp.add_client(
+        "demo-app",
+        None,
+        auth_method="none",
+        scopes=["offline_access"],
+        redirect_uris=[f"{api_url}/v1/oauth/callback"],
+    )
     seed = idp.issue_refresh_token("demo-app")
     idp.add_account("alice", "alice-password")
     idp.add_account("bob", "bob-password")
     refreshes = 0
     lock = threading.Lock()
-    api_url = f"http://127.0.0.1:{_port(port)}"
     upstream = ServedApp(demo_upstream(idp, f"{api_url}/.well-known/jwks.json", AUDIENCE))
     with idp, upstream, tempfile.TemporaryDirectory(prefix="tokenbroker-dev-") as folder:
         env = {
             "STORE_PATH": str(Path(folder) / "tokenbroker.db"),
             "DEMO_KEY": generate_key(),
             "TOKEN_URL": idp.token_url,
+            "ISSUER": idp.issuer,
+            "CALLBACK_URL": f"{api_url}/v1/oauth/callback",
             "LOGIN_URL": idp.login_url,
             "DEMO_CLIENT_SECRET": "demo-secret",
             "DEMO_REFRESH_TOKEN": seed,
@@ -182,6 +197,7 @@ def run_demo(
                 jobs.start_background()
                 try:
                     _warm_pool(echo, jobs)
+                    _offer_authorization(echo, jobs, api_url)
                     echo("watching background refreshes (Ctrl-C to stop)")
                     stop_at = None if duration is None else time.monotonic() + duration
                     while stop_at is None or time.monotonic() < stop_at:
@@ -202,6 +218,17 @@ def _warm_pool(echo: Callable[[str], None], jobs: JobService) -> None:
             renderer.show(event)
     finally:
         renderer.close()
+
+
+def _offer_authorization(echo: Callable[[str], None], jobs: JobService, api: str) -> None:
+    """Start an ``authorize`` job of the demo refresh-token provider and print its URL."""
+    job, _ = jobs.start("authorize", {"provider": "demo-rotating"}, "demo")
+    row = jobs.store.job(job.job_id)
+    url = None if row is None else jobs.authorizations.authorize_url(row)
+    echo("re-authorise demo-rotating (sign in as alice / alice-password, then consent):")
+    echo(f"  authorize URL  {url}")
+    echo(f"  or: tokenbroker authorize demo-rotating --url {api} --key $TB_KEY")
+    echo("")
 
 
 def _introduce(

@@ -23,6 +23,7 @@ import click
 
 from ..config.logfilter import parse_log_filter
 from ..telemetry.logs import configure
+from .authorize import authorize
 from .command import LOG_FILTER
 from .consumers import consumers
 from .imports import import_group
@@ -77,6 +78,7 @@ def main(ctx: click.Context, log_level: str, log_format: str, log_filter: str | 
 
 
 for _command in (
+    authorize,
     check,
     consumers,
     dev,

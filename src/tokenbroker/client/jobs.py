@@ -56,7 +56,8 @@ class JobsAPI:
         """Start a job (or get the active one with the same kind and params).
 
         Returns:
-            ``{job_id, status, cached, links: {self, stream}}``.
+            ``{job_id, status, cached, links: {self, stream}}``; an ``authorize`` job's
+            also has ``authorize_url``, the URL to open.
 
         Raises:
             UnknownJobKindError, InvalidJobParamsError, JobLimitError: As the broker says.

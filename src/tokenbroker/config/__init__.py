@@ -4,6 +4,7 @@ settings (secrets redacted). The only place that reads environment variables and
 from .checks import MISSING_KEY, config_warnings, startup_problems
 from .loading import default_config_path, load_settings, parse_settings
 from .providers import (
+    Authorization,
     ClientCredentialsProvider,
     Credential,
     Defaults,
@@ -30,6 +31,7 @@ from .sections import (
 
 __all__ = [
     "MISSING_KEY",
+    "Authorization",
     "ClientCredentialsProvider",
     "ConsumerSettings",
     "Credential",

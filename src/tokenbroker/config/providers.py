@@ -20,6 +20,7 @@ from ..core.scopes import MAX_SCOPE_LENGTH, SCOPE_TOKEN
 from ..core.secret import Secret
 
 __all__ = [
+    "Authorization",
     "ClientAuth",
     "ClientCredentialsProvider",
     "Credential",
@@ -274,6 +275,76 @@ class Rotation(_Frozen):
     idle_expiry_days: float | None = Field(None, gt=0)
 
 
+#: Authorization request parameters the broker sets itself (RFC 6749 §4.1.1, RFC 7636 §4.3).
+RESERVED_AUTHORIZATION_PARAMS = frozenset(
+    {
+        "response_type",
+        "client_id",
+        "redirect_uri",
+        "scope",
+        "state",
+        "code_challenge",
+        "code_challenge_method",
+    }
+)
+
+
+class Authorization(_Frozen):
+    """How a person re-authorises a refresh-token credential: the authorization-code grant
+    with PKCE ``S256`` (RFC 6749 §4.1, RFC 7636), driven by an ``authorize`` job.
+
+    Attributes:
+        authorize_url: The authorization endpoint; may come from discovery instead.
+        redirect_uri: Exactly the redirection URI registered at the provider (the broker's
+            ``/v1/oauth/callback``).
+        scopes: The scopes asked for (``offline_access`` for a refresh token).
+        params: Extra authorization request parameters (``prompt: consent``).
+        issuer: The provider's issuer identifier: checked against ``iss`` (RFC 9207);
+            ``{issuer}/.well-known/openid-configuration`` is the default discovery URL.
+        discovery_url: The metadata document (RFC 8414 / OpenID Connect discovery).
+        expires_in_seconds: How long a started authorisation (its ``state``) stays valid.
+    """
+
+    authorize_url: str | None = None
+    redirect_uri: str
+    scopes: tuple[str, ...] = ()
+    params: dict[str, str] = Field(default_factory=dict)
+    issuer: str | None = None
+    discovery_url: str | None = None
+    expires_in_seconds: float = Field(600.0, ge=1, le=86400)
+
+    @field_validator("authorize_url", "redirect_uri", "discovery_url", "issuer")
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        _check_url(value, https_only=True)
+        if urlsplit(value).fragment or "#" in value:
+            raise ValueError("must not have a fragment")
+        return value
+
+    @field_validator("scopes")
+    @classmethod
+    def _scope_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not all(SCOPE_TOKEN.match(scope) for scope in value):
+            raise ValueError("each scope must be a non-empty RFC 6749 scope-token")
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, str]) -> dict[str, str]:
+        taken = sorted(RESERVED_AUTHORIZATION_PARAMS & set(value))
+        if taken:
+            raise ValueError(f"{taken[0]} is set by the broker; remove it from params")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> Authorization:
+        if not (self.authorize_url or self.discovery_url or self.issuer):
+            raise ValueError("needs authorize_url, or discovery_url or issuer to discover it")
+        return self
+
+
 class RefreshTokenProvider(_OAuthProvider):
     """A refresh-token credential (RFC 6749 §6), possibly single-use and rotating."""
 
@@ -282,6 +353,7 @@ class RefreshTokenProvider(_OAuthProvider):
     refresh_token: Secret
     rotation: Rotation = Rotation()
     reauthorization_errors: tuple[str, ...] = ("invalid_grant", "login_required")
+    authorization: Authorization | None = None
 
     @model_validator(mode="before")
     @classmethod

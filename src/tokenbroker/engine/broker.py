@@ -25,7 +25,7 @@ from ..core.clock import Clock
 from ..core.events import Event, EventBus, RefreshTokenRotated
 from ..core.rules import check_subject
 from ..core.token import Token
-from ..errors import ClientAuthenticationError, DelegationFailedError
+from ..errors import ClientAuthenticationError, DelegationFailedError, ReauthorizationRequiredError
 from ..grants import Exchange, Grant, RetryPolicy, TokenResponse, send_sync, token_flow
 from ..store import Store
 from .cache import TokenCache
@@ -45,6 +45,7 @@ from .delegation import (
     settings_for,
 )
 from .refresher import Refresher
+from .revival import Revival
 from .slot import SlotState, Timing, worst
 
 __all__ = ["Broker"]
@@ -124,6 +125,7 @@ class Broker(AuthAdapters):
         )
         self._signers: dict[str, Signer] = {}
         self._catalog = ProviderCatalog(settings, shared=shared)
+        self._revival = Revival(self.store, self._catalog, self._cache.reset)
 
     @classmethod
     def from_config(cls, path: str | os.PathLike[str] | None = None, **kwargs: object) -> Broker:
@@ -167,22 +169,31 @@ class Broker(AuthAdapters):
                 :class:`~tokenbroker.errors.TooManyScopesError` for a new scope set beyond
                 the provider's ``max_scopes``.
         """
-        return self._cache.get((provider, scope_alias(scope), account))
+        raw = (provider, scope_alias(scope), account)
+        try:
+            return self._cache.get(raw)
+        except ReauthorizationRequiredError:
+            if not self._revival.revived(raw):  # another process re-authorised it?
+                raise
+        return self._cache.get(raw)
 
     async def aget_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
     ) -> Token:
         """Async :meth:`get_token`; a cache hit never yields to the event loop."""
-        return await self._cache.aget((provider, scope_alias(scope), account))
+        raw = (provider, scope_alias(scope), account)
+        try:
+            return await self._cache.aget(raw)
+        except ReauthorizationRequiredError:
+            if not await asyncio.to_thread(self._revival.revived, raw):
+                raise
+        return await self._cache.aget(raw)
 
     def peek_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
     ) -> Token | None:
-        """The cached token if it is fresh, else None; never fetches, never blocks.
-
-        For event-loop code that wants a synchronous fast path before awaiting
-        :meth:`aget_token`.
-        """
+        """The cached token if it is fresh, else None; never fetches, never blocks (a
+        synchronous fast path for event-loop code before awaiting :meth:`aget_token`)."""
         try:
             return self._cache.peek((provider, scope, account))
         except TypeError:  # an unhashable scope
@@ -192,10 +203,8 @@ class Broker(AuthAdapters):
         self, provider: str, scope: str | None = None, *, account: str | None = None
     ) -> float:
         """Seconds until the cache asks the provider again after a remembered failure of
-        this key (0.0 when none; ``math.inf`` after a reauthorization error); never fetches.
-
-        See :meth:`~tokenbroker.engine.cache.TokenCache.retry_in`.
-        """
+        this key (0.0 when none; ``math.inf`` after a reauthorization error); never fetches
+        (:meth:`~tokenbroker.engine.cache.TokenCache.retry_in`)."""
         try:
             return self._cache.retry_in((provider, scope_alias(scope), account))
         except TypeError:  # an unhashable scope

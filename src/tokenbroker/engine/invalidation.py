@@ -22,7 +22,11 @@ from .coordination import SharedLimits
 from .fetcher import Fetcher
 from .slot import Entry, Slot
 
-__all__ = ["Invalidations"]
+__all__ = ["REAUTHORIZED", "Invalidations"]
+
+#: The digest a "token dropped" notice carries when the credential was re-authorised: every
+#: process forgets the key's token *and* its remembered reauthorization error.
+REAUTHORIZED = "reauthorized"
 
 logger = logging.getLogger("tokenbroker.cache")
 
@@ -95,6 +99,22 @@ class Invalidations(Generic[K]):
         self._events.emit(TokenInvalidated(provider, key))
         return True
 
+    def reauthorized(self, raw: Hashable) -> None:
+        """The credential of ``raw`` has a new refresh token (an ``authorize`` job stored
+        it): forget the key's token and remembered error here, and (cluster mode) tell every
+        other process to do the same, so the next caller reads the store.
+
+        Args:
+            raw: The caller's key.
+        """
+        slot = self._slot(raw)
+        with slot.lock:
+            self._install(slot, None)
+            slot.clear_error()
+            slot.rejected = None
+        if self._shared is not None:
+            self._shared.dropped(self._name(slot.key), REAUTHORIZED)
+
     def _name(self, key: K) -> str:
         """The key's name in shared limits and notices: the same in every process, no secret."""
         provider, words = self._fetcher.describe(key)
@@ -105,6 +125,13 @@ class Invalidations(Generic[K]):
         still the current one (a later token, or none, stays as it is)."""
         for slot in list(self._slots.values()):
             if self._name(slot.key) != name:
+                continue
+            if digest == REAUTHORIZED:
+                with slot.lock:
+                    self._install(slot, None)
+                    slot.clear_error()
+                    slot.rejected = None
+                logger.info("credential re-authorised in another process %s", name)
                 continue
             with slot.lock:
                 entry = slot.entry

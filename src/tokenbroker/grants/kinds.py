@@ -221,6 +221,8 @@ class RefreshTokenKind(_OAuthKind[RefreshTokenProvider]):
         " survives settings changes (DESIGN §4); a secret, never fingerprinted",
         "rotation": "how the provider rotates refresh tokens, not what it issues",
         "reauthorization_errors": "how failures are classified, not what is issued",
+        "authorization": "how a person obtains a new refresh token, not what a refresh"
+        " issues; the credential survives it (DESIGN §4)",
     }
     owns_refresh_token = True
     fixed_scopes = True

@@ -49,6 +49,8 @@ class Reaper:
         owner: This instance's owner id.
         settings: The ``jobs:`` settings.
         resume: Starts running a taken-over job (the service's spawn).
+        parked: Decides about an expired job of a parked kind (``authorize``: leave it
+            while it waits for a person); True when it ended the job.
     """
 
     def __init__(
@@ -58,12 +60,15 @@ class Reaper:
         owner: str,
         settings: JobsSettings,
         resume: Callable[[JobLease, JobRow], None],
+        *,
+        parked: Callable[[JobRow], bool] | None = None,
     ) -> None:
         self.store = store
         self.runner = runner
         self.owner = owner
         self.settings = settings
         self.resume = resume
+        self.parked = parked
 
     def __repr__(self) -> str:
         return f"Reaper(owner={self.owner!r})"
@@ -76,12 +81,16 @@ class Reaper:
         """
         done = Reaped()
         for row in await asyncio.to_thread(self.store.expired_jobs):
+            kind = KINDS.get(row.kind)
+            if kind is not None and kind.parked and self.parked is not None:
+                if await asyncio.to_thread(self.parked, row):
+                    done.failed.append(row.id)
+                continue
             lease = await asyncio.to_thread(
                 self.store.claim_job, row.id, self.owner, self.settings.lease_seconds
             )
             if lease is None:  # another instance took it first
                 continue
-            kind = KINDS.get(row.kind)
             if kind is not None and kind.idempotent:
                 logger.warning("job resumed after its worker was lost job_id=%s", row.id)
                 self.resume(lease, row)

@@ -37,6 +37,7 @@ from ..errors import (
 )
 from ..store import JobLease, JobRow
 from ..store.rows import ACTIVE_JOB_STATUSES
+from .authorization import Authorizations
 from .document import Progress, StoredEvent, encode, event_data, job_of
 from .events import Canceled
 from .kinds import kind_for
@@ -78,7 +79,17 @@ class JobService:
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.hub = SubscriptionHub()
         self.runner = JobRunner(broker, self.settings, self.clock, self.hub.notify)
-        self.reaper = Reaper(self.store, self.runner, self.owner, self.settings, self._spawn)
+        self.authorizations = Authorizations(
+            broker, self.settings, self.clock, self.owner, self.hub.notify
+        )
+        self.reaper = Reaper(
+            self.store,
+            self.runner,
+            self.owner,
+            self.settings,
+            self._spawn,
+            parked=self.authorizations.reap,
+        )
         self.scheduler = Scheduler(self.store, self.settings.schedule, self.owner, self.start)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -133,6 +144,8 @@ class JobService:
         )
         if not cached:
             logger.info("job queued job_id=%s kind=%s", row.id, kind)
+            if job_kind.parked:  # waits for a person, not for a worker
+                row = self.authorizations.park(row)
             self.hub.notify(row.id)
             self.wake()
         return job_of(row), cached
@@ -280,6 +293,11 @@ class JobService:
             self.store.jobs, statuses=["queued"], limit=room, oldest_first=True
         )
         for queued in page.rows:
+            if kind_for(queued.kind).parked:
+                # start() parks it at once; one still queued after a while lost its starter.
+                if self.clock.time() - queued.created_at > 5.0:
+                    await asyncio.to_thread(self.authorizations.park, queued)
+                continue
             lease = await asyncio.to_thread(
                 self.store.claim_job, queued.id, self.owner, self.settings.lease_seconds
             )

@@ -125,6 +125,7 @@ class RequestRecord:
         headers: The request headers (case-insensitive mapping; equals a plain dict).
         form: The form-encoded body fields (first value of each).
         json: The decoded JSON body, or ``None`` when the body was not JSON.
+        query: The query parameters (every value of each), e.g. an authorization request's.
     """
 
     method: str
@@ -133,6 +134,7 @@ class RequestRecord:
     headers: Headers
     form: dict[str, str] = field(default_factory=dict)
     json: Any = None
+    query: dict[str, list[str]] = field(default_factory=dict)
 
 
 def request_record(request: Request, grant: str | None) -> RequestRecord:
@@ -150,7 +152,8 @@ def request_record(request: Request, grant: str | None) -> RequestRecord:
         body = request.json() if request.is_json else None
     except ValueError:
         body = None
-    return RequestRecord(request.method, request.path, grant, request.headers, form, body)
+    query = {name: list(values) for name, values in request.query.items()}
+    return RequestRecord(request.method, request.path, grant, request.headers, form, body, query)
 
 
 class Recorder:

@@ -81,9 +81,23 @@ def _links(job_id: str) -> dict[str, str]:
     return {"self": f"/v1/jobs/{job_id}", "stream": f"/v1/jobs/{job_id}/stream"}
 
 
-def _accepted(job: Job, cached: bool) -> JSONResponse:
-    body = {"job_id": job.job_id, "status": job.status.value, "cached": cached}
+def _accepted(service: JobService, job: Job, cached: bool) -> JSONResponse:
+    body: dict[str, Any] = {"job_id": job.job_id, "status": job.status.value, "cached": cached}
+    body.update(_extra(service, job))
     return JSONResponse({**body, "links": _links(job.job_id)}, status_code=202, headers=NO_STORE)
+
+
+def _extra(service: JobService, job: Job) -> dict[str, Any]:
+    """``authorize_url`` for an ``authorize`` job waiting for the person (else nothing)."""
+    if job.kind != "authorize" or job.phase != "waiting_for_user":
+        return {}
+    row = service.store.job(job.job_id)
+    url = None if row is None else service.authorizations.authorize_url(row)
+    return {} if url is None else {"authorize_url": url}
+
+
+def _document(service: JobService, job: Job) -> dict[str, Any]:
+    return {**job.to_dict(), **_extra(service, job)}
 
 
 def operator(caller: Caller) -> Consumer:
@@ -144,7 +158,7 @@ def add_routes(
         if not all(caller.uses(p) for p in kind.providers(params, broker.settings)):
             raise NotFound("no such provider")
         job, cached = await asyncio.to_thread(service.start, body.kind, body.params, caller.name)
-        return _accepted(job, cached)
+        return await asyncio.to_thread(_accepted, service, job, cached)
 
     @app.get("/v1/jobs", responses=ERRORS)
     async def list_jobs(
@@ -163,13 +177,19 @@ def add_routes(
             )
         except ValueError:
             raise InvalidRequest("invalid request: status or cursor") from None
-        shown = [j.to_dict() for j in jobs if visible(broker, caller, j)]
+        shown = [
+            await asyncio.to_thread(_document, service, j)
+            for j in jobs
+            if visible(broker, caller, j)
+        ]
         return JSONResponse({"jobs": shown, "next_cursor": after}, headers=NO_STORE)
 
     @app.get("/v1/jobs/{job_id}", responses=ERRORS)
     async def read_job(job: SeenJob) -> JSONResponse:
-        """The job: status, phase, progress, items, failed items, error, times."""
-        return JSONResponse(job.to_dict(), headers=NO_STORE)
+        """The job: status, phase, progress, items, failed items, error, times; an
+        ``authorize`` job waiting for the person also has ``authorize_url``."""
+        document = await asyncio.to_thread(_document, service, job)
+        return JSONResponse(document, headers=NO_STORE)
 
     @app.get("/v1/jobs/{job_id}/stream", responses=ERRORS)
     async def stream_job(request: Request, job: SeenJob) -> Response:
@@ -186,7 +206,7 @@ def add_routes(
         """A new job for only the failed retryable items (409 ``job_not_retryable`` if
         none)."""
         retried, cached = await asyncio.to_thread(service.retry, job.job_id, caller.name)
-        return _accepted(retried, cached)
+        return await asyncio.to_thread(_accepted, service, retried, cached)
 
     @app.post("/v1/jobs/{job_id}/cancel", responses=ERRORS)
     async def cancel_job(job: SeenJob) -> JSONResponse:

@@ -7,12 +7,14 @@ kind           what it does                                     idempotent
 ``refresh``    force a new token for every key of a provider      no
 ``rotate_key`` re-encrypt the store under the primary key         yes
 ``keepalive``  refresh idle-expiring refresh tokens in time       yes
+``authorize``  a person re-authorises a refresh-token provider    no
 =============  ===============================================  ==========
 """
 
 from __future__ import annotations
 
 from ...errors import UnknownJobKindError
+from .authorize import Authorize
 from .base import JobKind, KindContext
 from .keepalive import Keepalive
 from .refresh import Refresh
@@ -22,7 +24,9 @@ from .warm import Warm
 __all__ = ["KINDS", "JobKind", "KindContext", "kind_for"]
 
 #: Every job kind by name.
-KINDS: dict[str, JobKind] = {k.name: k for k in (Warm(), Refresh(), RotateKey(), Keepalive())}
+KINDS: dict[str, JobKind] = {
+    k.name: k for k in (Warm(), Refresh(), RotateKey(), Keepalive(), Authorize())
+}
 
 
 def kind_for(name: object) -> JobKind:

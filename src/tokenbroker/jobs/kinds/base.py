@@ -56,6 +56,10 @@ class JobKind:
     idempotent: ClassVar[bool] = True
     #: The params the kind accepts (others are refused, naming the field).
     fields: ClassVar[frozenset[str]] = frozenset()
+    #: Waits for something outside the broker (a person's callback) with no lease held:
+    #: the loop never claims it and the reaper leaves it be while it may still finish
+    #: (:mod:`tokenbroker.jobs.authorization`).
+    parked: ClassVar[bool] = False
 
     def validate(self, params: Mapping[str, Any], settings: Settings) -> dict[str, Any]:
         """The params, checked and normalised.
