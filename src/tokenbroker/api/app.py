@@ -24,6 +24,7 @@ from ..telemetry.metrics import Metrics
 from .access import following
 from .errors import add_error_handlers
 from .middleware import RequestContext
+from .tracing import TraceRequests
 from .models import ErrorResponse
 from .openapi import add_document_route, document_errors
 from .routes import compat, delegations, jobs, probes, providers, redirects, tokens
@@ -96,6 +97,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(RequestContext, metrics=meter)
+    app.add_middleware(TraceRequests)  # outermost: log lines of the request carry its ids
     tokens.add_routes(app, broker, meter)  # first: the hot route is matched first
     delegations.add_routes(app, broker)
     redirects.add_routes(app, broker)

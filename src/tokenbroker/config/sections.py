@@ -291,11 +291,21 @@ class JobsSettings(_Section):
 
 
 class TelemetrySettings(_Section):
-    """Logs (and, later, OpenTelemetry export)."""
+    """Logs, and OpenTelemetry traces exported over OTLP (the ``otel`` extra).
+
+    Tracing is on when ``otlp_endpoint`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``) is set. A field left out (None) takes its standard
+    ``OTEL_*`` variable, else its default: ``otlp_protocol`` grpc (port 4317; http/protobuf:
+    4318, path ``/v1/traces``), ``service_name`` tokenbroker, ``sample_ratio`` 1.0.
+    """
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http/protobuf"] | None = None
+    service_name: str | None = Field(None, min_length=1)
+    sample_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    headers: dict[str, Secret] = {}
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -21,6 +21,7 @@ import httpx
 from ..client.adapters import AuthAdapters
 from ..client.target import TokenTarget
 from ..config import JwtDelegation, Settings, load_settings
+from ..core import tracing as _tracing
 from ..core.clock import Clock
 from ..core.events import Event, EventBus, RefreshTokenRotated
 from ..core.rules import check_subject
@@ -28,6 +29,7 @@ from ..core.token import Token
 from ..errors import ClientAuthenticationError, DelegationFailedError
 from ..grants import Exchange, Grant, RetryPolicy, TokenResponse, send_sync, token_flow
 from ..store import Store
+from . import acquisition
 from .cache import TokenCache
 from .catalog import CredentialKey, ProviderCatalog, scope_alias
 from .coordination import Coordinator, SharedLimits
@@ -167,13 +169,19 @@ class Broker(AuthAdapters):
                 :class:`~tokenbroker.errors.TooManyScopesError` for a new scope set beyond
                 the provider's ``max_scopes``.
         """
-        return self._cache.get((provider, scope_alias(scope), account))
+        key = (provider, alias := scope_alias(scope), account)
+        if _tracing.tracer is None:
+            return self._cache.get(key)
+        return acquisition.get(self._cache, key, provider, alias, account)
 
     async def aget_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
     ) -> Token:
         """Async :meth:`get_token`; a cache hit never yields to the event loop."""
-        return await self._cache.aget((provider, scope_alias(scope), account))
+        key = (provider, alias := scope_alias(scope), account)
+        if _tracing.tracer is None:
+            return await self._cache.aget(key)
+        return await acquisition.aget(self._cache, key, provider, alias, account)
 
     def peek_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
