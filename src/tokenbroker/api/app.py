@@ -24,11 +24,11 @@ from ..telemetry.metrics import Metrics
 from .access import following
 from .errors import add_error_handlers
 from .middleware import RequestContext
-from .tracing import TraceRequests
 from .models import ErrorResponse
 from .openapi import add_document_route, document_errors
 from .routes import compat, delegations, jobs, probes, providers, redirects, tokens
 from .sse import StreamGauge
+from .tracing import TraceRequests
 
 __all__ = ["create_app"]
 

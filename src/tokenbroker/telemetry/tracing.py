@@ -172,11 +172,14 @@ def exporter(settings: TelemetrySettings, environ: Mapping[str, str], url: str) 
         url = parts._replace(netloc=f"{parts.netloc}:{_PORTS[protocol]}").geturl()
     headers = {k: v.reveal() for k, v in settings.headers.items()} or None
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        # Only the protocol in use is imported (gRPC's runtime is large).
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter,
+        )
 
         insecure = urlsplit(url).scheme == "http"
         return OTLPSpanExporter(endpoint=url, insecure=insecure, headers=headers)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
         OTLPSpanExporter as HttpExporter,
     )
 
