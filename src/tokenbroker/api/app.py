@@ -78,6 +78,9 @@ def create_app(
         openapi_url=None,  # served by add_document_route, behind a key, when enabled
         responses={401: {"model": ErrorResponse}},
         lifespan=following(registry),
+        # FastAPI's own OpenTelemetry spans and logs stay off (they would follow a global
+        # provider and record exception text): the API's spans are TraceRequests'.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
     app.state.limits = limits or RateLimits(
         server.rate_limit, shared=windows_for(broker.coordinator)

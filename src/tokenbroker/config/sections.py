@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -306,6 +307,19 @@ class TelemetrySettings(_Section):
     service_name: str | None = Field(None, min_length=1)
     sample_ratio: float | None = Field(None, ge=0.0, le=1.0)
     headers: dict[str, Secret] = {}
+
+    def endpoint(self, environ: Mapping[str, str]) -> str | None:
+        """Where traces go: ``otlp_endpoint``, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
+        ``OTEL_EXPORTER_OTLP_ENDPOINT`` from ``environ``; None (tracing off) without one,
+        or with ``OTEL_SDK_DISABLED=true``."""
+        if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
+        return (
+            self.otlp_endpoint
+            or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or None
+        )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -29,7 +29,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from ..config.sections import TelemetrySettings
 from ..core import tracing as facade
 
-__all__ = ["OtelTracer", "configure", "endpoint", "exporter"]
+__all__ = ["OtelTracer", "configure", "exporter"]
 
 _KINDS = {"internal": SpanKind.INTERNAL, "server": SpanKind.SERVER, "client": SpanKind.CLIENT}
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -138,19 +138,6 @@ class OtelTracer:
         self.provider.shutdown()
 
 
-def endpoint(settings: TelemetrySettings, environ: Mapping[str, str]) -> str | None:
-    """Where traces go: ``telemetry.otlp_endpoint``, else the standard variables, else None
-    (tracing off). ``OTEL_SDK_DISABLED=true`` turns tracing off whatever is set."""
-    if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return None
-    return (
-        settings.otlp_endpoint
-        or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-        or None
-    )
-
-
 def exporter(settings: TelemetrySettings, environ: Mapping[str, str], url: str) -> SpanExporter:
     """The OTLP exporter for ``url`` in the configured protocol (gRPC by default).
 
@@ -207,7 +194,7 @@ def configure(
     Returns:
         The installed tracer (call its ``shutdown()`` at exit to flush), or None.
     """
-    url = endpoint(settings, environ)
+    url = settings.endpoint(environ)
     if url is None and span_exporter is None:
         return None
     ratio = settings.sample_ratio
