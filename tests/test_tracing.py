@@ -19,12 +19,13 @@ import pytest
 
 from conftest import POOL_ACCOUNTS, BrokerFactory
 from otlp_receiver import GrpcReceiver, HttpReceiver, SpanView, tree
-from support import client_credentials, free_port, refresh_token, serve_process
+from support import client_credentials, free_port, refresh_token, serve_process, wait_for
 from tokenbroker import Broker
-from tokenbroker.config import ProxySettings
+from tokenbroker.config import JobsSettings, ProxySettings
 from tokenbroker.config.sections import TelemetrySettings
 from tokenbroker.core import tracing
 from tokenbroker.engine.consumers import hash_key, new_key
+from tokenbroker.jobs.service import JobService
 from tokenbroker.telemetry.tracing import OtelTracer, configure
 from tokenbroker.testing import AuthorizationServer, Fault, RecordingUpstream, ServedProxy
 
@@ -384,3 +385,32 @@ def test_serve_traces_api_requests_and_writes_trace_ids_in_log_lines(
     inside = [entry for entry in logged if entry.get("trace_id") == CALLER_TRACE]
     assert inside, served.stderr
     assert {entry["span_id"] for entry in inside} <= {s.span_id for s in spans}
+
+
+def test_a_job_and_its_phases_are_spans_over_their_token_reads(
+    pool_broker: Broker, traced: Traced
+) -> None:
+    """A warm job of a three-account pool: one job span (kind, status) with a span per phase
+    (resolve, fetch, verify), and the accounts' logins under the fetch phase."""
+    with GrpcReceiver() as receiver:
+        tracer = traced(receiver.url)
+        service = JobService(pool_broker, settings=JobsSettings(poll_seconds=0.05))
+        service.start_background()
+        try:
+            job, _ = service.start("warm", {"provider": "db"}, "ops")
+            wait_for(lambda: service.require(job.job_id).status.final, "the job to end", 15)
+        finally:
+            service.stop_background()
+        flushed(tracer)
+        spans = receiver.spans()
+    print(tree(spans, keys=("job.kind", "job.status", "job.phase", "outcome")))
+    root = one(spans, "tokenbroker.job")
+    assert root.attributes["job.kind"] == "warm"
+    assert root.attributes["job.status"] == "done"
+    phases = named(spans, "tokenbroker.job.phase")
+    assert [p.attributes["job.phase"] for p in phases] == ["resolve", "fetch", "verify"]
+    assert {p.parent_id for p in phases} == {root.span_id}
+    fetch = phases[1]
+    logins = named(spans, "tokenbroker.token_request")
+    assert len(logins) == len(POOL_ACCOUNTS)
+    assert all(under(spans, login, fetch) for login in logins), tree(spans)
