@@ -55,6 +55,10 @@ class Started(Span, Protocol):
     def traceparent(self) -> str:
         """This span's W3C ``traceparent`` value (for an outgoing request)."""
 
+    @property
+    def recording(self) -> bool:
+        """False for a span its trace's sampling dropped (attributes would be thrown away)."""
+
     def end(self) -> None:
         """End the span (a second call does nothing)."""
 

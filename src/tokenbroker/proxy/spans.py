@@ -80,6 +80,9 @@ def finish(request: ProxiedRequest) -> None:
         return
     request.trace = None
     span = trace.span
+    if not span.recording:  # sampled out: nothing of this would be exported
+        span.end()
+        return
     server = request.conn.server
     route = server.routes.match(request.target.partition(b"?")[0])
     if route is not None:
