@@ -70,7 +70,7 @@ def start(request: ProxiedRequest, tracer: Tracer) -> RequestSpan:
     span = tracer.start("tokenbroker.proxy", attributes, traceparent=parent, kind="server")
     lines.append(b"traceparent: %b\r\n" % span.traceparent().encode())
     # Leases this connection held before the request: one taken later was waited for here.
-    return RequestSpan(span, frozenset(id(lease) for lease in request.conn.leases.values()))
+    return RequestSpan(span, frozenset(map(id, request.conn.leases.values())))
 
 
 def finish(request: ProxiedRequest) -> None:

@@ -113,7 +113,7 @@ class _Current:
 
 
 def _traceparent(ctx: trace.SpanContext) -> str:
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+    return "00-%032x-%016x-%02x" % (ctx.trace_id, ctx.span_id, ctx.trace_flags)  # noqa: UP031 - faster
 
 
 class OtelTracer:
