@@ -33,6 +33,13 @@ other processes compete for the cores, so compare it when the machine was busy. 
 (at 16 connections): ``x bare`` at least 0.7 and p99 at most 10 ms. The last line is the
 one-line summary; the exit status is 0 either way (it is non-zero only when the run
 itself is invalid).
+
+Tracing (``--tracing``). Two more ``serve`` processes on the same config plus
+``telemetry: {otlp_endpoint: …}``, exporting over OTLP/gRPC to a sink in this process:
+``/v1/tokens +trace`` records every request (``sample_ratio: 1.0``; an API span and a
+token span each), ``/v1/tokens +trace 0%`` none (``sample_ratio: 0.0``). The summary adds
+their req/s against the untraced ``/v1/tokens`` at the goal's connections and the CPU per
+request tracing added.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from _common import (
     pinned,
     render_table,
 )
+from _otlp_sink import Sink
 from tokenbroker.engine.consumers import hash_key, new_key
 
 CONNECTIONS = (16, 64)
@@ -77,6 +85,7 @@ WRK_CORE = 0
 SERVER_CORE = 1
 STARTUP_SECONDS = 20.0
 BARE_SERVER = Path(__file__).with_name("_api_server.py")
+TRACED, UNSAMPLED = " +trace", " +trace 0%"
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 _LATENCY = re.compile(r"^\s*(50|99)(?:\.0+)?%\s+([\d.]+)(us|ms|s|m)\s*$", re.MULTILINE)
@@ -108,8 +117,9 @@ class Result:
     cpu_us: float | None = None
 
 
-def config_yaml(token_url: str, key_digest: str) -> str:
-    """The served config: memory store, one provider, one consumer allowed to use it."""
+def config_yaml(token_url: str, key_digest: str, telemetry: str = "") -> str:
+    """The served config: memory store, one provider, one consumer allowed to use it (and
+    ``telemetry``, a flow mapping, when given)."""
     return f"""
 store: memory
 providers:
@@ -126,7 +136,7 @@ consumers:
   bench:
     api_key_sha256: {key_digest}
     allow: [{PROVIDER}]
-"""
+""" + (f"telemetry: {telemetry}\n" if telemetry else "")
 
 
 def start(label: str, command: Sequence[str], url: str, log: IO[bytes], pin: bool) -> Endpoint:
@@ -232,6 +242,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=WARMUP_SECONDS, help="Seconds, per run.")
     parser.add_argument("--duration", type=int, default=DURATION_SECONDS, help="Seconds, per run.")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="Also serve with OpenTelemetry tracing, sampled and unsampled.",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: run `make bench-deps` (apt-get install wrk)")
@@ -244,6 +259,7 @@ def main() -> None:
     auth = {"Authorization": f"Bearer {key}"}
     endpoints: list[Endpoint] = []
     with (
+        Sink() as sink,
         authorization_server() as idp,
         tempfile.TemporaryDirectory(prefix="bench-api-") as tmp,
         open(Path(tmp, "servers.log"), "wb") as log,
@@ -280,7 +296,26 @@ def main() -> None:
             answer = first_answer(bare, auth)
             if answer.status_code != 200 or len(answer.content) != len(warm.content):
                 raise SystemExit(f"bare answered {answer.status_code}: {answer.text}")
-            results = measure([bare, tokens], key, args.warmup, args.duration, pin)
+            for suffix, ratio in ((TRACED, 1.0), (UNSAMPLED, 0.0)) if args.tracing else ():
+                traced = Path(tmp, f"tokenbroker-{ratio}.yaml")
+                telemetry = f"{{otlp_endpoint: '{sink.url}', sample_ratio: {ratio}}}"
+                traced.write_text(config_yaml(idp.token_url, hash_key(key), telemetry))
+                port = free_port()
+                more = start(
+                    "/v1/tokens" + suffix,
+                    [
+                        *(sys.executable, "-m", "tokenbroker.cli", "--log-level", "warning"),
+                        *("serve", "--config", str(traced), "--listen", f"127.0.0.1:{port}"),
+                    ],
+                    f"http://127.0.0.1:{port}/v1/tokens/{PROVIDER}",
+                    log,
+                    pin,
+                )
+                endpoints.append(more)
+                if first_answer(more, auth).status_code != 200:
+                    raise SystemExit(f"/v1/tokens{suffix} did not answer 200")
+            served = [e for e in endpoints if e is not bare]
+            results = measure([bare, *served], key, args.warmup, args.duration, pin)
             fetched = idp.count("client_credentials")
         except BaseException:
             log.flush()
@@ -290,7 +325,7 @@ def main() -> None:
         finally:
             for endpoint in endpoints:
                 stop(endpoint)
-    if fetched != 1:
+    if fetched != len(endpoints) - 1:  # one per serve
         raise SystemExit(f"the authorization server saw {fetched} token requests, not 1")
     report(results, args.duration, pin, time.monotonic() - started, load_before)
 
@@ -346,7 +381,10 @@ def report(results: list[Result], duration: int, pin: bool, elapsed: float, load
             f"  (by server CPU per request at {GOAL_CONNECTIONS} conns: {bare_cpu / our_cpu:.2f}x "
             f"bare, {our_cpu - bare_cpu:.0f} us more per request; no goal)"
         )
-    print("  token requests at the authorization server: 1 (the warm-up)")
+    print("  token requests at the authorization server: 1 per serve (the warm-up)")
+    tracing = tracing_cost(results)
+    if tracing:
+        print(f"  tracing: {tracing}")
     print(
         f"  run took {elapsed:.1f} s; 1-minute load average before it {load:.1f} (other busy "
         "processes make req/s and p99 noisy; cpu us/req much less so)"
@@ -357,7 +395,25 @@ def report(results: list[Result], duration: int, pin: bool, elapsed: float, load
     print(
         f"api: /v1/tokens {ratio[GOAL_CONNECTIONS]:.2f}x bare at {GOAL_CONNECTIONS} conns "
         f"(p99 {at.p99_ms:.1f} ms), {others} — goals {'met' if met else 'NOT met'}"
+        + (f"; tracing: {tracing}" if tracing else "")
     )
+
+
+def tracing_cost(results: list[Result]) -> str:
+    """The tracing rows against ``/v1/tokens`` at the goal's connections: req/s ratio and
+    added CPU per request; empty without ``--tracing`` rows."""
+    by = {(r.label, r.connections): r for r in results}
+    plain = by[("/v1/tokens", GOAL_CONNECTIONS)]
+    parts = []
+    for suffix, what in ((TRACED, "sampled"), (UNSAMPLED, "unsampled")):
+        row = by.get(("/v1/tokens" + suffix, GOAL_CONNECTIONS))
+        if row is None:
+            continue
+        extra = ""
+        if row.cpu_us is not None and plain.cpu_us is not None:
+            extra = f", {row.cpu_us - plain.cpu_us:+.0f} us CPU/req"
+        parts.append(f"{what} {row.rps / plain.rps:.2f}x req/s{extra}")
+    return f"at {GOAL_CONNECTIONS} conns {', '.join(parts)}" if parts else ""
 
 
 if __name__ == "__main__":

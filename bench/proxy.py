@@ -48,7 +48,17 @@ script) during the measured run; loopback interrupt work the kernel does not cha
 process lands there too, so a few percent is normal, and above ~20% req/s and p99 say
 more about the neighbours than about the proxy (the summary then says so). The goals (at
 64 connections, for both modes): tokenbroker at least 0.5x nginx's req/s and a p99 at most
-2x nginx's. The last line is the one-line summary. The exit status is 0 whether or not the
+2x nginx's. The last line is the one-line summary.
+
+Tracing (``--tracing``). Two more ``tokenbroker proxy`` processes on the same config plus
+``telemetry: {otlp_endpoint: …}``, exporting over OTLP/gRPC to a sink in this process (it
+accepts each batch as raw bytes): ``+trace`` records every request
+(``sample_ratio: 1.0``), ``+trace 0%`` none (``sample_ratio: 0.0``: spans are started,
+not recorded, and the ``traceparent`` still goes upstream). Their rows sit beside the
+untraced ones; the summary then adds, for the shared route at 64 connections, req/s
+against the untraced proxy and the CPU per request tracing added (``cpu us/req``
+minus the untraced row's) — for an unsampled trace that is the whole cost of tracing
+being on. The exit status is 0 whether or not the
 goals are met; it is non-zero when the run is invalid: a run with a non-2xx answer or a
 socket error, pool leases not released between runs, a failed check before measuring,
 token requests after start-up, a proxy that cannot start or is not there.
@@ -86,6 +96,7 @@ from _common import (
     pinned,
     render_table,
 )
+from _otlp_sink import Sink
 from _proxy_upstream import (
     BODY,
     ECHO_PATH,
@@ -117,6 +128,7 @@ PROXY_COMMAND = (sys.executable, "-m", "tokenbroker.cli", "proxy")
 BUILD = "compiled with mypyc" if proxy_compiled() else "pure Python"
 DIRECT, NGINX, POOL, SHARED = "direct", "nginx", "tokenbroker pool", "tokenbroker shared"
 OURS = (POOL, SHARED)
+TRACED, UNSAMPLED = " +trace", " +trace 0%"
 HEADER = (
     "target",
     "conns",
@@ -182,8 +194,9 @@ def proxy_available() -> bool:
     return subprocess.run(command, capture_output=True, timeout=60).returncode == 0
 
 
-def proxy_yaml(login_url: str, token_url: str, upstream: int) -> str:
-    """The proxy's config: a pool route on a login provider, a shared one on a service client."""
+def proxy_yaml(login_url: str, token_url: str, upstream: int, telemetry: str = "") -> str:
+    """The proxy's config: a pool route on a login provider, a shared one on a service client
+    (and ``telemetry``, a flow mapping, when given)."""
     accounts = "\n".join(f"      - {{username: u{i}, password: p{i}}}" for i in range(ACCOUNTS))
     return f"""
 store: memory
@@ -206,7 +219,7 @@ proxy:
   routes:
     - {{prefix: /pool/, upstream: "http://127.0.0.1:{upstream}/", provider: db, mode: pool}}
     - {{prefix: /shared/, upstream: "http://127.0.0.1:{upstream}/", provider: svc, mode: shared}}
-"""
+""" + (f"telemetry: {telemetry}\n" if telemetry else "")
 
 
 def start_proxy(config: Path, pin: bool, log: IO[bytes]) -> Proxy:
@@ -440,7 +453,7 @@ def run(
     process = target.process
     if process is not None and process.poll() is not None:
         return Result(target.label, connections, error=f"exited ({process.returncode})")
-    health = target.health_url if target.label == POOL else None
+    health = target.health_url if target.label.startswith(POOL) else None
     if warmup:
         if health and (stuck := wait_idle(health)):
             return Result(target.label, connections, error=stuck)
@@ -498,6 +511,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warmup", type=int, default=WARMUP_SECONDS, help="Seconds, per run.")
     parser.add_argument("--duration", type=int, default=DURATION_SECONDS, help="Seconds, per run.")
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="Also run the proxy with OpenTelemetry tracing, sampled and unsampled.",
+    )
     args = parser.parse_args()
     nginx = nginx_binary()
     if shutil.which("wrk") is None or nginx is None:
@@ -509,7 +527,9 @@ def main() -> None:
         # This process (and the authorization server's threads) stay off the proxy's core.
         os.sched_setaffinity(0, {LOAD_CORE})
     processes: list[subprocess.Popen[bytes]] = []
+    proxies = 0
     with (
+        Sink() as sink,
         authorization_server() as idp,
         tempfile.TemporaryDirectory(prefix="bench-proxy-") as name,
         open(Path(name, "servers.log"), "wb") as log,
@@ -550,6 +570,20 @@ def main() -> None:
                 if total != ACCOUNTS:
                     raise SystemExit(f"/health: pool total is {total}, not {ACCOUNTS}")
                 targets += [pool, shared]
+                proxies = 1
+                for suffix, ratio in ((TRACED, 1.0), (UNSAMPLED, 0.0)) if args.tracing else ():
+                    traced = tmp / f"tokenbroker-{ratio}.yaml"
+                    telemetry = f"{{otlp_endpoint: '{sink.url}', sample_ratio: {ratio}}}"
+                    traced.write_text(proxy_yaml(idp.login_url, idp.token_url, up_port, telemetry))
+                    more = start_proxy(traced, pin, log)
+                    processes.append(more.process)
+                    proxies += 1
+                    url, health = more.urls["proxy"], more.urls["health"]
+                    pool = Target(POOL + suffix, f"{url}/pool{BENCH_PATH}", more.process, health)
+                    shared = Target(SHARED + suffix, f"{url}/shared{BENCH_PATH}", more.process)
+                    check(pool, "a login token", lambda: idp.issued_login_tokens[1:])
+                    check(shared, "an issued access token", lambda: idp.issued_access_tokens)
+                    targets += [pool, shared]
             results = [
                 run(target, upstream, connections, (args.warmup, args.duration), pin)
                 for connections in CONNECTIONS
@@ -563,7 +597,9 @@ def main() -> None:
         finally:
             for process in reversed(processes):
                 stop(process)
-    report(results, args, pin, nginx, counts, time.monotonic() - started, load_before)
+        exported = (sink.exports, sink.bytes)
+    elapsed = time.monotonic() - started
+    report(results, args, pin, nginx, counts, elapsed, load_before, proxies, exported)
 
 
 def report(
@@ -574,6 +610,8 @@ def report(
     counts: dict[str, int],
     elapsed: float,
     load: float,
+    proxies: int = 1,
+    exported: tuple[int, int] = (0, 0),
 ) -> None:
     """Print the table, the goals and the summary line; exit 1 when the run is invalid."""
     by = {(r.label, r.connections): r for r in results}
@@ -584,14 +622,14 @@ def report(
             return "-"
         return f"{r.rps / other.rps:.2f}"
 
-    def optional(value: float | None, scale: float = 1.0) -> str:
-        return "-" if value is None else f"{value * scale:.0f}"
+    def optional(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
+        return "-" if value is None else f"{value * scale:.{digits}f}"
 
     rows = [
         [
             r.label + (" !" if r.error else ""),
             *(str(r.connections), f"{r.rps:,.0f}", f"{r.p50_ms:.2f}", f"{r.p99_ms:.2f}"),
-            *(ratio(r, DIRECT), ratio(r, NGINX), optional(r.cpu_us), optional(r.others, 100)),
+            *(ratio(r, DIRECT), ratio(r, NGINX), optional(r.cpu_us, 1, 1), optional(r.others, 100)),
         ]
         for r in results
     ]
@@ -609,7 +647,7 @@ def report(
         print("proxy: `tokenbroker proxy` is not available — goals not measured")
         raise SystemExit(1)
     wrong = [f"{r.label} at {r.connections} conns: {r.error}" for r in results if r.error]
-    if counts["login"] != ACCOUNTS + 1 or counts["client_credentials"] != 1:
+    if counts["login"] != ACCOUNTS * proxies + 1 or counts["client_credentials"] != proxies:
         wrong.append(f"token requests after start-up ({counts})")
     if wrong:
         print(f"proxy: run INVALID — {'; '.join(wrong)}")
@@ -636,9 +674,12 @@ def report(
     in_use = ", ".join(f"{r.in_use} at {r.connections}" for r in results if r.label == POOL)
     print(f"  pool leases in use half-way through the runs, at conns (of {ACCOUNTS}): {in_use}")
     print(
-        f"  token requests: {counts['login']} logins ({ACCOUNTS} accounts and nginx's token), "
-        f"{counts['client_credentials']} client_credentials, all before measuring"
+        f"  token requests: {counts['login']} logins ({ACCOUNTS} accounts per proxy and nginx's"
+        f" token), {counts['client_credentials']} client_credentials, all before measuring"
     )
+    tracing = tracing_cost(by)
+    if tracing:
+        print(f"  tracing: {tracing}; the sink got {exported[0]} exports, {exported[1]:,} bytes")
     print(
         f"  run took {elapsed:.0f} s; 1-minute load average before it {load:.1f} (others % shows "
         "how busy the machine was; cpu us/req is the figure that moves least)"
@@ -657,7 +698,25 @@ def report(
     busy = max(r.others or 0.0 for r in [reference, *ours.values()])
     if busy > BUSY_SHARE:
         verdict += f" (machine busy: others took up to {busy:.0%} of the cores)"
+    if tracing:
+        verdict += f"; tracing: {tracing}"
     print(f"proxy: tokenbroker ({BUILD}) {', '.join(parts)}; {verdict}")
+
+
+def tracing_cost(by: dict[tuple[str, int], Result]) -> str:
+    """The shared route's tracing rows against its untraced one at the goal's connections:
+    req/s ratio and added CPU per request; empty without ``--tracing`` rows."""
+    plain = by.get((SHARED, GOAL_CONNECTIONS))
+    parts = []
+    for suffix, what in ((TRACED, "sampled"), (UNSAMPLED, "unsampled")):
+        row = by.get((SHARED + suffix, GOAL_CONNECTIONS))
+        if plain is None or row is None or not plain.rps:
+            continue
+        extra = ""
+        if row.cpu_us is not None and plain.cpu_us is not None:
+            extra = f", {row.cpu_us - plain.cpu_us:+.1f} us CPU/req"
+        parts.append(f"{what} {row.rps / plain.rps:.2f}x req/s{extra}")
+    return f"shared at {GOAL_CONNECTIONS} conns {', '.join(parts)}" if parts else ""
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ LAYERS = {
     "__init__": 4,  # the library's surface: engine, client, config, core
 }
 #: Libraries only the outer layers (telemetry, api, proxy, cli, testing) may import.
-SERVER_LIBRARIES = {"fastapi", "starlette", "prometheus_client", "uvicorn", "click", "rich"}
+SERVER_LIBRARIES = {
+    *("fastapi", "starlette", "prometheus_client", "uvicorn", "click", "rich"),
+    "opentelemetry",  # the otel extra: telemetry/tracing.py only
+}
 
 
 def _modules() -> Iterator[tuple[str, Path]]:

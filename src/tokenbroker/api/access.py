@@ -21,6 +21,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import Scope
 
+from ..core import tracing
 from ..core.scopes import canonical_scopes, scope_string
 from ..edge.ratelimit import RateLimits
 from ..engine.broker import Broker
@@ -80,6 +81,7 @@ def authenticate(
             if wait is not None:
                 raise RateLimited(wait)
         raise Unauthorized(presented=key is not None)
+    tracing.annotate("consumer", found.name)
     wait = limits.consumer_blocked(found.name)
     if wait is not None:
         raise RateLimited(wait)

@@ -29,6 +29,7 @@ from .openapi import add_document_route, document_errors
 from .routes import compat, delegations, events, jobs, oauth, probes, providers, redirects, tokens
 from .sse import StreamGauge
 from .status_feed import StatusFeed
+from .tracing import TraceRequests
 from .ui import routes as ui
 from .ui.session import SessionSigner
 from .ui.views import StatusView
@@ -89,6 +90,9 @@ def create_app(
         openapi_url=None,  # served by add_document_route, behind a key, when enabled
         responses={401: {"model": ErrorResponse}},
         lifespan=following(registry, on_shutdown=feed.stop),
+        # FastAPI's own OpenTelemetry spans and logs stay off (they would follow a global
+        # provider and record exception text): the API's spans are TraceRequests'.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "auto_configure": False},
     )
     app.state.limits = limits or RateLimits(
         server.rate_limit, shared=windows_for(broker.coordinator)
@@ -110,6 +114,7 @@ def create_app(
             allow_headers=["Authorization", "Content-Type"],
         )
     app.add_middleware(RequestContext, metrics=meter)
+    app.add_middleware(TraceRequests)  # outermost: log lines of the request carry its ids
     tokens.add_routes(app, broker, meter)  # first: the hot route is matched first
     delegations.add_routes(app, broker)
     redirects.add_routes(app, broker)

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 import threading
@@ -37,6 +38,7 @@ from ..api.app import create_app
 from ..api.connection import BoundedHeadProtocol
 from ..api.sse import draining
 from ..config import ProxySettings, config_warnings
+from ..core.tracing import Tracer, install
 from ..edge.descriptors import budget
 from ..engine.broker import Broker
 from ..errors import ConfigError, ConfigProblem
@@ -71,6 +73,25 @@ def _fetch_required(broker: Broker) -> None:
     started = broker.refresh_due()
     if started:
         logger.info("fetching %d required provider token(s)", started)
+
+
+def _start_tracing(broker: Broker) -> Tracer | None:
+    """Export traces when an OTLP endpoint is configured; None (nothing imported) if not.
+
+    Raises:
+        ConfigError: An endpoint is set but the ``otel`` extra is not installed.
+    """
+    telemetry = broker.settings.telemetry
+    if telemetry.endpoint(os.environ) is None:
+        return None
+    try:
+        from ..telemetry import tracing  # noqa: PLC0415 - OpenTelemetry only when tracing
+    except ImportError as exc:
+        needs = "needs the otel extra: pip install 'tokenbroker[otel]'"
+        raise ConfigError([ConfigProblem("telemetry.otlp_endpoint", needs)]) from exc
+    tracer = tracing.configure(telemetry, os.environ)
+    logger.info("tracing on: OTLP export, sample ratio %s", telemetry.sample_ratio or "default")
+    return tracer
 
 
 def _configure_logs(broker: Broker, config_path: Path) -> None:
@@ -289,8 +310,10 @@ def _run(
         announce: Receives one line per listener once it listens.
     """
     stop = threading.Event()
+    tracer = None
     try:
         _configure_logs(broker, config_path)
+        tracer = _start_tracing(broker)
         jobs = None
         if api_listen is not None:
             jobs = JobService(broker)
@@ -305,6 +328,9 @@ def _run(
     finally:
         stop.set()
         broker.close()
+        if tracer is not None:  # export what is still buffered
+            install(None)
+            tracer.shutdown()
 
 
 def serve(

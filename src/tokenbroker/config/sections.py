@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -294,17 +295,39 @@ class JobsSettings(_Section):
 
 
 class TelemetrySettings(_Section):
-    """Logs (and, later, OpenTelemetry export).
+    """Logs, and OpenTelemetry traces exported over OTLP (the ``otel`` extra).
 
     ``log_filter`` (tpp's, ``RUST_LOG`` style: ``info,tokenbroker.proxy=debug``) sets levels
     per logger beside ``log_level``; its bare level, if it has one, replaces ``log_level``
     (:mod:`.logfilter`).
+
+    Tracing is on when ``otlp_endpoint`` (or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` /
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``) is set. A field left out (None) takes its standard
+    ``OTEL_*`` variable, else its default: ``otlp_protocol`` grpc (port 4317; http/protobuf:
+    4318, path ``/v1/traces``), ``service_name`` tokenbroker, ``sample_ratio`` 1.0.
     """
 
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
     log_filter: str | None = None
     otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http/protobuf"] | None = None
+    service_name: str | None = Field(None, min_length=1)
+    sample_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    headers: dict[str, Secret] = {}
+
+    def endpoint(self, environ: Mapping[str, str]) -> str | None:
+        """Where traces go: ``otlp_endpoint``, else ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` or
+        ``OTEL_EXPORTER_OTLP_ENDPOINT`` from ``environ``; None (tracing off) without one,
+        or with ``OTEL_SDK_DISABLED=true``."""
+        if environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
+        return (
+            self.otlp_endpoint
+            or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or None
+        )
 
     @field_validator("log_filter")
     @classmethod

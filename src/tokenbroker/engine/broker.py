@@ -21,6 +21,7 @@ import httpx
 from ..client.adapters import AuthAdapters
 from ..client.target import TokenTarget
 from ..config import JwtDelegation, Settings, load_settings
+from ..core import tracing as _tracing
 from ..core.clock import Clock
 from ..core.events import Event, EventBus, RefreshTokenRotated
 from ..core.rules import check_subject
@@ -28,6 +29,7 @@ from ..core.token import Token
 from ..errors import ClientAuthenticationError, DelegationFailedError, ReauthorizationRequiredError
 from ..grants import Exchange, Grant, RetryPolicy, TokenResponse, send_sync, token_flow
 from ..store import Store
+from . import acquisition
 from .cache import TokenCache
 from .catalog import CredentialKey, ProviderCatalog, scope_alias
 from .coordination import Coordinator, SharedLimits
@@ -155,8 +157,7 @@ class Broker(AuthAdapters):
 
         Args:
             provider: The provider's configured name.
-            scope: Scopes, space-separated or as a list; absent or blank means the
-                provider's configured scopes (see :mod:`tokenbroker.core.scopes`).
+            scope: Scopes, space-separated or a list; blank: the configured ones.
             account: For login providers, which account; default: the first.
 
         Returns:
@@ -169,25 +170,29 @@ class Broker(AuthAdapters):
                 :class:`~tokenbroker.errors.TooManyScopesError` for a new scope set beyond
                 the provider's ``max_scopes``.
         """
-        raw = (provider, scope_alias(scope), account)
+        key = (provider, alias := scope_alias(scope), account)
         try:
-            return self._cache.get(raw)
+            if _tracing.tracer is None:
+                return self._cache.get(key)
+            return acquisition.get(self._cache, key, provider, alias, account)
         except ReauthorizationRequiredError:
-            if not self._revival.revived(raw):  # another process re-authorised it?
+            if not self._revival.revived(key):  # another process re-authorised it?
                 raise
-        return self._cache.get(raw)
+        return self._cache.get(key)
 
     async def aget_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
     ) -> Token:
         """Async :meth:`get_token`; a cache hit never yields to the event loop."""
-        raw = (provider, scope_alias(scope), account)
+        key = (provider, alias := scope_alias(scope), account)
         try:
-            return await self._cache.aget(raw)
+            if _tracing.tracer is None:
+                return await self._cache.aget(key)
+            return await acquisition.aget(self._cache, key, provider, alias, account)
         except ReauthorizationRequiredError:
-            if not await asyncio.to_thread(self._revival.revived, raw):
+            if not await asyncio.to_thread(self._revival.revived, key):
                 raise
-        return await self._cache.aget(raw)
+        return await self._cache.aget(key)
 
     def peek_token(
         self, provider: str, scope: str | None = None, *, account: str | None = None
@@ -251,8 +256,7 @@ class Broker(AuthAdapters):
     ) -> DelegatedToken:
         """Mint (or obtain upstream) a short-lived delegated token; never cached.
 
-        Whether the caller may name ``subject`` is the HTTP layer's check (consumer rules);
-        here the values are only checked for shape.
+        Whether the caller may name ``subject`` is the HTTP layer's check; here only shapes.
 
         Args:
             provider: A provider with a ``delegation:`` section.
@@ -261,8 +265,7 @@ class Broker(AuthAdapters):
             subject: On whose behalf (e.g. a user id).
             lifetime: Seconds asked for; capped by ``max_lifetime_seconds`` (and, upstream,
                 by the service token's remaining life).
-            actor: Who asks (the consumer's name): a minted token's ``azp`` and ``act.sub``,
-                an upstream template's ``{consumer}``; None for an embedded caller.
+            actor: Who asks (consumer name: ``azp``/``act.sub``, a template's ``{consumer}``).
 
         Returns:
             The delegated token.
@@ -271,11 +274,8 @@ class Broker(AuthAdapters):
             UnknownProviderError: Unknown provider, no delegation, or an audience it does not list.
             InvalidDelegationError: ``object_`` is not a safe relative path, or ``subject`` or
                 ``actor`` is malformed.
-            ProviderError: Upstream mode: the service token's classified failure (for
-                ``delegation.scope``); :class:`~tokenbroker.errors.DelegationFailedError` when
-                the delegation endpoint failed;
-                :class:`~tokenbroker.errors.ProviderUnavailableError` when its reply was
-                already expired.
+            ProviderError: Upstream mode: the service token's failure, DelegationFailedError
+                (the endpoint failed) or ProviderUnavailableError (its reply had expired).
         """
         check_object(object_)
         for name in (subject, actor):

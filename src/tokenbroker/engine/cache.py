@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 from ..core.clock import Clock, SystemClock
 from ..core.events import EventBus, TokenAcquired, TokenRequestFailed
 from ..core.token import Token
+from ..core.tracing import NOOP, Span
 from ..errors import ProviderError, ProviderUnavailableError
 from ..grants import TokenResponse
 from .coordination import SharedLimits
@@ -63,6 +64,13 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a finished future's exception as seen (its waiter may have gone)."""
     if not future.cancelled():
         future.exception()
+
+
+def _outcome(token: Token | None, flight: Future[Any] | None, leader: bool) -> str:
+    """A token acquisition's span ``outcome`` (``failed`` is set by whoever sees it fail)."""
+    if token is not None:
+        return "refreshed-ahead" if leader and flight is not None else "hit"
+    return "fetched" if leader else "coalesced"
 
 
 class TokenCache(Invalidations[K]):
@@ -124,13 +132,19 @@ class TokenCache(Invalidations[K]):
         entry = self._hot.get(raw)
         if entry is not None and self._now() < entry.refresh_at:
             return entry.token
+        return self.fill(raw)
+
+    def fill(self, raw: Hashable, span: Span = NOOP) -> Token:
+        """:meth:`get` past a hit (no token due or none cached); ``span`` gets ``outcome``."""
         slot = self._slot(raw)
         token, flight, leader = self._decide(slot)
         if token is not None:
             if leader and flight is not None:
                 self._submit(slot, flight)
+            span.set("outcome", _outcome(token, flight, leader))
             return token
         assert flight is not None
+        span.set("outcome", _outcome(token, flight, leader))
         if leader:
             self._run_sync(slot, flight, False)
         try:
@@ -164,8 +178,13 @@ class TokenCache(Invalidations[K]):
         entry = self._hot.get(raw)
         if entry is not None and self._now() < entry.refresh_at:
             return entry.token
+        return await self.afill(raw)
+
+    async def afill(self, raw: Hashable, span: Span = NOOP) -> Token:
+        """:meth:`aget` past a hit, as :meth:`fill`."""
         slot = self._slot(raw)
         token, flight, leader = self._decide(slot)
+        span.set("outcome", _outcome(token, flight, leader))
         if leader and flight is not None:
             if token is not None:
                 self._submit(slot, flight)

@@ -44,6 +44,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..core import tracing
 from ..core.clock import Clock, SystemClock
 from ..core.secret import Secret
 from ..core.token import Token
@@ -254,7 +255,10 @@ class Refresher:
                 pause = min(pause * 2, 0.1)
                 continue
             try:
-                return self._under_lease(job, lease, self.clock.monotonic())
+                with tracing.span(
+                    "tokenbroker.lease", {"provider": job.provider, "fence": lease.fence}
+                ):
+                    return self._under_lease(job, lease, self.clock.monotonic())
             except _Retry:
                 continue
             finally:
@@ -423,14 +427,17 @@ class Refresher:
         )
         for number in range(1, _COMMIT_TRIES + 1):
             try:
-                return self.store.commit(
-                    lease,
-                    attempt,
-                    stored,
-                    refresh_token=refresh_token,
-                    seed_digest=job.seed_digest,
-                    raw=response.raw,
-                )
+                with tracing.span(
+                    "tokenbroker.store.commit", {"fence": lease.fence, "try": number}
+                ):
+                    return self.store.commit(
+                        lease,
+                        attempt,
+                        stored,
+                        refresh_token=refresh_token,
+                        seed_digest=job.seed_digest,
+                        raw=response.raw,
+                    )
             except StoreError:
                 if number == _COMMIT_TRIES:
                     logger.error("could not commit a refresh provider=%s", job.provider)

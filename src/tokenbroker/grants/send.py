@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import httpx
 
+from ..core import tracing
 from ..core.clock import Clock, SystemClock
 from ..errors import ProviderError, ProviderUnavailableError
 from .base import Reply
@@ -79,23 +80,37 @@ def send_sync(
     """
     clock = clock or SystemClock()
     item = next(flow)
+    attempt = 0
     while True:
         try:
             if isinstance(item, Sleep):
                 sleep(item.seconds)
                 item = flow.send(None)
                 continue
-            outcome: Outcome
-            try:
-                outcome = _read_sync(client, item, max_bytes, clock)
-            except ProviderError as exc:
-                outcome = exc
-            except httpx.HTTPError as exc:
-                outcome = transport_error(exc, _provider(item), _where(item.url))
-            item = flow.send(outcome)
+            attempt += 1
+            attributes: tracing.Attributes = {"provider": _provider(item), "attempt": attempt}
+            with tracing.span("tokenbroker.token_request", attributes, kind="client") as span:
+                tracing.inject(item.headers)
+                outcome: Outcome
+                try:
+                    outcome = _read_sync(client, item, max_bytes, clock)
+                    span.set("http.response.status_code", outcome.status_code)
+                except ProviderError as exc:
+                    outcome = exc
+                except httpx.HTTPError as exc:
+                    outcome = transport_error(exc, _provider(item), _where(item.url))
+                if isinstance(outcome, Exception):
+                    span.fail(outcome)
+                try:
+                    item = flow.send(outcome)
+                except StopIteration as stop:
+                    result: Exchange = stop.value
+                    return result
+                if isinstance(item, Sleep):
+                    span.set("retry_delay_s", item.seconds)
         except StopIteration as stop:
-            result: Exchange = stop.value
-            return result
+            last: Exchange = stop.value
+            return last
 
 
 class _Body:

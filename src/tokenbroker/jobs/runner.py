@@ -44,6 +44,7 @@ import random
 from collections.abc import Awaitable, Callable, Iterator
 
 from ..config import JobsSettings
+from ..core import tracing
 from ..core.clock import Clock
 from ..core.events import JobFinished, JobItemFinished, JobPhaseChanged, JobStarted
 from ..engine.broker import Broker
@@ -58,6 +59,8 @@ from .progress import ProgressCoalescer, ProgressTracker
 __all__ = ["JobRunner"]
 
 logger = logging.getLogger("tokenbroker.jobs")
+#: The span of one phase of a job (a child of the job's ``tokenbroker.job`` span).
+_PHASE = "tokenbroker.job.phase"
 
 
 class JobRunner:
@@ -121,8 +124,12 @@ class JobRunner:
         """
         execution = _Execution(self, lease, row)
         self._running[row.id] = execution
+        attributes = {"job.id": row.id, "job.kind": row.kind, "provider": execution.provider}
         try:
-            return await execution.main()
+            with tracing.span("tokenbroker.job", attributes) as span:
+                status = await execution.main()
+                span.set("job.status", status.value if status is not None else "lost")
+                return status
         finally:
             self._running.pop(row.id, None)
             self.coalescer.forget(row.id)
@@ -223,22 +230,25 @@ class _Execution:
         if self.job.started_at is None:
             self.job = dataclasses.replace(self.job, started_at=self.runner.clock.time())
         if self.state.items is None:
-            await self._progress(phases[0], 0, 1, force=True)
-            try:
-                items = await asyncio.to_thread(self.kind.items, self.ctx)
-            except Exception as exc:  # the kind could not even list its items
-                lost = JobError("resolve_failed", reason(exc))
-                return JobStatus.FAILED if await self.finish(JobStatus.FAILED, lost) else None
-            self.state.items = list(dict.fromkeys(items))
-            await self._progress(phases[0], 1, 1, force=True)
+            with tracing.span(_PHASE, {"job.phase": phases[0]}):
+                await self._progress(phases[0], 0, 1, force=True)
+                try:
+                    items = await asyncio.to_thread(self.kind.items, self.ctx)
+                except Exception as exc:  # the kind could not even list its items
+                    lost = JobError("resolve_failed", reason(exc))
+                    return JobStatus.FAILED if await self.finish(JobStatus.FAILED, lost) else None
+                self.state.items = list(dict.fromkeys(items))
+                await self._progress(phases[0], 1, 1, force=True)
         items = self.state.items
         done = set(self.ok) | {f.item for f in self.failed}
-        await self._progress(phases[1], len(done), len(items), force=True)
-        await self._pool([i for i in items if i not in done], self._item)
+        with tracing.span(_PHASE, {"job.phase": phases[1], "job.items": len(items)}):
+            await self._progress(phases[1], len(done), len(items), force=True)
+            await self._pool([i for i in items if i not in done], self._item)
         if len(phases) > 2 and not self.should_abort():
             self.verify_total, self.verified = len(self.ok), 0
-            await self._progress(phases[2], 0, self.verify_total, force=True)
-            await self._pool(list(self.ok), self._verify)
+            with tracing.span(_PHASE, {"job.phase": phases[2]}):
+                await self._progress(phases[2], 0, self.verify_total, force=True)
+                await self._pool(list(self.ok), self._verify)
         if self.lost:
             return None
         ended = len(self.ok) + len(self.failed) == len(items)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from ..core import tracing
 from ..core.token import Token
 from ..errors import TokenBrokerError
 from .admission import admit, answer_error
@@ -25,10 +26,10 @@ from .http import (
     chunk,
     domain_error,
     is_unsafe_path,
-    status_line,
-    strip_hop_by_hop,
+    reframed,
 )
 from .lease import PoolLease
+from .spans import RequestSpan, finish, start
 from .upstream import Outcome, UpstreamConnection, UpstreamError
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ class ProxiedRequest:
         "streaming",
         "target",
         "task",
+        "trace",
         "upstream",
         "version",
     )
@@ -144,6 +146,7 @@ class ProxiedRequest:
         self._fast_state: tuple[Route, Token, PoolLease | None] | None = None
         self._lease: PoolLease | None = None
         self.task: asyncio.Task[None] | None = None
+        self.trace: RequestSpan | None = None
 
     # -- request body, fed by the client connection ------------------------------------------
 
@@ -185,8 +188,10 @@ class ProxiedRequest:
         response completes it from the upstream's callbacks. Anything else, and any
         outcome but a relayed response, goes through :meth:`run`.
         """
+        trace = self.trace = start(self, tracing.tracer) if tracing.tracer is not None else None
         if not (self.bodiless and self._fast()):
-            self.task = self.conn.loop.create_task(self.run())
+            context = trace.context if trace is not None else None
+            self.task = self.conn.loop.create_task(self.run(), context=context)
 
     def _fast(self) -> bool:
         conn = self.conn
@@ -231,8 +236,11 @@ class ProxiedRequest:
     def _fast_done(self, result: Outcome | UpstreamError) -> None:
         assert self._fast_state is not None
         route, token, lease = self._fast_state
+        trace = self.trace
         if result is not Outcome.RELAYED:  # a 401 to retry or a failure: the general path
-            self.task = self.conn.loop.create_task(self.run(resume=(route, token, lease, result)))
+            resumed = self.run(resume=(route, token, lease, result))
+            context = trace.context if trace is not None else None
+            self.task = self.conn.loop.create_task(resumed, context=context)
             return
         upstream = self.upstream  # (_settle, inlined: the body was complete from the start)
         self.upstream = None
@@ -241,6 +249,8 @@ class ProxiedRequest:
         if lease is not None:
             lease.end()
         self.done = True
+        if trace is not None:
+            finish(self)
         self.conn.finished(self)
 
     def abandon(self) -> None:
@@ -265,6 +275,8 @@ class ProxiedRequest:
         if lease is not None and lease.in_flight:
             lease.end()
         self.done = True
+        if self.trace is not None:
+            finish(self)
 
     async def run(self, resume: _Resume | None = None) -> None:
         """Serve the request; always ends by handing the connection its next request.
@@ -345,6 +357,8 @@ class ProxiedRequest:
             rejected, result = True, None  # a 401 swallowed once: drop that token, resend
             conn = self.conn
             conn.server.count_rejected(route)
+            if self.trace is not None:
+                self.trace.retried = True
             lease = self._lease
             if lease is not None:
                 lease.report_rejected(token.access_token)
@@ -446,25 +460,14 @@ class ProxiedRequest:
             ):
                 self.conn.write(head)
                 return True
-        first = head.find(b"\r\n")
-        block, listed = strip_hop_by_hop(head[first + 2 : len(head) - 2])
-        lines = [status_line(status), block]
-        if listed:  # rare: drop the headers the upstream's Connection header names
-            kept = block.splitlines(keepends=True)
-            lines[1] = b"".join([x for x in kept if x.split(b":", 1)[0].lower() not in listed])
         if (chunked or not length) and not self.head_only and status not in _NO_BODY_STATUS:
             if self.version == b"1.1":  # re-chunk what we relay piece by piece
                 self._chunked_out = True
-                lines.append(b"transfer-encoding: chunked\r\n")
             else:
                 self.close_after = True  # HTTP/1.0: the close delimits the body
-        if self.close_after:
-            lines.append(b"connection: close\r\n\r\n")
-        elif self.version == b"1.0":
-            lines.append(b"connection: keep-alive\r\n\r\n")
-        else:
-            lines.append(b"\r\n")
-        self.conn.write(b"".join(lines))
+        self.conn.write(
+            reframed(head, status, self._chunked_out, self.close_after, self.version == b"1.0")
+        )
         return True
 
     def response_body(self, data: bytes) -> None:

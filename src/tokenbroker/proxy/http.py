@@ -35,6 +35,7 @@ __all__ = [
     "domain_error",
     "error_reply",
     "is_unsafe_path",
+    "reframed",
     "status_line",
     "strip_hop_by_hop",
 ]
@@ -261,3 +262,36 @@ def domain_error(exc: BaseException) -> tuple[int, str, str, int | None]:
     row = status_of(exc)
     message = str(exc) if row.detailed else row.message
     return row.status, row.code, message, retry_after(exc) if row.retry_after else None
+
+
+def reframed(head: bytes, status: int, chunked: bool, close: bool, http10: bool) -> bytes:
+    """An upstream response head rebuilt for the client (the proxy's uncommon case).
+
+    Hop-by-hop lines (and any the upstream's ``Connection`` names) are cut and the status
+    line is the proxy's own (``HTTP/1.1``, for 1.0 clients too, as nginx and Envoy answer).
+
+    Args:
+        head: The upstream's head as received (status line to the blank line).
+        status: Its status.
+        chunked: The body is re-chunked toward the client.
+        close: The connection closes after this response.
+        http10: The client spoke HTTP/1.0 (a kept connection is then said so).
+
+    Returns:
+        The head to write to the client.
+    """
+    first = head.find(b"\r\n")
+    block, listed = strip_hop_by_hop(head[first + 2 : len(head) - 2])
+    lines = [status_line(status), block]
+    if listed:  # rare: drop the headers the upstream's Connection header names
+        kept = block.splitlines(keepends=True)
+        lines[1] = b"".join([x for x in kept if x.split(b":", 1)[0].lower() not in listed])
+    if chunked:
+        lines.append(b"transfer-encoding: chunked\r\n")
+    if close:
+        lines.append(b"connection: close\r\n\r\n")
+    elif http10:
+        lines.append(b"connection: keep-alive\r\n\r\n")
+    else:
+        lines.append(b"\r\n")
+    return b"".join(lines)

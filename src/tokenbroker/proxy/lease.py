@@ -65,12 +65,19 @@ class PoolLease:
         self._in_flight = 0
         self._acquired_at = 0.0
         self._active_at = 0.0
+        #: When the lease was asked for (the pool's clock); granted at :attr:`acquired_at`.
+        self.requested_at = pool._clock.monotonic()
 
     @property
     def account(self) -> str | None:
         """The leased account's name while the lease holds one."""
         credential = self._credential
         return credential.account if credential is not None else None
+
+    @property
+    def acquired_at(self) -> float:
+        """When the pool granted the lease an account (the pool's clock; 0 before)."""
+        return self._acquired_at
 
     @property
     def in_flight(self) -> int:

@@ -2,7 +2,8 @@
 
 The library only logs through ``logging.getLogger("tokenbroker.…")``; this
 module, used by the CLI alone, installs the handler. Each JSON line carries the
-request id of the HTTP request being served, if any.
+request id of the HTTP request being served, if any, and with tracing on the ``trace_id``
+and ``span_id`` of the span it was written in.
 
 Log lines quote request input (provider names, audiences, routes, accounts). JSON escapes
 it; the text format escapes it here, in one place (:class:`TextFormatter`), so no value can
@@ -32,6 +33,7 @@ import time
 from typing import Any
 
 from ..config.logfilter import parse_log_filter
+from ..core import tracing
 from ..core.events import Event, JobEvent, JobFinished, JobItemFinished, JobPhaseChanged, JobStarted
 
 __all__ = [
@@ -76,7 +78,8 @@ request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: time, level, logger, message, request id, exception class,
+    """One JSON object per record: time, level, logger, message, request id, trace and span
+    ids (inside a span), exception class,
     and the record's :data:`FIELDS` extras (numbers, booleans and None as they are; any
     other value as its ``str``, so a :class:`~tokenbroker.core.secret.Secret` stays redacted)."""
 
@@ -90,6 +93,10 @@ class JsonFormatter(logging.Formatter):
         rid = request_id.get()
         if rid:
             entry["request_id"] = rid
+        tracer = tracing.tracer
+        ids = tracer.ids() if tracer is not None else None
+        if ids is not None:  # written inside a span (tracing on)
+            entry["trace_id"], entry["span_id"] = ids
         fields = FIELDS.intersection(record.__dict__)
         for name in sorted(fields):
             value = record.__dict__[name]
