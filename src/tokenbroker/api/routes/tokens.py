@@ -71,7 +71,7 @@ class TokenRead:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            caller = scope_caller(scope)
+            caller = await scope_caller(scope)
             provider: str = scope["path_params"]["provider"]
             query = parse_qs(
                 scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
