@@ -75,7 +75,8 @@ GRACE = 60
 PROVIDER = "tesla"
 RUN_LIMIT = float(os.environ.get("BENCH_LIMIT", "240"))  # the whole run gives up after it
 
-#: One caller request: (wall-clock start, seconds taken, HTTP status or 0, error class or "").
+#: One caller request: (wall-clock start, seconds taken, HTTP status or 0, what went wrong:
+#: an error class, or the status and error code of a non-200 answer; "" when served).
 Sample = tuple[float, float, int, str]
 
 
@@ -111,7 +112,8 @@ async def _callers(
             wall, started = time.time(), time.monotonic()
             try:
                 reply = await client.get(f"/v1/tokens/{PROVIDER}", headers=headers)
-                samples.append((wall, time.monotonic() - started, reply.status_code, ""))
+                code = "" if reply.status_code == 200 else _error_code(reply)
+                samples.append((wall, time.monotonic() - started, reply.status_code, code))
             except httpx.HTTPError as exc:  # connection refused or reset (a killed replica)
                 samples.append((wall, time.monotonic() - started, 0, type(exc).__name__))
             await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
@@ -120,6 +122,15 @@ async def _callers(
     for client in clients:
         await client.aclose()
     return samples
+
+
+def _error_code(reply: httpx.Response) -> str:
+    """``503 store_unavailable``: the status and the error body's code, for the notes."""
+    try:
+        code = reply.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        code = "?"
+    return f"{reply.status_code} {code}"
 
 
 # -- the authorization server's record, timestamped ----------------------------------------
@@ -329,12 +340,6 @@ class Bench:
                     return False
         return True
 
-    def lease_owner_pid(self) -> int | None:
-        rows = self.pg.execute(
-            "SELECT lease_owner FROM tb_credential WHERE lease_owner IS NOT NULL"
-        )
-        return int(str(rows[0][0]).split(":")[1]) if rows else None
-
     def recoveries(self) -> list[float]:
         """When each resend of an in-doubt refresh started, from the broker's own record: an
         attempt from the same refresh-token version as an earlier attempt that was left in
@@ -423,17 +428,30 @@ def rows_for(bench: Bench, samples: list[Sample], recoveries: list[float]) -> li
     return rows
 
 
+def find_holder(bench: Bench, deadline: float) -> int | None:
+    """The replica holding the lease while a refresh request is at the provider, or None."""
+    import psycopg
+
+    with psycopg.connect(bench.pg.url("postgres"), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute(
+                "SELECT lease_owner FROM tb_credential WHERE lease_owner IS NOT NULL"
+            ).fetchone()
+            if row is not None and bench.auth.in_flight > 0:
+                pid = int(str(row[0]).split(":")[1])
+                for i, process in enumerate(bench.replicas):
+                    if process is not None and process.pid == pid:
+                        return i
+            time.sleep(0.005)
+    return None
+
+
 async def kill_lease_holder(bench: Bench) -> list[str]:
-    """Slow the token endpoint, wait for a refresh to arrive, SIGKILL whichever replica holds
-    the lease while its request is at the provider, restart it 8 s later."""
-    bench.auth.inject(Fault(delay=3.0), times=1)
-    deadline = time.monotonic() + 3 * PERIOD
-    while bench.auth.in_flight == 0 and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
-    victim = pid = None
-    while victim is None and bench.auth.in_flight > 0:
-        pid = await asyncio.to_thread(bench.lease_owner_pid)
-        victim = next((i for i, p in enumerate(bench.replicas) if p and p.pid == pid), None)
+    """Slow the token endpoint (below the 2 s deadline, so the holder would not give up by
+    itself), watch the lease on one open connection, SIGKILL the replica holding it while its
+    request is at the provider, restart it 8 s later."""
+    bench.auth.inject(Fault(delay=1.5), times=1)
+    victim = await asyncio.to_thread(find_holder, bench, time.monotonic() + 3 * PERIOD)
     if victim is None:
         return ["no lease holder found while the request was at the provider"]
     process = bench.replicas[victim]
