@@ -236,13 +236,17 @@ class RedisLink:
 
     async def _probe(self) -> None:
         """Ping every ``probe_seconds``: a failure counts against the breaker, an answer
-        closes it, so a Redis that comes back is used again without waiting for traffic."""
+        closes it, so a Redis that comes back is used again without waiting for traffic.
+        It is the only way back to ``closed`` (requests never probe), so it never stops."""
         while True:
             try:
                 await self._bounded(lambda client: client.ping())
             except asyncio.CancelledError:
                 raise
             except self._errors as exc:
+                self.breaker.failed(exc)
+            except Exception as exc:  # anything else (a protocol error): keep probing
+                logger.debug("redis probe failed: %s", type(exc).__name__)
                 self.breaker.failed(exc)
             else:
                 self.breaker.succeeded()
