@@ -403,6 +403,10 @@ def rows_for(bench: Bench, samples: list[Sample], recoveries: list[float]) -> li
             print(window.name, [f"+{at - window.start:.2f}" for at in firsts], gaps)
         mine = [s for s in samples if window.start <= s[0] < window.end]
         latencies = [s[1] for s in mine]
+        if os.environ.get("BENCH_DEBUG"):
+            slow = sorted(mine, key=lambda sample: -sample[1])[:12]
+            shown = [f"+{a - window.start:.2f}:{d:.2f}" for a, d, *_ in slow]
+            print(window.name, "slowest:", shown)
         statuses = Counter(s[2] for s in mine)
         errors = Counter(s[3] for s in mine if s[3])
         tail = p99(latencies)
