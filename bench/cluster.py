@@ -72,6 +72,8 @@ LIFETIME = 10  # access-token lifetime, seconds
 REFRESH_AHEAD = 0.5  # a refresh is due 5 s after a token was issued
 PERIOD = LIFETIME * REFRESH_AHEAD
 GRACE = 60
+#: The replicas' PostgreSQL pool timeout (short, so an outage answers 503 quickly).
+STORE_TIMEOUT = float(os.environ.get("BENCH_STORE_TIMEOUT", "2"))
 PROVIDER = "tesla"
 RUN_LIMIT = float(os.environ.get("BENCH_LIMIT", "240"))  # the whole run gives up after it
 
@@ -244,7 +246,7 @@ class Bench:
     def config(self) -> Path:
         seed = self.auth.issue_refresh_token("rt-client")
         config = {
-            "store": self.pg.url("postgres") + "?timeout=2&max_size=4",
+            "store": self.pg.url("postgres") + f"?timeout={STORE_TIMEOUT}&max_size=4",
             "redis": self.redis.url,
             "encryption_keys": [generate_key()],
             "defaults": {"retries": 0, "deadline_seconds": 2, "lease_seconds": 6},
