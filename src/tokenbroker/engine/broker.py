@@ -12,6 +12,7 @@ applies per provider (keys, timing, retry policy, grants) are in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Hashable
@@ -465,9 +466,15 @@ class Broker(AuthAdapters):
     def fetch(self, key: CredentialKey, stale: str | None) -> TokenResponse:
         """Obtain a token for ``key`` through the fenced refresh protocol (the cache calls this)."""
         response = self._refresher.run(self._catalog.job(key, stale, self._send))
-        if response.refresh_token is not None and response.issued_at is None:
-            provider, words = self.describe(key)
-            self.events.emit(RefreshTokenRotated(provider, words))
+        if response.issued_at is None:  # fetched here, not read from the store
+            if response.refresh_token is not None:
+                provider, words = self.describe(key)
+                self.events.emit(RefreshTokenRotated(provider, words))
+            # Its lifetime counts from when the request was sent (the grant set expires_at
+            # from then), not from when the cache's fetch began: a fetch that first waited
+            # for the store (an outage) must not make the next refresh early.
+            sent = response.token.expires_at - response.lifetime
+            response = dataclasses.replace(response, issued_at=sent)
         return response
 
     async def afetch(self, key: CredentialKey, stale: str | None) -> TokenResponse:
