@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from redis_server import RedisServer, require_redis
 from support import client_credentials, free_port, serve_process, wait_for
@@ -29,12 +30,16 @@ PAUSED_SECONDS = 3.5
 LIMIT = 0.35
 
 
+@pytest.mark.parametrize("invalidate", [False, True], ids=["reads", "reads+invalidate"])
 def test_warm_reads_never_wait_on_a_paused_redis(
-    tmp_path: Path, auth_server: AuthorizationServer
+    tmp_path: Path, auth_server: AuthorizationServer, invalidate: bool
 ) -> None:
     """12 concurrent readers of a warm token through a real `serve`, for 3.5 s with Redis
     SIGSTOP'd: every read is 200 and each takes < 0.35 s (the Redis timeout is 0.5 s), no
-    token request is sent, /health says degraded, and it clears after SIGCONT."""
+    token request is sent, /health says degraded, and it clears after SIGCONT. With
+    ``invalidate``, the token is also invalidated as the pause begins: its cross-replica
+    cooldown waits out the Redis timeout, in a worker thread, not on the server's loop (one
+    token request follows, for the replacement)."""
     require_redis()
     redis = RedisServer()
     redis.start()
@@ -53,7 +58,8 @@ def test_warm_reads_never_wait_on_a_paused_redis(
     try:
         with serve_process(tmp_path / "tokenbroker.yaml", config) as served:
             with httpx.Client(base_url=served.url, timeout=10) as http:
-                assert http.get("/v1/tokens/svc", headers=headers).status_code == 200
+                first = http.get("/v1/tokens/svc", headers=headers)
+                assert first.status_code == 200
                 wait_for(lambda: http.get("/health").json()["status"] == "ok", "healthy")
             requests = auth_server.count("client_credentials")
             latencies: list[float] = []
@@ -75,6 +81,11 @@ def test_warm_reads_never_wait_on_a_paused_redis(
                 threads = [threading.Thread(target=reader, args=(until,)) for _ in range(READERS)]
                 for thread in threads:
                     thread.start()
+                if invalidate:
+                    with httpx.Client(base_url=served.url, timeout=10) as http:
+                        body = {"access_token": first.json()["access_token"]}
+                        dropped = http.post("/v1/tokens/svc/invalidate", headers=headers, json=body)
+                        assert dropped.status_code == 200, dropped.text
                 for thread in threads:
                     thread.join(30)
                 with httpx.Client(base_url=served.url, timeout=10) as http:
@@ -86,7 +97,7 @@ def test_warm_reads_never_wait_on_a_paused_redis(
             assert slowest < LIMIT, (
                 f"slowest of {len(latencies)} reads took {slowest:.3f} s with Redis paused"
             )
-            assert auth_server.count("client_credentials") == requests
+            assert auth_server.count("client_credentials") == requests + invalidate
             with httpx.Client(base_url=served.url, timeout=10) as http:
                 wait_for(lambda: http.get("/health").json()["status"] == "ok", "recovery")
     finally:
