@@ -34,6 +34,7 @@ __all__ = [
     "PUBLIC_PATHS",
     "STATE_PATHS",
     "Caller",
+    "aauthenticate",
     "authenticate",
     "check_allowed",
     "consumer",
@@ -88,6 +89,30 @@ def authenticate(
     return found
 
 
+async def aauthenticate(
+    registry: ConsumerRegistry, limits: RateLimits, key: str | None, source: str
+) -> Consumer:
+    """:func:`authenticate` for a request on the event loop: the shared (Redis) counts are
+    awaited without blocking the loop and for at most the link's short budget, so a paused
+    Redis never holds up a token read (cluster mode; the in-process counts apply instead).
+
+    Raises:
+        RateLimited: As for :func:`authenticate`.
+        Unauthorized: As for :func:`authenticate`.
+    """
+    found = registry.authenticate(key)
+    if found is None:
+        if key is not None:
+            wait = await limits.afailed(source)
+            if wait is not None:
+                raise RateLimited(wait)
+        raise Unauthorized(presented=key is not None)
+    wait = await limits.aconsumer_blocked(found.name)
+    if wait is not None:
+        raise RateLimited(wait)
+    return found
+
+
 async def consumer(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -101,15 +126,15 @@ async def consumer(
     """
     source = request.client.host if request.client else "unknown"
     key = credentials.credentials if credentials else None
-    return authenticate(request.app.state.consumers, request.app.state.limits, key, source)
+    return await aauthenticate(request.app.state.consumers, request.app.state.limits, key, source)
 
 
 #: A route parameter of this type is the authenticated consumer (and documents the key).
 Caller = Annotated[Consumer, Depends(consumer)]
 
 
-def scope_caller(scope: Scope) -> Consumer:
-    """:func:`authenticate` for a plain ASGI request: the ``Authorization: Bearer`` key of
+async def scope_caller(scope: Scope) -> Consumer:
+    """:func:`aauthenticate` for a plain ASGI request: the ``Authorization: Bearer`` key of
     ``scope``, checked against ``scope["app"]``'s registry and limits.
 
     Raises:
@@ -124,7 +149,7 @@ def scope_caller(scope: Scope) -> Consumer:
             break
     client = scope.get("client")
     app = scope["app"]
-    return authenticate(
+    return await aauthenticate(
         app.state.consumers, app.state.limits, key, client[0] if client else "unknown"
     )
 

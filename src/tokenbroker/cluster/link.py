@@ -6,9 +6,15 @@ alike, each call bounded by a deadline. redis-py's defaults stalled a call 59 s 
 paused Redis when measured here, so every connection gets explicit connect and read
 timeouts (``timeout``, 0.5 s by default), a retry of one on a refused or reset connection
 (never on a timeout: that would double the wait), and ``health_check_interval``. A
-:class:`~tokenbroker.cluster.breaker.Breaker` stops calls for a cool-down after failures;
-a ping every ``probe_seconds`` closes it again as soon as Redis answers, with or without
-traffic.
+:class:`~tokenbroker.cluster.breaker.Breaker` stops calls after failures; only the
+background ping (every ``probe_seconds``) closes it again, so once it is open no request
+ever waits for Redis to answer — a request is never the breaker's probe.
+
+Callers on an event loop use :meth:`RedisLink.acall`, which never blocks their loop and
+waits at most ``budget`` (0.1 s by default) before giving up: a request path that would
+rather count in its own process than wait (a shared rate limit) stays fast while Redis is
+paused and before the breaker has opened. The call itself still runs to its own timeout
+and its outcome feeds the breaker.
 
 The URL may carry redis-py's own options as its query (``?socket_timeout=0.2``); they win
 over the defaults here.
@@ -26,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..core.secret import Secret
 from ..errors import ConfigError, ConfigProblem, CoordinationUnavailableError
-from .breaker import Breaker
+from .breaker import Breaker, BreakerState
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -60,6 +66,7 @@ class RedisLink:
         health_check_interval: Seconds after which an idle connection is pinged before use.
         probe_seconds: How often a background ping checks Redis (and closes the breaker).
         breaker: The circuit breaker (default: 2 failures open it for 2 s).
+        budget: Longest wait of :meth:`acall` for an answer (seconds).
 
     Raises:
         ConfigError: The ``redis`` extra is not installed.
@@ -74,6 +81,7 @@ class RedisLink:
         health_check_interval: int = 5,
         probe_seconds: float = 1.0,
         breaker: Breaker | None = None,
+        budget: float = 0.1,
     ) -> None:
         redis = _import_redis()
         from redis.asyncio.retry import Retry  # noqa: PLC0415
@@ -87,6 +95,7 @@ class RedisLink:
             concurrent.futures.TimeoutError,
         )
         self.timeout = timeout
+        self.budget = min(budget, timeout)
         self.breaker = breaker or Breaker()
         self._probe_seconds = probe_seconds
         secret = url if isinstance(url, Secret) else Secret(url)
@@ -130,7 +139,7 @@ class RedisLink:
             CoordinationUnavailableError: The breaker is open, or Redis failed or was too slow
                 (recorded in the breaker). The message carries an error class, never a URL.
         """
-        if self._closed or not self.breaker.allow():
+        if not self._admits():
             raise CoordinationUnavailableError(self.breaker.reason or "redis link closed")
         future = asyncio.run_coroutine_threadsafe(self._bounded(operation), self._loop)
         try:
@@ -142,10 +151,37 @@ class RedisLink:
         self.breaker.succeeded()
         return result
 
+    async def acall(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
+        """Run ``operation(client)`` on the link's loop; await it at most :attr:`budget`.
+
+        Never blocks the calling event loop. Past the budget the caller goes on without the
+        answer while the call runs to its own timeout in the background, its outcome feeding
+        the breaker (so a paused Redis opens it after ``threshold`` timeouts, however many
+        callers gave up before that).
+
+        Returns:
+            What ``operation`` returned.
+
+        Raises:
+            CoordinationUnavailableError: The breaker is open, Redis failed, or it did not
+                answer within the budget.
+        """
+        if not self._admits():
+            raise CoordinationUnavailableError(self.breaker.reason or "redis link closed")
+        future = asyncio.run_coroutine_threadsafe(self._bounded(operation), self._loop)
+        future.add_done_callback(self._record)
+        try:
+            async with asyncio.timeout(self.budget):
+                return await asyncio.shield(asyncio.wrap_future(future))
+        except TimeoutError as exc:
+            raise CoordinationUnavailableError("redis slow: no answer within budget") from exc
+        except self._errors as exc:
+            raise CoordinationUnavailableError(f"redis unreachable: {type(exc).__name__}") from exc
+
     def submit(self, operation: Callable[[Redis], Awaitable[object]]) -> None:
         """Run ``operation(client)`` without waiting for it (a publish); its outcome still
         feeds the breaker. Does nothing while the breaker is open."""
-        if self._closed or not self.breaker.allow():
+        if not self._admits():
             return
         future = asyncio.run_coroutine_threadsafe(self._bounded(operation), self._loop)
         future.add_done_callback(self._record)
@@ -178,6 +214,11 @@ class RedisLink:
 
     # -- internals ---------------------------------------------------------------------------
 
+    def _admits(self) -> bool:
+        """Whether traffic may call Redis now: only while the breaker is closed. The
+        background probe alone reopens the way (a request never waits as the probe)."""
+        return not self._closed and self.breaker.state is BreakerState.CLOSED
+
     async def _bounded(self, operation: Callable[[Redis], Awaitable[T]]) -> T:
         async with asyncio.timeout(self.timeout):
             return await operation(self.client)
@@ -195,13 +236,17 @@ class RedisLink:
 
     async def _probe(self) -> None:
         """Ping every ``probe_seconds``: a failure counts against the breaker, an answer
-        closes it, so a Redis that comes back is used again without waiting for traffic."""
+        closes it, so a Redis that comes back is used again without waiting for traffic.
+        It is the only way back to ``closed`` (requests never probe), so it never stops."""
         while True:
             try:
                 await self._bounded(lambda client: client.ping())
             except asyncio.CancelledError:
                 raise
             except self._errors as exc:
+                self.breaker.failed(exc)
+            except Exception as exc:  # anything else (a protocol error): keep probing
+                logger.debug("redis probe failed: %s", type(exc).__name__)
                 self.breaker.failed(exc)
             else:
                 self.breaker.succeeded()

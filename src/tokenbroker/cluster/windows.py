@@ -78,3 +78,21 @@ class RedisWindows:
 
         wait = self.link.call(run)
         return None if not wait else int(str(wait)) / 1000
+
+    async def ahit(self, name: str, key: str, limit: int, window: float) -> float | None:
+        """:meth:`hit` for a caller on an event loop: never blocks the loop, and gives up
+        after the link's budget (:meth:`RedisLink.acall`).
+
+        Raises:
+            CoordinationUnavailableError: Redis did not answer within the budget, failed, or
+                the breaker is open.
+        """
+        redis_key = f"{self.prefix}:{name}:{key}"
+        member = uuid.uuid4().hex
+        millis = max(1, int(window * 1000))
+
+        async def run(client: Redis) -> object:
+            return await self._script(keys=[redis_key], args=[limit, millis, member], client=client)
+
+        wait = await self.link.acall(run)
+        return None if not wait else int(str(wait)) / 1000

@@ -8,8 +8,9 @@ load and noise from wrong keys, not about making guessing feasible or not).
 Built on the ``limits`` library's moving windows with in-memory storage. In cluster mode
 the counts are shared by every process through :class:`SharedWindows` (Redis, see
 :mod:`tokenbroker.cluster.windows`), so N replicas do not multiply a limit by N; when Redis
-does not answer the in-process counts apply instead (degraded, never down). A blocked
-caller learns how long to wait (``Retry-After``).
+does not answer the in-process counts apply instead (degraded, never down). Callers on an
+event loop use the ``a…`` methods, which never block it and wait at most the link's short
+budget for Redis. A blocked caller learns how long to wait (``Retry-After``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ class SharedWindows(Protocol):
 
         Raises:
             CoordinationUnavailableError: The shared counts cannot be reached now.
+        """
+
+    async def ahit(self, name: str, key: str, limit: int, window: float) -> float | None:
+        """:meth:`hit` without blocking the event loop, giving up after a short budget.
+
+        Raises:
+            CoordinationUnavailableError: The shared counts did not answer in time.
         """
 
 
@@ -88,6 +96,27 @@ class RateLimits:
             return None
         return self._hit(self._consumer, "consumer", name)
 
+    async def afailed(self, source: str) -> float | None:
+        """:meth:`failed` for a caller on an event loop (never blocks it on Redis)."""
+        return await self._ahit(self._failures, "fail", source)
+
+    async def aconsumer_blocked(self, name: str) -> float | None:
+        """:meth:`consumer_blocked` for a caller on an event loop (never blocks it on Redis)."""
+        if self._consumer is None:
+            return None
+        return await self._ahit(self._consumer, "consumer", name)
+
+    async def _ahit(self, item: RateLimitItem, name: str, key: str) -> float | None:
+        """One hit, counted across processes when Redis answers within its budget."""
+        if self.shared is not None:
+            try:
+                wait = await self.shared.ahit(name, key, item.amount, item.get_expiry())
+            except CoordinationUnavailableError:
+                pass  # slow or away: count here (the breaker logs an outage once)
+            else:
+                return None if wait is None else max(1.0, math.ceil(wait))
+        return self._local(item, name, key)
+
     def _hit(self, item: RateLimitItem, name: str, key: str) -> float | None:
         """One hit, counted across processes when possible, else in this one."""
         if self.shared is not None:
@@ -97,6 +126,10 @@ class RateLimits:
                 pass  # the breaker logged it once; count here meanwhile
             else:
                 return None if wait is None else max(1.0, math.ceil(wait))
+        return self._local(item, name, key)
+
+    def _local(self, item: RateLimitItem, name: str, key: str) -> float | None:
+        """One hit counted in this process."""
         if self._limiter.hit(item, name, key):
             return None
         return self._wait(item, name, key)

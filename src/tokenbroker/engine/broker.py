@@ -12,6 +12,7 @@ applies per provider (keys, timing, retry policy, grants) are in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Hashable
@@ -232,10 +233,8 @@ class Broker(AuthAdapters):
         """Drop ``access_token`` if it is still the current token (compare-and-invalidate).
 
         Args:
-            provider: The provider's name.
+            provider: The provider's name. ``scope``/``account``: as for :meth:`get_token`.
             access_token: The token an upstream rejected.
-            scope: As for :meth:`get_token`.
-            account: As for :meth:`get_token`.
 
         Returns:
             True if it was current and was dropped (the next call fetches a new one);
@@ -397,13 +396,8 @@ class Broker(AuthAdapters):
         return self._catalog.required()
 
     def unready(self) -> list[str]:
-        """The required providers without a token to hand out for their configured scopes
-        (login providers: their first account); tokens consumers asked for with other
-        scopes or accounts do not count. Never fetches.
-
-        Returns:
-            Their names, sorted; empty when the broker is ready.
-        """
+        """The required providers (sorted) without a token to hand out for their configured
+        scopes (login providers: their first account); empty when ready. Never fetches."""
         return [name for name in self.required() if not self._cache.usable((name, None, None))]
 
     def provider_states(self) -> dict[str, str]:
@@ -474,9 +468,13 @@ class Broker(AuthAdapters):
     def fetch(self, key: CredentialKey, stale: str | None) -> TokenResponse:
         """Obtain a token for ``key`` through the fenced refresh protocol (the cache calls this)."""
         response = self._refresher.run(self._catalog.job(key, stale, self._send))
-        if response.refresh_token is not None and response.issued_at is None:
-            provider, words = self.describe(key)
-            self.events.emit(RefreshTokenRotated(provider, words))
+        if response.issued_at is None:  # fetched here, not read from the store
+            if response.refresh_token is not None:
+                provider, words = self.describe(key)
+                self.events.emit(RefreshTokenRotated(provider, words))
+            # Lifetime from when the request was sent, not when the fetch began (an outage).
+            sent = response.token.expires_at - response.lifetime
+            response = dataclasses.replace(response, issued_at=sent)
         return response
 
     async def afetch(self, key: CredentialKey, stale: str | None) -> TokenResponse:

@@ -26,7 +26,7 @@ from ...core.rules import parse_rule
 from ...engine.broker import Broker
 from ...engine.consumers import Consumer
 from ...errors import TokenBrokerError
-from ..access import authenticate, check_allowed, trusted_networks
+from ..access import aauthenticate, check_allowed, trusted_networks
 from ..audit import audited, shown_scope
 from ..connection import PEER
 from ..errors import NO_STORE, documented, error_response
@@ -106,7 +106,7 @@ async def _caller(
     if key is None and _peer_trusted(request, networks):
         return waived
     source = request.client.host if request.client else "unknown"
-    return authenticate(request.app.state.consumers, request.app.state.limits, key, source)
+    return await aauthenticate(request.app.state.consumers, request.app.state.limits, key, source)
 
 
 def _peer_trusted(

@@ -11,6 +11,7 @@ refresh token.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Annotated, Any, cast
 from urllib.parse import parse_qs
@@ -71,7 +72,7 @@ class TokenRead:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            caller = scope_caller(scope)
+            caller = await scope_caller(scope)
             provider: str = scope["path_params"]["provider"]
             query = parse_qs(
                 scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True
@@ -124,7 +125,11 @@ def add_routes(app: FastAPI, broker: Broker, meter: Metrics) -> None:
             checked = line["scope"] = check_allowed(broker, caller, provider, body.scope)
             if body.account:
                 line["account"] = body.account
-            dropped = broker.invalidate(provider, body.access_token, checked, account=body.account)
+            # In a worker thread: the cross-replica cooldown may wait on Redis (one bounded
+            # timeout) and the drop on the store; neither may stall the event loop.
+            dropped = await asyncio.to_thread(
+                broker.invalidate, provider, body.access_token, checked, account=body.account
+            )
             token = await broker.aget_token(provider, checked, account=body.account)
         return JSONResponse({**token_json(token), "invalidated": dropped}, headers=NO_STORE)
 
