@@ -107,6 +107,7 @@ async def aauthenticate(
             if wait is not None:
                 raise RateLimited(wait)
         raise Unauthorized(presented=key is not None)
+    tracing.annotate("consumer", found.name)
     wait = await limits.aconsumer_blocked(found.name)
     if wait is not None:
         raise RateLimited(wait)
