@@ -33,7 +33,7 @@ from typing import Any
 
 from ..config import JobsSettings
 from ..core.clock import Clock
-from ..core.events import JobFinished
+from ..core.events import JobFinished, JobPhaseChanged, JobStarted
 from ..engine.broker import Broker
 from ..engine.reauthorization import AuthorizationError, Reauthorizer
 from ..store import JobLease, JobRow
@@ -123,6 +123,9 @@ class Authorizations:
         except AuthorizationError as exc:
             self._finish(lease, job, {}, JobStatus.FAILED, JobError(exc.type, str(exc)))
             return self.store.job(row.id) or row
+        self.broker.events.emit(
+            JobStarted(provider=job.params["provider"], job_id=job.job_id, kind=KIND)
+        )
         self._save(lease, job, record, "waiting_for_user")
         self.store.heartbeat_job(lease, -1.0)  # release: any process may take the callback
         logger.info("authorization waiting for the user job_id=%s", row.id)
@@ -174,8 +177,10 @@ class Authorizations:
             self._finish(lease, job, {}, JobStatus.FAILED, error)
             return CallbackOutcome(False, "The authorisation expired.", 400, job.job_id)
         spent = {k: v for k, v in record.items() if k not in ("state_sha256", "url_sealed")}
-        if not self._save(lease, job, spent, "exchanging_code"):
+        saved = self._save(lease, job, spent, "exchanging_code")
+        if saved is None:
             return CallbackOutcome(False, "Unknown, used or expired authorisation.", 400)
+        job = saved
         try:
             self._answer(job, spent, query)
         except AuthorizationError as exc:
@@ -183,7 +188,8 @@ class Authorizations:
             self._finish(lease, job, {}, JobStatus.FAILED, JobError(exc.type, str(exc)))
             return CallbackOutcome(False, str(exc), 400, job.job_id)
         try:
-            if self._save(lease, job, {}, "verifying"):
+            if (saved := self._save(lease, job, {}, "verifying")) is not None:
+                job = saved
                 self.reauthorizer.verify(job.params["provider"], None)
         except AuthorizationError as exc:
             self._finish(lease, job, {}, JobStatus.FAILED, JobError(exc.type, str(exc)))
@@ -255,7 +261,8 @@ class Authorizations:
             doc["authorization"] = dict(record)
         return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
-    def _save(self, lease: JobLease, job: Job, record: Mapping[str, Any], phase: str) -> bool:
+    def _save(self, lease: JobLease, job: Job, record: Mapping[str, Any], phase: str) -> Job | None:
+        """Move ``job`` to ``phase``; the job afterwards, or None when the lease was lost."""
         now = self.clock.time()
         moved = dataclasses.replace(
             job, phase=phase, progress=_PROGRESS[phase], updated_at=now, items=ItemCounts(1)
@@ -263,7 +270,24 @@ class Authorizations:
         update = PhaseUpdate(
             job_id=job.job_id, phase=phase, progress=moved.progress, items=moved.items, ts=now
         )
-        return self._write(lease, moved, record, JobStatus.RUNNING, update)
+        if not self._write(lease, moved, record, JobStatus.RUNNING, update):
+            return None
+        # Like the runner: the metrics' running-jobs gauge and phase durations, the logs.
+        began = job.started_at or job.created_at
+        self.broker.events.emit(
+            JobPhaseChanged(
+                provider=str(job.params.get("provider", "")),
+                job_id=job.job_id,
+                kind=KIND,
+                elapsed=max(0.0, now - began),
+                phase=phase,
+                previous=job.phase,
+                previous_duration=(
+                    None if job.phase is None else max(0.0, now - (job.updated_at or began))
+                ),
+            )
+        )
+        return moved
 
     def _finish(
         self,
