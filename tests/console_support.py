@@ -41,6 +41,7 @@ class StageServer(AuthorizationServer):
     (``rt-client`` registers that serve's ``/v1/oauth/callback`` as its redirect URI)."""
 
     serve_port: int
+    proxy_port: int
     rt_seed: str
 
     @property
@@ -53,7 +54,7 @@ def make_auth_server(expires_in: int = 3600) -> StageServer:
     """A started authorization server with the client-credentials and refresh-token clients
     (strict rotation: a refresh token presented twice revokes its family)."""
     server = StageServer(expires_in=expires_in)
-    server.serve_port = free_port()
+    server.serve_port, server.proxy_port = free_port(), free_port()
     server.add_client(CLIENT_ID, CLIENT_SECRET, scopes=["read", "write"])
     server.add_client(
         "rt-client", None, auth_method="none", scopes=RT_SCOPES, redirect_uris=[server.callback]
@@ -98,7 +99,7 @@ def console_config(server: StageServer, tmp_path: Path, keys: Keys) -> dict[str,
             "db": login(server),
         },
         "proxy": {
-            "listen": "127.0.0.1:0",
+            "listen": f"127.0.0.1:{server.proxy_port}",
             "routes": [{"prefix": "/db/", "upstream": "http://127.0.0.1:9", "provider": "db"}],
         },
         "consumers": {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,6 +328,43 @@ def test_reauthorise_revives_a_dead_provider_live(server: StageServer, tmp_path:
     assert url not in text  # the URL (its state) is never streamed
     for secret in secrets_of(server, keys):
         assert secret not in text
+
+
+def test_a_waiting_client_shows_as_the_pools_oldest_wait(
+    server: StageServer, tmp_path: Path
+) -> None:
+    """Two proxy clients hold /db/'s two accounts and a third waits: /v1/events shows the
+    pool with one waiting client and an oldest wait that grows past a second (not "-"), and
+    the page renders it; once the clients leave, nobody waits and it is None again."""
+    keys = Keys()
+    with serving(tmp_path, server, keys) as running:
+        client, _ = log_in(running.url, keys.admin)
+        reader = EventReader(running.url, cookies=client.cookies)
+        sockets: list[socket.socket] = []
+        try:
+            for n in range(3):
+                sock = socket.create_connection(("127.0.0.1", server.proxy_port), timeout=10)
+                sock.sendall(f"GET /db/{n} HTTP/1.1\r\nHost: db\r\n\r\n".encode())
+                sockets.append(sock)
+            waiting = reader.wait(
+                lambda n, d: (
+                    d["item"] == "pool:/db/" and d["waiting"] == 1 and (d["oldest_wait"] or 0) >= 1
+                ),
+                "a client waiting over a second in /db/'s pool",
+            )
+            assert waiting["leased"] == 2
+            row = client.get("/ui").text.split('data-item="pool:/db/"')[1].split("</tr>")[0]
+            assert '<td class="oldest_wait">-</td>' not in row and " s</td>" in row
+        finally:
+            for sock in sockets:
+                sock.close()
+        idle = reader.wait(
+            lambda n, d: d["item"] == "pool:/db/" and d["waiting"] == 0 and d["idle"] == 2,
+            "the pool idle again",
+        )
+        assert idle["oldest_wait"] is None
+        reader.close()
+        client.close()
 
 
 def test_the_session_cookie_is_secure_over_tls(make_broker: Any) -> None:

@@ -132,8 +132,9 @@ def _pools(pools: PoolSource | None) -> list[dict[str, Any]]:
                 "refreshing": states.count("refreshing"),
                 "failed": states.count("failed"),
                 "waiting": stats.waiting,
-                # The pool does not record when its waiters began to wait.
-                "oldest_wait": getattr(stats, "oldest_wait", None),
+                "oldest_wait": (
+                    None if stats.oldest_wait is None else round(stats.oldest_wait, 1)
+                ),
             }
         )
     return rows
