@@ -132,9 +132,7 @@ def _pools(pools: PoolSource | None) -> list[dict[str, Any]]:
                 "refreshing": states.count("refreshing"),
                 "failed": states.count("failed"),
                 "waiting": stats.waiting,
-                "oldest_wait": (
-                    None if stats.oldest_wait is None else round(stats.oldest_wait, 1)
-                ),
+                "oldest_wait": (None if stats.oldest_wait is None else round(stats.oldest_wait, 1)),
             }
         )
     return rows
