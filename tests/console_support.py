@@ -31,21 +31,46 @@ class Keys:
         self.plain = new_key()
 
 
-def make_auth_server(expires_in: int = 3600) -> AuthorizationServer:
-    """A started authorization server with the client-credentials and refresh-token clients."""
-    server = AuthorizationServer(expires_in=expires_in)
+#: The scopes ``rt`` asks for when re-authorised (a refresh token needs offline_access).
+RT_SCOPES = ["openid", "offline_access", "read"]
+USER, PASSWORD = "alice", "alice-pw"
+
+
+class StageServer(AuthorizationServer):
+    """The bundled authorization server, knowing the port the stage's serve will listen on
+    (``rt-client`` registers that serve's ``/v1/oauth/callback`` as its redirect URI)."""
+
+    serve_port: int
+    proxy_port: int
+    rt_seed: str
+
+    @property
+    def callback(self) -> str:
+        """The broker's callback URL, exactly as registered."""
+        return f"http://127.0.0.1:{self.serve_port}/v1/oauth/callback"
+
+
+def make_auth_server(expires_in: int = 3600) -> StageServer:
+    """A started authorization server with the client-credentials and refresh-token clients
+    (strict rotation: a refresh token presented twice revokes its family)."""
+    server = StageServer(expires_in=expires_in)
+    server.serve_port, server.proxy_port = free_port(), free_port()
     server.add_client(CLIENT_ID, CLIENT_SECRET, scopes=["read", "write"])
-    server.add_client("rt-client", None, auth_method="none", scopes=["read"])
-    server.add_account("alice", "alice-pw")
+    server.add_client(
+        "rt-client", None, auth_method="none", scopes=RT_SCOPES, redirect_uris=[server.callback]
+    )
+    server.add_account(USER, PASSWORD)
     server.add_account("bob", "bob-pw")
     return server.start()
 
 
-def console_config(server: AuthorizationServer, tmp_path: Path, keys: Keys) -> dict[str, Any]:
+def console_config(server: StageServer, tmp_path: Path, keys: Keys) -> dict[str, Any]:
     """A serve config: providers ``svc`` (client credentials), ``rt`` (a seeded refresh
-    token) and ``db`` (a login pool of alice and bob behind the proxy's ``/db/`` route, in the
+    token and an ``authorization`` block for the Re-authorise button; its seed is in
+    ``server.rt_seed``) and ``db`` (a login pool of alice and bob behind the proxy's ``/db/`` route, in the
     same process), consumers ``ops`` (admin) and ``dev`` (no admin), debug logs, fast jobs."""
-    seed = server.issue_refresh_token("rt-client", "read")
+    seed = server.issue_refresh_token("rt-client", "offline_access read")
+    server.rt_seed = seed
     return {
         "store": f"sqlite:///{tmp_path / 'tb.db'}",
         "encryption_keys": [generate_key()],
@@ -64,11 +89,17 @@ def console_config(server: AuthorizationServer, tmp_path: Path, keys: Keys) -> d
                 "token_url": server.token_url,
                 "client_id": "rt-client",
                 "refresh_token": seed,
+                "authorization": {
+                    "issuer": server.issuer,
+                    "redirect_uri": server.callback,
+                    "scopes": RT_SCOPES,
+                    "params": {"prompt": "consent"},
+                },
             },
             "db": login(server),
         },
         "proxy": {
-            "listen": "127.0.0.1:0",
+            "listen": f"127.0.0.1:{server.proxy_port}",
             "routes": [{"prefix": "/db/", "upstream": "http://127.0.0.1:9", "provider": "db"}],
         },
         "consumers": {
@@ -78,17 +109,37 @@ def console_config(server: AuthorizationServer, tmp_path: Path, keys: Keys) -> d
             },
             "dev": {"api_key_sha256": hash_key(keys.plain), "allow": ["svc", "jobs"]},
         },
-        "server": {"listen": f"127.0.0.1:{free_port()}"},
+        "server": {"listen": f"127.0.0.1:{server.serve_port}"},
         "telemetry": {"log_level": "debug"},
         "jobs": {"heartbeat_seconds": 0.2, "lease_seconds": 1.5, "poll_seconds": 0.05},
     }
 
 
 @contextlib.contextmanager
-def serving(tmp_path: Path, server: AuthorizationServer, keys: Keys) -> Iterator[Any]:
+def serving(tmp_path: Path, server: StageServer, keys: Keys) -> Iterator[Any]:
     """A running serve for :func:`console_config` (its stderr is read once it stops)."""
     with serve_process(tmp_path / "tb.yaml", console_config(server, tmp_path, keys)) as running:
         yield running
+
+
+def kill_rt(server: StageServer, url: str, key: str) -> None:
+    """Make ``rt`` dead: spend its seed outside the broker, so the broker's next refresh is
+    a reuse (the server revokes the family), and ask serve for its token once, so it learns
+    it: ``rt`` is then ``reauthorization_required``."""
+    spent = httpx.post(
+        server.token_url,
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": server.rt_seed,
+            "client_id": "rt-client",
+        },
+        timeout=10,
+    )
+    assert spent.status_code == 200, spent.text
+    answer = httpx.get(
+        url + "/v1/tokens/rt", headers={"Authorization": f"Bearer {key}"}, timeout=30
+    )
+    assert answer.status_code >= 400 and "reauthorization_required" in answer.text, answer.text
 
 
 def log_in(url: str, key: str) -> tuple[httpx.Client, httpx.Response]:

@@ -695,3 +695,47 @@ def test_discovery_failure_fails_the_job_at_once(make_world: Callable[..., World
     job = world.job(started["job_id"])
     assert job["status"] == "failed" and job["error"]["type"] == "discovery_failed"
     assert world.row() == before
+
+
+def test_rotate_key_reseals_an_authorization_in_flight(make_world: Callable[..., World]) -> None:
+    """An authorize job waits for the person under the old key; a rotate_key job (new key
+    first, old key second) counts it as an item and re-seals its verifier and URL, so a
+    broker configured with the new key alone still finishes the sign-in ("Connected") and
+    serves the new token; the job's state and phase are untouched by the re-sealing."""
+    world = make_world(run=False)
+    world.kill("tesla")
+    started = world.start()
+    job_id = started["job_id"]
+    new = generate_key()
+    world.config["encryption_keys"] = [new, KEY]
+    both = world.new_broker()
+    world.others.append(both)
+    rotating = JobService(both, settings=JobsSettings(**FAST))
+    rotating.start_background()
+    try:
+        job, _ = rotating.start("rotate_key", {}, "ops")
+        wait_for(lambda: rotating.require(job.job_id).status.value == "done", "rotate_key done")
+        rotated = rotating.require(job.job_id)
+    finally:
+        rotating.stop_background()
+    assert rotated.items.ok == rotated.items.total and rotated.items.failed == 0
+    document = both.store.job(job.job_id).document  # its items: rows and authorize jobs
+    assert f"authorize_job/{job_id}" in document, document
+    waiting = world.job(job_id)
+    assert (waiting["status"], waiting["phase"]) == ("running", "waiting_for_user")
+
+    world.config["encryption_keys"] = [new]
+    only_new = world.new_broker()
+    world.others.append(only_new)
+    finishing = JobService(only_new, settings=JobsSettings(**FAST))
+    assert (
+        finishing.authorizations.authorize_url(only_new.store.job(job_id))
+        == started["authorize_url"]
+    )
+    landing = world.sign_in(started["authorize_url"])
+    outcome = finishing.authorizations.complete(query(landing))
+    assert outcome.ok, outcome.message
+    assert finishing.require(job_id).status.value == "done"
+    row = only_new.store.load("tesla")  # (the world's broker, old key only, cannot read it)
+    assert row is not None and row.state == "active" and row.token is not None
+    assert only_new.get_token("tesla").access_token == row.token.token.access_token

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +16,12 @@ import httpx
 import pytest
 
 from console_support import (
+    PASSWORD,
+    USER,
     EventReader,
     Keys,
+    StageServer,
+    kill_rt,
     log_in,
     make_auth_server,
     page_csrf,
@@ -25,7 +30,7 @@ from console_support import (
 from tokenbroker.api.status_feed import StatusFeed
 from tokenbroker.api.ui.views import Snapshot
 from tokenbroker.core.events import EventBus, TokenAcquired
-from tokenbroker.testing import AuthorizationServer
+from tokenbroker.testing import AuthorizationServer, complete_authorization
 
 HEADERS = {
     "content-security-policy": (
@@ -261,31 +266,104 @@ def test_refusals(server: AuthorizationServer, tmp_path: Path) -> None:
         client.close()
 
 
-def test_reauthorise_without_an_authorize_kind_says_so(
-    server: AuthorizationServer, tmp_path: Path
-) -> None:
-    """On a server without the authorize job kind, Re-authorise answers a clear
-    unknown_job_kind (the page shows "not available") and starts nothing."""
-    from tokenbroker.errors import UnknownJobKindError
-    from tokenbroker.jobs.kinds import kind_for
+def test_reauthorise_revives_a_dead_provider_live(server: StageServer, tmp_path: Path) -> None:
+    """The Re-authorise flow without a browser: rt is reauthorization_required; the page's
+    POST starts an authorize job whose answer (and GET /ui/jobs/{id}) carries the
+    authorize_url; the job shows on /v1/events in phase waiting_for_user; httpx follows the
+    authorization server's login and consent forms to the broker's callback ("Connected");
+    /v1/events then turns rt valid and the job done, and the running-jobs gauge is back to
+    0 after counting the job."""
+    keys = Keys()
+    with serving(tmp_path, server, keys) as running:
+        kill_rt(server, running.url, keys.admin)
+        client, _ = log_in(running.url, keys.admin)
+        reader = EventReader(running.url, cookies=client.cookies)
+        try:
+            reader.wait(
+                lambda n, d: (
+                    d["item"] == "provider:rt" and d["state"] == "reauthorization_required"
+                ),
+                "rt to be reauthorization_required",
+            )
+            started = client.post(
+                "/ui/jobs",
+                data={"kind": "authorize", "provider": "rt", "csrf": page_csrf(client)},
+                headers={"Accept": "application/json"},
+            )
+            assert started.status_code == 202, started.text
+            job_id = started.json()["job"]["job_id"]
+            url = started.json()["authorize_url"]
+            assert url and url.startswith(server.authorize_url + "?")
+            assert client.get(f"/ui/jobs/{job_id}").json()["authorize_url"] == url
+            reader.wait(
+                lambda n, d: (
+                    n == "job"
+                    and d["job_id"] == job_id
+                    and d["kind"] == "authorize"
+                    and d["status"] == "running"
+                    and d["phase"] == "waiting_for_user"
+                ),
+                "the authorize job waiting for the user",
+            )
+            gauge = 'tokenbroker_jobs_running{kind="authorize"}'
+            assert f"{gauge} 1.0" in client.get("/metrics").text
 
-    try:
-        kind_for("authorize")
-    except UnknownJobKindError:
-        pass
-    else:
-        pytest.skip("this build has the authorize job kind")
+            landing = complete_authorization(url, username=USER, password=PASSWORD)
+            assert landing.startswith(server.callback + "?")
+            page = httpx.get(landing, timeout=30)
+            assert page.status_code == 200 and "Connected" in page.text
+            reader.wait(
+                lambda n, d: n == "job" and d["job_id"] == job_id and d["status"] == "done",
+                "the authorize job to reach done",
+            )
+            reader.wait(
+                lambda n, d: d["item"] == "provider:rt" and d["state"] == "valid",
+                "rt to turn valid",
+            )
+            assert f"{gauge} 0.0" in client.get("/metrics").text
+            text = "".join(reader.raw)
+        finally:
+            reader.close()
+            client.close()
+    assert url not in text  # the URL (its state) is never streamed
+    for secret in secrets_of(server, keys):
+        assert secret not in text
+
+
+def test_a_waiting_client_shows_as_the_pools_oldest_wait(
+    server: StageServer, tmp_path: Path
+) -> None:
+    """Two proxy clients hold /db/'s two accounts and a third waits: /v1/events shows the
+    pool with one waiting client and an oldest wait that grows past a second (not "-"), and
+    the page renders it; once the clients leave, nobody waits and it is None again."""
     keys = Keys()
     with serving(tmp_path, server, keys) as running:
         client, _ = log_in(running.url, keys.admin)
-        answer = client.post(
-            "/ui/jobs",
-            data={"kind": "authorize", "provider": "rt", "csrf": page_csrf(client)},
-            headers={"Accept": "application/json"},
+        reader = EventReader(running.url, cookies=client.cookies)
+        sockets: list[socket.socket] = []
+        try:
+            for n in range(3):
+                sock = socket.create_connection(("127.0.0.1", server.proxy_port), timeout=10)
+                sock.sendall(f"GET /db/{n} HTTP/1.1\r\nHost: db\r\n\r\n".encode())
+                sockets.append(sock)
+            waiting = reader.wait(
+                lambda n, d: (
+                    d["item"] == "pool:/db/" and d["waiting"] == 1 and (d["oldest_wait"] or 0) >= 1
+                ),
+                "a client waiting over a second in /db/'s pool",
+            )
+            assert waiting["leased"] == 2
+            row = client.get("/ui").text.split('data-item="pool:/db/"')[1].split("</tr>")[0]
+            assert '<td class="oldest_wait">-</td>' not in row and " s</td>" in row
+        finally:
+            for sock in sockets:
+                sock.close()
+        idle = reader.wait(
+            lambda n, d: d["item"] == "pool:/db/" and d["waiting"] == 0 and d["idle"] == 2,
+            "the pool idle again",
         )
-        assert answer.status_code == 400
-        assert answer.json()["error"]["code"] == "unknown_job_kind"
-        assert jobs_of(running.url, keys.admin) == []
+        assert idle["oldest_wait"] is None
+        reader.close()
         client.close()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from console_support import Keys, make_auth_server, serving
+from console_support import PASSWORD, USER, Keys, kill_rt, make_auth_server, serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = [
@@ -58,17 +58,6 @@ def browser() -> Iterator[Any]:
             launched.close()
 
 
-def _has_authorize_kind() -> bool:
-    from tokenbroker.errors import UnknownJobKindError
-    from tokenbroker.jobs.kinds import kind_for
-
-    try:
-        kind_for("authorize")
-    except UnknownJobKindError:
-        return False
-    return True
-
-
 def _loopback_only(route: Any) -> None:
     """Let the page reach 127.0.0.1 only (nothing on the page should go elsewhere)."""
     host = urllib.parse.urlsplit(route.request.url).hostname
@@ -106,12 +95,6 @@ def test_status_page_is_live_in_a_real_browser(browser: Any, tmp_path: Path) -> 
             assert page.locator('tr[data-item="pool:/db/"] td.idle').inner_text() == "2"
             rt = page.locator('tr[data-item="provider:rt"]')
             assert rt.locator("button.authorize").count() == 1
-            if not _has_authorize_kind():
-                rt.locator("button.authorize").click()
-                page.wait_for_function(
-                    "() => document.querySelector('tr[data-item=\"provider:rt\"] .note')"
-                    ".textContent.includes('not available')"
-                )
             loaded = len(loads)
 
             before = svc.get_attribute("data-last-refresh")
@@ -142,9 +125,7 @@ def test_status_page_is_live_in_a_real_browser(browser: Any, tmp_path: Path) -> 
             page.screenshot(path=str(tmp_path / "status-page-outage.png"), full_page=True)
             assert len(loads) == loaded  # all of it live, no page load since sign-in
             html = page.content()
-            # The one expected: the 400 unknown_job_kind answer to Re-authorise, if clicked.
-            expected = "" if _has_authorize_kind() else "status of 400"
-            assert [p for p in problems if not (expected and expected in p)] == []
+            assert problems == []
             context.close()
     finally:
         server.stop()
@@ -152,3 +133,75 @@ def test_status_page_is_live_in_a_real_browser(browser: Any, tmp_path: Path) -> 
     assert keys.admin not in html and keys.admin not in running.stderr
     for token in server.issued_access_tokens:
         assert token not in html
+
+
+def test_reauthorise_in_a_real_browser(browser: Any, tmp_path: Path) -> None:
+    """rt is reauthorization_required; sign in, click Re-authorise: the page opens the
+    authorize job's URL in a new tab, where the person signs in and consents on the
+    authorization server's own pages (same browser) and lands on the broker's "Connected"
+    page; meanwhile the status page shows the authorize job (phase waiting_for_user, then
+    done) and turns rt valid without a reload; a screenshot is saved."""
+    server = make_auth_server()
+    keys = Keys()
+    try:
+        with serving(tmp_path, server, keys) as running:
+            kill_rt(server, running.url, keys.admin)
+            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            context.set_default_timeout(20_000)
+            context.route("**/*", _loopback_only)
+            page = context.new_page()
+            loads: list[str] = []
+            page.on("load", lambda p: loads.append(p.url))
+            problems: list[str] = []
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+
+            page.goto(running.url + "/ui/login")
+            page.fill("#key", keys.admin)
+            page.click("button[type=submit]")
+            page.wait_for_url(running.url + "/ui")
+            page.locator("#live.on").wait_for()
+            rt = page.locator('tr[data-item="provider:rt"]')
+            page.wait_for_function(
+                "() => document.querySelector('tr[data-item=\"provider:rt\"]')"
+                ".dataset.state === 'reauthorization_required'"
+            )
+            loaded = len(loads)
+
+            with context.expect_page() as opened:
+                rt.locator("button.authorize").click()
+            popup = opened.value
+            popup.wait_for_url(server.url + "/**")
+            job = page.locator('tr[data-item^="job:"]').first
+            page.wait_for_function(
+                "() => { const r = document.querySelector('tr[data-item^=\"job:\"]');"
+                " return r && r.querySelector('td.phase').textContent === 'waiting_for_user'"
+                " && r.dataset.status === 'running'; }"
+            )
+            assert job.locator("td:nth-child(2)").inner_text() == "authorize"
+            assert "authorize job" in rt.locator(".note").inner_text()
+
+            popup.fill("input[name=username]", USER)
+            popup.fill("input[name=password]", PASSWORD)
+            popup.click("button[type=submit]")
+            popup.locator("button[value=approve]").click()
+            popup.wait_for_url(server.callback + "?**")
+            assert popup.locator("h1").inner_text() == "Connected"
+            popup.screenshot(path=str(tmp_path / "connected.png"))
+
+            page.wait_for_function(
+                "() => document.querySelector('tr[data-item=\"provider:rt\"]')"
+                ".dataset.state === 'valid'"
+            )
+            job.locator("span.status.done").wait_for()
+            assert rt.locator("span.state").inner_text() == "valid"
+            page.screenshot(path=str(tmp_path / "status-page-reauthorised.png"), full_page=True)
+            assert len(loads) == loaded  # the status page never reloaded
+            assert problems == []
+            html = page.content() + popup.content()
+            context.close()
+    finally:
+        server.stop()
+    assert (tmp_path / "status-page-reauthorised.png").stat().st_size > 10_000
+    assert keys.admin not in html and keys.admin not in running.stderr
+    for token in [*server.issued_access_tokens, *server.presented_refresh_tokens]:
+        assert token not in html and token not in running.stderr

@@ -508,3 +508,35 @@ def test_wait_timeout_firing_after_a_handoff_keeps_the_lease(
 
     asyncio.run(main())
     assert pool.stats().available == 3
+
+
+def test_oldest_wait_is_the_longest_queued_acquirer(
+    make_pool: Callable[..., TokenPool],
+) -> None:
+    """stats().oldest_wait: None with nobody queued; the first live waiter's time in the
+    queue (on the pool's clock) while acquirers wait; the next one's once it leaves."""
+    clock = ManualClock()
+    pool = make_pool(clock=clock)
+
+    async def main() -> None:
+        leases = await _hold_all(pool)
+        assert pool.stats().oldest_wait is None
+        first = asyncio.create_task(pool.acquire("first"))
+        await asyncio.sleep(0)
+        clock.advance(5)
+        second = asyncio.create_task(pool.acquire("second"))
+        await asyncio.sleep(0)
+        clock.advance(2)
+        stats = pool.stats()
+        assert (stats.waiting, stats.oldest_wait) == (2, 7)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert pool.stats().oldest_wait == 2
+        leases[0].close()
+        (await second).close()
+        assert pool.stats().oldest_wait is None
+        for other in leases[1:]:
+            other.close()
+
+    asyncio.run(main())

@@ -238,6 +238,37 @@ class Reauthorizer:
         except Exception:  # tampered, or sealed under a key no longer configured
             return None
 
+    # -- key rotation ---------------------------------------------------------------------
+
+    def stale(self, record: Mapping[str, Any]) -> bool:
+        """Whether the record holds a sealed value under a key other than the primary one
+        (what ``rotate_key`` re-seals, so the old key can leave the config mid-flow)."""
+        return any(
+            self._keyring.needs_rotation(base64.b64decode(record[f"{what}_sealed"]))
+            for what in _SEALED
+            if isinstance(record.get(f"{what}_sealed"), str)
+        )
+
+    def reseal(self, job_id: str, record: Mapping[str, Any]) -> dict[str, Any]:
+        """The record with every sealed value re-encrypted under the primary key (the same
+        job-bound associated data); values already under it are kept as they are.
+
+        Raises:
+            StoreCorruptError: A sealed value is tampered with or under an unknown key.
+        """
+        out = dict(record)
+        for what in _SEALED:
+            sealed = record.get(f"{what}_sealed")
+            if not isinstance(sealed, str):
+                continue
+            blob = base64.b64decode(sealed)
+            if self._keyring.needs_rotation(blob):
+                aad = _aad(job_id, what)
+                out[f"{what}_sealed"] = _b64(
+                    self._keyring.encrypt(self._keyring.decrypt(blob, aad), aad)
+                )
+        return out
+
     # -- finishing ------------------------------------------------------------------------
 
     def exchange(
@@ -330,6 +361,10 @@ class Reauthorizer:
             raise AuthorizationError(
                 "verify_failed", f"{provider}: no token after re-authorisation ({exc.code})"
             ) from None
+
+
+#: The record's sealed values (``url_sealed``, ``verifier_sealed``).
+_SEALED = ("url", "verifier")
 
 
 def _aad(job_id: str, what: str) -> bytes:

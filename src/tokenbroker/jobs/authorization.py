@@ -27,26 +27,30 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import JobsSettings
 from ..core.clock import Clock
-from ..core.events import JobFinished
+from ..core.events import JobFinished, JobPhaseChanged, JobStarted
 from ..engine.broker import Broker
 from ..engine.reauthorization import AuthorizationError, Reauthorizer
+from ..errors import StoreError
 from ..store import JobLease, JobRow
 from .document import Progress, encode, event_data, job_of
 from .events import Canceled, Completed, Failed, JobEvent, PhaseUpdate
 from .model import ItemCounts, Job, JobError, JobStatus
 
-__all__ = ["KIND", "Authorizations", "CallbackOutcome"]
+__all__ = ["ITEM_PREFIX", "KIND", "Authorizations", "CallbackOutcome"]
 
 logger = logging.getLogger("tokenbroker.jobs")
 
 #: The kind these jobs have.
 KIND = "authorize"
+#: How ``rotate_key`` names an authorize job whose sealed record it re-seals.
+ITEM_PREFIX = "authorize_job/"
 _STATE_MAX = 512
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}\Z")
 _PROGRESS = {"waiting_for_user": 0.0, "exchanging_code": 33.33, "verifying": 66.67}
@@ -123,6 +127,9 @@ class Authorizations:
         except AuthorizationError as exc:
             self._finish(lease, job, {}, JobStatus.FAILED, JobError(exc.type, str(exc)))
             return self.store.job(row.id) or row
+        self.broker.events.emit(
+            JobStarted(provider=job.params["provider"], job_id=job.job_id, kind=KIND)
+        )
         self._save(lease, job, record, "waiting_for_user")
         self.store.heartbeat_job(lease, -1.0)  # release: any process may take the callback
         logger.info("authorization waiting for the user job_id=%s", row.id)
@@ -157,7 +164,7 @@ class Authorizations:
         if not state or len(state) > _STATE_MAX:
             return CallbackOutcome(False, "The answer has no valid state.", 400)
         row = self._find(state)
-        lease = None if row is None else self.store.claim_job(row.id, self.owner, self._ttl)
+        lease = None if row is None else self._claim(row.id)
         fresh = None if lease is None else self.store.job(lease.job_id)
         if lease is None or fresh is None:
             return CallbackOutcome(False, "Unknown, used or expired authorisation.", 400)
@@ -174,8 +181,10 @@ class Authorizations:
             self._finish(lease, job, {}, JobStatus.FAILED, error)
             return CallbackOutcome(False, "The authorisation expired.", 400, job.job_id)
         spent = {k: v for k, v in record.items() if k not in ("state_sha256", "url_sealed")}
-        if not self._save(lease, job, spent, "exchanging_code"):
+        saved = self._save(lease, job, spent, "exchanging_code")
+        if saved is None:
             return CallbackOutcome(False, "Unknown, used or expired authorisation.", 400)
+        job = saved
         try:
             self._answer(job, spent, query)
         except AuthorizationError as exc:
@@ -183,7 +192,8 @@ class Authorizations:
             self._finish(lease, job, {}, JobStatus.FAILED, JobError(exc.type, str(exc)))
             return CallbackOutcome(False, str(exc), 400, job.job_id)
         try:
-            if self._save(lease, job, {}, "verifying"):
+            if (saved := self._save(lease, job, {}, "verifying")) is not None:
+                job = saved
                 self.reauthorizer.verify(job.params["provider"], None)
         except AuthorizationError as exc:
             self._finish(lease, job, {}, JobStatus.FAILED, JobError(exc.type, str(exc)))
@@ -191,6 +201,21 @@ class Authorizations:
         self._finish(lease, job, {}, JobStatus.DONE)
         logger.info("authorization done job_id=%s", job.job_id)
         return CallbackOutcome(True, "Connected. You can close this window.", 200, job.job_id)
+
+    def _claim(self, job_id: str, wait: float = 2.0) -> JobLease | None:
+        """Take a parked job's lease; while someone else holds it and the job still waits
+        for its answer (``rotate_key`` re-sealing it), retry for up to ``wait`` seconds."""
+        give_up = time.monotonic() + wait
+        while (lease := self.store.claim_job(job_id, self.owner, self._ttl)) is None:
+            row = self.store.job(job_id)
+            if row is None or "state_sha256" not in record_of(row):
+                return None
+            if row.status not in (JobStatus.RUNNING.value, JobStatus.CANCELING.value):
+                return None
+            if time.monotonic() > give_up:
+                return None
+            time.sleep(0.05)
+        return lease
 
     def _answer(self, job: Job, record: Mapping[str, Any], query: Mapping[str, str]) -> None:
         """Check the answer (RFC 9207 first, then an error), exchange the code and store the
@@ -217,6 +242,45 @@ class Authorizations:
             raise AuthorizationError("invalid_callback", "the answer has no code")
         response = self.reauthorizer.exchange(provider, job.job_id, record, code_value)
         self.reauthorizer.install(provider, None, response)
+
+    # -- key rotation --------------------------------------------------------------------
+
+    def stale(self) -> list[str]:
+        """Authorize jobs in flight whose sealed verifier or URL is under an old key, as
+        ``authorize_job/ID`` items of the ``rotate_key`` job."""
+        active = [JobStatus.RUNNING.value, JobStatus.CANCELING.value]
+        rows = self.store.jobs(statuses=active, kind=KIND, limit=1000).rows
+        return sorted(
+            ITEM_PREFIX + row.id for row in rows if self.reauthorizer.stale(record_of(row))
+        )
+
+    def reseal(self, item: str, wait: float = 5.0) -> None:
+        """Re-seal one ``authorize_job/ID`` item under the primary key: take the parked
+        job's lease, rewrite its record, release the lease (its phase and state unchanged).
+        A job that ended or left ``waiting_for_user`` meanwhile needs nothing.
+
+        Raises:
+            StoreError: The job's lease stayed held for ``wait`` seconds.
+        """
+        job_id = item.removeprefix(ITEM_PREFIX)
+        give_up = time.monotonic() + wait
+        while (lease := self.store.claim_job(job_id, self.owner, self._ttl)) is None:
+            row = self.store.job(job_id)
+            if row is None or not self.reauthorizer.stale(record_of(row)):
+                return
+            if time.monotonic() > give_up:
+                raise StoreError("an authorize job stayed busy during key rotation")
+            time.sleep(0.05)
+        try:
+            row = self.store.job(job_id)
+            if row is None or not self.reauthorizer.stale(record_of(row)):
+                return
+            doc = json.loads(row.document)
+            doc["authorization"] = self.reauthorizer.reseal(job_id, record_of(row))
+            document = json.dumps(doc, separators=(",", ":"), allow_nan=False)
+            self.store.save_job(lease, row.status, document)
+        finally:
+            self.store.heartbeat_job(lease, -1.0)  # parked again: any process may finish it
 
     # -- expiry --------------------------------------------------------------------------
 
@@ -255,7 +319,8 @@ class Authorizations:
             doc["authorization"] = dict(record)
         return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
-    def _save(self, lease: JobLease, job: Job, record: Mapping[str, Any], phase: str) -> bool:
+    def _save(self, lease: JobLease, job: Job, record: Mapping[str, Any], phase: str) -> Job | None:
+        """Move ``job`` to ``phase``; the job afterwards, or None when the lease was lost."""
         now = self.clock.time()
         moved = dataclasses.replace(
             job, phase=phase, progress=_PROGRESS[phase], updated_at=now, items=ItemCounts(1)
@@ -263,7 +328,24 @@ class Authorizations:
         update = PhaseUpdate(
             job_id=job.job_id, phase=phase, progress=moved.progress, items=moved.items, ts=now
         )
-        return self._write(lease, moved, record, JobStatus.RUNNING, update)
+        if not self._write(lease, moved, record, JobStatus.RUNNING, update):
+            return None
+        # Like the runner: the metrics' running-jobs gauge and phase durations, the logs.
+        began = job.started_at or job.created_at
+        self.broker.events.emit(
+            JobPhaseChanged(
+                provider=str(job.params.get("provider", "")),
+                job_id=job.job_id,
+                kind=KIND,
+                elapsed=max(0.0, now - began),
+                phase=phase,
+                previous=job.phase,
+                previous_duration=(
+                    None if job.phase is None else max(0.0, now - (job.updated_at or began))
+                ),
+            )
+        )
+        return moved
 
     def _finish(
         self,

@@ -56,6 +56,8 @@ class PoolStats:
         available: Accounts free to lease now.
         waiting: Acquirers queued for an account.
         credentials: Per-account counters, in configuration order.
+        oldest_wait: Seconds the longest-queued acquirer has waited so far (None: nobody
+            waits).
     """
 
     total: int
@@ -63,6 +65,7 @@ class PoolStats:
     available: int
     waiting: int
     credentials: tuple[CredentialStats, ...]
+    oldest_wait: float | None = None
 
 
 class TokenPool:
@@ -241,7 +244,13 @@ class TokenPool:
                 )
                 for c in self._credentials.values()
             )
-            waiting = sum(1 for lease in self._waiters if lease.state is LeaseState.WAITING)
+            waiting = 0
+            oldest: float | None = None
+            for lease in self._waiters:  # FIFO: the first waiting one waited longest
+                if lease.state is LeaseState.WAITING:
+                    waiting += 1
+                    if oldest is None:
+                        oldest = max(0.0, now - lease.requested_at)
         states = [c.state for c in credentials]
         return PoolStats(
             total=len(credentials),
@@ -249,6 +258,7 @@ class TokenPool:
             available=states.count(CredentialState.AVAILABLE),
             waiting=waiting,
             credentials=credentials,
+            oldest_wait=oldest,
         )
 
     def subscribe(self, subscriber: Callable[[Event], None]) -> Callable[[], None]:

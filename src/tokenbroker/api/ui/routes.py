@@ -138,29 +138,11 @@ async def _guarded(request: Request) -> tuple[Session | None, dict[str, str], Re
     return session, form, None
 
 
-def _find_url(value: object) -> str | None:
-    """The first ``authorize_url`` (http or https) anywhere in a job document or event."""
-    if isinstance(value, Mapping):
-        url = value.get("authorize_url")
-        if isinstance(url, str) and url.startswith(("https://", "http://")):
-            return url
-        value = list(value.values())
-    if isinstance(value, list | tuple):
-        for inner in value:
-            found = _find_url(inner)
-            if found:
-                return found
-    return None
-
-
 def _authorize_url(service: JobService, job_id: str) -> str | None:
-    job = service.get(job_id)
-    if job is None:
-        return None
-    found = _find_url(job.to_dict())
-    if found is None:
-        found = _find_url([event.data for event in service.events(job_id)])
-    return found
+    """The URL of an ``authorize`` job waiting for the person: the same top-level
+    ``authorize_url`` ``GET /v1/jobs/{id}`` shows (opened from the job's sealed record)."""
+    row = service.store.job(job_id)
+    return None if row is None else service.authorizations.authorize_url(row)
 
 
 def add_routes(app: FastAPI, view: StatusView) -> None:

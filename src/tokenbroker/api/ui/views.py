@@ -97,7 +97,8 @@ def take_snapshot(view: StatusView) -> Snapshot:
 def _providers(broker: Broker, codes: Mapping[str, str]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, state in broker.provider_summaries().items():
-        grant = broker.settings.providers[name].grant
+        spec = broker.settings.providers[name]
+        grant = spec.grant
         rows.append(
             {
                 "name": name,
@@ -108,7 +109,8 @@ def _providers(broker: Broker, codes: Mapping[str, str]) -> list[dict[str, Any]]
                 "last_refresh": state.last_refresh,
                 "last_error": state.last_error,
                 "last_code": codes.get(name) if state.last_error else None,
-                "reauthorizable": grant == "refresh_token",
+                # Re-authorise starts an authorize job: only with an authorization block.
+                "reauthorizable": getattr(spec, "authorization", None) is not None,
             }
         )
     rows.sort(key=lambda r: (-int(r["severity"]), str(r["name"])))
@@ -130,8 +132,7 @@ def _pools(pools: PoolSource | None) -> list[dict[str, Any]]:
                 "refreshing": states.count("refreshing"),
                 "failed": states.count("failed"),
                 "waiting": stats.waiting,
-                # The pool does not record when its waiters began to wait.
-                "oldest_wait": getattr(stats, "oldest_wait", None),
+                "oldest_wait": (None if stats.oldest_wait is None else round(stats.oldest_wait, 1)),
             }
         )
     return rows
