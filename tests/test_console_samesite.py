@@ -143,11 +143,14 @@ def test_session_cookie_is_not_sent_cross_site(browser: Any, tmp_path: Path) -> 
                     f"<script>location.href = '{running.url}/v1/events'</script>"
                 ),
             }
+            broker = running.url + "/**"
             with other_site(pages) as evil:
                 # 1. The Refresh form, auto-submitted from the other site.
                 seen.clear()
                 page.goto(evil + "/post.html")
-                page.wait_for_url(running.url + "/ui/jobs")
+                page.wait_for_url(broker, wait_until="commit")
+                page.wait_for_load_state()
+                assert page.url == running.url + "/ui/jobs"  # not /ui?notice=started
                 assert "Sign in first." in page.content()
                 posted = [r for r in seen if r.url == running.url + "/ui/jobs"]
                 assert [r.status for r in posted] == [403]
@@ -167,14 +170,15 @@ def test_session_cookie_is_not_sent_cross_site(browser: Any, tmp_path: Path) -> 
                 # 3. Top-level GET navigations (what SameSite=Lax would let through).
                 seen.clear()
                 page.goto(evil + "/nav-ui.html")
-                page.wait_for_url(running.url + "/ui/login")
+                page.wait_for_url(broker, wait_until="commit")
+                assert page.url == running.url + "/ui/login"  # not the status page
                 first = next(r for r in seen if r.url == running.url + "/ui")
                 assert first.status == 303
                 assert "tb_session" not in first.request.all_headers().get("cookie", "")
 
                 seen.clear()
                 page.goto(evil + "/nav-events.html")
-                page.wait_for_url(running.url + "/v1/events")
+                page.wait_for_url(broker, wait_until="commit")  # a stream never loads
                 events = next(r for r in seen if r.url == running.url + "/v1/events")
                 assert events.status == 401
                 assert "tb_session" not in events.request.all_headers().get("cookie", "")
