@@ -16,8 +16,8 @@ so a copied cookie value works from any client until it expires (see the README)
 from __future__ import annotations
 
 import contextlib
-import os
 import http.server
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,9 +139,7 @@ def test_session_cookie_is_not_sent_cross_site(browser: Any, tmp_path: Path) -> 
                 "/post.html": _form(running.url + "/ui/jobs", csrf, auto=True),
                 "/fetch.html": fetches,
                 "/nav-ui.html": f"<script>location.href = '{running.url}/ui'</script>",
-                "/nav-events.html": (
-                    f"<script>location.href = '{running.url}/v1/events'</script>"
-                ),
+                "/nav-events.html": (f"<script>location.href = '{running.url}/v1/events'</script>"),
             }
             broker = running.url + "/**"
             with other_site(pages) as evil:
