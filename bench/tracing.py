@@ -48,12 +48,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from _common import CLIENT_ID, CLIENT_SECRET, PROVIDER, SCOPE, authorization_server, render_table
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from starlette.routing import Route as StarletteRoute
 from starlette.types import Message, Receive, Scope, Send
 
+from _common import CLIENT_ID, CLIENT_SECRET, PROVIDER, SCOPE, authorization_server, render_table
 from tokenbroker import Broker, parse_settings
 from tokenbroker.api.tracing import TraceRequests
 from tokenbroker.config.sections import TelemetrySettings
@@ -312,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(
                 [
                     f"{section} {mode}",
-                    f"{mid:.2f} [{low:.2f}–{high:.2f}]",
+                    f"{mid:.2f} [{low:.2f}-{high:.2f}]",
                     "" if mode == OFF else f"{plus:+.2f}",
                     "" if mode == OFF else f"{statistics.median(ratio[section, mode]):.1f}x",
                 ]
@@ -324,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verdict = "meets" if worst <= GOAL_US else "does NOT meet"
     print(
         f"SUMMARY: an unsampled proxied request spends {worst:.2f} µs of CPU on tracing "
-        f"(worse of caller's traceparent / new root; quartiles {low:.2f}–{high:.2f}); "
+        f"(worse of caller's traceparent / new root; quartiles {low:.2f}-{high:.2f}); "
         f"{verdict} 'a few µs' (≤ {GOAL_US:g} µs); sampled "
         f"+{statistics.median(added['proxy', SAMPLED]):.1f} µs, API unsampled "
         f"+{statistics.median(added['api', UNSAMPLED]):.2f} µs, token read unsampled "
@@ -335,4 +335,3 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
