@@ -75,11 +75,11 @@ def start(request: ProxiedRequest, tracer: Tracer) -> RequestSpan:
             parent = line[12:].strip().decode("latin-1")
             del lines[index]
             break
-    attributes = {"http.request.method": request.method.decode("latin-1")}
-    span = tracer.start("tokenbroker.proxy", attributes, traceparent=parent, kind="server")
+    span = tracer.start("tokenbroker.proxy", None, traceparent=parent, kind="server")
     lines.append(b"traceparent: %b\r\n" % span.traceparent().encode())
-    if not span.recording:  # finish() reads nothing more of it
+    if not span.recording:  # sampled out: nothing more of it is read
         return RequestSpan(span, _NONE_HELD)
+    span.set("http.request.method", request.method.decode("latin-1"))
     # Leases this connection held before the request: one taken later was waited for here.
     return RequestSpan(span, frozenset(map(id, request.conn.leases.values())))
 

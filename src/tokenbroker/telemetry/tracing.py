@@ -57,11 +57,14 @@ _KINDS = {"internal": SpanKind.INTERNAL, "server": SpanKind.SERVER, "client": Sp
 _PROPAGATOR = TraceContextTextMapPropagator()
 _PORTS = {"grpc": 4317, "http/protobuf": 4318}
 _ROOT_FLAGS = TraceFlags(TraceFlags.RANDOM_TRACE_ID)  # as the SDK's random ids set it
+_ROOT_HEX = "%02x" % _ROOT_FLAGS  # noqa: UP031
 _ids = random.Random()  # noqa: S311 - trace and span ids, as the SDK's id generator
 
 
 # W3C trace context, version 00 exactly (anything else goes to the SDK's propagator).
-_VERSION_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_VERSION_00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_SAMPLED_DIGITS = frozenset("13579bdf")  # the last flags digit, with the sampled bit set
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16  # invalid ids
 
 
 def _random_id(bits: int) -> int:
@@ -102,22 +105,23 @@ class _Span:
 
 
 class _Unsampled:
-    """A span started by hand that its trace's sampling drops: the trace context only.
+    """A span started by hand that its trace's sampling drops: the trace context only,
+    kept as the hex text it came in as (and goes out as).
 
     Args:
-        trace_id: The trace's id.
-        flags: The trace flags (the sampled bit clear).
+        trace_id: The trace's id, 32 lower-case hex digits.
+        flags: The trace flags, 2 hex digits (the sampled bit clear).
     """
 
     __slots__ = ("_context", "_flags", "_span_id", "_trace_id", "_value", "attached")
 
     recording = False
 
-    def __init__(self, trace_id: int, flags: int) -> None:
+    def __init__(self, trace_id: str, flags: str) -> None:
         self._trace_id = trace_id
-        self._span_id = _random_id(64)
+        self._span_id = "%016x" % (_ids.getrandbits(64) or 1)
         self._flags = flags
-        self._value: str | None = None
+        self._value = f"00-{trace_id}-{self._span_id}-{flags}"
         self._context = contextvars.copy_context()
         self.attached = False
 
@@ -128,21 +132,19 @@ class _Unsampled:
         return None
 
     def traceparent(self) -> str:
-        value = self._value
-        if value is None:
-            value = self._value = "00-%032x-%016x-%02x" % (  # noqa: UP031 - faster
-                self._trace_id,
-                self._span_id,
-                self._flags,
-            )
-        return value
+        return self._value
 
     @property
     def context(self) -> contextvars.Context:
         """A context in which this span is current (built on first use)."""
         if not self.attached:
             self.attached = True
-            ctx = SpanContext(self._trace_id, self._span_id, False, TraceFlags(self._flags))
+            ctx = SpanContext(
+                int(self._trace_id, 16),
+                int(self._span_id, 16),
+                False,
+                TraceFlags(int(self._flags, 16)),
+            )
             self._context.run(otel_context.attach, trace.set_span_in_context(NonRecordingSpan(ctx)))
         return self._context
 
@@ -177,14 +179,13 @@ def _traceparent(ctx: trace.SpanContext) -> str:
     return "00-%032x-%016x-%02x" % (ctx.trace_id, ctx.span_id, ctx.trace_flags)  # noqa: UP031 - faster
 
 
-def _unsampled(traceparent: str | None) -> tuple[int, int] | None:
-    """Trace id and flags of a valid version-00 ``traceparent`` whose sampled flag is
+def _unsampled(traceparent: str | None) -> tuple[str, str] | None:
+    """Trace id and flags (hex) of a valid version-00 ``traceparent`` whose sampled flag is
     clear; None for anything else (no value, sampled, another version, malformed)."""
-    match = _VERSION_00.fullmatch(traceparent) if traceparent else None
-    if match is None:
+    if not traceparent or _VERSION_00.fullmatch(traceparent) is None:
         return None
-    trace_id, flags = int(match[1], 16), int(match[3], 16)
-    if not trace_id or not int(match[2], 16) or flags & TraceFlags.SAMPLED:
+    trace_id, span_id, flags = traceparent[3:35], traceparent[36:52], traceparent[53:]
+    if flags[1] in _SAMPLED_DIGITS or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
     return trace_id, flags
 
@@ -215,7 +216,8 @@ class OtelTracer:
         if carrier is not None:
             dropped = _unsampled(carrier.get("traceparent"))
             if dropped is not None:  # ParentBased drops it: the caller's context only
-                context = SpanContext(dropped[0], _random_id(64), False, TraceFlags(dropped[1]))
+                trace_id, flags = int(dropped[0], 16), TraceFlags(int(dropped[1], 16))
+                context = SpanContext(trace_id, _random_id(64), False, flags)
                 return _Current(NonRecordingSpan(context), None)
             parent = _PROPAGATOR.extract(carrier)
         else:
@@ -267,7 +269,7 @@ class OtelTracer:
         else:
             parent = None
             if self._never and not trace.get_current_span().get_span_context().is_valid:
-                return _Unsampled(_random_id(128), _ROOT_FLAGS)
+                return _Unsampled("%032x" % _random_id(128), _ROOT_HEX)  # noqa: UP031
         otel_span = self._new(name, parent, kind, attributes)
         context = contextvars.copy_context()
         context.run(otel_context.attach, trace.set_span_in_context(otel_span))
