@@ -113,7 +113,7 @@ class _Unsampled:
         flags: The trace flags, 2 hex digits (the sampled bit clear).
     """
 
-    __slots__ = ("_context", "_flags", "_span_id", "_trace_id", "_value", "attached")
+    __slots__ = ("_attached", "_context", "_flags", "_span_id", "_trace_id", "_value")
 
     recording = False
 
@@ -123,7 +123,7 @@ class _Unsampled:
         self._flags = flags
         self._value = f"00-{trace_id}-{self._span_id}-{flags}"
         self._context = contextvars.copy_context()
-        self.attached = False
+        self._attached = False
 
     def set(self, key: str, value: str | int | float | bool) -> None:
         return None
@@ -137,8 +137,8 @@ class _Unsampled:
     @property
     def context(self) -> contextvars.Context:
         """A context in which this span is current (built on first use)."""
-        if not self.attached:
-            self.attached = True
+        if not self._attached:
+            self._attached = True
             ctx = SpanContext(
                 int(self._trace_id, 16),
                 int(self._span_id, 16),
