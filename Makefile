@@ -77,6 +77,7 @@ bench: install bench-deps test-deps
 	$(BIN)/python bench/hot_path.py
 	$(BIN)/python bench/stampede.py
 	$(BIN)/python bench/api.py
+	$(BIN)/python bench/tracing.py
 	$(MAKE) compiled
 	$(COMPILED)/bin/python bench/proxy.py
 

@@ -294,6 +294,45 @@ def test_unsampled_requests_export_nothing_and_still_carry_context(
     assert len(trace_id) == 32 and len(span_id) == 16 and not sampled
 
 
+def test_a_callers_unsampled_trace_is_carried_to_the_upstream_and_the_provider(
+    auth_server: AuthorizationServer,
+    pool_broker: Broker,
+    upstream: RecordingUpstream,
+    traced: Traced,
+) -> None:
+    """At sample_ratio 1, a caller's traceparent with the sampled flag clear is followed:
+    nothing is exported, the upstream gets the caller's trace id under a new span id
+    (flag 00), and so does a login the request needed (after a 401, inside its span).
+    A malformed or non-00 traceparent is no parent: a new, sampled trace."""
+    unsampled = f"00-{CALLER_TRACE}-{CALLER_SPAN}-00"
+    with GrpcReceiver() as receiver:
+        tracer = traced(receiver.url, sample_ratio=1.0)
+        with ServedProxy(pool_broker, pool_proxy(upstream)) as proxy:
+            assert call(proxy.url, headers={"traceparent": unsampled}) == 200
+            sent = dict(upstream.records()[-1].headers)["traceparent"]
+            before = len(auth_server.requests)
+            auth_server.expire_all_access_tokens()  # a 401, and a login inside the request
+            assert call(proxy.url, headers={"traceparent": unsampled}) == 200
+            logins = [r for r in auth_server.requests[before:] if r.grant == "login"]
+            for bad in (
+                unsampled.upper(),  # upper-case hex is malformed
+                f"00-{'0' * 32}-{CALLER_SPAN}-00",  # an invalid (zero) trace id
+                f"00-{CALLER_TRACE}-{CALLER_SPAN}-0",
+                f"00-{CALLER_TRACE}-{CALLER_SPAN}-00-extra",
+            ):
+                assert call(proxy.url, headers={"traceparent": bad}) == 200
+                fresh = context(dict(upstream.records()[-1].headers)["traceparent"])
+                assert fresh[0] != CALLER_TRACE and fresh[2], bad
+        flushed(tracer)
+        spans = receiver.spans()
+    assert [s for s in spans if s.trace_id == CALLER_TRACE] == [], tree(spans)
+    assert len(named(spans, "tokenbroker.proxy")) == 4
+    trace_id, span_id, sampled = context(sent)
+    assert (trace_id, sampled) == (CALLER_TRACE, False) and span_id != CALLER_SPAN
+    assert logins and logins[0].headers.get("traceparent") is not None
+    assert context(logins[0].headers["traceparent"])[0::2] == (CALLER_TRACE, False)
+
+
 def test_no_secret_token_key_or_query_reaches_the_collector(
     auth_server: AuthorizationServer,
     make_broker: BrokerFactory,

@@ -49,8 +49,9 @@ class Started(Span, Protocol):
     """A span started by hand (:meth:`Tracer.start`), ended by :meth:`end`; for work that
     is not one ``with`` block (a proxied request driven by callbacks)."""
 
-    #: A context in which this span is current: run a task in it to parent its spans.
-    context: contextvars.Context
+    @property
+    def context(self) -> contextvars.Context:
+        """A context in which this span is current: run a task in it to parent its spans."""
 
     def traceparent(self) -> str:
         """This span's W3C ``traceparent`` value (for an outgoing request)."""

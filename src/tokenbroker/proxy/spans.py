@@ -15,6 +15,7 @@ Token acquisitions made for the request are its children.
 
 from __future__ import annotations
 
+import contextvars
 from typing import TYPE_CHECKING
 
 from ..core.tracing import Started, Tracer
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 __all__ = ["RequestSpan", "finish", "start"]
 
 _TRACEPARENT = b"traceparent:"
+_T = (ord("t"), ord("T"))
+_NONE_HELD: frozenset[int] = frozenset()
 
 
 class RequestSpan:
@@ -37,13 +40,18 @@ class RequestSpan:
         retried: The upstream's 401 was swallowed and the request sent again.
     """
 
-    __slots__ = ("context", "held", "retried", "span")
+    __slots__ = ("held", "retried", "span")
 
     def __init__(self, span: Started, held: frozenset[int]) -> None:
         self.span = span
-        self.context = span.context
         self.held = held
         self.retried = False
+
+    @property
+    def context(self) -> contextvars.Context:
+        """A context in which the span is current (the request's task runs in it); an
+        unsampled span builds it only when asked (the fast path never asks)."""
+        return self.span.context
 
     def __repr__(self) -> str:
         return f"<RequestSpan retried={self.retried}>"
@@ -62,13 +70,16 @@ def start(request: ProxiedRequest, tracer: Tracer) -> RequestSpan:
     parent: str | None = None
     lines = request.header_lines
     for index, line in enumerate(lines):
-        if line[:12].lower() == _TRACEPARENT:
+        # The first byte first: a slice and a lower-cased copy only for a t/T line.
+        if line[0] in _T and line[:12].lower() == _TRACEPARENT:
             parent = line[12:].strip().decode("latin-1")
             del lines[index]
             break
-    attributes = {"http.request.method": request.method.decode("latin-1")}
-    span = tracer.start("tokenbroker.proxy", attributes, traceparent=parent, kind="server")
+    span = tracer.start("tokenbroker.proxy", None, traceparent=parent, kind="server")
     lines.append(b"traceparent: %b\r\n" % span.traceparent().encode())
+    if not span.recording:  # sampled out: nothing more of it is read
+        return RequestSpan(span, _NONE_HELD)
+    span.set("http.request.method", request.method.decode("latin-1"))
     # Leases this connection held before the request: one taken later was waited for here.
     return RequestSpan(span, frozenset(map(id, request.conn.leases.values())))
 

@@ -12,14 +12,22 @@ A span the sampler is sure to drop — a child of an unsampled parent (the ``Par
 sampler follows the parent), or any root span at ``sample_ratio: 0`` — is made here as a
 bare ``NonRecordingSpan`` (fresh span id, the parent's trace id and flags), without the
 SDK's span machinery: it still carries the trace context (``traceparent`` goes out), and
-costs a fraction of what the SDK's decision path does.
+costs a fraction of what the SDK's decision path does. A span started by hand (the proxy's)
+that is sure to be dropped is cheaper still (:class:`_Unsampled`): a version-00
+``traceparent`` is parsed here rather than by the propagator, the span's own value is
+formatted once, and the context that makes it current is only built if it is asked for (the
+proxy's fast path never asks). Inside an unsampled span, a ``with`` span is the no-op one:
+nothing of it would be exported, and the unsampled span around it stays current, so what
+goes out still carries the trace's id and its unsampled flag (``bench/tracing.py``).
 """
 
 from __future__ import annotations
 
 import contextvars
 import random
+import re
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,7 +57,14 @@ _KINDS = {"internal": SpanKind.INTERNAL, "server": SpanKind.SERVER, "client": Sp
 _PROPAGATOR = TraceContextTextMapPropagator()
 _PORTS = {"grpc": 4317, "http/protobuf": 4318}
 _ROOT_FLAGS = TraceFlags(TraceFlags.RANDOM_TRACE_ID)  # as the SDK's random ids set it
+_ROOT_HEX = "%02x" % _ROOT_FLAGS  # noqa: UP031
 _ids = random.Random()  # noqa: S311 - trace and span ids, as the SDK's id generator
+
+
+# W3C trace context, version 00 exactly (anything else goes to the SDK's propagator).
+_VERSION_00 = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+_SAMPLED_DIGITS = frozenset("13579bdf")  # the last flags digit, with the sampled bit set
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16  # invalid ids
 
 
 def _random_id(bits: int) -> int:
@@ -89,6 +104,54 @@ class _Span:
             self._span.end()
 
 
+class _Unsampled:
+    """A span started by hand that its trace's sampling drops: the trace context only,
+    kept as the hex text it came in as (and goes out as).
+
+    Args:
+        trace_id: The trace's id, 32 lower-case hex digits.
+        flags: The trace flags, 2 hex digits (the sampled bit clear).
+    """
+
+    __slots__ = ("_attached", "_context", "_flags", "_span_id", "_trace_id", "_value")
+
+    recording = False
+
+    def __init__(self, trace_id: str, flags: str) -> None:
+        self._trace_id = trace_id
+        self._span_id = "%016x" % (_ids.getrandbits(64) or 1)
+        self._flags = flags
+        self._value = f"00-{trace_id}-{self._span_id}-{flags}"
+        self._context = contextvars.copy_context()
+        self._attached = False
+
+    def set(self, key: str, value: str | int | float | bool) -> None:
+        return None
+
+    def fail(self, error: BaseException | str) -> None:
+        return None
+
+    def traceparent(self) -> str:
+        return self._value
+
+    @property
+    def context(self) -> contextvars.Context:
+        """A context in which this span is current (built on first use)."""
+        if not self._attached:
+            self._attached = True
+            ctx = SpanContext(
+                int(self._trace_id, 16),
+                int(self._span_id, 16),
+                False,
+                TraceFlags(int(self._flags, 16)),
+            )
+            self._context.run(otel_context.attach, trace.set_span_in_context(NonRecordingSpan(ctx)))
+        return self._context
+
+    def end(self) -> None:
+        return None
+
+
 class _Current:
     """``with``: makes a span current, ends it and restores the context on the way out."""
 
@@ -116,6 +179,17 @@ def _traceparent(ctx: trace.SpanContext) -> str:
     return "00-%032x-%016x-%02x" % (ctx.trace_id, ctx.span_id, ctx.trace_flags)  # noqa: UP031 - faster
 
 
+def _unsampled(traceparent: str | None) -> tuple[str, str] | None:
+    """Trace id and flags (hex) of a valid version-00 ``traceparent`` whose sampled flag is
+    clear; None for anything else (no value, sampled, another version, malformed)."""
+    if not traceparent or _VERSION_00.fullmatch(traceparent) is None:
+        return None
+    trace_id, span_id, flags = traceparent[3:35], traceparent[36:52], traceparent[53:]
+    if flags[1] in _SAMPLED_DIGITS or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return trace_id, flags
+
+
 class OtelTracer:
     """The facade's tracer on an SDK :class:`TracerProvider`.
 
@@ -138,8 +212,19 @@ class OtelTracer:
         *,
         carrier: Mapping[str, str] | None = None,
         kind: str = "internal",
-    ) -> _Current:
-        parent = _PROPAGATOR.extract(carrier) if carrier is not None else None
+    ) -> AbstractContextManager[Any]:
+        if carrier is not None:
+            dropped = _unsampled(carrier.get("traceparent"))
+            if dropped is not None:  # ParentBased drops it: the caller's context only
+                trace_id, flags = int(dropped[0], 16), TraceFlags(int(dropped[1], 16))
+                context = SpanContext(trace_id, _random_id(64), False, flags)
+                return _Current(NonRecordingSpan(context), None)
+            parent = _PROPAGATOR.extract(carrier)
+        else:
+            parent = None
+            above = trace.get_current_span().get_span_context()
+            if above.is_valid and not above.trace_flags.sampled:
+                return facade.NOOP  # the unsampled span around stays current
         return _Current(self._new(name, parent, kind, attributes), parent)
 
     def _new(
@@ -175,8 +260,16 @@ class OtelTracer:
         *,
         traceparent: str | None = None,
         kind: str = "internal",
-    ) -> _Span:
-        parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+    ) -> _Span | _Unsampled:
+        if traceparent:
+            dropped = _unsampled(traceparent)
+            if dropped is not None:  # ParentBased drops it
+                return _Unsampled(*dropped)
+            parent = _PROPAGATOR.extract({"traceparent": traceparent})
+        else:
+            parent = None
+            if self._never and not trace.get_current_span().get_span_context().is_valid:
+                return _Unsampled("%032x" % _random_id(128), _ROOT_HEX)  # noqa: UP031
         otel_span = self._new(name, parent, kind, attributes)
         context = contextvars.copy_context()
         context.run(otel_context.attach, trace.set_span_in_context(otel_span))
