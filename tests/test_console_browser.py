@@ -67,6 +67,20 @@ def _loopback_only(route: Any) -> None:
         route.abort()
 
 
+def _watched_page(browser: Any) -> tuple[Any, Any, list[str], list[str]]:
+    """A new loopback-only context and page, with the URLs of its page loads and the text of
+    its console errors recorded in the two lists returned beside them."""
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    context.set_default_timeout(20_000)
+    context.route("**/*", _loopback_only)
+    page = context.new_page()
+    loads: list[str] = []
+    page.on("load", lambda p: loads.append(p.url))
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    return context, page, loads, problems
+
+
 def test_status_page_is_live_in_a_real_browser(browser: Any, tmp_path: Path) -> None:
     """Sign in, see the providers, press Refresh on svc: its job's row and progress bar reach
     done and the provider's last refresh moves without a page load; then the authorization
@@ -75,14 +89,7 @@ def test_status_page_is_live_in_a_real_browser(browser: Any, tmp_path: Path) -> 
     keys = Keys()
     try:
         with serving(tmp_path, server, keys) as running:
-            context = browser.new_context(viewport={"width": 1280, "height": 800})
-            context.set_default_timeout(20_000)
-            context.route("**/*", _loopback_only)
-            page = context.new_page()
-            loads: list[str] = []
-            page.on("load", lambda p: loads.append(p.url))
-            problems: list[str] = []
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            context, page, loads, problems = _watched_page(browser)
 
             page.goto(running.url + "/ui")
             assert page.url.endswith("/ui/login")
@@ -146,14 +153,7 @@ def test_reauthorise_in_a_real_browser(browser: Any, tmp_path: Path) -> None:
     try:
         with serving(tmp_path, server, keys) as running:
             kill_rt(server, running.url, keys.admin)
-            context = browser.new_context(viewport={"width": 1280, "height": 800})
-            context.set_default_timeout(20_000)
-            context.route("**/*", _loopback_only)
-            page = context.new_page()
-            loads: list[str] = []
-            page.on("load", lambda p: loads.append(p.url))
-            problems: list[str] = []
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            context, page, loads, problems = _watched_page(browser)
 
             page.goto(running.url + "/ui/login")
             page.fill("#key", keys.admin)
